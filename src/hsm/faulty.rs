@@ -1,0 +1,167 @@
+//! A fault-injecting, call-counting wrapper around any [`Hsm`], for tests.
+//!
+//! It lets tests prove that a request was refused *before* any HSM call (the counters stay at
+//! zero) and drive the outage paths (every call fails as if the device were removed).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use cryptoki::error::RvError;
+
+use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MwkGeneration, WrappedKek};
+use crate::crypto::Plaintext;
+
+/// The operations of the [`Hsm`] trait that cost an HSM call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// [`Hsm::generate_kek`]
+    GenerateKek,
+    /// [`Hsm::unwrap_kek`]
+    UnwrapKek,
+    /// [`Hsm::encrypt`]
+    Encrypt,
+    /// [`Hsm::decrypt`]
+    Decrypt,
+    /// [`Hsm::random`]
+    Random,
+    /// [`Hsm::hmac`]
+    Hmac,
+    /// [`Hsm::sign`]
+    Sign,
+}
+
+const OPS: usize = 7;
+
+/// Wraps an [`Hsm`], counting calls per operation and failing them on request.
+pub struct FaultyHsm<H> {
+    inner: H,
+    calls: [AtomicU64; OPS],
+    down: AtomicBool,
+    queued: Mutex<Vec<(Op, Error)>>,
+}
+
+impl<H: Hsm> FaultyHsm<H> {
+    /// Wraps `inner`; nothing fails until asked.
+    pub fn new(inner: H) -> Self {
+        Self {
+            inner,
+            calls: Default::default(),
+            down: AtomicBool::new(false),
+            queued: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The wrapped HSM.
+    pub fn inner(&self) -> &H {
+        &self.inner
+    }
+
+    /// Calls of `op` so far (failed ones included).
+    pub fn calls(&self, op: Op) -> u64 {
+        self.calls[op as usize].load(Ordering::SeqCst)
+    }
+
+    /// Calls of every operation so far.
+    pub fn total_calls(&self) -> u64 {
+        self.calls.iter().map(|c| c.load(Ordering::SeqCst)).sum()
+    }
+
+    /// While `true`, every call fails with [`Error::Unavailable`] (`DeviceRemoved`).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// The next call of `op` fails with `error`.
+    pub fn fail_next(&self, op: Op, error: Error) {
+        self.queued
+            .lock()
+            .expect("fault queue lock poisoned")
+            .push((op, error));
+    }
+
+    fn enter(&self, op: Op) -> Result<(), Error> {
+        self.calls[op as usize].fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                rv: RvError::DeviceRemoved,
+                function: "injected",
+            });
+        }
+        let mut queued = self.queued.lock().expect("fault queue lock poisoned");
+        match queued.iter().position(|(queued_op, _)| *queued_op == op) {
+            Some(index) => Err(queued.remove(index).1),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<H: Hsm> Hsm for FaultyHsm<H> {
+    fn mwk_generation(&self) -> MwkGeneration {
+        self.inner.mwk_generation()
+    }
+
+    fn generate_kek(&self) -> Result<WrappedKek, Error> {
+        self.enter(Op::GenerateKek)?;
+        self.inner.generate_kek()
+    }
+
+    fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
+        self.enter(Op::UnwrapKek)?;
+        self.inner.unwrap_kek(wrapped)
+    }
+
+    fn encrypt(&self, kek: &Kek, aad: &[u8], plaintext: &[u8]) -> Result<GcmSealed, Error> {
+        self.enter(Op::Encrypt)?;
+        self.inner.encrypt(kek, aad, plaintext)
+    }
+
+    fn decrypt(
+        &self,
+        kek: &Kek,
+        iv: &[u8; IV_LEN],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Plaintext, Error> {
+        self.enter(Op::Decrypt)?;
+        self.inner.decrypt(kek, iv, aad, sealed)
+    }
+
+    fn random(&self, out: &mut [u8]) -> Result<(), Error> {
+        self.enter(Op::Random)?;
+        self.inner.random(out)
+    }
+
+    fn hmac(&self, key: HmacKey, data: &[u8]) -> Result<[u8; 32], Error> {
+        self.enter(Op::Hmac)?;
+        self.inner.hmac(key, data)
+    }
+
+    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error> {
+        self.enter(Op::Sign)?;
+        self.inner.sign(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hsm::memory::MemoryHsm;
+
+    #[test]
+    fn counts_calls_and_injects_failures() {
+        let hsm = FaultyHsm::new(MemoryHsm::new());
+        let kek = hsm.generate_kek().expect("generates");
+        hsm.fail_next(Op::UnwrapKek, Error::Integrity);
+        assert_eq!(hsm.unwrap_kek(&kek).err(), Some(Error::Integrity));
+        assert!(hsm.unwrap_kek(&kek).is_ok());
+        hsm.set_down(true);
+        assert!(
+            hsm.random(&mut [0; 4])
+                .err()
+                .is_some_and(|e| e.is_unavailable())
+        );
+        hsm.set_down(false);
+        assert_eq!(hsm.calls(Op::UnwrapKek), 2);
+        assert_eq!(hsm.total_calls(), 4);
+    }
+}

@@ -1,0 +1,130 @@
+//! An in-memory fake of [`Hsm`] for fast unit tests. Not an HSM: keys live in process memory.
+//!
+//! It keeps the contract's observable behaviour (integrity failures, MWK generations, opaque
+//! handles) but uses AES-256-GCM-SIV where the real HSM uses KWP and GCM, and its `sign` is an
+//! HMAC stand-in, not ECDSA. Everything that touches a real HSM is also tested on SoftHSM.
+
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MwkGeneration, WrappedKek};
+use crate::crypto::{self, NONCE_LEN, Plaintext, SecretKey};
+
+/// The fake HSM.
+pub struct MemoryHsm {
+    generation: MwkGeneration,
+    mwk: SecretKey,
+    storage_root: SecretKey,
+    pepper: SecretKey,
+    audit: SecretKey,
+}
+
+struct MemoryKek(SecretKey);
+
+impl MemoryHsm {
+    /// A fake token with fresh random keys, MWK generation 1.
+    pub fn new() -> Self {
+        Self {
+            generation: MwkGeneration(1),
+            mwk: SecretKey::random(),
+            storage_root: SecretKey::random(),
+            pepper: SecretKey::random(),
+            audit: SecretKey::random(),
+        }
+    }
+}
+
+impl Default for MemoryHsm {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const WRAP_AAD: &[u8] = b"keyfront/memory-hsm/kek";
+
+impl Hsm for MemoryHsm {
+    fn mwk_generation(&self) -> MwkGeneration {
+        self.generation
+    }
+
+    fn generate_kek(&self) -> Result<WrappedKek, Error> {
+        let kek = SecretKey::random();
+        let mut wrapped = Vec::new();
+        crypto::seal(&self.mwk, WRAP_AAD, kek.expose_secret(), &mut wrapped);
+        Ok(WrappedKek::new(self.generation, wrapped))
+    }
+
+    fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
+        if wrapped.generation() != self.generation {
+            return Err(Error::UnknownMwk(wrapped.generation()));
+        }
+        let kek =
+            crypto::open(&self.mwk, WRAP_AAD, wrapped.wrapped()).map_err(|_| Error::Integrity)?;
+        let kek = SecretKey::from_slice(kek.expose_secret()).ok_or(Error::Integrity)?;
+        Ok(Kek::new(Arc::new(MemoryKek(kek))))
+    }
+
+    fn encrypt(&self, kek: &Kek, aad: &[u8], plaintext: &[u8]) -> Result<GcmSealed, Error> {
+        if aad.is_empty() {
+            return Err(Error::InvalidInput(
+                "AES-GCM in the HSM needs non-empty AAD",
+            ));
+        }
+        let kek = kek.downcast::<MemoryKek>()?;
+        let mut out = Vec::new();
+        crypto::seal(&kek.0, aad, plaintext, &mut out);
+        let mut iv = [0u8; IV_LEN];
+        iv.copy_from_slice(&out[..NONCE_LEN]);
+        Ok(GcmSealed {
+            iv,
+            sealed: out[NONCE_LEN..].to_vec(),
+        })
+    }
+
+    fn decrypt(
+        &self,
+        kek: &Kek,
+        iv: &[u8; IV_LEN],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Plaintext, Error> {
+        if aad.is_empty() {
+            return Err(Error::InvalidInput(
+                "AES-GCM in the HSM needs non-empty AAD",
+            ));
+        }
+        let kek = kek.downcast::<MemoryKek>()?;
+        let mut body = Vec::with_capacity(IV_LEN + sealed.len());
+        body.extend_from_slice(iv);
+        body.extend_from_slice(sealed);
+        crypto::open(&kek.0, aad, &body).map_err(|_| Error::Integrity)
+    }
+
+    fn random(&self, out: &mut [u8]) -> Result<(), Error> {
+        rand::fill(out);
+        Ok(())
+    }
+
+    fn hmac(&self, key: HmacKey, data: &[u8]) -> Result<[u8; 32], Error> {
+        let key = match key {
+            HmacKey::StorageRoot => &self.storage_root,
+            HmacKey::Pepper => &self.pepper,
+        };
+        Ok(hmac_sha256(key, data))
+    }
+
+    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error> {
+        let first = hmac_sha256(&self.audit, data);
+        let second = hmac_sha256(&self.audit, &first);
+        Ok([first, second].concat())
+    }
+}
+
+fn hmac_sha256(key: &SecretKey, data: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.expose_secret())
+        .expect("HMAC accepts any key length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}

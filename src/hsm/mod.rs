@@ -1,0 +1,296 @@
+//! The narrow `Hsm` trait that keyfront needs from an HSM, and its implementations.
+//!
+//! - [`pkcs11::Pkcs11Hsm`]: the real one, over cryptoki (SoftHSM in dev and tests).
+//! - [`memory::MemoryHsm`]: an in-memory fake for fast unit tests; not for production.
+//! - [`faulty::FaultyHsm`]: wraps any `Hsm`, counts calls and injects failures, for tests.
+//!
+//! The trait is synchronous: PKCS#11 calls block. Callers on an async runtime cross into it
+//! through one helper in the service layer.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+
+use cryptoki::context::Function;
+use cryptoki::error::RvError;
+
+use crate::crypto::Plaintext;
+
+pub mod faulty;
+pub mod memory;
+pub mod pkcs11;
+
+/// GCM IV length used by the HSM's AES-GCM (96 bits).
+pub const IV_LEN: usize = 12;
+
+/// An HSM that holds the MWK and performs the operations keyfront needs; an implementor promises
+/// that KEKs and the MWK never leave it in clear and that failures map to [`Error`] as documented.
+pub trait Hsm: Send + Sync {
+    /// The MWK generation under which [`Hsm::generate_kek`] wraps new KEKs.
+    fn mwk_generation(&self) -> MwkGeneration;
+
+    /// Generates an AES-256 KEK inside the HSM and returns it only wrapped under the current MWK.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if the HSM cannot be reached; nothing is left behind on the token.
+    fn generate_kek(&self) -> Result<WrappedKek, Error>;
+
+    /// Unwraps a KEK blob into a sensitive, non-extractable object inside the HSM.
+    ///
+    /// Implementations cache handles (bounded); the object is destroyed only after the last
+    /// [`Kek`] referring to it is dropped.
+    ///
+    /// # Errors
+    /// [`Error::UnknownMwk`] if the blob's MWK generation is not on this token;
+    /// [`Error::Integrity`] if the blob does not authenticate under that MWK.
+    fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error>;
+
+    /// AES-256-GCM encryption inside the HSM with a fresh random IV; `aad` must not be empty.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for empty AAD, [`Error::Unavailable`] if the HSM is gone.
+    fn encrypt(&self, kek: &Kek, aad: &[u8], plaintext: &[u8]) -> Result<GcmSealed, Error>;
+
+    /// AES-256-GCM decryption inside the HSM; `sealed` is ciphertext ‖ tag.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] when the tag does not verify (wrong key, AAD or data).
+    fn decrypt(
+        &self,
+        kek: &Kek,
+        iv: &[u8; IV_LEN],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Plaintext, Error>;
+
+    /// Fills `out` with random bytes from the HSM's RNG.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if the HSM is gone.
+    fn random(&self, out: &mut [u8]) -> Result<(), Error>;
+
+    /// HMAC-SHA256 inside the HSM under one of its long-lived secret keys.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if the HSM is gone.
+    fn hmac(&self, key: HmacKey, data: &[u8]) -> Result<[u8; 32], Error>;
+
+    /// ECDSA P-256 signature (r ‖ s, 64 bytes) over SHA-256 of `data`, with the audit key.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if the HSM is gone.
+    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error>;
+}
+
+/// The long-lived HMAC keys the init ceremony puts on the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HmacKey {
+    /// Root of the storage MAC key, which is derived from it into memory at start.
+    StorageRoot,
+    /// Password pepper; password HMACs are computed inside the HSM with it.
+    Pepper,
+}
+
+/// A generation of the master wrapping key; also its CKA_ID (u32 big-endian) on the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MwkGeneration(pub u32);
+
+impl fmt::Display for MwkGeneration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A KEK wrapped under an MWK with AES-KWP (RFC 5649): safe to store, useless without the HSM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedKek {
+    generation: MwkGeneration,
+    wrapped: Vec<u8>,
+}
+
+/// Type byte of a serialized KEK blob (after the four types in `crypto::BlobType`).
+pub const KEK_BLOB_TYPE: u8 = 0x05;
+/// Format version of a serialized KEK blob.
+pub const KEK_BLOB_VERSION: u8 = 1;
+
+impl WrappedKek {
+    /// A wrapped KEK as the HSM returned it.
+    pub fn new(generation: MwkGeneration, wrapped: Vec<u8>) -> Self {
+        Self {
+            generation,
+            wrapped,
+        }
+    }
+
+    /// The MWK generation that wrapped it.
+    pub fn generation(&self) -> MwkGeneration {
+        self.generation
+    }
+
+    /// The KWP output.
+    pub fn wrapped(&self) -> &[u8] {
+        &self.wrapped
+    }
+
+    /// `0x05 ‖ format version ‖ MWK generation (u32 BE) ‖ KWP output`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(6 + self.wrapped.len());
+        out.push(KEK_BLOB_TYPE);
+        out.push(KEK_BLOB_VERSION);
+        out.extend_from_slice(&self.generation.0.to_be_bytes());
+        out.extend_from_slice(&self.wrapped);
+        out
+    }
+
+    /// Parses [`WrappedKek::to_bytes`]; `None` for anything else. Never panics.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let (head, wrapped) = bytes.split_at_checked(6)?;
+        if head[0] != KEK_BLOB_TYPE || head[1] != KEK_BLOB_VERSION || wrapped.is_empty() {
+            return None;
+        }
+        let generation = u32::from_be_bytes(head[2..6].try_into().ok()?);
+        Some(Self::new(MwkGeneration(generation), wrapped.to_vec()))
+    }
+}
+
+impl fmt::Debug for WrappedKek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WrappedKek")
+            .field("generation", &self.generation)
+            .field("len", &self.wrapped.len())
+            .finish()
+    }
+}
+
+/// A handle to a KEK unwrapped inside the HSM. Cloning shares the handle; the HSM object is
+/// destroyed after the last clone (and the implementation's cache entry) is dropped.
+#[derive(Clone)]
+pub struct Kek(Arc<dyn Any + Send + Sync>);
+
+impl Kek {
+    pub(crate) fn new<T: Any + Send + Sync>(inner: Arc<T>) -> Self {
+        Self(inner)
+    }
+
+    pub(crate) fn downcast<T: Any + Send + Sync>(&self) -> Result<&T, Error> {
+        self.0.downcast_ref::<T>().ok_or(Error::InvalidHandle)
+    }
+}
+
+impl fmt::Debug for Kek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Kek(..)")
+    }
+}
+
+/// Output of [`Hsm::encrypt`]: the IV the HSM used and ciphertext ‖ tag.
+#[derive(Debug, Clone)]
+pub struct GcmSealed {
+    /// The random 96-bit IV.
+    pub iv: [u8; IV_LEN],
+    /// Ciphertext followed by the 128-bit tag.
+    pub sealed: Vec<u8>,
+}
+
+/// Errors of the HSM layer. Payloads are small and never carry key material or PINs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// `keyfront init` found keyfront keys already on the token.
+    #[error("the token already holds keyfront keys; init runs once per token")]
+    AlreadyInitialized,
+    /// A decryption or unwrap inside the HSM failed authentication.
+    #[error("HSM integrity check failed")]
+    Integrity,
+    /// A [`Kek`] from another HSM implementation was passed in.
+    #[error("KEK handle does not belong to this HSM")]
+    InvalidHandle,
+    /// A caller broke a documented precondition (e.g. empty AAD).
+    #[error("invalid HSM input: {0}")]
+    InvalidInput(&'static str),
+    /// The PKCS#11 module could not be loaded or initialized.
+    #[error("cannot load PKCS#11 module: {0}")]
+    Module(String),
+    /// The token lacks a key keyfront needs: it was not initialized with `keyfront init`.
+    #[error("token has no {0}; run `keyfront init` on it first")]
+    NotInitialized(&'static str),
+    /// The PIN was refused (incorrect, locked or expired). Never retried.
+    #[error("the HSM refused the PIN ({0:?}); not retrying, as HSMs lock PINs after failures")]
+    Pin(RvError),
+    /// Several tokens carry the configured label.
+    #[error("more than one token is labelled {0:?}")]
+    TokenAmbiguous(String),
+    /// No token carries the configured label.
+    #[error("no token labelled {0:?}")]
+    TokenNotFound(String),
+    /// The HSM, its session or its module is not reachable now; retry later.
+    #[error("HSM unavailable ({rv:?} in {function})")]
+    Unavailable {
+        /// The PKCS#11 return value.
+        rv: RvError,
+        /// The PKCS#11 function that failed.
+        function: &'static str,
+    },
+    /// An unexpected PKCS#11 failure: a bug or a misconfigured token.
+    #[error("HSM error ({rv:?} in {function})")]
+    Internal {
+        /// The PKCS#11 return value, if there was one.
+        rv: Option<RvError>,
+        /// The PKCS#11 function that failed.
+        function: &'static str,
+    },
+    /// A blob names an MWK generation this token does not hold.
+    #[error("no MWK of generation {0} on this token")]
+    UnknownMwk(MwkGeneration),
+}
+
+impl Error {
+    /// Whether retrying later may succeed (the HSM went away), as opposed to a final answer.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+pub(crate) fn function_name(function: Function) -> &'static str {
+    // `Function` has no Display; its Debug names are the PKCS#11 names without the C_ prefix.
+    match function {
+        Function::Decrypt => "C_Decrypt",
+        Function::DecryptInit => "C_DecryptInit",
+        Function::Encrypt => "C_Encrypt",
+        Function::EncryptInit => "C_EncryptInit",
+        Function::UnwrapKey => "C_UnwrapKey",
+        Function::WrapKey => "C_WrapKey",
+        Function::GenerateKey => "C_GenerateKey",
+        Function::GenerateKeyPair => "C_GenerateKeyPair",
+        Function::GenerateRandom => "C_GenerateRandom",
+        Function::Sign => "C_Sign",
+        Function::SignInit => "C_SignInit",
+        Function::Login => "C_Login",
+        Function::OpenSession => "C_OpenSession",
+        Function::FindObjects => "C_FindObjects",
+        Function::FindObjectsInit => "C_FindObjectsInit",
+        Function::DestroyObject => "C_DestroyObject",
+        Function::GetTokenInfo => "C_GetTokenInfo",
+        Function::GetSlotList => "C_GetSlotList",
+        Function::Initialize => "C_Initialize",
+        _ => "PKCS#11",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kek_blob_round_trips_and_rejects_garbage() {
+        let kek = WrappedKek::new(MwkGeneration(3), vec![0xAB; 40]);
+        let bytes = kek.to_bytes();
+        assert_eq!(&bytes[..6], &[0x05, 0x01, 0, 0, 0, 3]);
+        assert_eq!(WrappedKek::from_bytes(&bytes), Some(kek));
+        for len in 0..7 {
+            assert_eq!(WrappedKek::from_bytes(&bytes[..len]), None);
+        }
+        let mut wrong = bytes;
+        wrong[0] = 0x02;
+        assert_eq!(WrappedKek::from_bytes(&wrong), None);
+    }
+}

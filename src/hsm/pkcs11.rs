@@ -1,0 +1,702 @@
+//! The PKCS#11 implementation of [`Hsm`] (cryptoki), and the `keyfront init` ceremony.
+//!
+//! Runtime shape (see `../shared/notes/pkcs11-softhsm.md` for the measurements behind it):
+//! one `Pkcs11` context per process, initialized once with `OS_LOCKING_OK` (without it SoftHSM
+//! turns its own mutexes off); a logged-in anchor session kept for the life of the instance,
+//! because closing a token's last session logs it out; a small fixed pool of sessions that are
+//! never closed while in use; token objects looked up only when opening, never per request.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use sha2::{Digest, Sha256};
+
+use super::{
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MwkGeneration, WrappedKek, function_name,
+};
+use crate::crypto::Plaintext;
+
+/// Label prefix of MWK token objects; the generation follows (`keyfront-mwk-1`).
+pub const MWK_LABEL_PREFIX: &str = "keyfront-mwk-";
+/// Label (and CKA_ID) of the storage MAC root key.
+pub const STORAGE_ROOT_LABEL: &str = "keyfront-storage-mac";
+/// Label (and CKA_ID) of the password pepper key.
+pub const PEPPER_LABEL: &str = "keyfront-pepper-1";
+/// Label (and CKA_ID) of the audit signing key pair.
+pub const AUDIT_LABEL: &str = "keyfront-audit-1";
+
+/// DER of the P-256 curve OID (1.2.840.10045.3.1.7), for CKA_EC_PARAMS.
+const P256_OID_DER: [u8; 10] = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+/// Highest MWK generation probed when opening (rotation adds one at a time).
+const MAX_MWK_GENERATIONS: u32 = 1024;
+
+/// How to reach the token. The PIN comes from the environment or a file, never the config file.
+#[derive(Debug, Clone)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// The token's label; slot ids are not stable, labels are.
+    pub token_label: String,
+    /// The user PIN (a `SecretString`: redacted in `Debug`, zeroized on drop).
+    pub pin: AuthPin,
+    /// Sessions in the pool; SoftHSM is effectively single-core, so 2 is plenty.
+    pub sessions: NonZeroUsize,
+    /// How many unwrapped KEK handles stay cached in the HSM.
+    pub kek_cache_capacity: NonZeroUsize,
+}
+
+/// What the init ceremony created.
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    /// The MWK generation created (always 1 for a new token).
+    pub mwk_generation: MwkGeneration,
+    /// Labels of the token objects created.
+    pub labels: Vec<String>,
+    /// The audit public key's CKA_EC_POINT (DER OCTET STRING of the uncompressed point).
+    pub audit_public_key: Vec<u8>,
+}
+
+/// Loads and initializes the PKCS#11 module once per process, then hands out the same context.
+///
+/// # Errors
+/// [`Error::Module`] if the module cannot be loaded, or another module is already loaded.
+pub fn context(module: &Path) -> Result<Pkcs11, Error> {
+    static CONTEXT: Mutex<Option<(PathBuf, Pkcs11)>> = Mutex::new(None);
+    let mut loaded = CONTEXT.lock().expect("PKCS#11 context lock poisoned");
+    if let Some((path, ctx)) = loaded.as_ref() {
+        if path == module {
+            return Ok(ctx.clone());
+        }
+        return Err(Error::Module(format!(
+            "{} is already loaded in this process",
+            path.display()
+        )));
+    }
+    let ctx =
+        Pkcs11::new(module).map_err(|e| Error::Module(format!("{}: {e}", module.display())))?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .map_err(to_error)?;
+    *loaded = Some((module.to_path_buf(), ctx.clone()));
+    Ok(ctx)
+}
+
+/// The slot holding the (initialized) token with this label.
+///
+/// # Errors
+/// [`Error::TokenNotFound`] or [`Error::TokenAmbiguous`].
+pub fn find_token(ctx: &Pkcs11, label: &str) -> Result<Slot, Error> {
+    let mut found = None;
+    for slot in ctx.get_slots_with_initialized_token().map_err(to_error)? {
+        if ctx.get_token_info(slot).map_err(to_error)?.label() == label {
+            if found.is_some() {
+                return Err(Error::TokenAmbiguous(label.to_owned()));
+            }
+            found = Some(slot);
+        }
+    }
+    found.ok_or_else(|| Error::TokenNotFound(label.to_owned()))
+}
+
+/// Opens a read-write session on the token and logs the user in.
+///
+/// # Errors
+/// [`Error::Pin`] if the PIN is refused; [`Error::TokenNotFound`] if there is no such token.
+pub fn open_logged_in(ctx: &Pkcs11, config: &Pkcs11Config) -> Result<Session, Error> {
+    let slot = find_token(ctx, &config.token_label)?;
+    let session = ctx.open_rw_session(slot).map_err(to_error)?;
+    login(&session, &config.pin)?;
+    Ok(session)
+}
+
+/// The `keyfront init` ceremony: creates the MWK (generation 1), the storage MAC root key, the
+/// password pepper key and the audit signing key pair on the token.
+///
+/// Refuses to run on a token that already has any of them. If a step fails, the objects
+/// already created are destroyed, so the ceremony can be run again.
+///
+/// # Errors
+/// [`Error::AlreadyInitialized`] on a second run; PKCS#11 errors otherwise.
+pub fn init_token(config: &Pkcs11Config) -> Result<InitReport, Error> {
+    let ctx = context(&config.module)?;
+    let session = open_logged_in(&ctx, config)?;
+    let generation = MwkGeneration(1);
+    let labels = [
+        mwk_label(generation),
+        STORAGE_ROOT_LABEL.to_owned(),
+        PEPPER_LABEL.to_owned(),
+        AUDIT_LABEL.to_owned(),
+    ];
+    for label in &labels {
+        let existing = session
+            .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+            .map_err(to_error)?;
+        if !existing.is_empty() {
+            return Err(Error::AlreadyInitialized);
+        }
+    }
+
+    let mut created = Vec::new();
+    let result = create_ceremony_keys(&session, generation, &mut created);
+    if result.is_err() {
+        for handle in created {
+            if let Err(error) = session.destroy_object(handle) {
+                tracing::warn!(%error, "could not remove a key of a failed init ceremony");
+            }
+        }
+    }
+    let audit_public_key = result?;
+    Ok(InitReport {
+        mwk_generation: generation,
+        labels: labels.to_vec(),
+        audit_public_key,
+    })
+}
+
+fn create_ceremony_keys(
+    session: &Session,
+    generation: MwkGeneration,
+    created: &mut Vec<ObjectHandle>,
+) -> Result<Vec<u8>, Error> {
+    let mwk = session
+        .generate_key(&Mechanism::AesKeyGen, &mwk_template(generation))
+        .map_err(to_error)?;
+    created.push(mwk);
+    for label in [STORAGE_ROOT_LABEL, PEPPER_LABEL] {
+        let key = session
+            .generate_key(&Mechanism::GenericSecretKeyGen, &hmac_key_template(label))
+            .map_err(to_error)?;
+        created.push(key);
+    }
+    let (public, private) = session
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Verify(true),
+                Attribute::EcParams(P256_OID_DER.to_vec()),
+                Attribute::Label(AUDIT_LABEL.as_bytes().to_vec()),
+                Attribute::Id(AUDIT_LABEL.as_bytes().to_vec()),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Modifiable(false),
+                Attribute::Sign(true),
+                Attribute::Label(AUDIT_LABEL.as_bytes().to_vec()),
+                Attribute::Id(AUDIT_LABEL.as_bytes().to_vec()),
+            ],
+        )
+        .map_err(to_error)?;
+    created.push(public);
+    created.push(private);
+    let point = session
+        .get_attributes(public, &[AttributeType::EcPoint])
+        .map_err(to_error)?;
+    Ok(point
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::EcPoint(p) => Some(p),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
+/// The MWK: a token AES-256 key that can only wrap and unwrap with AES-KWP and never leaves
+/// the token (ARCHITECTURE.md, key hierarchy).
+fn mwk_template(generation: MwkGeneration) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_KEY_WRAP_PAD]),
+        Attribute::Label(mwk_label(generation).into_bytes()),
+        Attribute::Id(generation.0.to_be_bytes().to_vec()),
+    ]
+}
+
+fn hmac_key_template(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(label.as_bytes().to_vec()),
+    ]
+}
+
+/// A new KEK as a session object. It must be extractable for the one `C_WrapKey` under the
+/// MWK that follows; the object is destroyed right after, and only ever comes back through
+/// [`kek_unwrap_template`], which is not extractable.
+fn kek_generate_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// How a KEK exists while in use: a sensitive, non-extractable session object that can only
+/// do AES-GCM encrypt and decrypt.
+pub fn kek_unwrap_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+    ]
+}
+
+/// The label of an MWK generation.
+pub fn mwk_label(generation: MwkGeneration) -> String {
+    format!("{MWK_LABEL_PREFIX}{}", generation.0)
+}
+
+/// [`Hsm`] over a PKCS#11 token.
+pub struct Pkcs11Hsm {
+    pool: Arc<SessionPool>,
+    mwks: BTreeMap<MwkGeneration, ObjectHandle>,
+    current_mwk: MwkGeneration,
+    storage_root: ObjectHandle,
+    pepper: ObjectHandle,
+    audit_private: ObjectHandle,
+    kek_cache: quick_cache::sync::Cache<Vec<u8>, Arc<KekObject>>,
+    // Held, never used: keeps the token logged in for the life of this instance even while
+    // every pool session is checked out.
+    _anchor: Mutex<Session>,
+}
+
+impl Pkcs11Hsm {
+    /// Logs in to the token and finds keyfront's keys on it (the only `find_objects` calls).
+    ///
+    /// # Errors
+    /// [`Error::Pin`] for a refused PIN (never retry); [`Error::NotInitialized`] when the token
+    /// has not been through `keyfront init`; [`Error::Unavailable`] when the HSM is unreachable.
+    pub fn open(config: &Pkcs11Config) -> Result<Self, Error> {
+        let ctx = context(&config.module)?;
+        let anchor = open_logged_in(&ctx, config)?;
+        let mut mwks = BTreeMap::new();
+        for generation in (1..=MAX_MWK_GENERATIONS).map(MwkGeneration) {
+            match find_one(&anchor, &mwk_label(generation), ObjectClass::SECRET_KEY)? {
+                Some(handle) => mwks.insert(generation, handle),
+                None => break,
+            };
+        }
+        let current_mwk = *mwks
+            .keys()
+            .next_back()
+            .ok_or(Error::NotInitialized("master wrapping key"))?;
+        let storage_root = find_one(&anchor, STORAGE_ROOT_LABEL, ObjectClass::SECRET_KEY)?
+            .ok_or(Error::NotInitialized("storage MAC key"))?;
+        let pepper = find_one(&anchor, PEPPER_LABEL, ObjectClass::SECRET_KEY)?
+            .ok_or(Error::NotInitialized("pepper key"))?;
+        let audit_private = find_one(&anchor, AUDIT_LABEL, ObjectClass::PRIVATE_KEY)?
+            .ok_or(Error::NotInitialized("audit signing key"))?;
+
+        let slot = find_token(&ctx, &config.token_label)?;
+        let mut sessions = Vec::with_capacity(config.sessions.get());
+        for _ in 0..config.sessions.get() {
+            let session = ctx.open_rw_session(slot).map_err(to_error)?;
+            login(&session, &config.pin)?;
+            sessions.push(session);
+        }
+        Ok(Self {
+            pool: Arc::new(SessionPool::new(sessions)),
+            mwks,
+            current_mwk,
+            storage_root,
+            pepper,
+            audit_private,
+            kek_cache: quick_cache::sync::Cache::new(config.kek_cache_capacity.get()),
+            _anchor: Mutex::new(anchor),
+        })
+    }
+
+    /// How many KEK handles are cached now (for tests and metrics).
+    pub fn cached_keks(&self) -> usize {
+        self.kek_cache.len()
+    }
+}
+
+impl Hsm for Pkcs11Hsm {
+    fn mwk_generation(&self) -> MwkGeneration {
+        self.current_mwk
+    }
+
+    fn generate_kek(&self) -> Result<WrappedKek, Error> {
+        let mwk = self.mwk(self.current_mwk)?;
+        let wrapped = self
+            .pool
+            .with(|s| {
+                let kek = s.generate_key(&Mechanism::AesKeyGen, &kek_generate_template())?;
+                let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, kek);
+                // Destroy before looking at the wrap's result: the clear-capable object must
+                // not outlive this call either way.
+                let destroyed = s.destroy_object(kek);
+                let wrapped = wrapped?;
+                destroyed?;
+                Ok(wrapped)
+            })
+            .map_err(to_error)?;
+        Ok(WrappedKek::new(self.current_mwk, wrapped))
+    }
+
+    fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
+        let cache_key = wrapped.to_bytes();
+        if let Some(object) = self.kek_cache.get(&cache_key) {
+            return Ok(Kek::new(object));
+        }
+        let mwk = self.mwk(wrapped.generation())?;
+        let handle = self
+            .pool
+            .with(|s| {
+                s.unwrap_key(
+                    &Mechanism::AesKeyWrapPad,
+                    mwk,
+                    wrapped.wrapped(),
+                    &kek_unwrap_template(),
+                )
+            })
+            .map_err(to_error)?;
+        let object = Arc::new(KekObject {
+            handle,
+            pool: Arc::clone(&self.pool),
+        });
+        // Outside `pool.with`: an evicted entry may be destroyed here, which needs a session.
+        self.kek_cache.insert(cache_key, Arc::clone(&object));
+        Ok(Kek::new(object))
+    }
+
+    fn encrypt(&self, kek: &Kek, aad: &[u8], plaintext: &[u8]) -> Result<GcmSealed, Error> {
+        if aad.is_empty() {
+            // Empty AAD trips an assertion in some SoftHSM builds (SoftHSMv2 #605).
+            return Err(Error::InvalidInput(
+                "AES-GCM in the HSM needs non-empty AAD",
+            ));
+        }
+        let object = kek.downcast::<KekObject>()?;
+        let iv: [u8; IV_LEN] = rand::random();
+        let mut iv_param = iv;
+        let sealed = self
+            .pool
+            .with(|s| {
+                let params = GcmParams::new(&mut iv_param, aad, 128.into())?;
+                s.encrypt(&Mechanism::AesGcm(params), object.handle, plaintext)
+            })
+            .map_err(to_error)?;
+        Ok(GcmSealed { iv, sealed })
+    }
+
+    fn decrypt(
+        &self,
+        kek: &Kek,
+        iv: &[u8; IV_LEN],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Plaintext, Error> {
+        if aad.is_empty() {
+            return Err(Error::InvalidInput(
+                "AES-GCM in the HSM needs non-empty AAD",
+            ));
+        }
+        let object = kek.downcast::<KekObject>()?;
+        let mut iv_param = *iv;
+        let plaintext = self
+            .pool
+            .with(|s| {
+                let params = GcmParams::new(&mut iv_param, aad, 128.into())?;
+                s.decrypt(&Mechanism::AesGcm(params), object.handle, sealed)
+            })
+            .map_err(to_error)?;
+        Ok(Plaintext::new(plaintext))
+    }
+
+    fn random(&self, out: &mut [u8]) -> Result<(), Error> {
+        self.pool
+            .with(|s| s.generate_random_slice(out))
+            .map_err(to_error)
+    }
+
+    fn hmac(&self, key: HmacKey, data: &[u8]) -> Result<[u8; 32], Error> {
+        let handle = match key {
+            HmacKey::StorageRoot => self.storage_root,
+            HmacKey::Pepper => self.pepper,
+        };
+        let mac = self
+            .pool
+            .with(|s| s.sign(&Mechanism::Sha256Hmac, handle, data))
+            .map_err(to_error)?;
+        mac.try_into().map_err(|_| Error::Internal {
+            rv: None,
+            function: "C_Sign",
+        })
+    }
+
+    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error> {
+        let digest = Sha256::digest(data);
+        self.pool
+            .with(|s| s.sign(&Mechanism::Ecdsa, self.audit_private, &digest))
+            .map_err(to_error)
+    }
+}
+
+impl Pkcs11Hsm {
+    fn mwk(&self, generation: MwkGeneration) -> Result<ObjectHandle, Error> {
+        self.mwks
+            .get(&generation)
+            .copied()
+            .ok_or(Error::UnknownMwk(generation))
+    }
+}
+
+/// A KEK unwrapped into the HSM; destroyed when the last user and the cache let go of it.
+struct KekObject {
+    handle: ObjectHandle,
+    pool: Arc<SessionPool>,
+}
+
+impl Drop for KekObject {
+    fn drop(&mut self) {
+        if let Err(error) = self.pool.with(|s| s.destroy_object(self.handle)) {
+            // The object dies with its session anyway; a failure here only delays that.
+            tracing::warn!(error = %to_error(error), "could not destroy a KEK session object");
+        }
+    }
+}
+
+/// A fixed set of logged-in sessions, checked out by value (a `Session` is `Send` but not
+/// `Sync`) and always returned: sessions are never closed while the pool lives.
+struct SessionPool {
+    idle: Mutex<Vec<Session>>,
+    returned: Condvar,
+}
+
+impl SessionPool {
+    fn new(sessions: Vec<Session>) -> Self {
+        Self {
+            idle: Mutex::new(sessions),
+            returned: Condvar::new(),
+        }
+    }
+
+    /// Runs `f` with a session, waiting for one if all are in use.
+    fn with<R>(&self, f: impl FnOnce(&Session) -> R) -> R {
+        let session = {
+            let mut idle = self.idle.lock().expect("session pool lock poisoned");
+            loop {
+                if let Some(session) = idle.pop() {
+                    break session;
+                }
+                idle = self
+                    .returned
+                    .wait(idle)
+                    .expect("session pool lock poisoned");
+            }
+        };
+        let checkout = Checkout {
+            pool: self,
+            session: Some(session),
+        };
+        f(checkout.session())
+    }
+}
+
+struct Checkout<'a> {
+    pool: &'a SessionPool,
+    session: Option<Session>,
+}
+
+impl Checkout<'_> {
+    fn session(&self) -> &Session {
+        // Invariant: `session` is Some from construction until `drop` takes it.
+        self.session.as_ref().expect("checked-out session present")
+    }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.pool
+                .idle
+                .lock()
+                .expect("session pool lock poisoned")
+                .push(session);
+            self.pool.returned.notify_one();
+        }
+    }
+}
+
+fn login(session: &Session, pin: &AuthPin) -> Result<(), Error> {
+    match session.login(UserType::User, Some(pin)) {
+        // Login state is per token per process: every session after the first gets this.
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(error) => Err(to_error(error)),
+    }
+}
+
+fn find_one(
+    session: &Session,
+    label: &str,
+    class: ObjectClass,
+) -> Result<Option<ObjectHandle>, Error> {
+    let found = session
+        .find_objects(&[
+            Attribute::Token(true),
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(to_error)?;
+    Ok(found.first().copied())
+}
+
+/// The one mapping from cryptoki errors to [`Error`].
+///
+/// Policy:
+/// - SoftHSM reports a failed GCM tag check as `CKR_GENERAL_ERROR` from `C_Decrypt`, and a
+///   failed KWP integrity check as `CKR_GENERAL_ERROR` from `C_UnwrapKey`, not as
+///   `ENCRYPTED_DATA_INVALID` / `WRAPPED_KEY_INVALID`. So from those two functions, those codes
+///   all mean [`Error::Integrity`]: bad input, not a broken HSM. Callers still decrypt a canary
+///   before calling input "tampered" (ARCHITECTURE.md), because a sick HSM can fail the same way.
+/// - PIN failures are [`Error::Pin`] and never retried: HSMs lock a PIN after a few failures.
+/// - Codes that mean the device, token, session or library went away (or a handle went stale
+///   with it) are [`Error::Unavailable`]: retry later, recover without a restart.
+/// - Everything else is a bug or a misconfigured token: [`Error::Internal`].
+pub fn to_error(error: CkError) -> Error {
+    let (rv, function) = match error {
+        CkError::Pkcs11(rv, function) => (rv, function),
+        CkError::LibraryLoading(error) => return Error::Module(error.to_string()),
+        _ => {
+            return Error::Internal {
+                rv: None,
+                function: "cryptoki",
+            };
+        }
+    };
+    let decrypting = matches!(function, Function::Decrypt | Function::UnwrapKey);
+    let name = function_name(function);
+    match rv {
+        RvError::GeneralError
+        | RvError::EncryptedDataInvalid
+        | RvError::EncryptedDataLenRange
+        | RvError::WrappedKeyInvalid
+        | RvError::WrappedKeyLenRange
+            if decrypting =>
+        {
+            Error::Integrity
+        }
+        RvError::PinIncorrect
+        | RvError::PinInvalid
+        | RvError::PinLenRange
+        | RvError::PinExpired
+        | RvError::PinLocked => Error::Pin(rv),
+        RvError::GeneralError
+        | RvError::DeviceError
+        | RvError::DeviceMemory
+        | RvError::DeviceRemoved
+        | RvError::FunctionFailed
+        | RvError::HostMemory
+        | RvError::CryptokiNotInitialized
+        | RvError::SessionClosed
+        | RvError::SessionCount
+        | RvError::SessionHandleInvalid
+        | RvError::TokenNotPresent
+        | RvError::TokenNotRecognized
+        | RvError::UserNotLoggedIn
+        | RvError::ObjectHandleInvalid
+        | RvError::KeyHandleInvalid => Error::Unavailable { rv, function: name },
+        _ => Error::Internal {
+            rv: Some(rv),
+            function: name,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn general_error_means_integrity_only_when_decrypting() {
+        assert_eq!(
+            to_error(CkError::Pkcs11(RvError::GeneralError, Function::Decrypt)),
+            Error::Integrity
+        );
+        assert_eq!(
+            to_error(CkError::Pkcs11(RvError::GeneralError, Function::UnwrapKey)),
+            Error::Integrity
+        );
+        assert!(
+            to_error(CkError::Pkcs11(RvError::GeneralError, Function::Encrypt)).is_unavailable()
+        );
+        assert_eq!(
+            to_error(CkError::Pkcs11(RvError::PinIncorrect, Function::Login)),
+            Error::Pin(RvError::PinIncorrect)
+        );
+        assert!(matches!(
+            to_error(CkError::Pkcs11(
+                RvError::MechanismInvalid,
+                Function::EncryptInit
+            )),
+            Error::Internal { .. }
+        ));
+    }
+}

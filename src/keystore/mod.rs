@@ -1,0 +1,145 @@
+//! Durable state: the system sled database and one sled database per tenant.
+//!
+//! Layout under `data_dir`: `system/` (tenants, their database heads, tombstones) and
+//! `tenants/<tenant-id>/` (keys, versions, wrapped KEKs and bulk keys). Every record is MAC'd
+//! (`record.rs`); every tenant database has a head (sequence + digest of all its records)
+//! anchored in the system database, so altering, moving, deleting or rolling back records is
+//! detected when the database is opened. Each operation has one commit point, flushed before it
+//! returns; orphans of a crash are collected at start.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{KeyId, KeyVersion, Name, TenantId};
+
+mod record;
+mod system;
+mod tenant;
+
+pub use record::{MAC_LEN, RecordMac, SCHEMA_VERSION};
+pub use system::{KeyStore, StoreOptions};
+pub use tenant::{TenantDb, TenantHead};
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tenant or key with that name exists already.
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    /// A record could not be encoded or decoded.
+    #[error("record encoding failed")]
+    Encoding,
+    /// A record or database failed its integrity check: altered, moved, deleted or missing.
+    #[error("integrity check failed in {database}: {reason}")]
+    Integrity {
+        /// `system` or the tenant id.
+        database: String,
+        /// What did not match.
+        reason: &'static str,
+    },
+    /// A filesystem operation failed.
+    #[error("storage I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// A tenant database is older than the system database says it must be.
+    #[error("tenant database {0} is older than its last commit (rolled back?)")]
+    Rollback(TenantId),
+    /// sled failed.
+    #[error("database error: {0}")]
+    Sled(#[from] sled::Error),
+    /// The data directory was written under a different storage key (another HSM token).
+    #[error("data directory {0} belongs to another HSM token (storage key mismatch)")]
+    StorageKeyMismatch(PathBuf),
+    /// The tenant was destroyed; its tombstone stays.
+    #[error("tenant {0} was destroyed")]
+    TenantDestroyed(TenantId),
+    /// No tenant with that id.
+    #[error("tenant {0} not found")]
+    TenantNotFound(TenantId),
+}
+
+/// What a key may be used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Purpose {
+    /// Encrypt, Decrypt, ReEncrypt and data keys.
+    Data,
+    /// SealSecret, UnsealSecret, HashPassword and VerifyPassword.
+    Secrets,
+}
+
+/// The state of a key version (more states arrive with the key lifecycle).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VersionState {
+    /// Usable for encryption (if primary) and decryption.
+    Enabled,
+}
+
+/// A tenant, as the system database holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    /// Immutable random id.
+    pub id: TenantId,
+    /// The name users type.
+    pub name: Name,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Revision of this record, for compare-and-swap across nodes.
+    pub generation: u64,
+}
+
+/// A key, as its tenant database holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Immutable random id.
+    pub id: KeyId,
+    /// The name users type.
+    pub name: Name,
+    /// What it may be used for.
+    pub purpose: Purpose,
+    /// The version new encryptions use; only rotation moves it.
+    pub primary: KeyVersion,
+    /// The highest version that exists.
+    pub latest: KeyVersion,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Revision of this record, for compare-and-swap across nodes.
+    pub generation: u64,
+}
+
+/// One version of a key: its KEK (wrapped under an MWK) and bulk key (encrypted by the KEK).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// The version number.
+    pub version: KeyVersion,
+    /// Its state.
+    pub state: VersionState,
+    /// `WrappedKek::to_bytes`.
+    pub kek: Vec<u8>,
+    /// A BULK_KEY blob (`crypto::BlobType::BulkKey`).
+    pub bulk_key: Vec<u8>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// A record to write in a tenant commit.
+#[derive(Debug)]
+pub enum TenantWrite {
+    /// Insert or replace a key record (and its name index).
+    Key(KeyRecord),
+    /// Insert or replace a version record.
+    Version(KeyId, VersionRecord),
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    postcard::to_allocvec(value).map_err(|_| Error::Encoding)
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
+    postcard::from_bytes(bytes).map_err(|_| Error::Encoding)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,452 @@
+//! The system database and the [`KeyStore`] that owns it and the tenant databases.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use serde::{Deserialize, Serialize};
+
+use super::record::RecordMac;
+use super::tenant::{TenantDb, TenantHead};
+use super::{Error, TenantRecord, decode, encode, now_secs};
+use crate::ids::{ID_LEN, Name, TenantId};
+
+const DB_ID: &[u8] = b"system";
+const META_KEY: &[u8] = b"meta";
+const SEQ_KEY: &[u8] = b"seq";
+const TENANT_PREFIX: &[u8] = b"t/";
+const NAME_PREFIX: &[u8] = b"n/";
+const HEAD_PREFIX: &[u8] = b"h/";
+const TOMBSTONE_PREFIX: &[u8] = b"x/";
+
+/// Tuning of the key store.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreOptions {
+    /// How many tenant databases may be open at once (least recently used are closed).
+    pub max_open_tenants: NonZeroUsize,
+    /// sled page cache per tenant database, in bytes.
+    pub tenant_cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_open_tenants: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
+            tenant_cache_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    schema: u16,
+    created_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Tombstone {
+    name: Name,
+    destroyed_at: u64,
+}
+
+/// The system sled database: tenants, their heads, tombstones.
+pub(crate) struct SystemDb {
+    db: sled::Db,
+    mac: Arc<RecordMac>,
+    // Sequence of the last system commit; the lock serializes system commits.
+    seq: Mutex<u64>,
+}
+
+impl SystemDb {
+    fn open(dir: &Path, mac: Arc<RecordMac>) -> Result<Self, Error> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .cache_capacity(64 * 1024 * 1024)
+            .open()?;
+        let integrity = |reason| Error::Integrity {
+            database: "system".into(),
+            reason,
+        };
+        let seq = match db.get(META_KEY)? {
+            Some(meta) => {
+                if mac.open(DB_ID, META_KEY, &meta).is_none() {
+                    return Err(Error::StorageKeyMismatch(dir.to_path_buf()));
+                }
+                let raw = db
+                    .get(SEQ_KEY)?
+                    .ok_or(integrity("sequence record missing"))?;
+                let record = mac
+                    .open(DB_ID, SEQ_KEY, &raw)
+                    .ok_or(integrity("sequence record fails its MAC"))?;
+                record.seq
+            }
+            None => {
+                if !db.is_empty() {
+                    return Err(integrity("meta record missing"));
+                }
+                let meta = Meta {
+                    schema: super::SCHEMA_VERSION,
+                    created_at: now_secs(),
+                };
+                let mut batch = sled::Batch::default();
+                batch.insert(META_KEY, mac.seal(DB_ID, META_KEY, 1, &encode(&meta)?));
+                batch.insert(SEQ_KEY, mac.seal(DB_ID, SEQ_KEY, 1, &[]));
+                db.apply_batch(batch)?;
+                db.flush()?;
+                1
+            }
+        };
+        Ok(Self {
+            db,
+            mac,
+            seq: Mutex::new(seq),
+        })
+    }
+
+    /// One atomic, flushed system commit.
+    fn commit(&self, inserts: Vec<(Vec<u8>, Vec<u8>)>, removes: Vec<Vec<u8>>) -> Result<(), Error> {
+        let mut seq = self.seq.lock().expect("system sequence lock poisoned");
+        let next = *seq + 1;
+        let mut batch = sled::Batch::default();
+        for key in removes {
+            batch.remove(key);
+        }
+        for (key, payload) in inserts {
+            let value = self.mac.seal(DB_ID, &key, next, &payload);
+            batch.insert(key, value);
+        }
+        batch.insert(SEQ_KEY, self.mac.seal(DB_ID, SEQ_KEY, next, &[]));
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        *seq = next;
+        Ok(())
+    }
+
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let Some(value) = self.db.get(key)? else {
+            return Ok(None);
+        };
+        let record = self.mac.open(DB_ID, key, &value).ok_or(Error::Integrity {
+            database: "system".into(),
+            reason: "a record fails its MAC",
+        })?;
+        Ok(Some(record.payload.to_vec()))
+    }
+
+    pub(crate) fn tenant_head(&self, id: TenantId) -> Result<Option<TenantHead>, Error> {
+        self.read(&prefixed(HEAD_PREFIX, id.as_bytes()))?
+            .map(|payload| decode(&payload))
+            .transpose()
+    }
+
+    pub(crate) fn set_tenant_head(&self, id: TenantId, head: &TenantHead) -> Result<(), Error> {
+        self.commit(
+            vec![(prefixed(HEAD_PREFIX, id.as_bytes()), encode(head)?)],
+            vec![],
+        )
+    }
+
+    /// Checks a tenant database's head against the system's copy, rolling forward the one case
+    /// a crash can produce: the tenant committed, the system copy was not yet updated.
+    pub(crate) fn anchor_tenant(&self, id: TenantId, head: &TenantHead) -> Result<(), Error> {
+        match self.tenant_head(id)? {
+            Some(anchored) if anchored == *head => Ok(()),
+            Some(anchored) if head.seq == anchored.seq + 1 => {
+                tracing::info!(tenant = %id, seq = head.seq, "rolling tenant head forward");
+                self.set_tenant_head(id, head)
+            }
+            Some(_) => Err(Error::Rollback(id)),
+            None => Err(Error::Integrity {
+                database: "system".into(),
+                reason: "tenant has no anchored head",
+            }),
+        }
+    }
+}
+
+/// The system database plus lazily opened, bounded tenant databases.
+pub struct KeyStore {
+    tenants_dir: PathBuf,
+    system: Arc<SystemDb>,
+    mac: Arc<RecordMac>,
+    options: StoreOptions,
+    open: Mutex<OpenTenants>,
+    // Serializes tenant creation and destruction, so name checks cannot race.
+    lifecycle: Mutex<()>,
+}
+
+#[derive(Default)]
+struct OpenTenants {
+    tick: u64,
+    open: HashMap<TenantId, (Arc<TenantDb>, u64)>,
+    // Evicted but maybe still in use: reused rather than opened twice (sled locks its files).
+    closing: HashMap<TenantId, Weak<TenantDb>>,
+}
+
+impl KeyStore {
+    /// Opens (or creates) the store under `data_dir` and collects orphans of earlier crashes.
+    ///
+    /// # Errors
+    /// [`Error::StorageKeyMismatch`] if the directory was written under another token.
+    pub fn open(data_dir: &Path, mac: RecordMac, options: StoreOptions) -> Result<Self, Error> {
+        let tenants_dir = data_dir.join("tenants");
+        std::fs::create_dir_all(&tenants_dir)?;
+        let mac = Arc::new(mac);
+        let system = Arc::new(SystemDb::open(&data_dir.join("system"), Arc::clone(&mac))?);
+        let store = Self {
+            tenants_dir,
+            system,
+            mac,
+            options,
+            open: Mutex::new(OpenTenants::default()),
+            lifecycle: Mutex::new(()),
+        };
+        store.collect_orphans()?;
+        Ok(store)
+    }
+
+    /// Creates a tenant: its database first, then the system records (the commit point).
+    ///
+    /// # Errors
+    /// [`Error::AlreadyExists`] if the name is taken.
+    pub fn create_tenant(&self, name: &Name) -> Result<TenantRecord, Error> {
+        let _lifecycle = self.lifecycle.lock().expect("lifecycle lock poisoned");
+        let name_key = prefixed(NAME_PREFIX, name.as_str().as_bytes());
+        if self.system.read(&name_key)?.is_some() {
+            return Err(Error::AlreadyExists("tenant"));
+        }
+        let id = TenantId::random();
+        let tenant = TenantDb::create(
+            &self.tenant_dir(id),
+            id,
+            Arc::clone(&self.mac),
+            Arc::clone(&self.system),
+            self.options.tenant_cache_bytes,
+        )?;
+        let record = TenantRecord {
+            id,
+            name: name.clone(),
+            created_at: now_secs(),
+            generation: 1,
+        };
+        self.system.commit(
+            vec![
+                (prefixed(TENANT_PREFIX, id.as_bytes()), encode(&record)?),
+                (name_key, id.as_bytes().to_vec()),
+                (
+                    prefixed(HEAD_PREFIX, id.as_bytes()),
+                    encode(&tenant.head())?,
+                ),
+            ],
+            vec![],
+        )?;
+        self.remember(Arc::new(tenant));
+        Ok(record)
+    }
+
+    /// The tenant with this name, if any.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if a record fails its MAC.
+    pub fn tenant_by_name(&self, name: &Name) -> Result<Option<TenantRecord>, Error> {
+        let Some(id) = self
+            .system
+            .read(&prefixed(NAME_PREFIX, name.as_str().as_bytes()))?
+        else {
+            return Ok(None);
+        };
+        let id: [u8; ID_LEN] = id.as_slice().try_into().map_err(|_| Error::Encoding)?;
+        self.tenant_record(TenantId::from_bytes(id))
+    }
+
+    /// The tenant with this id, if any.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if a record fails its MAC.
+    pub fn tenant_record(&self, id: TenantId) -> Result<Option<TenantRecord>, Error> {
+        let record: Option<TenantRecord> = self
+            .system
+            .read(&prefixed(TENANT_PREFIX, id.as_bytes()))?
+            .map(|payload| decode(&payload))
+            .transpose()?;
+        if record.as_ref().is_some_and(|r| r.id != id) {
+            return Err(Error::Integrity {
+                database: "system".into(),
+                reason: "tenant record under another id",
+            });
+        }
+        Ok(record)
+    }
+
+    /// Every tenant.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if a record fails its MAC.
+    pub fn tenants(&self) -> Result<Vec<TenantRecord>, Error> {
+        let mut tenants = Vec::new();
+        for item in self.system.db.scan_prefix(TENANT_PREFIX) {
+            let (key, _) = item?;
+            let id: [u8; ID_LEN] = key[TENANT_PREFIX.len()..]
+                .try_into()
+                .map_err(|_| Error::Encoding)?;
+            if let Some(record) = self.tenant_record(TenantId::from_bytes(id))? {
+                tenants.push(record);
+            }
+        }
+        Ok(tenants)
+    }
+
+    /// The tenant's database, opening (and verifying) it if needed.
+    ///
+    /// # Errors
+    /// [`Error::TenantDestroyed`], [`Error::TenantNotFound`], or an integrity failure.
+    pub fn tenant(&self, id: TenantId) -> Result<Arc<TenantDb>, Error> {
+        let mut open = self.open.lock().expect("open tenants lock poisoned");
+        open.tick += 1;
+        let tick = open.tick;
+        if let Some((db, last_used)) = open.open.get_mut(&id) {
+            *last_used = tick;
+            return Ok(Arc::clone(db));
+        }
+        let reused = open.closing.remove(&id).and_then(|weak| weak.upgrade());
+        let db = match reused {
+            Some(db) => db,
+            None => {
+                if self
+                    .system
+                    .read(&prefixed(TOMBSTONE_PREFIX, id.as_bytes()))?
+                    .is_some()
+                {
+                    return Err(Error::TenantDestroyed(id));
+                }
+                if self.tenant_record(id)?.is_none() {
+                    return Err(Error::TenantNotFound(id));
+                }
+                Arc::new(TenantDb::open(
+                    &self.tenant_dir(id),
+                    id,
+                    Arc::clone(&self.mac),
+                    Arc::clone(&self.system),
+                    self.options.tenant_cache_bytes,
+                )?)
+            }
+        };
+        open.open.insert(id, (Arc::clone(&db), tick));
+        self.evict(&mut open);
+        Ok(db)
+    }
+
+    /// How many tenant databases are open now.
+    pub fn open_tenants(&self) -> usize {
+        self.open
+            .lock()
+            .expect("open tenants lock poisoned")
+            .open
+            .len()
+    }
+
+    /// Destroys a tenant now: tombstone and removal in one system commit (the commit point),
+    /// then its database directory is deleted. Nothing of it can be decrypted afterwards.
+    ///
+    /// # Errors
+    /// [`Error::TenantNotFound`] if there is no such tenant.
+    pub fn destroy_tenant(&self, id: TenantId) -> Result<(), Error> {
+        let _lifecycle = self.lifecycle.lock().expect("lifecycle lock poisoned");
+        let record = self.tenant_record(id)?.ok_or(Error::TenantNotFound(id))?;
+        let tombstone = Tombstone {
+            name: record.name.clone(),
+            destroyed_at: now_secs(),
+        };
+        self.system.commit(
+            vec![(
+                prefixed(TOMBSTONE_PREFIX, id.as_bytes()),
+                encode(&tombstone)?,
+            )],
+            vec![
+                prefixed(TENANT_PREFIX, id.as_bytes()),
+                prefixed(NAME_PREFIX, record.name.as_str().as_bytes()),
+                prefixed(HEAD_PREFIX, id.as_bytes()),
+            ],
+        )?;
+        {
+            let mut open = self.open.lock().expect("open tenants lock poisoned");
+            open.open.remove(&id);
+            open.closing.remove(&id);
+        }
+        match std::fs::remove_dir_all(self.tenant_dir(id)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            // The tombstone is committed; the orphan collector removes the rest at start.
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the tenant was destroyed.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if the tombstone fails its MAC.
+    pub fn is_destroyed(&self, id: TenantId) -> Result<bool, Error> {
+        Ok(self
+            .system
+            .read(&prefixed(TOMBSTONE_PREFIX, id.as_bytes()))?
+            .is_some())
+    }
+
+    /// Where a tenant's database lives.
+    pub fn tenant_dir(&self, id: TenantId) -> PathBuf {
+        self.tenants_dir.join(id.to_string())
+    }
+
+    fn remember(&self, db: Arc<TenantDb>) {
+        let mut open = self.open.lock().expect("open tenants lock poisoned");
+        open.tick += 1;
+        let tick = open.tick;
+        open.open.insert(db.id(), (db, tick));
+        self.evict(&mut open);
+    }
+
+    fn evict(&self, open: &mut OpenTenants) {
+        while open.open.len() > self.options.max_open_tenants.get() {
+            let Some(oldest) = open
+                .open
+                .iter()
+                .min_by_key(|(_, (_, last_used))| *last_used)
+                .map(|(id, _)| *id)
+            else {
+                break;
+            };
+            if let Some((db, _)) = open.open.remove(&oldest) {
+                open.closing.insert(oldest, Arc::downgrade(&db));
+            }
+        }
+        open.closing.retain(|_, weak| weak.strong_count() > 0);
+    }
+
+    /// Removes tenant directories that no tenant record references: a crash between creating
+    /// a tenant's database and its system commit, or between a destruction's commit and the
+    /// directory's removal.
+    fn collect_orphans(&self) -> Result<(), Error> {
+        for entry in std::fs::read_dir(&self.tenants_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.parse::<TenantId>().ok()) else {
+                tracing::warn!(path = %entry.path().display(), "ignoring unknown entry in tenants/");
+                continue;
+            };
+            if self.tenant_record(id)?.is_none() {
+                tracing::info!(tenant = %id, "removing orphaned tenant database");
+                std::fs::remove_dir_all(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn prefixed(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + rest.len());
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(rest);
+    key
+}

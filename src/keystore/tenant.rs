@@ -1,0 +1,336 @@
+//! One tenant's sled database: keys, versions, and the head that anchors them.
+//!
+//! The head (`head` record) holds the sequence of the last commit and a digest over every other
+//! record's MAC. The system database keeps a copy of each tenant's head. Opening a tenant
+//! database verifies every record, recomputes the digest and compares the head with the system's
+//! copy, so an altered, moved, deleted or rolled-back record or database is refused.
+//!
+//! Commit protocol: the tenant batch (records + new head) is applied atomically and flushed —
+//! that is the commit point — then the system's copy of the head is updated. A crash between the
+//! two leaves the tenant exactly one commit ahead, which the next open or commit rolls forward.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::record::{MAC_LEN, RecordMac};
+use super::system::SystemDb;
+use super::{Error, KeyRecord, TenantWrite, VersionRecord, decode, encode};
+use crate::ids::{ID_LEN, KeyId, KeyVersion, Name, TenantId};
+
+const HEAD_KEY: &[u8] = b"head";
+const KEY_PREFIX: &[u8] = b"k/";
+const NAME_PREFIX: &[u8] = b"n/";
+const VERSION_PREFIX: &[u8] = b"v/";
+
+/// The anchor of a tenant database: last commit's sequence and the digest of all records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantHead {
+    /// Sequence of the last commit (starts at 1).
+    pub seq: u64,
+    /// HMAC over (record key, record MAC) of every record but the head, in key order.
+    pub digest: [u8; 32],
+}
+
+/// An open tenant database. Shared behind an `Arc`; closed when the last user drops it.
+pub struct TenantDb {
+    id: TenantId,
+    db: sled::Db,
+    mac: Arc<RecordMac>,
+    system: Arc<SystemDb>,
+    // The current head; holding the lock serializes commits to this tenant.
+    head: Mutex<TenantHead>,
+    // Highest sequence a reader may see. Raised before a commit's batch is applied, so readers
+    // never block on a commit and never see a record "newer than the head".
+    visible_seq: AtomicU64,
+}
+
+impl TenantDb {
+    /// sled settings for a tenant database: small segments (an idle database is ~48 KiB instead
+    /// of 512 KiB) and no background flusher thread; commits flush explicitly.
+    fn config(dir: &Path, cache_bytes: u64) -> sled::Config {
+        sled::Config::new()
+            .path(dir)
+            .segment_size(32 * 1024)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None)
+    }
+
+    /// Creates a new empty database with its first head (sequence 1), flushed. The caller
+    /// anchors the head in the system database; until then the directory is an orphan.
+    pub(crate) fn create(
+        dir: &Path,
+        id: TenantId,
+        mac: Arc<RecordMac>,
+        system: Arc<SystemDb>,
+        cache_bytes: u64,
+    ) -> Result<Self, Error> {
+        if dir.exists() {
+            return Err(Error::AlreadyExists("tenant database directory"));
+        }
+        let db = Self::config(dir, cache_bytes).open()?;
+        let head = TenantHead {
+            seq: 1,
+            digest: mac.digest(std::iter::empty()),
+        };
+        db.insert(
+            HEAD_KEY,
+            mac.seal(id.as_bytes(), HEAD_KEY, 1, &encode(&head)?),
+        )?;
+        db.flush()?;
+        Ok(Self {
+            id,
+            db,
+            mac,
+            system,
+            visible_seq: AtomicU64::new(head.seq),
+            head: Mutex::new(head),
+        })
+    }
+
+    /// Opens and verifies an existing database against its anchor in the system database.
+    pub(crate) fn open(
+        dir: &Path,
+        id: TenantId,
+        mac: Arc<RecordMac>,
+        system: Arc<SystemDb>,
+        cache_bytes: u64,
+    ) -> Result<Self, Error> {
+        let integrity = |reason| Error::Integrity {
+            database: id.to_string(),
+            reason,
+        };
+        if !dir.is_dir() {
+            return Err(integrity("database directory missing"));
+        }
+        let db = Self::config(dir, cache_bytes).open()?;
+        let raw_head = db.get(HEAD_KEY)?.ok_or(integrity("head record missing"))?;
+        let head_record = mac
+            .open(id.as_bytes(), HEAD_KEY, &raw_head)
+            .ok_or(integrity("head record fails its MAC"))?;
+        let head: TenantHead = decode(head_record.payload)?;
+        if head_record.seq != head.seq {
+            return Err(integrity("head sequence mismatch"));
+        }
+        let mut macs = Vec::new();
+        for item in db.iter() {
+            let (key, value) = item?;
+            if &*key == HEAD_KEY {
+                continue;
+            }
+            let record = mac
+                .open(id.as_bytes(), &key, &value)
+                .ok_or(integrity("a record fails its MAC"))?;
+            if record.seq > head.seq {
+                return Err(integrity("a record is newer than the head"));
+            }
+            macs.push((key.to_vec(), record.mac));
+        }
+        let digest = mac.digest(macs.iter().map(|(k, m)| (k.as_slice(), m)));
+        if digest != head.digest {
+            return Err(integrity("records do not match the head"));
+        }
+        system.anchor_tenant(id, &head)?;
+        Ok(Self {
+            id,
+            db,
+            mac,
+            system,
+            visible_seq: AtomicU64::new(head.seq),
+            head: Mutex::new(head),
+        })
+    }
+
+    /// The tenant's id.
+    pub fn id(&self) -> TenantId {
+        self.id
+    }
+
+    /// The current head.
+    pub fn head(&self) -> TenantHead {
+        *self.head.lock().expect("tenant head lock poisoned")
+    }
+
+    /// The key with this name, if any.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if a record fails its MAC.
+    pub fn key_by_name(&self, name: &Name) -> Result<Option<KeyRecord>, Error> {
+        let Some(id) = self.read(&prefixed(NAME_PREFIX, name.as_str().as_bytes()))? else {
+            return Ok(None);
+        };
+        let id: [u8; ID_LEN] = id.as_slice().try_into().map_err(|_| Error::Encoding)?;
+        let key = self.key(&KeyId::from_bytes(id))?;
+        if key.as_ref().is_some_and(|k| &k.name != name) {
+            return Err(Error::Integrity {
+                database: self.id.to_string(),
+                reason: "name index points at another key",
+            });
+        }
+        Ok(key)
+    }
+
+    /// The key with this id, if any.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if a record fails its MAC.
+    pub fn key(&self, id: &KeyId) -> Result<Option<KeyRecord>, Error> {
+        let Some(payload) = self.read(&prefixed(KEY_PREFIX, id.as_bytes()))? else {
+            return Ok(None);
+        };
+        let record: KeyRecord = decode(&payload)?;
+        if &record.id != id {
+            return Err(Error::Integrity {
+                database: self.id.to_string(),
+                reason: "key record under another id",
+            });
+        }
+        Ok(Some(record))
+    }
+
+    /// Every key, in id order.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if a record fails its MAC.
+    pub fn keys(&self) -> Result<Vec<KeyRecord>, Error> {
+        let mut keys = Vec::new();
+        for item in self.db.scan_prefix(KEY_PREFIX) {
+            let (key, value) = item?;
+            let payload = self.verify(&key, &value)?;
+            keys.push(decode(payload)?);
+        }
+        Ok(keys)
+    }
+
+    /// One version of a key, if it exists.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if a record fails its MAC.
+    pub fn version(
+        &self,
+        key: &KeyId,
+        version: KeyVersion,
+    ) -> Result<Option<VersionRecord>, Error> {
+        let Some(payload) = self.read(&version_key(key, version))? else {
+            return Ok(None);
+        };
+        let record: VersionRecord = decode(&payload)?;
+        if record.version != version {
+            return Err(Error::Integrity {
+                database: self.id.to_string(),
+                reason: "version record under another version",
+            });
+        }
+        Ok(Some(record))
+    }
+
+    /// Applies `writes` atomically as one commit, flushed to disk before returning, then
+    /// anchors the new head in the system database.
+    ///
+    /// # Errors
+    /// Storage errors; on error before the flush nothing changed.
+    pub fn commit(&self, writes: Vec<TenantWrite>) -> Result<(), Error> {
+        let mut head = self.head.lock().expect("tenant head lock poisoned");
+        // A previous commit whose anchor update failed is rolled forward first, so the tenant
+        // is never more than one commit ahead of the system database.
+        self.system.anchor_tenant(self.id, &head)?;
+        let seq = head.seq + 1;
+        let db_id = self.id.as_bytes();
+        let mut staged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for write in writes {
+            match write {
+                TenantWrite::Key(record) => {
+                    let name_key = prefixed(NAME_PREFIX, record.name.as_str().as_bytes());
+                    let value = self.mac.seal(db_id, &name_key, seq, record.id.as_bytes());
+                    staged.insert(name_key, value);
+                    let key = prefixed(KEY_PREFIX, record.id.as_bytes());
+                    let value = self.mac.seal(db_id, &key, seq, &encode(&record)?);
+                    staged.insert(key, value);
+                }
+                TenantWrite::Version(key_id, record) => {
+                    let key = version_key(&key_id, record.version);
+                    let value = self.mac.seal(db_id, &key, seq, &encode(&record)?);
+                    staged.insert(key, value);
+                }
+            }
+        }
+
+        let mut macs: BTreeMap<Vec<u8>, [u8; MAC_LEN]> = BTreeMap::new();
+        for item in self.db.iter() {
+            let (key, value) = item?;
+            if &*key != HEAD_KEY {
+                let record = self.mac.open(db_id, &key, &value).ok_or(Error::Integrity {
+                    database: self.id.to_string(),
+                    reason: "a record fails its MAC",
+                })?;
+                macs.insert(key.to_vec(), record.mac);
+            }
+        }
+        for (key, value) in &staged {
+            let tail: [u8; MAC_LEN] = value[value.len() - MAC_LEN..]
+                .try_into()
+                .map_err(|_| Error::Encoding)?;
+            macs.insert(key.clone(), tail);
+        }
+        let new_head = TenantHead {
+            seq,
+            digest: self.mac.digest(macs.iter().map(|(k, m)| (k.as_slice(), m))),
+        };
+
+        let mut batch = sled::Batch::default();
+        for (key, value) in staged {
+            batch.insert(key, value);
+        }
+        batch.insert(
+            HEAD_KEY,
+            self.mac.seal(db_id, HEAD_KEY, seq, &encode(&new_head)?),
+        );
+        self.visible_seq.store(seq, Ordering::SeqCst);
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        *head = new_head;
+        if let Err(error) = self.system.set_tenant_head(self.id, &new_head) {
+            // Committed already; the anchor catches up on the next commit or open.
+            tracing::warn!(tenant = %self.id, %error, "tenant head not yet anchored");
+        }
+        Ok(())
+    }
+
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        match self.db.get(key)? {
+            Some(value) => Ok(Some(self.verify(key, &value)?.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    fn verify<'a>(&self, key: &[u8], value: &'a [u8]) -> Result<&'a [u8], Error> {
+        let integrity = |reason| Error::Integrity {
+            database: self.id.to_string(),
+            reason,
+        };
+        let record = self
+            .mac
+            .open(self.id.as_bytes(), key, value)
+            .ok_or(integrity("a record fails its MAC"))?;
+        if record.seq > self.visible_seq.load(Ordering::SeqCst) {
+            return Err(integrity("a record is newer than the head"));
+        }
+        Ok(record.payload)
+    }
+}
+
+fn prefixed(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + rest.len());
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(rest);
+    key
+}
+
+fn version_key(key: &KeyId, version: KeyVersion) -> Vec<u8> {
+    let mut out = prefixed(VERSION_PREFIX, key.as_bytes());
+    out.extend_from_slice(&version.0.to_be_bytes());
+    out
+}

@@ -1,0 +1,599 @@
+//! The domain API: tenants, keys and versions, and the cryptographic operations on them.
+//!
+//! It ties the HSM (KEKs, data keys, secrets), the key store (records, commit points) and the
+//! bulk-key cache together, and enforces purposes and blob types. It knows nothing of gRPC or
+//! identities: callers have already decided which tenant a request may act on.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroize;
+
+use crate::crypto::{
+    self, BlobType, EncryptionContext, HEADER_LEN, Header, NONCE_LEN, Plaintext, SecretKey, TAG_LEN,
+};
+use crate::error::Error;
+use crate::hsm::{HmacKey, Hsm, Kek, WrappedKek};
+use crate::ids::{KeyId, KeyVersion, Name, TenantId};
+use crate::keystore::{
+    self, KeyRecord, KeyStore, Purpose, RecordMac, StoreOptions, TenantDb, TenantRecord,
+    TenantWrite, VersionRecord, VersionState,
+};
+
+/// The label HMAC'd inside the HSM with the storage root key to derive the storage MAC key.
+pub const STORAGE_KEY_DERIVATION_LABEL: &[u8] = b"keyfront/v1/storage-mac-key";
+
+/// Tuning of the domain layer.
+#[derive(Clone, Copy, Debug)]
+pub struct KmsOptions {
+    /// Key store tuning.
+    pub store: StoreOptions,
+    /// How many bulk keys stay in memory.
+    pub bulk_key_capacity: usize,
+    /// How long an unwrapped bulk key stays in memory.
+    pub bulk_key_ttl: Duration,
+}
+
+impl Default for KmsOptions {
+    fn default() -> Self {
+        Self {
+            store: StoreOptions::default(),
+            bulk_key_capacity: 100_000,
+            bulk_key_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Encrypt's result.
+#[derive(Debug)]
+pub struct Encrypted {
+    /// The CIPHERTEXT blob.
+    pub ciphertext: Vec<u8>,
+    /// The key's id.
+    pub key_id: KeyId,
+    /// The version that encrypted it.
+    pub version: KeyVersion,
+}
+
+/// A decryption's result.
+#[derive(Debug)]
+pub struct Decrypted {
+    /// The plaintext.
+    pub plaintext: Plaintext,
+    /// The key's id.
+    pub key_id: KeyId,
+    /// The version that had encrypted it.
+    pub version: KeyVersion,
+}
+
+/// GenerateDataKey's result.
+#[derive(Debug)]
+pub struct DataKey {
+    /// The DATA_KEY blob, safe to store beside the data it protects.
+    pub wrapped: Vec<u8>,
+    /// The 256-bit data key in clear.
+    pub plaintext: Plaintext,
+    /// The key's id.
+    pub key_id: KeyId,
+    /// The version that wrapped it.
+    pub version: KeyVersion,
+}
+
+/// SealSecret's result.
+#[derive(Debug)]
+pub struct Sealed {
+    /// The SECRET blob.
+    pub sealed: Vec<u8>,
+    /// The key's id.
+    pub key_id: KeyId,
+    /// The version that sealed it.
+    pub version: KeyVersion,
+}
+
+/// The key management domain over one HSM and one data directory.
+pub struct Kms {
+    hsm: Arc<dyn Hsm>,
+    store: KeyStore,
+    bulk_keys: quick_cache::sync::Cache<(TenantId, KeyId, KeyVersion), Arc<CachedBulkKey>>,
+    bulk_key_ttl: Duration,
+    // Serializes read-modify-write of key records (create, rotate); reads never take it.
+    key_writes: Mutex<()>,
+}
+
+struct CachedBulkKey {
+    key: SecretKey,
+    loaded: Instant,
+}
+
+impl Kms {
+    /// Derives the storage MAC key inside the HSM and opens the key store.
+    ///
+    /// # Errors
+    /// HSM errors, or [`keystore::Error::StorageKeyMismatch`] if `data_dir` belongs to
+    /// another token.
+    pub fn open(hsm: Arc<dyn Hsm>, data_dir: &Path, options: KmsOptions) -> Result<Self, Error> {
+        let mut derived = hsm.hmac(HmacKey::StorageRoot, STORAGE_KEY_DERIVATION_LABEL)?;
+        let mac = RecordMac::new(SecretKey::from_bytes(&mut derived));
+        let store = KeyStore::open(data_dir, mac, options.store)?;
+        Ok(Self {
+            hsm,
+            store,
+            bulk_keys: quick_cache::sync::Cache::new(options.bulk_key_capacity.max(1)),
+            bulk_key_ttl: options.bulk_key_ttl,
+            key_writes: Mutex::new(()),
+        })
+    }
+
+    /// The key store (for listing and for tests).
+    pub fn store(&self) -> &KeyStore {
+        &self.store
+    }
+
+    /// The HSM.
+    pub fn hsm(&self) -> &Arc<dyn Hsm> {
+        &self.hsm
+    }
+
+    /// Creates a tenant with a new random id.
+    ///
+    /// # Errors
+    /// [`keystore::Error::AlreadyExists`] if the name is taken.
+    pub fn create_tenant(&self, name: &Name) -> Result<TenantRecord, Error> {
+        Ok(self.store.create_tenant(name)?)
+    }
+
+    /// The tenant with this name.
+    ///
+    /// # Errors
+    /// [`Error::TenantNotFound`].
+    pub fn tenant(&self, name: &Name) -> Result<TenantRecord, Error> {
+        self.store
+            .tenant_by_name(name)?
+            .ok_or_else(|| Error::TenantNotFound(name.clone()))
+    }
+
+    /// Destroys a tenant at once (crypto-shredding): tombstone, then its database is erased.
+    ///
+    /// # Errors
+    /// [`keystore::Error::TenantNotFound`].
+    pub fn destroy_tenant(&self, tenant: TenantId) -> Result<(), Error> {
+        Ok(self.store.destroy_tenant(tenant)?)
+    }
+
+    /// Creates a key at version 1.
+    ///
+    /// # Errors
+    /// [`keystore::Error::AlreadyExists`] if the tenant has a key of that name.
+    pub fn create_key(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        purpose: Purpose,
+    ) -> Result<KeyRecord, Error> {
+        let db = self.store.tenant(tenant)?;
+        let _writes = self.key_writes.lock().expect("key write lock poisoned");
+        if db.key_by_name(name)?.is_some() {
+            return Err(keystore::Error::AlreadyExists("key").into());
+        }
+        let id = KeyId::random();
+        let version = KeyVersion(1);
+        let version_record = self.new_version(tenant, id, version)?;
+        let record = KeyRecord {
+            id,
+            name: name.clone(),
+            purpose,
+            primary: version,
+            latest: version,
+            created_at: version_record.created_at,
+            generation: 1,
+        };
+        db.commit(vec![
+            TenantWrite::Version(id, version_record),
+            TenantWrite::Key(record.clone()),
+        ])?;
+        Ok(record)
+    }
+
+    /// The key with this name.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`].
+    pub fn key(&self, tenant: TenantId, name: &Name) -> Result<KeyRecord, Error> {
+        self.store
+            .tenant(tenant)?
+            .key_by_name(name)?
+            .ok_or_else(|| Error::KeyNotFound(name.clone()))
+    }
+
+    /// Every key of the tenant.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn keys(&self, tenant: TenantId) -> Result<Vec<KeyRecord>, Error> {
+        Ok(self.store.tenant(tenant)?.keys()?)
+    }
+
+    /// Adds a version (new KEK, new bulk key) and makes it primary; older versions keep
+    /// decrypting.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`], HSM or storage errors (nothing changes on error).
+    pub fn rotate_key(&self, tenant: TenantId, name: &Name) -> Result<KeyRecord, Error> {
+        let db = self.store.tenant(tenant)?;
+        let _writes = self.key_writes.lock().expect("key write lock poisoned");
+        let mut record = db
+            .key_by_name(name)?
+            .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+        let next = KeyVersion(
+            record
+                .latest
+                .0
+                .checked_add(1)
+                .ok_or(Error::VersionsExhausted)?,
+        );
+        let version_record = self.new_version(tenant, record.id, next)?;
+        record.primary = next;
+        record.latest = next;
+        record.generation += 1;
+        db.commit(vec![
+            TenantWrite::Version(record.id, version_record),
+            TenantWrite::Key(record.clone()),
+        ])?;
+        Ok(record)
+    }
+
+    /// Encrypts locally with the primary version's bulk key (AES-256-GCM-SIV).
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`], [`Error::PurposeMismatch`] for a SECRETS key.
+    pub fn encrypt(
+        &self,
+        tenant: TenantId,
+        key: &Name,
+        plaintext: &Plaintext,
+        context: &EncryptionContext,
+    ) -> Result<Encrypted, Error> {
+        let db = self.store.tenant(tenant)?;
+        let record = self.usable_key(&db, key, Purpose::Data)?;
+        let version = self.version(&db, &record, record.primary)?;
+        let bulk = self.bulk_key(tenant, record.id, &version)?;
+        let header = Header {
+            blob_type: BlobType::Ciphertext,
+            key_id: record.id,
+            version: version.version,
+        };
+        let aad = crypto::aad(
+            BlobType::Ciphertext,
+            &tenant,
+            &record.id,
+            version.version,
+            context,
+        )?;
+        let mut ciphertext = Vec::with_capacity(HEADER_LEN + NONCE_LEN + plaintext.len() + TAG_LEN);
+        crypto::write_header(&header, &mut ciphertext);
+        crypto::seal(&bulk.key, &aad, plaintext.expose_secret(), &mut ciphertext);
+        Ok(Encrypted {
+            ciphertext,
+            key_id: record.id,
+            version: version.version,
+        })
+    }
+
+    /// Decrypts a CIPHERTEXT blob; the key comes from its header (`key`, if given, must match).
+    ///
+    /// # Errors
+    /// [`Error::Decrypt`] (opaque) for anything wrong with the ciphertext or context.
+    pub fn decrypt(
+        &self,
+        tenant: TenantId,
+        ciphertext: &[u8],
+        context: &EncryptionContext,
+        key: Option<&Name>,
+    ) -> Result<Decrypted, Error> {
+        let blob = crypto::parse_blob(ciphertext, BlobType::Ciphertext)?;
+        let db = self.store.tenant(tenant)?;
+        let (record, version) = self.blob_key(&db, &blob.header, Purpose::Data, key)?;
+        let bulk = self.bulk_key(tenant, record.id, &version)?;
+        let aad = crypto::aad(
+            BlobType::Ciphertext,
+            &tenant,
+            &record.id,
+            version.version,
+            context,
+        )?;
+        let plaintext = crypto::open(&bulk.key, &aad, &ciphertext[HEADER_LEN..])?;
+        Ok(Decrypted {
+            plaintext,
+            key_id: record.id,
+            version: version.version,
+        })
+    }
+
+    /// Generates a random 256-bit data key and encrypts it under the primary version's KEK in
+    /// the HSM.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`], [`Error::PurposeMismatch`], HSM errors.
+    pub fn generate_data_key(
+        &self,
+        tenant: TenantId,
+        key: &Name,
+        context: &EncryptionContext,
+    ) -> Result<DataKey, Error> {
+        let mut raw = [0u8; 32];
+        self.hsm.random(&mut raw)?;
+        let plaintext = Plaintext::copy_from(&raw);
+        raw.zeroize();
+        let (wrapped, key_id, version) = self.seal_with_kek(
+            tenant,
+            key,
+            Purpose::Data,
+            BlobType::DataKey,
+            &plaintext,
+            context,
+        )?;
+        Ok(DataKey {
+            wrapped,
+            plaintext,
+            key_id,
+            version,
+        })
+    }
+
+    /// Decrypts a DATA_KEY blob in the HSM. Any other blob type is refused before any HSM call.
+    ///
+    /// # Errors
+    /// [`Error::Decrypt`] (opaque).
+    pub fn decrypt_data_key(
+        &self,
+        tenant: TenantId,
+        wrapped: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Decrypted, Error> {
+        let decrypted =
+            self.open_with_kek(tenant, wrapped, Purpose::Data, BlobType::DataKey, context)?;
+        if decrypted.plaintext.len() != 32 {
+            return Err(Error::Decrypt);
+        }
+        Ok(decrypted)
+    }
+
+    /// Encrypts a secret (password, API token) under the primary version's KEK in the HSM.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`], [`Error::PurposeMismatch`] for a DATA key, HSM errors.
+    pub fn seal_secret(
+        &self,
+        tenant: TenantId,
+        key: &Name,
+        secret: &Plaintext,
+        context: &EncryptionContext,
+    ) -> Result<Sealed, Error> {
+        let (sealed, key_id, version) = self.seal_with_kek(
+            tenant,
+            key,
+            Purpose::Secrets,
+            BlobType::Secret,
+            secret,
+            context,
+        )?;
+        Ok(Sealed {
+            sealed,
+            key_id,
+            version,
+        })
+    }
+
+    /// Decrypts a SECRET blob in the HSM. Any other blob type is refused before any HSM call.
+    ///
+    /// # Errors
+    /// [`Error::Decrypt`] (opaque).
+    pub fn unseal_secret(
+        &self,
+        tenant: TenantId,
+        sealed: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Decrypted, Error> {
+        self.open_with_kek(tenant, sealed, Purpose::Secrets, BlobType::Secret, context)
+    }
+
+    fn seal_with_kek(
+        &self,
+        tenant: TenantId,
+        key: &Name,
+        purpose: Purpose,
+        blob_type: BlobType,
+        plaintext: &Plaintext,
+        context: &EncryptionContext,
+    ) -> Result<(Vec<u8>, KeyId, KeyVersion), Error> {
+        let db = self.store.tenant(tenant)?;
+        let record = self.usable_key(&db, key, purpose)?;
+        let version = self.version(&db, &record, record.primary)?;
+        let kek = self.kek(&db, &version)?;
+        let aad = crypto::aad(blob_type, &tenant, &record.id, version.version, context)?;
+        let sealed = self.hsm.encrypt(&kek, &aad, plaintext.expose_secret())?;
+        let header = Header {
+            blob_type,
+            key_id: record.id,
+            version: version.version,
+        };
+        Ok((
+            crypto::encode_blob(&header, &sealed.iv, &sealed.sealed),
+            record.id,
+            version.version,
+        ))
+    }
+
+    fn open_with_kek(
+        &self,
+        tenant: TenantId,
+        blob: &[u8],
+        purpose: Purpose,
+        blob_type: BlobType,
+        context: &EncryptionContext,
+    ) -> Result<Decrypted, Error> {
+        // Parsed (type included) before anything else: a blob of another type never reaches
+        // the HSM.
+        let parsed = crypto::parse_blob(blob, blob_type)?;
+        let db = self.store.tenant(tenant)?;
+        let (record, version) = self.blob_key(&db, &parsed.header, purpose, None)?;
+        let kek = self.kek(&db, &version)?;
+        let aad = crypto::aad(blob_type, &tenant, &record.id, version.version, context)?;
+        let plaintext = match self.hsm.decrypt(&kek, parsed.nonce, &aad, parsed.sealed) {
+            Ok(plaintext) => plaintext,
+            Err(crate::hsm::Error::Integrity) => return Err(Error::Decrypt),
+            Err(error) => return Err(error.into()),
+        };
+        Ok(Decrypted {
+            plaintext,
+            key_id: record.id,
+            version: version.version,
+        })
+    }
+
+    /// The key named by a request, checked for purpose.
+    fn usable_key(&self, db: &TenantDb, name: &Name, purpose: Purpose) -> Result<KeyRecord, Error> {
+        let record = db
+            .key_by_name(name)?
+            .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+        if record.purpose != purpose {
+            return Err(Error::PurposeMismatch {
+                key: name.clone(),
+                purpose: record.purpose,
+            });
+        }
+        Ok(record)
+    }
+
+    /// The key and version a blob's header names. Anything that does not line up is the one
+    /// opaque [`Error::Decrypt`]: a caller must not learn whether a key id exists elsewhere.
+    fn blob_key(
+        &self,
+        db: &TenantDb,
+        header: &Header,
+        purpose: Purpose,
+        expected: Option<&Name>,
+    ) -> Result<(KeyRecord, VersionRecord), Error> {
+        let record = db.key(&header.key_id)?.ok_or(Error::Decrypt)?;
+        if record.purpose != purpose || expected.is_some_and(|name| &record.name != name) {
+            return Err(Error::Decrypt);
+        }
+        let version = db
+            .version(&record.id, header.version)?
+            .ok_or(Error::Decrypt)?;
+        Ok((record, version))
+    }
+
+    fn version(
+        &self,
+        db: &TenantDb,
+        record: &KeyRecord,
+        version: KeyVersion,
+    ) -> Result<VersionRecord, Error> {
+        let found = db
+            .version(&record.id, version)?
+            .ok_or(keystore::Error::Integrity {
+                database: db.id().to_string(),
+                reason: "key names a version that does not exist",
+            })?;
+        match found.state {
+            VersionState::Enabled => Ok(found),
+        }
+    }
+
+    fn kek(&self, db: &TenantDb, version: &VersionRecord) -> Result<Kek, Error> {
+        let wrapped = WrappedKek::from_bytes(&version.kek).ok_or(keystore::Error::Integrity {
+            database: db.id().to_string(),
+            reason: "malformed KEK blob",
+        })?;
+        Ok(self.hsm.unwrap_kek(&wrapped)?)
+    }
+
+    /// A new version: KEK generated in the HSM, bulk key from the HSM's RNG encrypted by it.
+    fn new_version(
+        &self,
+        tenant: TenantId,
+        key_id: KeyId,
+        version: KeyVersion,
+    ) -> Result<VersionRecord, Error> {
+        let wrapped = self.hsm.generate_kek()?;
+        let kek = self.hsm.unwrap_kek(&wrapped)?;
+        let mut raw = [0u8; 32];
+        self.hsm.random(&mut raw)?;
+        let bulk = SecretKey::from_bytes(&mut raw);
+        let aad = crypto::aad(
+            BlobType::BulkKey,
+            &tenant,
+            &key_id,
+            version,
+            &EncryptionContext::new(),
+        )?;
+        let sealed = self.hsm.encrypt(&kek, &aad, bulk.expose_secret())?;
+        let header = Header {
+            blob_type: BlobType::BulkKey,
+            key_id,
+            version,
+        };
+        Ok(VersionRecord {
+            version,
+            state: VersionState::Enabled,
+            kek: wrapped.to_bytes(),
+            bulk_key: crypto::encode_blob(&header, &sealed.iv, &sealed.sealed),
+            created_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })
+    }
+
+    /// The version's bulk key: from the cache, or unwrapped once through the HSM.
+    fn bulk_key(
+        &self,
+        tenant: TenantId,
+        key_id: KeyId,
+        version: &VersionRecord,
+    ) -> Result<Arc<CachedBulkKey>, Error> {
+        let cache_key = (tenant, key_id, version.version);
+        if let Some(cached) = self.bulk_keys.get(&cache_key) {
+            if cached.loaded.elapsed() < self.bulk_key_ttl {
+                return Ok(cached);
+            }
+            // Expired: dropping the cache's reference zeroizes it once in-flight users finish.
+            self.bulk_keys.remove(&cache_key);
+        }
+        let integrity = |reason| keystore::Error::Integrity {
+            database: tenant.to_string(),
+            reason,
+        };
+        let blob = crypto::parse_blob(&version.bulk_key, BlobType::BulkKey)
+            .map_err(|_| integrity("malformed bulk key blob"))?;
+        if blob.header.key_id != key_id || blob.header.version != version.version {
+            return Err(integrity("bulk key blob of another version").into());
+        }
+        let wrapped =
+            WrappedKek::from_bytes(&version.kek).ok_or(integrity("malformed KEK blob"))?;
+        let kek = self.hsm.unwrap_kek(&wrapped)?;
+        let aad = crypto::aad(
+            BlobType::BulkKey,
+            &tenant,
+            &key_id,
+            version.version,
+            &EncryptionContext::new(),
+        )?;
+        let raw = match self.hsm.decrypt(&kek, blob.nonce, &aad, blob.sealed) {
+            Ok(raw) => raw,
+            Err(crate::hsm::Error::Integrity) => {
+                return Err(integrity("bulk key does not decrypt under its KEK").into());
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let key = SecretKey::from_slice(raw.expose_secret())
+            .ok_or(integrity("bulk key has the wrong length"))?;
+        let cached = Arc::new(CachedBulkKey {
+            key,
+            loaded: Instant::now(),
+        });
+        self.bulk_keys.insert(cache_key, Arc::clone(&cached));
+        Ok(cached)
+    }
+}

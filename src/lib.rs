@@ -1,0 +1,16 @@
+//! keyfront: a key management service in front of a PKCS#11 HSM.
+//!
+//! Layers, bottom up: [`hsm`] (the HSM behind a narrow trait), [`crypto`] (secret types, local
+//! AEAD, blob formats), [`keystore`] (MAC'd sled databases), [`kms`] (the domain API), and
+//! [`cli`] (the `keyfront` command). See `docs/DESIGN.md` for why it is shaped this way.
+
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod hsm;
+pub mod ids;
+pub mod keystore;
+pub mod kms;
+
+pub use error::Error;
