@@ -1,0 +1,106 @@
+//! Shared helpers for the SoftHSM integration tests.
+//!
+//! `scripts/test.sh` exports `SOFTHSM2_CONF` (a throwaway token directory made by
+//! `softhsm/create-token.sh`); each test makes its own token in that directory so tests never
+//! share keys. Token creation and opening are serialized: SoftHSM 2.6.1 has races between
+//! object creation and `find_objects` on its file backend (SoftHSMv2 #573).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use keyfront::hsm::Hsm;
+use keyfront::hsm::pkcs11::{self, Pkcs11Config, Pkcs11Hsm};
+use keyfront::kms::{Kms, KmsOptions};
+
+static TOKEN_LOCK: Mutex<()> = Mutex::new(());
+
+pub const SO_PIN: &str = "so-pin-for-tests";
+pub const USER_PIN: &str = "user-pin-for-tests-7f3a";
+
+/// Serializes token-level operations (create, init, open) across the tests of one binary.
+pub fn token_lock() -> MutexGuard<'static, ()> {
+    TOKEN_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn module() -> PathBuf {
+    std::env::var_os("KEYFRONT_TEST_PKCS11_MODULE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"))
+}
+
+/// Panics with instructions unless the SoftHSM environment is set up.
+pub fn require_softhsm() {
+    assert!(
+        std::env::var_os("SOFTHSM2_CONF").is_some() && module().exists(),
+        "SoftHSM tests need SoftHSM and SOFTHSM2_CONF: run scripts/test.sh"
+    );
+}
+
+/// A fresh, empty SoftHSM token with a unique label.
+pub fn new_token(prefix: &str) -> Pkcs11Config {
+    require_softhsm();
+    let _guard = token_lock();
+    let ctx = pkcs11::context(&module()).expect("PKCS#11 module loads");
+    let slot = ctx
+        .get_all_slots()
+        .expect("slots")
+        .into_iter()
+        .find(|slot| {
+            ctx.get_token_info(*slot)
+                .map(|info| !info.token_initialized())
+                .unwrap_or(false)
+        })
+        .expect("SoftHSM offers a free slot");
+    let label = format!("{prefix}-{:08x}", rand::random::<u32>());
+    let so_pin = AuthPin::from(SO_PIN.to_owned());
+    ctx.init_token(slot, &so_pin, &label).expect("init token");
+    let session = ctx.open_rw_session(slot).expect("session");
+    session
+        .login(UserType::So, Some(&so_pin))
+        .expect("SO login");
+    session
+        .init_pin(&AuthPin::from(USER_PIN.to_owned()))
+        .expect("init user PIN");
+    session.logout().expect("logout");
+    drop(session);
+    config(&label)
+}
+
+pub fn config(label: &str) -> Pkcs11Config {
+    Pkcs11Config {
+        module: module(),
+        token_label: label.to_owned(),
+        pin: AuthPin::from(USER_PIN.to_owned()),
+        sessions: NonZeroUsize::new(2).expect("2 > 0"),
+        kek_cache_capacity: NonZeroUsize::new(64).expect("64 > 0"),
+    }
+}
+
+/// A fresh token that went through the `keyfront init` ceremony.
+pub fn initialized_token(prefix: &str) -> Pkcs11Config {
+    let config = new_token(prefix);
+    let _guard = token_lock();
+    pkcs11::init_token(&config).expect("init ceremony");
+    config
+}
+
+pub fn open_hsm(config: &Pkcs11Config) -> Pkcs11Hsm {
+    let _guard = token_lock();
+    Pkcs11Hsm::open(config).expect("open HSM")
+}
+
+/// A domain over a fresh initialized SoftHSM token and a fresh data directory.
+pub fn softhsm_kms(prefix: &str) -> (Kms, tempfile::TempDir, Pkcs11Config) {
+    let config = initialized_token(prefix);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hsm: Arc<dyn Hsm> = Arc::new(open_hsm(&config));
+    let kms = Kms::open(hsm, dir.path(), KmsOptions::default()).expect("open kms");
+    (kms, dir, config)
+}

@@ -1,0 +1,391 @@
+//! The `Hsm` contract, run against the in-memory fake and against SoftHSM, plus what only a
+//! real token can show: key attributes, visibility without login, no KEK token objects.
+
+mod common;
+
+use std::process::Command;
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+use keyfront::hsm::faulty::{FaultyHsm, Op};
+use keyfront::hsm::memory::MemoryHsm;
+use keyfront::hsm::pkcs11::{self, MWK_LABEL_PREFIX, Pkcs11Hsm};
+use keyfront::hsm::{Error, HmacKey, Hsm, MwkGeneration, WrappedKek};
+
+/// The behaviour every implementation promises.
+fn contract(hsm: &dyn Hsm) {
+    let wrapped = hsm.generate_kek().expect("generate KEK");
+    assert_eq!(wrapped.generation(), hsm.mwk_generation());
+    let kek = hsm.unwrap_kek(&wrapped).expect("unwrap KEK");
+
+    let sealed = hsm
+        .encrypt(&kek, b"aad", b"thirty-two bytes of key material")
+        .expect("encrypt");
+    let opened = hsm
+        .decrypt(&kek, &sealed.iv, b"aad", &sealed.sealed)
+        .expect("decrypt");
+    assert_eq!(opened.expose_secret(), b"thirty-two bytes of key material");
+
+    // Fresh IVs: encrypting the same input twice never repeats.
+    let again = hsm
+        .encrypt(&kek, b"aad", b"thirty-two bytes of key material")
+        .expect("encrypt");
+    assert_ne!(again.iv, sealed.iv);
+
+    assert_eq!(
+        hsm.decrypt(&kek, &sealed.iv, b"aaD", &sealed.sealed).err(),
+        Some(Error::Integrity)
+    );
+    for i in 0..sealed.sealed.len() {
+        let mut bad = sealed.sealed.clone();
+        bad[i] ^= 1;
+        assert_eq!(
+            hsm.decrypt(&kek, &sealed.iv, b"aad", &bad).err(),
+            Some(Error::Integrity)
+        );
+    }
+    let mut bad_iv = sealed.iv;
+    bad_iv[0] ^= 1;
+    assert_eq!(
+        hsm.decrypt(&kek, &bad_iv, b"aad", &sealed.sealed).err(),
+        Some(Error::Integrity)
+    );
+    assert!(matches!(
+        hsm.encrypt(&kek, b"", b"x"),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        hsm.decrypt(&kek, &sealed.iv, b"", &sealed.sealed),
+        Err(Error::InvalidInput(_))
+    ));
+
+    // Another KEK cannot open it.
+    let other = hsm
+        .unwrap_kek(&hsm.generate_kek().expect("KEK"))
+        .expect("unwrap");
+    assert_eq!(
+        hsm.decrypt(&other, &sealed.iv, b"aad", &sealed.sealed)
+            .err(),
+        Some(Error::Integrity)
+    );
+
+    // A tampered KEK blob does not unwrap.
+    let mut tampered = wrapped.wrapped().to_vec();
+    tampered[5] ^= 0x10;
+    let tampered = WrappedKek::new(wrapped.generation(), tampered);
+    assert!(hsm.unwrap_kek(&tampered).is_err());
+    let unknown = WrappedKek::new(MwkGeneration(99), wrapped.wrapped().to_vec());
+    assert_eq!(
+        hsm.unwrap_kek(&unknown).err(),
+        Some(Error::UnknownMwk(MwkGeneration(99)))
+    );
+
+    let mut a = [0u8; 32];
+    let mut b = [0u8; 32];
+    hsm.random(&mut a).expect("random");
+    hsm.random(&mut b).expect("random");
+    assert_ne!(a, b);
+
+    let storage = hsm.hmac(HmacKey::StorageRoot, b"label").expect("hmac");
+    assert_eq!(
+        storage,
+        hsm.hmac(HmacKey::StorageRoot, b"label").expect("hmac")
+    );
+    assert_ne!(storage, hsm.hmac(HmacKey::Pepper, b"label").expect("hmac"));
+    assert_ne!(
+        storage,
+        hsm.hmac(HmacKey::StorageRoot, b"other").expect("hmac")
+    );
+
+    let signature = hsm.sign(b"checkpoint").expect("sign");
+    assert_eq!(signature.len(), 64);
+}
+
+#[test]
+fn memory_hsm_keeps_the_contract() {
+    contract(&MemoryHsm::new());
+}
+
+#[test]
+fn softhsm_keeps_the_contract() {
+    let config = common::initialized_token("contract");
+    contract(&common::open_hsm(&config));
+}
+
+#[test]
+fn faulty_wrapper_keeps_the_contract_and_counts() {
+    let hsm = FaultyHsm::new(MemoryHsm::new());
+    contract(&hsm);
+    assert!(hsm.calls(Op::Encrypt) >= 3);
+    hsm.set_down(true);
+    assert!(hsm.generate_kek().err().is_some_and(|e| e.is_unavailable()));
+}
+
+#[test]
+fn init_refuses_to_run_twice_on_a_token() {
+    let config = common::initialized_token("twice");
+    let _guard = common::token_lock();
+    assert_eq!(
+        pkcs11::init_token(&config).err(),
+        Some(Error::AlreadyInitialized)
+    );
+}
+
+#[test]
+fn open_refuses_an_uninitialized_token_and_a_wrong_pin() {
+    let config = common::new_token("uninit");
+    {
+        let _guard = common::token_lock();
+        assert!(matches!(
+            Pkcs11Hsm::open(&config),
+            Err(Error::NotInitialized(_))
+        ));
+    }
+    let mut wrong = common::config(&config.token_label);
+    wrong.pin = cryptoki::types::AuthPin::from("not-the-pin".to_owned());
+    let _guard = common::token_lock();
+    assert!(matches!(Pkcs11Hsm::open(&wrong), Err(Error::Pin(_))));
+    let missing = common::config("no-such-token-label");
+    assert!(matches!(
+        Pkcs11Hsm::open(&missing),
+        Err(Error::TokenNotFound(_))
+    ));
+}
+
+#[test]
+fn a_kek_blob_from_another_token_is_refused() {
+    let first = common::open_hsm(&common::initialized_token("mwk-a"));
+    let second = common::open_hsm(&common::initialized_token("mwk-b"));
+    let wrapped = first.generate_kek().expect("KEK");
+    assert!(first.unwrap_kek(&wrapped).is_ok());
+    // Same generation number, different MWK: the KWP integrity check fails inside the HSM.
+    assert_eq!(second.unwrap_kek(&wrapped).err(), Some(Error::Integrity));
+}
+
+#[test]
+fn mwk_and_ceremony_keys_have_the_documented_attributes() {
+    let config = common::initialized_token("attrs");
+    let hsm = common::open_hsm(&config);
+    let _guard = common::token_lock();
+    let ctx = pkcs11::context(&common::module()).expect("context");
+    let session = pkcs11::open_logged_in(&ctx, &config).expect("session");
+    let mwk = session
+        .find_objects(&[Attribute::Label(
+            format!("{MWK_LABEL_PREFIX}1").into_bytes(),
+        )])
+        .expect("find");
+    assert_eq!(mwk.len(), 1);
+    let attributes = session
+        .get_attributes(
+            mwk[0],
+            &[
+                AttributeType::Token,
+                AttributeType::Private,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::Modifiable,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+                AttributeType::Wrap,
+                AttributeType::Unwrap,
+                AttributeType::AllowedMechanisms,
+                AttributeType::Id,
+                AttributeType::Value,
+            ],
+        )
+        .expect("attributes");
+    let has = |wanted: &Attribute| attributes.iter().any(|a| a == wanted);
+    for expected in [
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Id(vec![0, 0, 0, 1]),
+        Attribute::AllowedMechanisms(vec![cryptoki::mechanism::MechanismType::AES_KEY_WRAP_PAD]),
+    ] {
+        assert!(has(&expected), "MWK lacks {expected:?}: {attributes:?}");
+    }
+    assert!(
+        !attributes.iter().any(|a| matches!(a, Attribute::Value(_))),
+        "the MWK's value must not be readable"
+    );
+
+    // Using the MWK for anything but KWP is refused by the token.
+    let mut iv = [0u8; 12];
+    let params =
+        cryptoki::mechanism::aead::GcmParams::new(&mut iv, b"aad", 128.into()).expect("params");
+    assert!(
+        session
+            .encrypt(&Mechanism::AesGcm(params), mwk[0], b"data")
+            .is_err()
+    );
+
+    // After creating tenants' keys, the token still holds only the ceremony's objects: no KEK
+    // is ever a token object.
+    for _ in 0..5 {
+        hsm.generate_kek().expect("KEK");
+    }
+    let token_objects = session
+        .find_objects(&[Attribute::Token(true)])
+        .expect("find");
+    assert_eq!(
+        token_objects.len(),
+        5,
+        "MWK, storage root, pepper, audit private + public"
+    );
+}
+
+#[test]
+fn private_keys_are_invisible_without_login() {
+    let config = common::initialized_token("visible");
+    let tokens = std::env::var("SOFTHSM2_CONF").expect("SOFTHSM2_CONF");
+    let list = |login: bool| {
+        let mut command = Command::new("pkcs11-tool");
+        command
+            .env("SOFTHSM2_CONF", &tokens)
+            .args(["--module"])
+            .arg(common::module())
+            .args(["--token-label", &config.token_label, "--list-objects"]);
+        if login {
+            command.args(["--login", "--pin", common::USER_PIN]);
+        }
+        let output = command
+            .output()
+            .expect("pkcs11-tool runs (opensc installed)");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let anonymous = list(false);
+    assert!(!anonymous.contains("keyfront-mwk-1"), "{anonymous}");
+    assert!(!anonymous.contains("keyfront-storage-mac"), "{anonymous}");
+    assert!(!anonymous.contains("keyfront-pepper-1"), "{anonymous}");
+    let logged_in = list(true);
+    assert!(logged_in.contains("keyfront-mwk-1"), "{logged_in}");
+    assert!(logged_in.contains("keyfront-pepper-1"), "{logged_in}");
+}
+
+/// What a caller holding the PIN can do with a KEK blob and the MWK, as DESIGN.md states it.
+#[test]
+fn permissive_unwrap_of_a_kek_blob_behaves_as_design_md_says() {
+    let config = common::initialized_token("permissive");
+    let hsm = common::open_hsm(&config);
+    let wrapped = hsm.generate_kek().expect("KEK");
+    let _guard = common::token_lock();
+    let ctx = pkcs11::context(&common::module()).expect("context");
+    let session = pkcs11::open_logged_in(&ctx, &config).expect("session");
+    let mwk = session
+        .find_objects(&[Attribute::Label(b"keyfront-mwk-1".to_vec())])
+        .expect("find")[0];
+    let permissive = |sensitive: bool, extractable: bool| {
+        session.unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            mwk,
+            wrapped.wrapped(),
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(false),
+                Attribute::Sensitive(sensitive),
+                Attribute::Extractable(extractable),
+            ],
+        )
+    };
+    let outcome = |sensitive, extractable| {
+        let result = permissive(sensitive, extractable);
+        if let Ok(handle) = &result {
+            let value = session
+                .get_attributes(
+                    *handle,
+                    &[
+                        AttributeType::Value,
+                        AttributeType::Sensitive,
+                        AttributeType::Extractable,
+                    ],
+                )
+                .expect("attrs");
+            let readable = value.iter().any(|a| matches!(a, Attribute::Value(_)));
+            let _ = session.destroy_object(*handle);
+            return if readable {
+                "value readable"
+            } else {
+                "unwrapped, value hidden"
+            };
+        }
+        "refused"
+    };
+    // cryptoki 0.12 cannot express CKA_UNWRAP_TEMPLATE (see DESIGN.md, "What the HSM
+    // enforces"), so a PIN holder can unwrap a KEK blob with a permissive template and read it.
+    assert_eq!(outcome(true, false), "unwrapped, value hidden");
+    assert_eq!(outcome(false, true), "value readable");
+    // PKCS#11 hides the value of any non-extractable key, sensitive or not.
+    assert_eq!(outcome(false, false), "unwrapped, value hidden");
+    // keyfront's own template: sensitive, non-extractable, GCM only.
+    let handle = session
+        .unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            mwk,
+            wrapped.wrapped(),
+            &pkcs11::kek_unwrap_template(),
+        )
+        .expect("keyfront's template unwraps");
+    let value = session
+        .get_attributes(handle, &[AttributeType::Value])
+        .expect("attrs");
+    assert!(!value.iter().any(|a| matches!(a, Attribute::Value(_))));
+    assert!(
+        session
+            .wrap_key(&Mechanism::AesKeyWrapPad, mwk, handle)
+            .is_err()
+    );
+}
+
+#[test]
+fn kek_objects_are_destroyed_after_their_last_user() {
+    let config = common::initialized_token("lifetime");
+    let mut small = config.clone();
+    small.kek_cache_capacity = std::num::NonZeroUsize::new(2).expect("2 > 0");
+    let hsm = common::open_hsm(&small);
+    let _guard = common::token_lock();
+    let ctx = pkcs11::context(&common::module()).expect("context");
+    let session = pkcs11::open_logged_in(&ctx, &config).expect("session");
+    let session_keys = || {
+        session
+            .find_objects(&[
+                Attribute::Token(false),
+                Attribute::Class(ObjectClass::SECRET_KEY),
+            ])
+            .expect("find")
+            .len()
+    };
+    let blobs: Vec<_> = (0..6).map(|_| hsm.generate_kek().expect("KEK")).collect();
+    assert_eq!(session_keys(), 0, "generation leaves no object behind");
+    let held = hsm.unwrap_kek(&blobs[0]).expect("unwrap");
+    for blob in &blobs[1..] {
+        hsm.unwrap_kek(blob).expect("unwrap");
+    }
+    // The cache holds at most a couple of handles; the one still in use survives eviction.
+    assert!(hsm.cached_keks() <= 2, "{}", hsm.cached_keks());
+    let with_held = session_keys();
+    assert!(with_held <= 3, "{with_held} session keys");
+    let sealed = hsm
+        .encrypt(&held, b"aad", b"still usable")
+        .expect("held handle works");
+    drop(held);
+    assert!(session_keys() < with_held || with_held <= 2);
+    let again = hsm.unwrap_kek(&blobs[0]).expect("unwrap again");
+    assert_eq!(
+        hsm.decrypt(&again, &sealed.iv, b"aad", &sealed.sealed)
+            .expect("decrypt")
+            .expose_secret(),
+        b"still usable"
+    );
+}

@@ -1,0 +1,603 @@
+//! The domain API against real SoftHSM: every operation, rotation, tenant isolation, tampering,
+//! type confusion, purposes, re-created tenants, and a reopened store.
+
+mod common;
+
+use std::sync::Arc;
+
+use keyfront::Error;
+use keyfront::crypto::{EncryptionContext, Plaintext};
+use keyfront::hsm::Hsm;
+use keyfront::hsm::faulty::FaultyHsm;
+use keyfront::ids::{KeyVersion, Name, TenantId};
+use keyfront::keystore::Purpose;
+use keyfront::kms::{Kms, KmsOptions};
+
+fn name(s: &str) -> Name {
+    s.parse().expect("valid name")
+}
+
+fn context(pairs: &[(&str, &str)]) -> EncryptionContext {
+    pairs.iter().copied().collect()
+}
+
+/// A tenant with a DATA key `default` and a SECRETS key `secrets`.
+fn tenant(kms: &Kms, tenant_name: &str) -> TenantId {
+    let tenant = kms.create_tenant(&name(tenant_name)).expect("tenant").id;
+    kms.create_key(tenant, &name("default"), Purpose::Data)
+        .expect("data key");
+    kms.create_key(tenant, &name("secrets"), Purpose::Secrets)
+        .expect("secrets key");
+    tenant
+}
+
+#[test]
+fn every_operation_round_trips() {
+    let (kms, _dir, _) = common::softhsm_kms("roundtrip");
+    let acme = tenant(&kms, "acme");
+    let ctx = context(&[("table", "invoices"), ("row", "42")]);
+    for size in [0usize, 1, 1024, 64 * 1024] {
+        let plaintext = Plaintext::new(vec![0xA5; size]);
+        let encrypted = kms
+            .encrypt(acme, &name("default"), &plaintext, &ctx)
+            .expect("encrypt");
+        assert_eq!(encrypted.version, KeyVersion(1));
+        let decrypted = kms
+            .decrypt(acme, &encrypted.ciphertext, &ctx, None)
+            .expect("decrypt");
+        assert_eq!(
+            decrypted.plaintext.expose_secret(),
+            plaintext.expose_secret()
+        );
+        assert_eq!(decrypted.key_id, encrypted.key_id);
+        kms.decrypt(acme, &encrypted.ciphertext, &ctx, Some(&name("default")))
+            .expect("decrypt naming the key");
+        assert!(matches!(
+            kms.decrypt(acme, &encrypted.ciphertext, &ctx, Some(&name("secrets"))),
+            Err(Error::Decrypt)
+        ));
+    }
+    let data_key = kms
+        .generate_data_key(acme, &name("default"), &ctx)
+        .expect("data key");
+    assert_eq!(data_key.plaintext.len(), 32);
+    let again = kms
+        .decrypt_data_key(acme, &data_key.wrapped, &ctx)
+        .expect("decrypt data key");
+    assert_eq!(
+        again.plaintext.expose_secret(),
+        data_key.plaintext.expose_secret()
+    );
+
+    let secret = Plaintext::copy_from(b"sk_live_0123456789");
+    let sealed = kms
+        .seal_secret(acme, &name("secrets"), &secret, &ctx)
+        .expect("seal");
+    let unsealed = kms
+        .unseal_secret(acme, &sealed.sealed, &ctx)
+        .expect("unseal");
+    assert_eq!(unsealed.plaintext.expose_secret(), secret.expose_secret());
+}
+
+#[test]
+fn rotation_keeps_every_older_version_decryptable() {
+    let (kms, _dir, _) = common::softhsm_kms("rotation");
+    let acme = tenant(&kms, "acme");
+    let ctx = context(&[("app", "billing")]);
+    let mut ciphertexts = Vec::new();
+    let mut data_keys = Vec::new();
+    let mut secrets = Vec::new();
+    for round in 1..=4u32 {
+        let plaintext = Plaintext::copy_from(format!("message {round}").as_bytes());
+        let encrypted = kms
+            .encrypt(acme, &name("default"), &plaintext, &ctx)
+            .expect("encrypt");
+        assert_eq!(encrypted.version, KeyVersion(round));
+        ciphertexts.push((encrypted, plaintext));
+        data_keys.push(
+            kms.generate_data_key(acme, &name("default"), &ctx)
+                .expect("data key"),
+        );
+        let secret = Plaintext::copy_from(format!("secret {round}").as_bytes());
+        secrets.push((
+            kms.seal_secret(acme, &name("secrets"), &secret, &ctx)
+                .expect("seal"),
+            secret,
+        ));
+        let rotated = kms.rotate_key(acme, &name("default")).expect("rotate");
+        assert_eq!(rotated.primary, KeyVersion(round + 1));
+        kms.rotate_key(acme, &name("secrets"))
+            .expect("rotate secrets");
+    }
+    for (encrypted, plaintext) in &ciphertexts {
+        let decrypted = kms
+            .decrypt(acme, &encrypted.ciphertext, &ctx, None)
+            .expect("old version");
+        assert_eq!(decrypted.version, encrypted.version);
+        assert_eq!(
+            decrypted.plaintext.expose_secret(),
+            plaintext.expose_secret()
+        );
+    }
+    for data_key in &data_keys {
+        let again = kms
+            .decrypt_data_key(acme, &data_key.wrapped, &ctx)
+            .expect("old data key");
+        assert_eq!(
+            again.plaintext.expose_secret(),
+            data_key.plaintext.expose_secret()
+        );
+    }
+    for (sealed, secret) in &secrets {
+        let again = kms
+            .unseal_secret(acme, &sealed.sealed, &ctx)
+            .expect("old secret");
+        assert_eq!(again.plaintext.expose_secret(), secret.expose_secret());
+    }
+    let key = kms.key(acme, &name("default")).expect("key");
+    assert_eq!((key.primary, key.latest), (KeyVersion(5), KeyVersion(5)));
+}
+
+#[test]
+fn another_tenants_blobs_fail_with_one_opaque_error() {
+    let (kms, _dir, _) = common::softhsm_kms("isolation");
+    let acme = tenant(&kms, "acme");
+    let globex = tenant(&kms, "globex");
+    let ctx = context(&[("k", "v")]);
+    let ciphertext = kms
+        .encrypt(
+            acme,
+            &name("default"),
+            &Plaintext::copy_from(b"acme data"),
+            &ctx,
+        )
+        .expect("encrypt")
+        .ciphertext;
+    let data_key = kms
+        .generate_data_key(acme, &name("default"), &ctx)
+        .expect("dk")
+        .wrapped;
+    let sealed = kms
+        .seal_secret(acme, &name("secrets"), &Plaintext::copy_from(b"tok"), &ctx)
+        .expect("seal")
+        .sealed;
+    // globex has keys with the same names, but other ids: nothing of acme's opens there.
+    for key in [None, Some(name("default"))] {
+        let result = kms.decrypt(globex, &ciphertext, &ctx, key.as_ref());
+        assert!(matches!(result, Err(Error::Decrypt)), "{result:?}");
+    }
+    assert!(matches!(
+        kms.decrypt_data_key(globex, &data_key, &ctx),
+        Err(Error::Decrypt)
+    ));
+    assert!(matches!(
+        kms.unseal_secret(globex, &sealed, &ctx),
+        Err(Error::Decrypt)
+    ));
+    // The message is the same whatever failed.
+    assert_eq!(Error::Decrypt.to_string(), "decryption failed");
+}
+
+#[test]
+fn a_wrong_context_fails() {
+    let (kms, _dir, _) = common::softhsm_kms("context");
+    let acme = tenant(&kms, "acme");
+    let ctx = context(&[("order", "1001"), ("user", "7")]);
+    let ciphertext = kms
+        .encrypt(acme, &name("default"), &Plaintext::copy_from(b"x"), &ctx)
+        .expect("encrypt")
+        .ciphertext;
+    let data_key = kms
+        .generate_data_key(acme, &name("default"), &ctx)
+        .expect("dk")
+        .wrapped;
+    let sealed = kms
+        .seal_secret(acme, &name("secrets"), &Plaintext::copy_from(b"y"), &ctx)
+        .expect("seal")
+        .sealed;
+    let wrong_contexts = [
+        context(&[]),
+        context(&[("order", "1001")]),
+        context(&[("order", "1002"), ("user", "7")]),
+        context(&[("order", "1001"), ("user", "7"), ("extra", "")]),
+        context(&[("Order", "1001"), ("user", "7")]),
+        context(&[("order", "1001"), ("user", "7 ")]),
+    ];
+    for wrong in &wrong_contexts {
+        assert!(matches!(
+            kms.decrypt(acme, &ciphertext, wrong, None),
+            Err(Error::Decrypt)
+        ));
+        assert!(matches!(
+            kms.decrypt_data_key(acme, &data_key, wrong),
+            Err(Error::Decrypt)
+        ));
+        assert!(matches!(
+            kms.unseal_secret(acme, &sealed, wrong),
+            Err(Error::Decrypt)
+        ));
+    }
+}
+
+#[test]
+fn flipping_any_bit_fails_cleanly() {
+    let (kms, _dir, _) = common::softhsm_kms("bitflip");
+    let acme = tenant(&kms, "acme");
+    let ctx = context(&[("k", "v")]);
+    let ciphertext = kms
+        .encrypt(
+            acme,
+            &name("default"),
+            &Plaintext::copy_from(b"sixteen byte msg"),
+            &ctx,
+        )
+        .expect("encrypt")
+        .ciphertext;
+    let data_key = kms
+        .generate_data_key(acme, &name("default"), &ctx)
+        .expect("dk")
+        .wrapped;
+    let sealed = kms
+        .seal_secret(
+            acme,
+            &name("secrets"),
+            &Plaintext::copy_from(b"token"),
+            &ctx,
+        )
+        .expect("seal")
+        .sealed;
+    let flips = |blob: &[u8], open: &dyn Fn(&[u8]) -> Result<(), Error>| {
+        for bit in 0..blob.len() * 8 {
+            let mut bad = blob.to_vec();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let result = open(&bad);
+            assert!(
+                matches!(result, Err(Error::Decrypt)),
+                "bit {bit}: {result:?}"
+            );
+        }
+        for len in [0, 1, 21, 22, 33, blob.len() - 1] {
+            assert!(
+                matches!(open(&blob[..len]), Err(Error::Decrypt)),
+                "truncated to {len}"
+            );
+        }
+        let mut longer = blob.to_vec();
+        longer.push(0);
+        assert!(matches!(open(&longer), Err(Error::Decrypt)), "extended");
+    };
+    flips(&ciphertext, &|b| kms.decrypt(acme, b, &ctx, None).map(drop));
+    flips(&data_key, &|b| {
+        kms.decrypt_data_key(acme, b, &ctx).map(drop)
+    });
+    flips(&sealed, &|b| kms.unseal_secret(acme, b, &ctx).map(drop));
+    // The originals still open: nothing was corrupted by the failures.
+    kms.decrypt(acme, &ciphertext, &ctx, None)
+        .expect("original ciphertext");
+    kms.decrypt_data_key(acme, &data_key, &ctx)
+        .expect("original data key");
+    kms.unseal_secret(acme, &sealed, &ctx)
+        .expect("original secret");
+}
+
+#[test]
+fn blobs_of_another_type_are_refused_before_any_hsm_call() {
+    let config = common::initialized_token("types");
+    let hsm = Arc::new(FaultyHsm::new(common::open_hsm(&config)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kms = Kms::open(
+        Arc::clone(&hsm) as Arc<dyn Hsm>,
+        dir.path(),
+        KmsOptions::default(),
+    )
+    .expect("kms");
+    let acme = tenant(&kms, "acme");
+    let ctx = context(&[("k", "v")]);
+    let key = kms.key(acme, &name("default")).expect("key");
+    let bulk_key = kms
+        .store()
+        .tenant(acme)
+        .expect("tenant db")
+        .version(&key.id, KeyVersion(1))
+        .expect("read")
+        .expect("version 1")
+        .bulk_key;
+    let sealed = kms
+        .seal_secret(acme, &name("secrets"), &Plaintext::copy_from(b"t"), &ctx)
+        .expect("seal")
+        .sealed;
+    let data_key = kms
+        .generate_data_key(acme, &name("default"), &ctx)
+        .expect("dk")
+        .wrapped;
+    let ciphertext = kms
+        .encrypt(acme, &name("default"), &Plaintext::copy_from(b"c"), &ctx)
+        .expect("encrypt")
+        .ciphertext;
+
+    let before = hsm.total_calls();
+    for wrong in [&bulk_key, &sealed, &ciphertext] {
+        assert!(matches!(
+            kms.decrypt_data_key(acme, wrong, &ctx),
+            Err(Error::Decrypt)
+        ));
+    }
+    for wrong in [&bulk_key, &data_key, &ciphertext] {
+        assert!(matches!(
+            kms.unseal_secret(acme, wrong, &ctx),
+            Err(Error::Decrypt)
+        ));
+    }
+    for wrong in [&bulk_key, &data_key, &sealed] {
+        assert!(matches!(
+            kms.decrypt(acme, wrong, &ctx, None),
+            Err(Error::Decrypt)
+        ));
+    }
+    assert_eq!(
+        hsm.total_calls(),
+        before,
+        "no HSM call for a blob of the wrong type"
+    );
+}
+
+#[test]
+fn purposes_are_enforced() {
+    let (kms, _dir, _) = common::softhsm_kms("purpose");
+    let acme = tenant(&kms, "acme");
+    let ctx = EncryptionContext::new();
+    let plaintext = Plaintext::copy_from(b"p");
+    assert!(matches!(
+        kms.encrypt(acme, &name("secrets"), &plaintext, &ctx),
+        Err(Error::PurposeMismatch {
+            purpose: Purpose::Secrets,
+            ..
+        })
+    ));
+    assert!(matches!(
+        kms.generate_data_key(acme, &name("secrets"), &ctx),
+        Err(Error::PurposeMismatch { .. })
+    ));
+    assert!(matches!(
+        kms.seal_secret(acme, &name("default"), &plaintext, &ctx),
+        Err(Error::PurposeMismatch {
+            purpose: Purpose::Data,
+            ..
+        })
+    ));
+    assert!(matches!(
+        kms.encrypt(acme, &name("missing"), &plaintext, &ctx),
+        Err(Error::KeyNotFound(_))
+    ));
+}
+
+#[test]
+fn a_recreated_tenant_cannot_decrypt_the_old_tenants_data() {
+    let (kms, _dir, _) = common::softhsm_kms("recreate");
+    let ctx = context(&[("k", "v")]);
+    let old = tenant(&kms, "acme");
+    let ciphertext = kms
+        .encrypt(
+            old,
+            &name("default"),
+            &Plaintext::copy_from(b"old data"),
+            &ctx,
+        )
+        .expect("encrypt")
+        .ciphertext;
+    let data_key = kms
+        .generate_data_key(old, &name("default"), &ctx)
+        .expect("dk")
+        .wrapped;
+    let sealed = kms
+        .seal_secret(
+            old,
+            &name("secrets"),
+            &Plaintext::copy_from(b"old token"),
+            &ctx,
+        )
+        .expect("seal")
+        .sealed;
+    kms.destroy_tenant(old).expect("destroy");
+    assert!(
+        kms.decrypt(old, &ciphertext, &ctx, None).is_err(),
+        "destroyed tenant is gone"
+    );
+
+    let new = tenant(&kms, "acme");
+    assert_ne!(new, old);
+    assert_eq!(kms.tenant(&name("acme")).expect("lookup").id, new);
+    assert!(matches!(
+        kms.decrypt(new, &ciphertext, &ctx, None),
+        Err(Error::Decrypt)
+    ));
+    assert!(matches!(
+        kms.decrypt_data_key(new, &data_key, &ctx),
+        Err(Error::Decrypt)
+    ));
+    assert!(matches!(
+        kms.unseal_secret(new, &sealed, &ctx),
+        Err(Error::Decrypt)
+    ));
+    assert!(kms.store().is_destroyed(old).expect("tombstone"));
+}
+
+#[test]
+fn a_reopened_store_on_the_same_token_finds_every_tenant_and_key() {
+    let config = common::initialized_token("reopen");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctx = context(&[("k", "v")]);
+    let (acme, ciphertext, data_key, sealed) = {
+        let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
+        let kms = Kms::open(hsm, dir.path(), KmsOptions::default()).expect("kms");
+        let acme = tenant(&kms, "acme");
+        tenant(&kms, "globex");
+        kms.rotate_key(acme, &name("default")).expect("rotate");
+        let ciphertext = kms
+            .encrypt(
+                acme,
+                &name("default"),
+                &Plaintext::copy_from(b"persisted"),
+                &ctx,
+            )
+            .expect("encrypt")
+            .ciphertext;
+        let data_key = kms
+            .generate_data_key(acme, &name("default"), &ctx)
+            .expect("dk");
+        let sealed = kms
+            .seal_secret(acme, &name("secrets"), &Plaintext::copy_from(b"tok"), &ctx)
+            .expect("seal")
+            .sealed;
+        (acme, ciphertext, data_key, sealed)
+    };
+    // A new HSM instance (new sessions, new login) and a new store on the same directory.
+    let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
+    let kms = Kms::open(hsm, dir.path(), KmsOptions::default()).expect("reopen");
+    let names: Vec<_> = kms
+        .store()
+        .tenants()
+        .expect("tenants")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names.len(), 2);
+    assert_eq!(kms.tenant(&name("acme")).expect("acme").id, acme);
+    let decrypted = kms
+        .decrypt(acme, &ciphertext, &ctx, None)
+        .expect("decrypt after reopen");
+    assert_eq!(decrypted.plaintext.expose_secret(), b"persisted");
+    assert_eq!(decrypted.version, KeyVersion(2));
+    let again = kms
+        .decrypt_data_key(acme, &data_key.wrapped, &ctx)
+        .expect("data key");
+    assert_eq!(
+        again.plaintext.expose_secret(),
+        data_key.plaintext.expose_secret()
+    );
+    kms.unseal_secret(acme, &sealed, &ctx).expect("secret");
+    assert_eq!(
+        kms.rotate_key(acme, &name("default"))
+            .expect("rotate")
+            .primary,
+        KeyVersion(3)
+    );
+}
+
+#[test]
+fn cached_bulk_keys_keep_encrypt_working_while_the_hsm_is_down() {
+    let config = common::initialized_token("outage");
+    let hsm = Arc::new(FaultyHsm::new(common::open_hsm(&config)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kms = Kms::open(
+        Arc::clone(&hsm) as Arc<dyn Hsm>,
+        dir.path(),
+        KmsOptions::default(),
+    )
+    .expect("kms");
+    let acme = tenant(&kms, "acme");
+    let ctx = EncryptionContext::new();
+    let ciphertext = kms
+        .encrypt(acme, &name("default"), &Plaintext::copy_from(b"warm"), &ctx)
+        .expect("encrypt")
+        .ciphertext;
+    hsm.set_down(true);
+    let calls = hsm.total_calls();
+    let during = kms
+        .encrypt(
+            acme,
+            &name("default"),
+            &Plaintext::copy_from(b"during outage"),
+            &ctx,
+        )
+        .expect("encrypt with a cached bulk key");
+    kms.decrypt(acme, &ciphertext, &ctx, None)
+        .expect("decrypt with a cached bulk key");
+    assert_eq!(hsm.total_calls(), calls, "served from memory");
+    let result = kms.generate_data_key(acme, &name("default"), &ctx);
+    assert!(
+        matches!(&result, Err(Error::Hsm(e)) if e.is_unavailable()),
+        "{result:?}"
+    );
+    hsm.set_down(false);
+    kms.generate_data_key(acme, &name("default"), &ctx)
+        .expect("recovered without restart");
+    kms.decrypt(acme, &during.ciphertext, &ctx, None)
+        .expect("decrypt");
+}
+
+#[test]
+fn concurrent_operations_and_rotation_agree() {
+    let (kms, _dir, _) = common::softhsm_kms("concurrent");
+    let acme = tenant(&kms, "acme");
+    let kms = Arc::new(kms);
+    let workers: Vec<_> = (0..4)
+        .map(|worker| {
+            let kms = Arc::clone(&kms);
+            std::thread::spawn(move || {
+                let ctx = context(&[("worker", &worker.to_string())]);
+                for i in 0..50 {
+                    let plaintext = Plaintext::copy_from(format!("{worker}/{i}").as_bytes());
+                    let encrypted = kms
+                        .encrypt(acme, &name("default"), &plaintext, &ctx)
+                        .expect("encrypt");
+                    let decrypted = kms
+                        .decrypt(acme, &encrypted.ciphertext, &ctx, None)
+                        .expect("decrypt");
+                    assert_eq!(
+                        decrypted.plaintext.expose_secret(),
+                        plaintext.expose_secret()
+                    );
+                    if i % 10 == 0 {
+                        let dk = kms
+                            .generate_data_key(acme, &name("default"), &ctx)
+                            .expect("dk");
+                        kms.decrypt_data_key(acme, &dk.wrapped, &ctx)
+                            .expect("decrypt dk");
+                    }
+                }
+            })
+        })
+        .collect();
+    for _ in 0..5 {
+        kms.rotate_key(acme, &name("default")).expect("rotate");
+    }
+    for worker in workers {
+        worker.join().expect("worker");
+    }
+    assert_eq!(
+        kms.key(acme, &name("default")).expect("key").latest,
+        KeyVersion(6)
+    );
+}
+
+#[test]
+fn unknown_tenants_and_names_are_reported() {
+    let (kms, _dir, _) = common::softhsm_kms("unknown");
+    assert!(matches!(
+        kms.tenant(&name("nobody")),
+        Err(Error::TenantNotFound(_))
+    ));
+    let acme = tenant(&kms, "acme");
+    assert!(matches!(
+        kms.create_tenant(&name("acme")),
+        Err(Error::Store(keyfront::keystore::Error::AlreadyExists(
+            "tenant"
+        )))
+    ));
+    assert!(matches!(
+        kms.create_key(acme, &name("default"), Purpose::Data),
+        Err(Error::Store(keyfront::keystore::Error::AlreadyExists(
+            "key"
+        )))
+    ));
+    assert!(matches!(
+        kms.encrypt(
+            TenantId::random(),
+            &name("default"),
+            &Plaintext::copy_from(b""),
+            &EncryptionContext::new()
+        ),
+        Err(Error::Store(keyfront::keystore::Error::TenantNotFound(_)))
+    ));
+}
