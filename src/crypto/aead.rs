@@ -17,11 +17,12 @@ pub const TAG_LEN: usize = 16;
 /// to `out`.
 pub fn seal(key: &SecretKey, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
     let nonce: [u8; NONCE_LEN] = rand::random();
-    seal_with_nonce(key, &nonce, aad, plaintext, out);
+    dangerous_seal_with_nonce(key, &nonce, aad, plaintext, out);
 }
 
-/// [`seal`] with a caller-chosen nonce: for golden vectors only.
-pub(crate) fn seal_with_nonce(
+/// [`seal`] with a caller-chosen nonce, for golden vectors only: a fixed nonce makes equal
+/// messages encrypt equally, which is exactly what the random nonce of [`seal`] prevents.
+pub fn dangerous_seal_with_nonce(
     key: &SecretKey,
     nonce: &[u8; NONCE_LEN],
     aad: &[u8],
@@ -93,7 +94,7 @@ mod tests {
         let aad = hex::decode("01").expect("hex");
         let plaintext = hex::decode("0200000000000000").expect("hex");
         let mut out = Vec::new();
-        seal_with_nonce(&key, &nonce, &aad, &plaintext, &mut out);
+        dangerous_seal_with_nonce(&key, &nonce, &aad, &plaintext, &mut out);
         assert_eq!(
             hex::encode(&out[NONCE_LEN..]),
             "1de22967237a813291213f267e3b452f02d01ae33e4ec854"

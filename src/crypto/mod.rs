@@ -14,7 +14,7 @@ mod aead;
 mod format;
 mod secret;
 
-pub use aead::{NONCE_LEN, TAG_LEN, open, seal};
+pub use aead::{NONCE_LEN, TAG_LEN, dangerous_seal_with_nonce, open, seal};
 pub use format::{
     AAD_LABEL, BlobType, EncryptionContext, FORMAT_VERSION, HEADER_LEN, Header, ParsedBlob, aad,
     encode_blob, parse_blob, write_header,
