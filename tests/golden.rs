@@ -172,7 +172,7 @@ fn golden_blobs_parse_and_decrypt_with_independent_code() {
     let cipher = Aes256Gcm::new(&KEK.into());
     for (name, blob_type, context, plaintext) in [
         ("data_key", BlobType::DataKey, ctx.clone(), &DATA_KEY[..]),
-        ("secret", BlobType::Secret, ctx.clone(), SECRET),
+        ("secret", BlobType::Secret, ctx, SECRET),
         (
             "bulk_key",
             BlobType::BulkKey,

@@ -31,6 +31,36 @@ fn tenant(kms: &Kms, tenant_name: &str) -> TenantId {
     tenant
 }
 
+struct Blobs {
+    ciphertext: Vec<u8>,
+    data_key: Vec<u8>,
+    sealed: Vec<u8>,
+}
+
+/// One blob of each kind a caller receives: a CIPHERTEXT, a DATA_KEY and a SECRET.
+fn blobs(
+    kms: &Kms,
+    tenant: TenantId,
+    ctx: &EncryptionContext,
+    data: &[u8],
+    secret: &[u8],
+) -> Blobs {
+    Blobs {
+        ciphertext: kms
+            .encrypt(tenant, &name("default"), &Plaintext::copy_from(data), ctx)
+            .expect("encrypt")
+            .ciphertext,
+        data_key: kms
+            .generate_data_key(tenant, &name("default"), ctx)
+            .expect("data key")
+            .wrapped,
+        sealed: kms
+            .seal_secret(tenant, &name("secrets"), &Plaintext::copy_from(secret), ctx)
+            .expect("seal")
+            .sealed,
+    }
+}
+
 #[test]
 fn every_operation_round_trips() {
     let (kms, _dir, _) = common::softhsm_kms("roundtrip");
@@ -144,23 +174,11 @@ fn another_tenants_blobs_fail_with_one_opaque_error() {
     let acme = tenant(&kms, "acme");
     let globex = tenant(&kms, "globex");
     let ctx = context(&[("k", "v")]);
-    let ciphertext = kms
-        .encrypt(
-            acme,
-            &name("default"),
-            &Plaintext::copy_from(b"acme data"),
-            &ctx,
-        )
-        .expect("encrypt")
-        .ciphertext;
-    let data_key = kms
-        .generate_data_key(acme, &name("default"), &ctx)
-        .expect("dk")
-        .wrapped;
-    let sealed = kms
-        .seal_secret(acme, &name("secrets"), &Plaintext::copy_from(b"tok"), &ctx)
-        .expect("seal")
-        .sealed;
+    let Blobs {
+        ciphertext,
+        data_key,
+        sealed,
+    } = blobs(&kms, acme, &ctx, b"acme data", b"tok");
     // globex has keys with the same names, but other ids: nothing of acme's opens there.
     for key in [None, Some(name("default"))] {
         let result = kms.decrypt(globex, &ciphertext, &ctx, key.as_ref());
@@ -183,18 +201,11 @@ fn a_wrong_context_fails() {
     let (kms, _dir, _) = common::softhsm_kms("context");
     let acme = tenant(&kms, "acme");
     let ctx = context(&[("order", "1001"), ("user", "7")]);
-    let ciphertext = kms
-        .encrypt(acme, &name("default"), &Plaintext::copy_from(b"x"), &ctx)
-        .expect("encrypt")
-        .ciphertext;
-    let data_key = kms
-        .generate_data_key(acme, &name("default"), &ctx)
-        .expect("dk")
-        .wrapped;
-    let sealed = kms
-        .seal_secret(acme, &name("secrets"), &Plaintext::copy_from(b"y"), &ctx)
-        .expect("seal")
-        .sealed;
+    let Blobs {
+        ciphertext,
+        data_key,
+        sealed,
+    } = blobs(&kms, acme, &ctx, b"x", b"y");
     let wrong_contexts = [
         context(&[]),
         context(&[("order", "1001")]),
@@ -224,28 +235,11 @@ fn flipping_any_bit_fails_cleanly() {
     let (kms, _dir, _) = common::softhsm_kms("bitflip");
     let acme = tenant(&kms, "acme");
     let ctx = context(&[("k", "v")]);
-    let ciphertext = kms
-        .encrypt(
-            acme,
-            &name("default"),
-            &Plaintext::copy_from(b"sixteen byte msg"),
-            &ctx,
-        )
-        .expect("encrypt")
-        .ciphertext;
-    let data_key = kms
-        .generate_data_key(acme, &name("default"), &ctx)
-        .expect("dk")
-        .wrapped;
-    let sealed = kms
-        .seal_secret(
-            acme,
-            &name("secrets"),
-            &Plaintext::copy_from(b"token"),
-            &ctx,
-        )
-        .expect("seal")
-        .sealed;
+    let Blobs {
+        ciphertext,
+        data_key,
+        sealed,
+    } = blobs(&kms, acme, &ctx, b"sixteen byte msg", b"token");
     let flips = |blob: &[u8], open: &dyn Fn(&[u8]) -> Result<(), Error>| {
         for bit in 0..blob.len() * 8 {
             let mut bad = blob.to_vec();
@@ -376,28 +370,11 @@ fn a_recreated_tenant_cannot_decrypt_the_old_tenants_data() {
     let (kms, _dir, _) = common::softhsm_kms("recreate");
     let ctx = context(&[("k", "v")]);
     let old = tenant(&kms, "acme");
-    let ciphertext = kms
-        .encrypt(
-            old,
-            &name("default"),
-            &Plaintext::copy_from(b"old data"),
-            &ctx,
-        )
-        .expect("encrypt")
-        .ciphertext;
-    let data_key = kms
-        .generate_data_key(old, &name("default"), &ctx)
-        .expect("dk")
-        .wrapped;
-    let sealed = kms
-        .seal_secret(
-            old,
-            &name("secrets"),
-            &Plaintext::copy_from(b"old token"),
-            &ctx,
-        )
-        .expect("seal")
-        .sealed;
+    let Blobs {
+        ciphertext,
+        data_key,
+        sealed,
+    } = blobs(&kms, old, &ctx, b"old data", b"old token");
     kms.destroy_tenant(old).expect("destroy");
     assert!(
         kms.decrypt(old, &ciphertext, &ctx, None).is_err(),

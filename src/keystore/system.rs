@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::record::RecordMac;
 use super::tenant::{TenantDb, TenantHead};
-use super::{Error, TenantRecord, decode, encode, now_secs};
+use super::{Error, TenantRecord, decode, encode, now_secs, prefixed};
 use crate::ids::{ID_LEN, Name, TenantId};
 
 const DB_ID: &[u8] = b"system";
@@ -442,11 +442,4 @@ impl KeyStore {
         }
         Ok(())
     }
-}
-
-fn prefixed(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(prefix.len() + rest.len());
-    key.extend_from_slice(prefix);
-    key.extend_from_slice(rest);
-    key
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::record::{MAC_LEN, RecordMac};
 use super::system::SystemDb;
-use super::{Error, KeyRecord, TenantWrite, VersionRecord, decode, encode};
+use super::{Error, KeyRecord, TenantWrite, VersionRecord, decode, encode, prefixed};
 use crate::ids::{ID_LEN, KeyId, KeyVersion, Name, TenantId};
 
 const HEAD_KEY: &[u8] = b"head";
@@ -320,13 +320,6 @@ impl TenantDb {
         }
         Ok(record.payload)
     }
-}
-
-fn prefixed(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(prefix.len() + rest.len());
-    key.extend_from_slice(prefix);
-    key.extend_from_slice(rest);
-    key
 }
 
 fn version_key(key: &KeyId, version: KeyVersion) -> Vec<u8> {

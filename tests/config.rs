@@ -1,0 +1,136 @@
+//! Configuration rules, one fixture per rule (tests/data/config/), and the shipped example.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use keyfront::config::{Config, ConfigError, ConfigProblem};
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new("tests/data/config").join(name)
+}
+
+fn problems(result: Result<Config, ConfigError>) -> Vec<ConfigProblem> {
+    match result {
+        Err(ConfigError::Invalid { problems, .. }) => problems,
+        other => panic!("expected invalid config, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_valid_config_resolves_paths_and_the_pin_from_the_environment() {
+    let config = Config::load(
+        &fixture("valid.toml"),
+        &env(&[("KEYFRONT_TEST_PIN", "1234")]),
+    )
+    .expect("valid");
+    assert_eq!(config.data_dir, fixture("data"));
+    assert_eq!(config.hsm.sessions.get(), 3);
+    assert_eq!(config.kms.store.max_open_tenants.get(), 10);
+    assert_eq!(config.kms.bulk_key_capacity, 500);
+    assert_eq!(config.kms.bulk_key_ttl.as_secs(), 60);
+}
+
+#[test]
+fn an_unset_pin_variable_is_reported() {
+    assert_eq!(
+        problems(Config::load(&fixture("valid.toml"), &env(&[]))),
+        vec![ConfigProblem::PinEnvUnset("KEYFRONT_TEST_PIN".into())]
+    );
+}
+
+#[test]
+fn exactly_one_pin_source_is_required() {
+    let env = env(&[("KEYFRONT_TEST_PIN", "1234")]);
+    assert_eq!(
+        problems(Config::load(&fixture("pin-source-both.toml"), &env)),
+        vec![ConfigProblem::PinSource]
+    );
+    assert_eq!(
+        problems(Config::load(&fixture("pin-source-missing.toml"), &env)),
+        vec![ConfigProblem::PinSource]
+    );
+}
+
+#[test]
+fn a_pin_in_the_config_file_is_refused() {
+    let result = Config::load(&fixture("pin-in-config.toml"), &env(&[]));
+    match result {
+        Err(ConfigError::Parse { message, .. }) => assert!(message.contains("pin"), "{message}"),
+        other => panic!("expected a parse error, got {other:?}"),
+    }
+}
+
+#[test]
+fn zero_counts_are_refused_all_at_once() {
+    let found = problems(Config::load(
+        &fixture("zero-values.toml"),
+        &env(&[("KEYFRONT_TEST_PIN", "1")]),
+    ));
+    assert_eq!(
+        found,
+        vec![
+            ConfigProblem::Zero("hsm.sessions"),
+            ConfigProblem::Zero("storage.max_open_tenants"),
+            ConfigProblem::Zero("cache.bulk_key_ttl_secs"),
+        ]
+    );
+}
+
+#[test]
+fn every_problem_is_reported_before_failing() {
+    let error = Config::load(&fixture("many-problems.toml"), &env(&[])).expect_err("invalid");
+    let text = error.to_string();
+    let found = problems(Err(error));
+    assert_eq!(
+        found,
+        vec![
+            ConfigProblem::ModuleMissing("/nonexistent/libpkcs11.so".into()),
+            ConfigProblem::TokenLabel,
+            ConfigProblem::PinEnvUnset("KEYFRONT_UNSET_PIN_VARIABLE".into()),
+            ConfigProblem::Zero("hsm.kek_cache_capacity"),
+        ]
+    );
+    assert_eq!(text.matches("\n  - ").count(), 4, "{text}");
+}
+
+#[test]
+fn a_pin_file_must_be_private_to_its_owner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("keyfront.toml");
+    std::fs::write(
+        &config,
+        "[hsm]\ntoken_label = \"t\"\npin_file = \"pin\"\n[storage]\ndata_dir = \"data\"\n",
+    )
+    .expect("write");
+    let pin = dir.path().join("pin");
+    std::fs::write(&pin, "1234\n").expect("write");
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    assert_eq!(
+        problems(Config::load(&config, &env(&[]))),
+        vec![ConfigProblem::PinFileTooOpen(pin.clone())]
+    );
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    Config::load(&config, &env(&[])).expect("private PIN file accepted");
+    std::fs::write(&pin, "\n").expect("write");
+    assert_eq!(
+        problems(Config::load(&config, &env(&[]))),
+        vec![ConfigProblem::PinFileUnreadable(pin)]
+    );
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    Config::load(
+        Path::new("config.example.toml"),
+        &env(&[("KEYFRONT_HSM_PIN", "1234")]),
+    )
+    .expect("config.example.toml stays valid");
+}
