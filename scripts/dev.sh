@@ -31,8 +31,11 @@ TOML
 fi
 
 status=0
-./target/release/keyfront init --config "$DIR/keyfront.toml" || status=$?
-if [ "$status" -ne 0 ] && [ "$status" -ne 3 ]; then  # 3: already initialized
+./target/release/keyfront init --config "$DIR/keyfront.toml" 2>"$DIR/init.log" || status=$?
+if [ "$status" -eq 3 ]; then
+  echo "dev token $LABEL: already initialized (keys kept)"
+elif [ "$status" -ne 0 ]; then
+  cat "$DIR/init.log" >&2
   exit "$status"
 fi
 echo

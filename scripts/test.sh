@@ -22,4 +22,5 @@ fi
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --locked --all-targets --quiet -- -D warnings
 fi
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 cargo test --locked --all-targets

@@ -578,3 +578,32 @@ fn unknown_tenants_and_names_are_reported() {
         Err(Error::Store(keyfront::keystore::Error::TenantNotFound(_)))
     ));
 }
+
+#[test]
+fn expired_bulk_keys_leave_memory_and_come_back_through_the_hsm() {
+    let config = common::initialized_token("ttl");
+    let hsm = Arc::new(FaultyHsm::new(common::open_hsm(&config)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = KmsOptions {
+        bulk_key_ttl: std::time::Duration::from_millis(200),
+        ..KmsOptions::default()
+    };
+    let kms = Kms::open(Arc::clone(&hsm) as Arc<dyn Hsm>, dir.path(), options).expect("kms");
+    let acme = tenant(&kms, "acme");
+    let ctx = EncryptionContext::new();
+    let encrypted = kms
+        .encrypt(acme, &name("default"), &Plaintext::copy_from(b"x"), &ctx)
+        .expect("encrypt");
+    assert_eq!(kms.cached_bulk_keys(), 1);
+    let decrypts = hsm.calls(keyfront::hsm::faulty::Op::Decrypt);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(kms.evict_expired_bulk_keys(), 0, "expired keys are dropped");
+    kms.decrypt(acme, &encrypted.ciphertext, &ctx, None)
+        .expect("decrypts after re-unwrapping");
+    assert_eq!(
+        hsm.calls(keyfront::hsm::faulty::Op::Decrypt),
+        decrypts + 1,
+        "the bulk key was decrypted by the HSM again"
+    );
+    assert_eq!(kms.cached_bulk_keys(), 1);
+}

@@ -283,3 +283,34 @@ mod tests {
         assert!(!shown.contains("4711"));
     }
 }
+
+#[cfg(test)]
+mod random_input {
+    use super::*;
+
+    /// Parsers never panic: a few hundred thousand random inputs of every length up to 200.
+    #[test]
+    fn parse_blob_never_panics_on_random_input() {
+        let types = [
+            BlobType::Ciphertext,
+            BlobType::DataKey,
+            BlobType::Secret,
+            BlobType::BulkKey,
+        ];
+        for round in 0..200_000usize {
+            let len = round % 200;
+            let mut input: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+            // Bias half the inputs towards a valid-looking prefix to reach deeper branches.
+            if round % 2 == 0 && len >= 2 {
+                input[0] = (round % 6) as u8;
+                input[1] = FORMAT_VERSION;
+            }
+            let expected = types[round % types.len()];
+            if let Ok(blob) = parse_blob(&input, expected) {
+                assert_eq!(blob.header.blob_type, expected);
+                assert!(blob.sealed.len() >= TAG_LEN);
+                assert_eq!(HEADER_LEN + NONCE_LEN + blob.sealed.len(), input.len());
+            }
+        }
+    }
+}

@@ -336,7 +336,7 @@ impl Pkcs11Hsm {
         let anchor = open_logged_in(&ctx, config)?;
         let mut mwks = BTreeMap::new();
         for generation in (1..=MAX_MWK_GENERATIONS).map(MwkGeneration) {
-            match find_one(&anchor, &mwk_label(generation), ObjectClass::SECRET_KEY)? {
+            match find_mwk(&anchor, generation)? {
                 Some(handle) => mwks.insert(generation, handle),
                 None => break,
             };
@@ -590,6 +590,24 @@ fn login(session: &Session, pin: &AuthPin) -> Result<(), Error> {
         // Login state is per token per process: every session after the first gets this.
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(error) => Err(to_error(error)),
+    }
+}
+
+/// The MWK of a generation, found by its CKA_ID (the generation, u32 BE).
+fn find_mwk(session: &Session, generation: MwkGeneration) -> Result<Option<ObjectHandle>, Error> {
+    let found = session
+        .find_objects(&[
+            Attribute::Token(true),
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Id(generation.0.to_be_bytes().to_vec()),
+        ])
+        .map_err(to_error)?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [handle] => Ok(Some(*handle)),
+        // Two AES keys with one generation's id: refuse rather than guess which wraps.
+        _ => Err(Error::NotInitialized("unique MWK for each generation")),
     }
 }
 

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +43,8 @@ pub struct TenantDb {
     system: Arc<SystemDb>,
     // The current head; holding the lock serializes commits to this tenant.
     head: Mutex<TenantHead>,
+    // Held across a read-modify-write of this tenant's records (create key, rotate).
+    writes: Mutex<()>,
     // Highest sequence a reader may see. Raised before a commit's batch is applied, so readers
     // never block on a commit and never see a record "newer than the head".
     visible_seq: AtomicU64,
@@ -86,6 +88,7 @@ impl TenantDb {
             db,
             mac,
             system,
+            writes: Mutex::new(()),
             visible_seq: AtomicU64::new(head.seq),
             head: Mutex::new(head),
         })
@@ -139,6 +142,7 @@ impl TenantDb {
             db,
             mac,
             system,
+            writes: Mutex::new(()),
             visible_seq: AtomicU64::new(head.seq),
             head: Mutex::new(head),
         })
@@ -147,6 +151,12 @@ impl TenantDb {
     /// The tenant's id.
     pub fn id(&self) -> TenantId {
         self.id
+    }
+
+    /// Serializes read-modify-write sequences on this tenant (read a record, derive the next
+    /// one, commit) so two rotations cannot both write the same new version.
+    pub fn lock_writes(&self) -> MutexGuard<'_, ()> {
+        self.writes.lock().expect("tenant write lock poisoned")
     }
 
     /// The current head.

@@ -97,8 +97,8 @@ pub struct Kms {
     store: KeyStore,
     bulk_keys: quick_cache::sync::Cache<(TenantId, KeyId, KeyVersion), Arc<CachedBulkKey>>,
     bulk_key_ttl: Duration,
-    // Serializes read-modify-write of key records (create, rotate); reads never take it.
-    key_writes: Mutex<()>,
+    // When expired bulk keys were last swept out of memory.
+    last_sweep: Mutex<Instant>,
 }
 
 struct CachedBulkKey {
@@ -121,7 +121,7 @@ impl Kms {
             store,
             bulk_keys: quick_cache::sync::Cache::new(options.bulk_key_capacity.max(1)),
             bulk_key_ttl: options.bulk_key_ttl,
-            key_writes: Mutex::new(()),
+            last_sweep: Mutex::new(Instant::now()),
         })
     }
 
@@ -133,6 +133,21 @@ impl Kms {
     /// The HSM.
     pub fn hsm(&self) -> &Arc<dyn Hsm> {
         &self.hsm
+    }
+
+    /// Drops (and so zeroizes, once in-flight users finish) every bulk key past its TTL;
+    /// returns how many remain. Also runs on cache misses, at most every quarter TTL.
+    pub fn evict_expired_bulk_keys(&self) -> usize {
+        let ttl = self.bulk_key_ttl;
+        self.bulk_keys
+            .retain(|_, cached| cached.loaded.elapsed() < ttl);
+        *self.last_sweep.lock().expect("sweep lock poisoned") = Instant::now();
+        self.bulk_keys.len()
+    }
+
+    /// How many bulk keys are in memory now.
+    pub fn cached_bulk_keys(&self) -> usize {
+        self.bulk_keys.len()
     }
 
     /// Creates a tenant with a new random id.
@@ -172,7 +187,7 @@ impl Kms {
         purpose: Purpose,
     ) -> Result<KeyRecord, Error> {
         let db = self.store.tenant(tenant)?;
-        let _writes = self.key_writes.lock().expect("key write lock poisoned");
+        let _writes = db.lock_writes();
         if db.key_by_name(name)?.is_some() {
             return Err(keystore::Error::AlreadyExists("key").into());
         }
@@ -221,7 +236,7 @@ impl Kms {
     /// [`Error::KeyNotFound`], HSM or storage errors (nothing changes on error).
     pub fn rotate_key(&self, tenant: TenantId, name: &Name) -> Result<KeyRecord, Error> {
         let db = self.store.tenant(tenant)?;
-        let _writes = self.key_writes.lock().expect("key write lock poisoned");
+        let _writes = db.lock_writes();
         let mut record = db
             .key_by_name(name)?
             .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
@@ -560,6 +575,15 @@ impl Kms {
             }
             // Expired: dropping the cache's reference zeroizes it once in-flight users finish.
             self.bulk_keys.remove(&cache_key);
+        }
+        let sweep_due = self
+            .last_sweep
+            .lock()
+            .expect("sweep lock poisoned")
+            .elapsed()
+            >= self.bulk_key_ttl / 4;
+        if sweep_due {
+            self.evict_expired_bulk_keys();
         }
         let integrity = |reason| keystore::Error::Integrity {
             database: tenant.to_string(),
