@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use cryptoki::types::AuthPin;
 use serde::Deserialize;
 
 use crate::hsm::pkcs11::Pkcs11Config;
+use crate::ids::Name;
 use crate::keystore::StoreOptions;
 use crate::kms::KmsOptions;
 
@@ -22,10 +24,103 @@ use crate::kms::KmsOptions;
 pub struct Config {
     /// How to reach the HSM (PIN resolved).
     pub hsm: Pkcs11Config,
+    /// How long to wait between attempts to reach an unreachable HSM.
+    pub hsm_retry: Duration,
     /// Where the databases live.
     pub data_dir: PathBuf,
     /// Domain tuning.
     pub kms: KmsOptions,
+    /// The gRPC server, if configured (`keyfront serve` needs it).
+    pub server: Option<ServerConfig>,
+    /// Who may call, and what they may do.
+    pub principals: Vec<PrincipalConfig>,
+}
+
+/// The gRPC server's settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// Accept a certificate's CN as identity when it has no URI SAN (weaker; off by default).
+    pub allow_cn_identity: bool,
+    /// This node's name in audit lines.
+    pub node_id: String,
+    /// The audit log file (JSON lines).
+    pub audit_path: PathBuf,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request message, in bytes.
+    pub max_message_bytes: usize,
+    /// Most items in one batch.
+    pub max_batch_items: usize,
+    /// Most context pairs on one item.
+    pub max_context_pairs: usize,
+    /// Most bytes of context names and values on one item.
+    pub max_context_bytes: usize,
+    /// Most requests in progress at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Longest a request may take before DEADLINE_EXCEEDED.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_batch_items: 1000,
+            max_context_pairs: 64,
+            max_context_bytes: 8 * 1024,
+            max_concurrent_requests: 1024,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A role a principal may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Encrypt, Decrypt, BatchEncrypt, BatchDecrypt.
+    App,
+    /// GenerateDataKey, DecryptDataKey, for every tenant in its list.
+    Backup,
+    /// SealSecret, UnsealSecret.
+    Secrets,
+    /// AdminService; never data.
+    Officer,
+}
+
+/// Which tenants a principal may act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantScope {
+    /// Every tenant (`tenants = ["*"]`); only for principals whose roles are all `officer`.
+    All,
+    /// Exactly these.
+    Only(Vec<Name>),
+}
+
+/// One entry of `[[principals]]`.
+#[derive(Debug, Clone)]
+pub struct PrincipalConfig {
+    /// The identity: the certificate's URI SAN (or CN with `allow_cn_identity`).
+    pub identity: String,
+    /// Tenants it may act on.
+    pub tenants: TenantScope,
+    /// Its roles.
+    pub roles: Vec<Role>,
+    /// If set, the only keys it may use.
+    pub keys: Option<Vec<Name>>,
 }
 
 /// Where configuration values from outside the file come from (the environment, or a map in
@@ -115,6 +210,21 @@ pub enum ConfigProblem {
     /// A count that must be at least 1 is 0.
     #[error("{0}: must be at least 1")]
     Zero(&'static str),
+    /// A file the server needs does not exist.
+    #[error("{0}: {1} does not exist")]
+    FileMissing(&'static str, PathBuf),
+    /// Two principals have the same identity.
+    #[error("principals: identity {0:?} is listed twice")]
+    PrincipalDuplicate(String),
+    /// A principal has an empty identity, no roles or no tenants.
+    #[error("principals: {0:?} needs an identity, at least one role and at least one tenant")]
+    PrincipalIncomplete(String),
+    /// A tenant or key name in a principal is not a valid name.
+    #[error("principals: {0:?} names an invalid tenant or key {1:?}")]
+    PrincipalName(String, String),
+    /// `tenants = ["*"]` on a principal that can touch data.
+    #[error("principals: {0:?} may use tenants = [\"*\"] only if all its roles are officer")]
+    PrincipalWildcard(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +234,45 @@ struct RawConfig {
     storage: RawStorage,
     #[serde(default)]
     cache: RawCache,
+    server: Option<RawServer>,
+    #[serde(default)]
+    principals: Vec<RawPrincipal>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+    #[serde(default)]
+    allow_cn_identity: bool,
+    node_id: Option<String>,
+    #[serde(default = "default_audit_path")]
+    audit_path: PathBuf,
+    #[serde(default = "default_max_message_bytes")]
+    max_message_bytes: usize,
+    #[serde(default = "default_max_batch_items")]
+    max_batch_items: usize,
+    #[serde(default = "default_max_context_pairs")]
+    max_context_pairs: usize,
+    #[serde(default = "default_max_context_bytes")]
+    max_context_bytes: usize,
+    #[serde(default = "default_max_concurrent_requests")]
+    max_concurrent_requests: usize,
+    #[serde(default = "default_request_timeout_ms")]
+    request_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrincipal {
+    identity: String,
+    tenants: Vec<String>,
+    roles: Vec<Role>,
+    keys: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +287,8 @@ struct RawHsm {
     sessions: usize,
     #[serde(default = "default_kek_cache")]
     kek_cache_capacity: usize,
+    #[serde(default = "default_retry_secs")]
+    retry_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +339,33 @@ fn default_bulk_key_capacity() -> usize {
 }
 fn default_bulk_key_ttl_secs() -> u64 {
     300
+}
+fn default_retry_secs() -> u64 {
+    2
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7443))
+}
+fn default_audit_path() -> PathBuf {
+    PathBuf::from("audit/audit.log")
+}
+fn default_max_message_bytes() -> usize {
+    Limits::default().max_message_bytes
+}
+fn default_max_batch_items() -> usize {
+    Limits::default().max_batch_items
+}
+fn default_max_context_pairs() -> usize {
+    Limits::default().max_context_pairs
+}
+fn default_max_context_bytes() -> usize {
+    Limits::default().max_context_bytes
+}
+fn default_max_concurrent_requests() -> usize {
+    Limits::default().max_concurrent_requests
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
 }
 
 impl Config {
@@ -257,6 +435,11 @@ impl RawConfig {
         if self.cache.bulk_key_ttl_secs == 0 {
             problems.push(ConfigProblem::Zero("cache.bulk_key_ttl_secs"));
         }
+        if self.hsm.retry_secs == 0 {
+            problems.push(ConfigProblem::Zero("hsm.retry_secs"));
+        }
+        let server = self.server.map(|raw| raw.validate(base, &mut problems));
+        let principals = validate_principals(self.principals, &mut problems);
         match pin {
             Some(pin) if problems.is_empty() => Ok(Config {
                 hsm: Pkcs11Config {
@@ -266,6 +449,9 @@ impl RawConfig {
                     sessions,
                     kek_cache_capacity,
                 },
+                hsm_retry: Duration::from_secs(self.hsm.retry_secs),
+                server,
+                principals,
                 data_dir: base.join(self.storage.data_dir),
                 kms: KmsOptions {
                     store: StoreOptions {
@@ -279,6 +465,113 @@ impl RawConfig {
             _ => Err(problems),
         }
     }
+}
+
+impl RawServer {
+    fn validate(self, base: &Path, problems: &mut Vec<ConfigProblem>) -> ServerConfig {
+        let mut file = |name: &'static str, path: PathBuf| {
+            let path = base.join(path);
+            if !path.exists() {
+                problems.push(ConfigProblem::FileMissing(name, path.clone()));
+            }
+            path
+        };
+        let cert = file("server.cert", self.cert);
+        let key = file("server.key", self.key);
+        let client_ca = file("server.client_ca", self.client_ca);
+        for (value, name) in [
+            (self.max_message_bytes, "server.max_message_bytes"),
+            (self.max_batch_items, "server.max_batch_items"),
+            (
+                self.max_concurrent_requests,
+                "server.max_concurrent_requests",
+            ),
+        ] {
+            if value == 0 {
+                problems.push(ConfigProblem::Zero(name));
+            }
+        }
+        if self.request_timeout_ms == 0 {
+            problems.push(ConfigProblem::Zero("server.request_timeout_ms"));
+        }
+        ServerConfig {
+            listen: self.listen,
+            cert,
+            key,
+            client_ca,
+            allow_cn_identity: self.allow_cn_identity,
+            node_id: self.node_id.unwrap_or_else(default_node_id),
+            audit_path: base.join(self.audit_path),
+            limits: Limits {
+                max_message_bytes: self.max_message_bytes,
+                max_batch_items: self.max_batch_items,
+                max_context_pairs: self.max_context_pairs,
+                max_context_bytes: self.max_context_bytes,
+                max_concurrent_requests: self.max_concurrent_requests,
+                request_timeout: Duration::from_millis(self.request_timeout_ms),
+            },
+        }
+    }
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keyfront".to_owned())
+}
+
+fn validate_principals(
+    raw: Vec<RawPrincipal>,
+    problems: &mut Vec<ConfigProblem>,
+) -> Vec<PrincipalConfig> {
+    let mut seen = std::collections::HashSet::new();
+    let mut principals = Vec::with_capacity(raw.len());
+    for principal in raw {
+        let identity = principal.identity;
+        if !seen.insert(identity.clone()) {
+            problems.push(ConfigProblem::PrincipalDuplicate(identity.clone()));
+        }
+        if identity.is_empty() || principal.roles.is_empty() || principal.tenants.is_empty() {
+            problems.push(ConfigProblem::PrincipalIncomplete(identity.clone()));
+            continue;
+        }
+        let tenants = if principal.tenants == ["*"] {
+            if principal.roles.iter().any(|r| *r != Role::Officer) {
+                problems.push(ConfigProblem::PrincipalWildcard(identity.clone()));
+            }
+            TenantScope::All
+        } else {
+            TenantScope::Only(parse_names(&identity, principal.tenants, problems))
+        };
+        let keys = principal
+            .keys
+            .map(|keys| parse_names(&identity, keys, problems));
+        let mut roles = principal.roles;
+        roles.sort();
+        roles.dedup();
+        principals.push(PrincipalConfig {
+            identity,
+            tenants,
+            roles,
+            keys,
+        });
+    }
+    principals
+}
+
+fn parse_names(identity: &str, names: Vec<String>, problems: &mut Vec<ConfigProblem>) -> Vec<Name> {
+    names
+        .into_iter()
+        .filter_map(|name| match name.parse() {
+            Ok(parsed) => Some(parsed),
+            Err(_) => {
+                problems.push(ConfigProblem::PrincipalName(identity.to_owned(), name));
+                None
+            }
+        })
+        .collect()
 }
 
 fn read_pin_file(path: &Path) -> Result<AuthPin, ConfigProblem> {

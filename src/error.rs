@@ -1,6 +1,5 @@
-//! The top-level error of keyfront's domain, composing each layer's error.
-//!
-//! The single mapping to `tonic::Status` lives here too once the gRPC service exists.
+//! The top-level error of keyfront's domain, composing each layer's error, and its single
+//! mapping to `tonic::Status`.
 
 use crate::ids::Name;
 use crate::keystore::Purpose;
@@ -19,6 +18,9 @@ pub enum Error {
     /// The HSM failed.
     #[error(transparent)]
     Hsm(#[from] hsm::Error),
+    /// The caller may not use the key named in a blob's header.
+    #[error("permission denied")]
+    PermissionDenied,
     /// The tenant has no key of that name.
     #[error("key {0} not found")]
     KeyNotFound(Name),
@@ -51,4 +53,54 @@ impl From<crypto::Error> for Error {
             crypto::Error::TooLarge => Self::TooLarge,
         }
     }
+}
+
+impl From<Error> for tonic::Status {
+    /// The one mapping from errors to gRPC status codes (ARCHITECTURE.md, "Status codes").
+    ///
+    /// Policy: the caller's own mistakes get a specific code and a message that names the rule;
+    /// every decryption failure is one opaque INVALID_ARGUMENT; an HSM that cannot be reached is
+    /// UNAVAILABLE (retry); everything else is INTERNAL with a generic message, its details
+    /// logged once here and never sent.
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Decrypt => Self::invalid_argument("decryption failed"),
+            Error::Hsm(e) if e.is_unavailable() => Self::unavailable("HSM unavailable; retry"),
+            Error::KeyNotFound(name) => Self::not_found(format!("key {name} not found")),
+            Error::PermissionDenied => Self::permission_denied("permission denied"),
+            Error::PurposeMismatch { key, purpose } => Self::permission_denied(format!(
+                "key {key} has purpose {}, which does not allow this operation",
+                match purpose {
+                    Purpose::Data => "DATA",
+                    Purpose::Secrets => "SECRETS",
+                }
+            )),
+            Error::Store(keystore::Error::AlreadyExists(what)) => {
+                Self::already_exists(format!("{what} already exists"))
+            }
+            Error::Store(
+                keystore::Error::TenantNotFound(_) | keystore::Error::TenantDestroyed(_),
+            )
+            | Error::TenantNotFound(_) => Self::not_found("tenant not found"),
+            Error::TooLarge => Self::resource_exhausted("input too large"),
+            Error::VersionsExhausted => failed_precondition(
+                "no more versions can be created for this key",
+                "VERSIONS_EXHAUSTED",
+            ),
+            error => {
+                tracing::error!(%error, "internal error");
+                Self::internal("internal error")
+            }
+        }
+    }
+}
+
+/// FAILED_PRECONDITION with a `google.rpc.ErrorInfo` whose `reason` machines can switch on.
+pub fn failed_precondition(message: &str, reason: &str) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    tonic::Status::with_error_details(
+        tonic::Code::FailedPrecondition,
+        message,
+        ErrorDetails::with_error_info(reason, "keyfront", std::collections::HashMap::new()),
+    )
 }

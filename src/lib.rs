@@ -14,3 +14,5 @@ pub mod keystore;
 pub mod kms;
 
 pub use error::Error;
+pub mod audit;
+pub mod service;

@@ -1,13 +1,13 @@
-//! The `keyfront` command: `init` (the key ceremony) and `selfcheck` (a round trip of every
-//! operation on the configured HSM and data directory). `serve`, `dev`, `admin`, `audit` and
-//! `backup` arrive with the service.
+//! The `keyfront` command: `init` (the key ceremony), `serve`, `dev` (a complete local
+//! keyfront), `encrypt`/`decrypt` (a client), and `selfcheck` (a round trip of every operation
+//! without the network). `admin`, `audit` and `backup` arrive with later work.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, ProcessEnv};
 use crate::crypto::{EncryptionContext, Plaintext};
@@ -20,6 +20,12 @@ use crate::kms::Kms;
 /// Exit status when `init` finds the token already initialized.
 pub const EXIT_ALREADY_INITIALIZED: u8 = 3;
 
+pub mod client;
+pub mod dev;
+
+/// Exit status when the server cannot start for a reason retrying cannot fix (e.g. the PIN).
+pub const EXIT_FATAL: u8 = 2;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "keyfront",
@@ -27,8 +33,19 @@ pub const EXIT_ALREADY_INITIALIZED: u8 = 3;
     about = "A key management service in front of a PKCS#11 HSM"
 )]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,21 +63,64 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Serve the gRPC API (TLS 1.3, client certificates required) until SIGTERM or SIGINT.
+    Serve {
+        /// The config file (needs a [server] section and [[principals]]).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Make (once) and serve a complete local keyfront in DIR: SoftHSM token, dev CA and
+    /// certificates, config, tenants acme and globex.
+    Dev {
+        /// Where everything lives.
+        #[arg(long, default_value = ".keyfront-dev")]
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: std::net::SocketAddr,
+    },
+    /// Encrypt stdin; prints the ciphertext in base64.
+    Encrypt {
+        /// The key's name.
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// Decrypt a base64 ciphertext from stdin; writes the plaintext.
+    Decrypt {
+        /// The key's name (optional: the ciphertext names it).
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
 }
 
 /// Runs the command line and returns the process exit status.
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let result = match cli.command {
         Command::Init { config } => init(&config),
         Command::Selfcheck { config } => selfcheck(&config),
+        Command::Serve { config } => return serve(&config),
+        Command::Dev { dir, listen } => return run_dev(&dir, listen),
+        Command::Encrypt { key, connection } => {
+            return run_client(async move { client::encrypt(&connection, &key).await });
+        }
+        Command::Decrypt { key, connection } => {
+            return run_client(async move { client::decrypt(&connection, key.as_deref()).await });
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,6 +130,115 @@ pub fn main() -> ExitCode {
         }
         Err(error) => {
             eprintln!("keyfront: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    // Invariant: building a runtime fails only when the OS refuses threads or an epoll fd,
+    // in which case nothing else could run either.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn run_client(command: impl Future<Output = Result<(), client::ClientError>>) -> ExitCode {
+    match runtime().block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("keyfront: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT; the server then finishes in-flight requests.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+fn serve(path: &Path) -> ExitCode {
+    let config = match Config::load(path, &ProcessEnv) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("keyfront: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    serve_config(config, None)
+}
+
+fn serve_config(config: Config, listen: Option<std::net::SocketAddr>) -> ExitCode {
+    let Some(server) = &config.server else {
+        eprintln!("keyfront: the config has no [server] section");
+        return ExitCode::FAILURE;
+    };
+    let listen = listen.unwrap_or(server.listen);
+    let result = runtime().block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        crate::service::Server::new(config)
+            .run(listener, shutdown_signal())
+            .await
+            .map_err(|e| match e {
+                crate::service::ServeError::Fatal(crate::Error::Hsm(crate::hsm::Error::Pin(rv))) => {
+                    format!("the HSM refused the PIN ({rv:?}); check hsm.pin_env / hsm.pin_file. Not retrying: HSMs lock a PIN after failed logins")
+                }
+                other => other.to_string(),
+            })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("keyfront: {message}");
+            ExitCode::from(EXIT_FATAL)
+        }
+    }
+}
+
+fn run_dev(dir: &Path, listen: std::net::SocketAddr) -> ExitCode {
+    let prepared = (|| -> Result<Config, dev::DevError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| dev::DevError::Io(dir.display().to_string(), e))?;
+        let dir = std::fs::canonicalize(dir)
+            .map_err(|e| dev::DevError::Io(dir.display().to_string(), e))?;
+        dev::ensure_token_environment(&dir)?;
+        dev::ensure_certificates(&dir.join("certs"))?;
+        let path = dev::ensure_config(&dir, listen)?;
+        let config = dev::load(&path)?;
+        dev::ensure_tenants(&config)?;
+        println!();
+        println!(
+            "keyfront dev is serving on {listen} (TLS 1.3, client certificates from {}/certs)",
+            dir.display()
+        );
+        println!("  try:   echo hi | keyfront encrypt --key default | keyfront decrypt");
+        println!(
+            "  as:    --principal acme-app | acme-backup | acme-secrets | globex-app | backup | officer"
+        );
+        println!("  audit: {}/audit/audit.log", dir.display());
+        println!("  stop:  Ctrl-C (in-flight requests finish)");
+        Ok(config)
+    })();
+    match prepared {
+        Ok(config) => serve_config(config, Some(listen)),
+        Err(error) => {
+            eprintln!("keyfront dev: {error}");
             ExitCode::FAILURE
         }
     }

@@ -28,9 +28,11 @@ pub enum Op {
     Hmac,
     /// [`Hsm::sign`]
     Sign,
+    /// [`Hsm::probe`]
+    Probe,
 }
 
-const OPS: usize = 7;
+const OPS: usize = 8;
 
 /// Wraps an [`Hsm`], counting calls per operation and failing them on request.
 pub struct FaultyHsm<H> {
@@ -139,6 +141,11 @@ impl<H: Hsm> Hsm for FaultyHsm<H> {
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error> {
         self.enter(Op::Sign)?;
         self.inner.sign(data)
+    }
+
+    fn probe(&self) -> Result<(), Error> {
+        self.enter(Op::Probe)?;
+        self.inner.probe()
     }
 }
 

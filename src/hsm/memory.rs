@@ -115,6 +115,10 @@ impl Hsm for MemoryHsm {
         Ok(hmac_sha256(key, data))
     }
 
+    fn probe(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error> {
         let first = hmac_sha256(&self.audit, data);
         let second = hmac_sha256(&self.audit, &first);

@@ -80,6 +80,14 @@ pub trait Hsm: Send + Sync {
     /// # Errors
     /// [`Error::Unavailable`] if the HSM is gone.
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error>;
+
+    /// Checks that the HSM works end to end with a known canary: an MWK unwrap that bypasses
+    /// every cache, then an AES-GCM decryption of a known value. Used before calling a failed
+    /// decryption "tampered" (a sick HSM fails the same way) and by health checks.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the canary does not come back as it went in.
+    fn probe(&self) -> Result<(), Error>;
 }
 
 /// The long-lived HMAC keys the init ceremony puts on the token.

@@ -320,6 +320,7 @@ pub struct Pkcs11Hsm {
     pepper: ObjectHandle,
     audit_private: ObjectHandle,
     kek_cache: quick_cache::sync::Cache<Vec<u8>, Arc<KekObject>>,
+    canary: Canary,
     // Held, never used: keeps the token logged in for the life of this instance even while
     // every pool session is checked out.
     _anchor: Mutex<Session>,
@@ -359,8 +360,11 @@ impl Pkcs11Hsm {
             login(&session, &config.pin)?;
             sessions.push(session);
         }
+        let pool = Arc::new(SessionPool::new(sessions));
+        let canary = Canary::new(&pool, mwks[&current_mwk], current_mwk)?;
         Ok(Self {
-            pool: Arc::new(SessionPool::new(sessions)),
+            pool,
+            canary,
             mwks,
             current_mwk,
             storage_root,
@@ -491,6 +495,45 @@ impl Hsm for Pkcs11Hsm {
         })
     }
 
+    fn probe(&self) -> Result<(), Error> {
+        let mwk = self.mwk(self.canary.kek.generation())?;
+        let plaintext = self
+            .pool
+            .with(|s| {
+                // A fresh unwrap, not the handle cache: the point is to exercise the MWK.
+                let kek = s.unwrap_key(
+                    &Mechanism::AesKeyWrapPad,
+                    mwk,
+                    self.canary.kek.wrapped(),
+                    &kek_unwrap_template(),
+                )?;
+                let mut iv = self.canary.iv;
+                let result = GcmParams::new(&mut iv, CANARY_AAD, 128.into()).and_then(|params| {
+                    s.decrypt(&Mechanism::AesGcm(params), kek, &self.canary.sealed)
+                });
+                let destroyed = s.destroy_object(kek);
+                let plaintext = result?;
+                destroyed?;
+                Ok(plaintext)
+            })
+            .map_err(|e| match to_error(e) {
+                // The canary is known good: an integrity failure here means the HSM is at fault.
+                Error::Integrity => Error::Unavailable {
+                    rv: RvError::GeneralError,
+                    function: "canary",
+                },
+                other => other,
+            })?;
+        if plaintext.as_slice() == CANARY_PLAINTEXT {
+            Ok(())
+        } else {
+            Err(Error::Unavailable {
+                rv: RvError::GeneralError,
+                function: "canary",
+            })
+        }
+    }
+
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error> {
         let digest = Sha256::digest(data);
         self.pool
@@ -505,6 +548,56 @@ impl Pkcs11Hsm {
             .get(&generation)
             .copied()
             .ok_or(Error::UnknownMwk(generation))
+    }
+}
+
+const CANARY_AAD: &[u8] = b"keyfront/v1/canary";
+const CANARY_PLAINTEXT: &[u8] = b"keyfront canary: the HSM decrypts what it encrypted";
+
+/// A KEK made when the instance opened and a value encrypted under it: known good, so a failure
+/// to decrypt it means the HSM, not some caller's input, is at fault.
+struct Canary {
+    kek: WrappedKek,
+    iv: [u8; IV_LEN],
+    sealed: Vec<u8>,
+}
+
+impl Canary {
+    fn new(
+        pool: &SessionPool,
+        mwk: ObjectHandle,
+        generation: MwkGeneration,
+    ) -> Result<Self, Error> {
+        let iv: [u8; IV_LEN] = rand::random();
+        pool.with(|s| {
+            let kek = s.generate_key(&Mechanism::AesKeyGen, &kek_generate_template())?;
+            let mut iv_param = iv;
+            let result = s
+                .wrap_key(&Mechanism::AesKeyWrapPad, mwk, kek)
+                .and_then(|wrapped| {
+                    // The generated object cannot encrypt (its template forbids it); unwrap the blob
+                    // as keyfront always does, then encrypt the canary under that.
+                    let usable = s.unwrap_key(
+                        &Mechanism::AesKeyWrapPad,
+                        mwk,
+                        &wrapped,
+                        &kek_unwrap_template(),
+                    )?;
+                    let params = GcmParams::new(&mut iv_param, CANARY_AAD, 128.into())?;
+                    let sealed = s.encrypt(&Mechanism::AesGcm(params), usable, CANARY_PLAINTEXT);
+                    s.destroy_object(usable)?;
+                    Ok((wrapped, sealed?))
+                });
+            let destroyed = s.destroy_object(kek);
+            let (wrapped, sealed) = result?;
+            destroyed?;
+            Ok(Self {
+                kek: WrappedKek::new(generation, wrapped),
+                iv,
+                sealed,
+            })
+        })
+        .map_err(to_error)
     }
 }
 

@@ -23,6 +23,8 @@ use crate::keystore::{
 
 /// The label HMAC'd inside the HSM with the storage root key to derive the storage MAC key.
 pub const STORAGE_KEY_DERIVATION_LABEL: &[u8] = b"keyfront/v1/storage-mac-key";
+/// The label for the key that HMACs context values in audit lines.
+pub const AUDIT_KEY_DERIVATION_LABEL: &[u8] = b"keyfront/v1/audit-context-key";
 
 /// Tuning of the domain layer.
 #[derive(Clone, Copy, Debug)]
@@ -99,6 +101,7 @@ pub struct Kms {
     bulk_key_ttl: Duration,
     // When expired bulk keys were last swept out of memory.
     last_sweep: Mutex<Instant>,
+    audit_key: SecretKey,
 }
 
 struct CachedBulkKey {
@@ -116,13 +119,26 @@ impl Kms {
         let mut derived = hsm.hmac(HmacKey::StorageRoot, STORAGE_KEY_DERIVATION_LABEL)?;
         let mac = RecordMac::new(SecretKey::from_bytes(&mut derived));
         let store = KeyStore::open(data_dir, mac, options.store)?;
+        let mut audit_key = hsm.hmac(HmacKey::StorageRoot, AUDIT_KEY_DERIVATION_LABEL)?;
+        let audit_key = SecretKey::from_bytes(&mut audit_key);
         Ok(Self {
+            audit_key,
             hsm,
             store,
             bulk_keys: quick_cache::sync::Cache::new(options.bulk_key_capacity.max(1)),
             bulk_key_ttl: options.bulk_key_ttl,
             last_sweep: Mutex::new(Instant::now()),
         })
+    }
+
+    /// HMAC-SHA256 of a value under the audit key (hex): lets an auditor match a context value
+    /// they know without the log ever holding it.
+    pub fn audit_digest(&self, value: &[u8]) -> String {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.audit_key.expose_secret())
+            .expect("HMAC accepts any key length");
+        mac.update(value);
+        hex::encode(mac.finalize().into_bytes())
     }
 
     /// The key store (for listing and for tests).
@@ -306,9 +322,25 @@ impl Kms {
         context: &EncryptionContext,
         key: Option<&Name>,
     ) -> Result<Decrypted, Error> {
+        self.decrypt_scoped(tenant, ciphertext, context, key, None)
+    }
+
+    /// [`Kms::decrypt`] for a caller limited to `allowed` keys: a ciphertext under another key
+    /// is refused with [`Error::PermissionDenied`] before its bulk key is touched.
+    ///
+    /// # Errors
+    /// As [`Kms::decrypt`], plus [`Error::PermissionDenied`].
+    pub fn decrypt_scoped(
+        &self,
+        tenant: TenantId,
+        ciphertext: &[u8],
+        context: &EncryptionContext,
+        key: Option<&Name>,
+        allowed: Option<&[Name]>,
+    ) -> Result<Decrypted, Error> {
         let blob = crypto::parse_blob(ciphertext, BlobType::Ciphertext)?;
         let db = self.store.tenant(tenant)?;
-        let (record, version) = self.blob_key(&db, &blob.header, Purpose::Data, key)?;
+        let (record, version) = self.blob_key(&db, &blob.header, Purpose::Data, key, allowed)?;
         let bulk = self.bulk_key(tenant, record.id, &version)?;
         let aad = crypto::aad(
             BlobType::Ciphertext,
@@ -366,8 +398,28 @@ impl Kms {
         wrapped: &[u8],
         context: &EncryptionContext,
     ) -> Result<Decrypted, Error> {
-        let decrypted =
-            self.open_with_kek(tenant, wrapped, Purpose::Data, BlobType::DataKey, context)?;
+        self.decrypt_data_key_scoped(tenant, wrapped, context, None)
+    }
+
+    /// [`Kms::decrypt_data_key`] for a caller limited to `allowed` keys.
+    ///
+    /// # Errors
+    /// As [`Kms::decrypt_data_key`], plus [`Error::PermissionDenied`].
+    pub fn decrypt_data_key_scoped(
+        &self,
+        tenant: TenantId,
+        wrapped: &[u8],
+        context: &EncryptionContext,
+        allowed: Option<&[Name]>,
+    ) -> Result<Decrypted, Error> {
+        let decrypted = self.open_with_kek(
+            tenant,
+            wrapped,
+            Purpose::Data,
+            BlobType::DataKey,
+            context,
+            allowed,
+        )?;
         if decrypted.plaintext.len() != 32 {
             return Err(Error::Decrypt);
         }
@@ -410,7 +462,28 @@ impl Kms {
         sealed: &[u8],
         context: &EncryptionContext,
     ) -> Result<Decrypted, Error> {
-        self.open_with_kek(tenant, sealed, Purpose::Secrets, BlobType::Secret, context)
+        self.unseal_secret_scoped(tenant, sealed, context, None)
+    }
+
+    /// [`Kms::unseal_secret`] for a caller limited to `allowed` keys.
+    ///
+    /// # Errors
+    /// As [`Kms::unseal_secret`], plus [`Error::PermissionDenied`].
+    pub fn unseal_secret_scoped(
+        &self,
+        tenant: TenantId,
+        sealed: &[u8],
+        context: &EncryptionContext,
+        allowed: Option<&[Name]>,
+    ) -> Result<Decrypted, Error> {
+        self.open_with_kek(
+            tenant,
+            sealed,
+            Purpose::Secrets,
+            BlobType::Secret,
+            context,
+            allowed,
+        )
     }
 
     fn seal_with_kek(
@@ -447,17 +520,18 @@ impl Kms {
         purpose: Purpose,
         blob_type: BlobType,
         context: &EncryptionContext,
+        allowed: Option<&[Name]>,
     ) -> Result<Decrypted, Error> {
         // Parsed (type included) before anything else: a blob of another type never reaches
         // the HSM.
         let parsed = crypto::parse_blob(blob, blob_type)?;
         let db = self.store.tenant(tenant)?;
-        let (record, version) = self.blob_key(&db, &parsed.header, purpose, None)?;
+        let (record, version) = self.blob_key(&db, &parsed.header, purpose, None, allowed)?;
         let kek = self.kek(&db, &version)?;
         let aad = crypto::aad(blob_type, &tenant, &record.id, version.version, context)?;
         let plaintext = match self.hsm.decrypt(&kek, parsed.nonce, &aad, parsed.sealed) {
             Ok(plaintext) => plaintext,
-            Err(crate::hsm::Error::Integrity) => return Err(Error::Decrypt),
+            Err(crate::hsm::Error::Integrity) => return Err(self.blame_input()),
             Err(error) => return Err(error.into()),
         };
         Ok(Decrypted {
@@ -465,6 +539,19 @@ impl Kms {
             key_id: record.id,
             version: version.version,
         })
+    }
+
+    /// The canary rule: an HSM integrity failure is the caller's bad input only if the HSM
+    /// still decrypts a known canary; otherwise the HSM is at fault and the answer is
+    /// "unavailable", never "tampered".
+    fn blame_input(&self) -> Error {
+        match self.hsm.probe() {
+            Ok(()) => Error::Decrypt,
+            Err(error) => {
+                tracing::warn!(%error, "HSM failed its canary after a failed decryption");
+                Error::Hsm(error)
+            }
+        }
     }
 
     /// The key named by a request, checked for purpose.
@@ -489,10 +576,14 @@ impl Kms {
         header: &Header,
         purpose: Purpose,
         expected: Option<&Name>,
+        allowed: Option<&[Name]>,
     ) -> Result<(KeyRecord, VersionRecord), Error> {
         let record = db.key(&header.key_id)?.ok_or(Error::Decrypt)?;
         if record.purpose != purpose || expected.is_some_and(|name| &record.name != name) {
             return Err(Error::Decrypt);
+        }
+        if allowed.is_some_and(|keys| !keys.contains(&record.name)) {
+            return Err(Error::PermissionDenied);
         }
         let version = db
             .version(&record.id, header.version)?
@@ -518,11 +609,25 @@ impl Kms {
     }
 
     fn kek(&self, db: &TenantDb, version: &VersionRecord) -> Result<Kek, Error> {
-        let wrapped = WrappedKek::from_bytes(&version.kek).ok_or(keystore::Error::Integrity {
-            database: db.id().to_string(),
-            reason: "malformed KEK blob",
-        })?;
-        Ok(self.hsm.unwrap_kek(&wrapped)?)
+        self.unwrap_stored_kek(db.id(), &version.kek)
+    }
+
+    /// Unwraps a KEK blob read from storage; a blob that fails to unwrap while the HSM passes
+    /// its canary is a storage integrity failure.
+    fn unwrap_stored_kek(&self, tenant: TenantId, blob: &[u8]) -> Result<Kek, Error> {
+        let integrity = |reason| keystore::Error::Integrity {
+            database: tenant.to_string(),
+            reason,
+        };
+        let wrapped = WrappedKek::from_bytes(blob).ok_or(integrity("malformed KEK blob"))?;
+        match self.hsm.unwrap_kek(&wrapped) {
+            Ok(kek) => Ok(kek),
+            Err(crate::hsm::Error::Integrity) => Err(match self.blame_input() {
+                Error::Decrypt => integrity("KEK blob does not unwrap under its MWK").into(),
+                hsm_fault => hsm_fault,
+            }),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// A new version: KEK generated in the HSM, bulk key from the HSM's RNG encrypted by it.
@@ -594,9 +699,7 @@ impl Kms {
         if blob.header.key_id != key_id || blob.header.version != version.version {
             return Err(integrity("bulk key blob of another version").into());
         }
-        let wrapped =
-            WrappedKek::from_bytes(&version.kek).ok_or(integrity("malformed KEK blob"))?;
-        let kek = self.hsm.unwrap_kek(&wrapped)?;
+        let kek = self.unwrap_stored_kek(tenant, &version.kek)?;
         let aad = crypto::aad(
             BlobType::BulkKey,
             &tenant,
@@ -607,7 +710,10 @@ impl Kms {
         let raw = match self.hsm.decrypt(&kek, blob.nonce, &aad, blob.sealed) {
             Ok(raw) => raw,
             Err(crate::hsm::Error::Integrity) => {
-                return Err(integrity("bulk key does not decrypt under its KEK").into());
+                return Err(match self.blame_input() {
+                    Error::Decrypt => integrity("bulk key does not decrypt under its KEK").into(),
+                    hsm_fault => hsm_fault,
+                });
             }
             Err(error) => return Err(error.into()),
         };

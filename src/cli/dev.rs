@@ -1,0 +1,334 @@
+//! `keyfront dev`: a complete local keyfront in one directory, made on first run and reused
+//! after: a SoftHSM token (its own SOFTHSM2_CONF), the key ceremony, a dev CA with server and
+//! client certificates, a config, tenants `acme` and `globex` with keys `default` (DATA) and
+//! `secrets` (SECRETS); then it serves.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use crate::config::{Config, ProcessEnv};
+use crate::hsm::Hsm;
+use crate::hsm::pkcs11::{self, Pkcs11Hsm};
+use crate::keystore::Purpose;
+use crate::kms::Kms;
+
+/// The dev token's label.
+pub const TOKEN_LABEL: &str = "keyfront-dev";
+/// The SPIFFE trust domain of dev identities.
+pub const TRUST_DOMAIN: &str = "spiffe://keyfront.dev";
+
+/// The dev principals: certificate name, identity path, tenants, roles.
+pub const PRINCIPALS: &[(&str, &str, &[&str], &[&str])] = &[
+    ("acme-app", "tenant/acme/app", &["acme"], &["app"]),
+    ("acme-backup", "tenant/acme/backup", &["acme"], &["backup"]),
+    (
+        "acme-secrets",
+        "tenant/acme/secrets",
+        &["acme"],
+        &["secrets"],
+    ),
+    ("globex-app", "tenant/globex/app", &["globex"], &["app"]),
+    ("backup", "backup", &["acme", "globex"], &["backup"]),
+    ("officer", "officer", &["*"], &["officer"]),
+];
+
+/// Why `keyfront dev` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// A file could not be written or a tool could not run.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// softhsm2-util failed.
+    #[error("softhsm2-util failed: {0} (is SoftHSM installed? run softhsm/install.sh)")]
+    SoftHsm(String),
+    /// Certificate generation failed.
+    #[error("certificates: {0}")]
+    Certificates(#[from] rcgen::Error),
+    /// The domain failed.
+    #[error(transparent)]
+    Keyfront(#[from] crate::Error),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
+    let what = what.into();
+    move |e| DevError::Io(what, e)
+}
+
+/// Makes sure this process runs with the dev token's SOFTHSM2_CONF: SoftHSM reads it once, at
+/// C_Initialize, and keyfront never mutates its own environment, so it re-executes itself with
+/// the variable set. Creates the token first if needed. Returns only when already set.
+///
+/// # Errors
+/// [`DevError`] when the token cannot be created or the re-exec fails.
+pub fn ensure_token_environment(dir: &Path) -> Result<(), DevError> {
+    let conf = dir.join("hsm/softhsm2.conf");
+    if std::env::var_os("SOFTHSM2_CONF").is_some_and(|v| Path::new(&v) == conf) {
+        return Ok(());
+    }
+    create_token(&dir.join("hsm"))?;
+    let exe = std::env::current_exe().map_err(io("current executable"))?;
+    let error = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("SOFTHSM2_CONF", &conf)
+        .exec();
+    Err(DevError::Io(
+        "re-executing with SOFTHSM2_CONF".into(),
+        error,
+    ))
+}
+
+/// The same steps as `softhsm/create-token.sh`, so the binary needs no checkout.
+fn create_token(hsm_dir: &Path) -> Result<(), DevError> {
+    let tokens = hsm_dir.join("tokens");
+    std::fs::create_dir_all(&tokens).map_err(io(tokens.display().to_string()))?;
+    let conf = hsm_dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "# SoftHSM configuration for keyfront dev\ndirectories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\nslots.mechanisms = ALL\nlibrary.reset_on_fork = false\n",
+            tokens.display()
+        ),
+    )
+    .map_err(io(conf.display().to_string()))?;
+    let show = Command::new("softhsm2-util")
+        .arg("--show-slots")
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .map_err(|e| DevError::SoftHsm(e.to_string()))?;
+    let listing = String::from_utf8_lossy(&show.stdout);
+    if listing.lines().any(|l| {
+        l.trim()
+            .strip_prefix("Label:")
+            .is_some_and(|v| v.trim() == TOKEN_LABEL)
+    }) {
+        return Ok(());
+    }
+    let pin = secret_file(&hsm_dir.join("pin"))?;
+    let so_pin = secret_file(&hsm_dir.join("so-pin"))?;
+    let init = Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            TOKEN_LABEL,
+            "--so-pin",
+            &so_pin,
+            "--pin",
+            &pin,
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .map_err(|e| DevError::SoftHsm(e.to_string()))?;
+    if !init.status.success() {
+        return Err(DevError::SoftHsm(
+            String::from_utf8_lossy(&init.stderr).into_owned(),
+        ));
+    }
+    println!(
+        "created SoftHSM token {TOKEN_LABEL:?} in {}",
+        tokens.display()
+    );
+    Ok(())
+}
+
+/// Reads a random secret file, creating it (mode 600) if absent.
+fn secret_file(path: &Path) -> Result<String, DevError> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        if !existing.trim().is_empty() {
+            return Ok(existing.trim().to_owned());
+        }
+    }
+    let value = hex::encode(rand::random::<[u8; 8]>());
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path.display().to_string()))?;
+    file.write_all(value.as_bytes())
+        .map_err(io(path.display().to_string()))?;
+    Ok(value)
+}
+
+/// Writes the dev CA and certificates that do not exist yet.
+///
+/// # Errors
+/// [`DevError`] for I/O or certificate failures.
+pub fn ensure_certificates(certs: &Path) -> Result<(), DevError> {
+    std::fs::create_dir_all(certs).map_err(io(certs.display().to_string()))?;
+    let ca_key_path = certs.join("ca.key");
+    let ca_key = match std::fs::read_to_string(&ca_key_path) {
+        Ok(pem) => KeyPair::from_pem(&pem)?,
+        Err(_) => {
+            let key = KeyPair::generate()?;
+            write_private(&ca_key_path, &key.serialize_pem())?;
+            let cert = ca_params()?.self_signed(&key)?;
+            write(&certs.join("ca.crt"), &cert.pem())?;
+            key
+        }
+    };
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let server = certs.join("server.crt");
+    if !server.exists() {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "keyfront dev server");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        issue(certs, "server", &params, &issuer)?;
+    }
+    for (name, path, _, _) in PRINCIPALS {
+        if certs.join(format!("{name}.crt")).exists() {
+            continue;
+        }
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, *name);
+        params.subject_alt_names = vec![SanType::URI(format!("{TRUST_DOMAIN}/{path}").try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        issue(certs, name, &params, &issuer)?;
+    }
+    Ok(())
+}
+
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "keyfront dev CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+fn issue(
+    certs: &Path,
+    name: &str,
+    params: &CertificateParams,
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<(), DevError> {
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    write_private(&certs.join(format!("{name}.key")), &key.serialize_pem())?;
+    write(&certs.join(format!("{name}.crt")), &cert.pem())
+}
+
+fn write(path: &Path, text: &str) -> Result<(), DevError> {
+    std::fs::write(path, text).map_err(io(path.display().to_string()))
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), DevError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path.display().to_string()))?;
+    file.write_all(text.as_bytes())
+        .map_err(io(path.display().to_string()))
+}
+
+/// Writes `keyfront.toml` if absent.
+///
+/// # Errors
+/// [`DevError::Io`].
+pub fn ensure_config(dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevError> {
+    let path = dir.join("keyfront.toml");
+    if path.exists() {
+        return Ok(path);
+    }
+    let mut text = format!(
+        "# keyfront dev configuration (made by `keyfront dev`); config.example.toml documents every key.\n\n\
+         [hsm]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"{TOKEN_LABEL}\"\npin_file = \"hsm/pin\"\n\n\
+         [storage]\ndata_dir = \"data\"\n\n\
+         [server]\nlisten = \"{listen}\"\ncert = \"certs/server.crt\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.crt\"\nnode_id = \"dev\"\naudit_path = \"audit/audit.log\"\n"
+    );
+    for (name, path, tenants, roles) in PRINCIPALS {
+        let list = |items: &[&str]| {
+            items
+                .iter()
+                .map(|i| format!("\"{i}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        text.push_str(&format!(
+            "\n# {name}\n[[principals]]\nidentity = \"{TRUST_DOMAIN}/{path}\"\ntenants = [{}]\nroles = [{}]\n",
+            list(tenants),
+            list(roles)
+        ));
+    }
+    write(&path, &text)?;
+    Ok(path)
+}
+
+/// Runs the ceremony if the token has no keys yet, and creates the dev tenants and keys that
+/// do not exist. The store is closed again before serving (sled locks its files).
+///
+/// # Errors
+/// HSM or storage errors.
+pub fn ensure_tenants(config: &Config) -> Result<(), DevError> {
+    let hsm = match Pkcs11Hsm::open(&config.hsm) {
+        Err(crate::hsm::Error::NotInitialized(_)) => {
+            let report = pkcs11::init_token(&config.hsm).map_err(crate::Error::from)?;
+            println!(
+                "ran the key ceremony on token {TOKEN_LABEL:?}: {}",
+                report.labels.join(", ")
+            );
+            Pkcs11Hsm::open(&config.hsm).map_err(crate::Error::from)?
+        }
+        other => other.map_err(crate::Error::from)?,
+    };
+    let kms = Kms::open(Arc::new(hsm) as Arc<dyn Hsm>, &config.data_dir, config.kms)?;
+    for tenant in ["acme", "globex"] {
+        let name = tenant.parse().map_err(|_| crate::Error::TooLarge)?;
+        let id = match kms
+            .store()
+            .tenant_by_name(&name)
+            .map_err(crate::Error::from)?
+        {
+            Some(record) => record.id,
+            None => {
+                println!("created tenant {tenant}");
+                kms.create_tenant(&name)?.id
+            }
+        };
+        for (key, purpose) in [("default", Purpose::Data), ("secrets", Purpose::Secrets)] {
+            let key = key.parse().map_err(|_| crate::Error::TooLarge)?;
+            if matches!(kms.key(id, &key), Err(crate::Error::KeyNotFound(_))) {
+                kms.create_key(id, &key, purpose)?;
+                println!("created key {tenant}/{key} ({purpose:?})");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads the dev config.
+///
+/// # Errors
+/// [`crate::Error::Config`].
+pub fn load(path: &Path) -> Result<Config, crate::Error> {
+    Ok(Config::load(path, &ProcessEnv)?)
+}

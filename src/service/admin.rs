@@ -1,0 +1,233 @@
+//! `AdminService`: tenants and keys, for officers. Lists are paginated by name; mutations with
+//! a `request_id` are idempotent (a retry returns the first call's result).
+
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::auth::{Rpc, parse_name};
+use super::{Shared, pb};
+use crate::config::TenantScope;
+use crate::keystore::{KeyRecord, Purpose, TenantRecord};
+
+/// Default and largest page sizes of List calls.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// The `AdminService` implementation.
+pub struct AdminService {
+    shared: Arc<Shared>,
+}
+
+impl AdminService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+fn tenant_message(record: &TenantRecord) -> pb::Tenant {
+    pb::Tenant {
+        name: record.name.to_string(),
+        id: record.id.to_string(),
+        create_time: i64::try_from(record.created_at).unwrap_or(i64::MAX),
+    }
+}
+
+fn key_message(tenant: &str, record: &KeyRecord) -> pb::Key {
+    pb::Key {
+        tenant: tenant.to_owned(),
+        name: record.name.to_string(),
+        id: record.id.to_string(),
+        purpose: match record.purpose {
+            Purpose::Data => pb::KeyPurpose::Data,
+            Purpose::Secrets => pb::KeyPurpose::Secrets,
+        } as i32,
+        primary_version: record.primary.0,
+        latest_version: record.latest.0,
+        create_time: i64::try_from(record.created_at).unwrap_or(i64::MAX),
+    }
+}
+
+/// One page of `items` (sorted by name) after `page_token`, and the next token.
+fn page<T>(
+    items: Vec<T>,
+    name: impl Fn(&T) -> &str,
+    page_size: i32,
+    page_token: &str,
+) -> Result<(Vec<T>, String), Status> {
+    let size = match usize::try_from(page_size) {
+        Ok(0) | Err(_) => DEFAULT_PAGE,
+        Ok(n) => n.min(MAX_PAGE),
+    };
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        let bytes = hex::decode(page_token)
+            .map_err(|_| Status::invalid_argument("page_token is not one this server issued"))?;
+        Some(
+            String::from_utf8(bytes).map_err(|_| {
+                Status::invalid_argument("page_token is not one this server issued")
+            })?,
+        )
+    };
+    let mut rest: Vec<T> = items
+        .into_iter()
+        .filter(|item| after.as_deref().is_none_or(|after| name(item) > after))
+        .collect();
+    let next = if rest.len() > size {
+        rest.truncate(size);
+        rest.last()
+            .map(|item| hex::encode(name(item)))
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok((rest, next))
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminService {
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::CreateTenant, &r.name, None)?;
+        let r = request.into_inner();
+        call.client_request_id(&r.request_id);
+        if let Some(done) = self
+            .shared
+            .replay(&call, Rpc::CreateTenant, &r.request_id)?
+        {
+            return Ok(Response::new(done));
+        }
+        let name = parse_name(&r.name, "name")?;
+        let record = call.run_global(move |kms| kms.create_tenant(&name)).await?;
+        let message = tenant_message(&record);
+        self.shared
+            .remember(&call, Rpc::CreateTenant, &r.request_id, &message);
+        Ok(Response::new(message))
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let call = self.shared.begin(&request, Rpc::ListTenants, "", None)?;
+        let r = request.into_inner();
+        let scope = call.scope();
+        let mut tenants = call
+            .run_global(|kms| Ok(kms.store().tenants()?))
+            .await?
+            .into_iter()
+            .filter(|t| match &scope {
+                TenantScope::All => true,
+                TenantScope::Only(names) => names.contains(&t.name),
+            })
+            .collect::<Vec<_>>();
+        tenants.sort_by(|a, b| a.name.cmp(&b.name));
+        let (tenants, next_page_token) =
+            page(tenants, |t| t.name.as_str(), r.page_size, &r.page_token)?;
+        Ok(Response::new(pb::ListTenantsResponse {
+            tenants: tenants.iter().map(tenant_message).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::CreateKey, &r.tenant, Some(&r.name))?;
+        let r = request.into_inner();
+        call.client_request_id(&r.request_id);
+        if let Some(done) = self.shared.replay(&call, Rpc::CreateKey, &r.request_id)? {
+            return Ok(Response::new(done));
+        }
+        let name = parse_name(&r.name, "name")?;
+        let purpose = match pb::KeyPurpose::try_from(r.purpose) {
+            Ok(pb::KeyPurpose::Data) => Purpose::Data,
+            Ok(pb::KeyPurpose::Secrets) => Purpose::Secrets,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "purpose: KEY_PURPOSE_DATA or KEY_PURPOSE_SECRETS",
+                ));
+            }
+        };
+        let record = call
+            .run(move |kms, tenant| kms.create_key(tenant, &name, purpose))
+            .await?;
+        call.version(record.primary.0);
+        let message = key_message(&r.tenant, &record);
+        self.shared
+            .remember(&call, Rpc::CreateKey, &r.request_id, &message);
+        Ok(Response::new(message))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::GetKey, &r.tenant, Some(&r.name))?;
+        let r = request.into_inner();
+        let name = parse_name(&r.name, "name")?;
+        let record = call.run(move |kms, tenant| kms.key(tenant, &name)).await?;
+        Ok(Response::new(key_message(&r.tenant, &record)))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::ListKeys, &r.tenant, None)?;
+        let r = request.into_inner();
+        let mut keys = call.run(|kms, tenant| kms.keys(tenant)).await?;
+        keys.sort_by(|a, b| a.name.cmp(&b.name));
+        let (keys, next_page_token) = page(keys, |k| k.name.as_str(), r.page_size, &r.page_token)?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: keys.iter().map(|k| key_message(&r.tenant, k)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::RotateKey, &r.tenant, Some(&r.name))?;
+        let r = request.into_inner();
+        call.client_request_id(&r.request_id);
+        if let Some(done) = self.shared.replay(&call, Rpc::RotateKey, &r.request_id)? {
+            return Ok(Response::new(done));
+        }
+        let name = parse_name(&r.name, "name")?;
+        let record = call
+            .run(move |kms, tenant| kms.rotate_key(tenant, &name))
+            .await?;
+        call.version(record.primary.0);
+        let message = key_message(&r.tenant, &record);
+        self.shared
+            .remember(&call, Rpc::RotateKey, &r.request_id, &message);
+        Ok(Response::new(message))
+    }
+}
+
+/// Encodes a response for the idempotency table.
+pub(crate) fn encode<M: Message>(message: &M) -> Vec<u8> {
+    message.encode_to_vec()
+}

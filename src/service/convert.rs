@@ -1,0 +1,211 @@
+//! Proto ↔ domain: context and CRC32C checks, and the redacting `Debug` of every generated
+//! message that carries plaintext, keys or secrets (build.rs skips their derived `Debug`).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use tonic::Status;
+
+use super::pb;
+use crate::config::Limits;
+use crate::crypto::EncryptionContext;
+
+/// Checks a request's context against the limits and makes it the domain type.
+///
+/// # Errors
+/// RESOURCE_EXHAUSTED when there are too many pairs or bytes.
+pub fn context(map: HashMap<String, String>, limits: &Limits) -> Result<EncryptionContext, Status> {
+    if map.len() > limits.max_context_pairs {
+        return Err(Status::resource_exhausted(format!(
+            "context has {} pairs; at most {} are allowed",
+            map.len(),
+            limits.max_context_pairs
+        )));
+    }
+    let bytes: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > limits.max_context_bytes {
+        return Err(Status::resource_exhausted(format!(
+            "context has {bytes} bytes; at most {} are allowed",
+            limits.max_context_bytes
+        )));
+    }
+    Ok(map.into_iter().collect())
+}
+
+/// Verifies an optional CRC32C a client sent with `data`; returns whether one was checked.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming the field when it does not match.
+pub fn verify_crc(data: &[u8], expected: Option<u32>, field: &'static str) -> Result<bool, Status> {
+    match expected {
+        None => Ok(false),
+        Some(crc) if crc == crc32c::crc32c(data) => Ok(true),
+        Some(_) => Err(Status::invalid_argument(format!(
+            "{field} does not match the data: it was corrupted in transit"
+        ))),
+    }
+}
+
+/// The CRC32C of data keyfront returns.
+pub fn crc(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
+}
+
+struct Redacted(usize);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[REDACTED; {} bytes]", self.0)
+    }
+}
+
+struct Names<'a>(&'a HashMap<String, String>);
+
+impl fmt::Debug for Names<'_> {
+    /// Context names only; values may identify customers' records.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl fmt::Debug for pb::EncryptRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptRequest")
+            .field("key", &self.key)
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .field("context", &Names(&self.context))
+            .field("plaintext_crc32c", &self.plaintext_crc32c)
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+impl fmt::Debug for pb::DecryptResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecryptResponse")
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .field("key_id", &self.key_id)
+            .field("key_version", &self.key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for pb::BatchEncryptItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchEncryptItem")
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .field("context", &Names(&self.context))
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for pb::BatchDecryptResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchDecryptResult")
+            .field("status", &self.status)
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .field("key_id", &self.key_id)
+            .field("key_version", &self.key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for pb::GenerateDataKeyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenerateDataKeyResponse")
+            .field("wrapped_key_len", &self.wrapped_key.len())
+            .field("plaintext_key", &Redacted(self.plaintext_key.len()))
+            .field("key_id", &self.key_id)
+            .field("key_version", &self.key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for pb::DecryptDataKeyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecryptDataKeyResponse")
+            .field("plaintext_key", &Redacted(self.plaintext_key.len()))
+            .field("key_id", &self.key_id)
+            .field("key_version", &self.key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for pb::SealSecretRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealSecretRequest")
+            .field("key", &self.key)
+            .field("secret", &Redacted(self.secret.len()))
+            .field("context", &Names(&self.context))
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for pb::UnsealSecretResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UnsealSecretResponse")
+            .field("secret", &Redacted(self.secret.len()))
+            .field("key_id", &self.key_id)
+            .field("key_version", &self.key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_with_secrets_print_no_secret() {
+        let context: HashMap<_, _> = [("order".to_owned(), "value-4711".to_owned())].into();
+        let shown = format!(
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            pb::EncryptRequest {
+                plaintext: b"plain-4711".to_vec(),
+                context: context.clone(),
+                ..Default::default()
+            },
+            pb::DecryptResponse {
+                plaintext: b"plain-4711".to_vec(),
+                ..Default::default()
+            },
+            pb::BatchEncryptItem {
+                plaintext: b"plain-4711".to_vec(),
+                context,
+                ..Default::default()
+            },
+            pb::BatchDecryptResult {
+                plaintext: b"plain-4711".to_vec(),
+                ..Default::default()
+            },
+            pb::GenerateDataKeyResponse {
+                plaintext_key: b"plain-4711".to_vec(),
+                ..Default::default()
+            },
+            pb::DecryptDataKeyResponse {
+                plaintext_key: b"plain-4711".to_vec(),
+                ..Default::default()
+            },
+            pb::SealSecretRequest {
+                secret: b"plain-4711".to_vec(),
+                ..Default::default()
+            },
+            pb::UnsealSecretResponse {
+                secret: b"plain-4711".to_vec(),
+                ..Default::default()
+            },
+        );
+        assert!(!shown.contains("4711"), "{shown}");
+        assert!(!shown.contains("112, 108"), "{shown}");
+        assert_eq!(shown.matches("REDACTED").count(), 8);
+    }
+
+    #[test]
+    fn crc_mismatch_is_invalid_argument() {
+        assert_eq!(verify_crc(b"abc", None, "f").ok(), Some(false));
+        assert_eq!(verify_crc(b"abc", Some(crc(b"abc")), "f").ok(), Some(true));
+        let error = verify_crc(b"abc", Some(crc(b"abd")), "f").expect_err("mismatch");
+        assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    }
+}

@@ -1,0 +1,327 @@
+//! `KeyService`: the data plane. Handlers stay thin: authorize, convert, call the domain on the
+//! blocking pool, convert back. Plaintext is wrapped in zeroizing types as soon as it leaves the
+//! request message.
+
+use tonic::{Request, Response, Status};
+
+use super::auth::{Rpc, parse_name};
+use super::convert::{self, crc, verify_crc};
+use super::{Shared, pb};
+use crate::crypto::Plaintext;
+use crate::ids::Name;
+
+use std::sync::Arc;
+
+/// The `KeyService` implementation.
+pub struct KeyService {
+    shared: Arc<Shared>,
+}
+
+impl KeyService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+fn optional_key(key: &str) -> Result<Option<Name>, Status> {
+    if key.is_empty() {
+        Ok(None)
+    } else {
+        parse_name(key, "key").map(Some)
+    }
+}
+
+fn item_status(result: &Result<(), Status>) -> (Option<tonic_types::pb::Status>, &'static str) {
+    let status = match result {
+        Ok(()) => tonic_types::pb::Status {
+            code: 0,
+            message: String::new(),
+            details: Vec::new(),
+        },
+        Err(status) => tonic_types::pb::Status {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            details: Vec::new(),
+        },
+    };
+    let code = super::layer::code_name(tonic::Code::from_i32(status.code));
+    (Some(status), code)
+}
+
+#[tonic::async_trait]
+impl pb::key_service_server::KeyService for KeyService {
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::Encrypt, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        let context = call.context(r.context, &self.shared.limits)?;
+        let verified = verify_crc(&r.plaintext, r.plaintext_crc32c, "plaintext_crc32c")?;
+        let plaintext = Plaintext::new(r.plaintext);
+        let out = call
+            .run(move |kms, tenant| kms.encrypt(tenant, &key, &plaintext, &context))
+            .await?;
+        call.version(out.version.0);
+        Ok(Response::new(pb::EncryptResponse {
+            ciphertext_crc32c: crc(&out.ciphertext),
+            ciphertext: out.ciphertext,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            verified_plaintext_crc32c: verified,
+        }))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::Decrypt, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = optional_key(&r.key)?;
+        let context = call.context(r.context, &self.shared.limits)?;
+        let verified = verify_crc(&r.ciphertext, r.ciphertext_crc32c, "ciphertext_crc32c")?;
+        let allowed = call.allowed_keys();
+        let out = call
+            .run(move |kms, tenant| {
+                kms.decrypt_scoped(
+                    tenant,
+                    &r.ciphertext,
+                    &context,
+                    key.as_ref(),
+                    allowed.as_deref(),
+                )
+            })
+            .await?;
+        call.decrypted(&out);
+        let plaintext = out.plaintext.expose_secret().to_vec();
+        Ok(Response::new(pb::DecryptResponse {
+            plaintext_crc32c: crc(&plaintext),
+            plaintext,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            verified_ciphertext_crc32c: verified,
+        }))
+    }
+
+    async fn batch_encrypt(
+        &self,
+        request: Request<pb::BatchEncryptRequest>,
+    ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::BatchEncrypt, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        self.shared.check_batch(r.items.len())?;
+        let limits = self.shared.limits;
+        let results = call
+            .run(move |kms, tenant| {
+                Ok(r.items
+                    .into_iter()
+                    .map(|item| {
+                        let mut result = pb::BatchEncryptResult::default();
+                        let outcome = (|| {
+                            let context = convert::context(item.context, &limits)?;
+                            result.verified_plaintext_crc32c = verify_crc(
+                                &item.plaintext,
+                                item.plaintext_crc32c,
+                                "plaintext_crc32c",
+                            )?;
+                            let plaintext = Plaintext::new(item.plaintext);
+                            let out = kms.encrypt(tenant, &key, &plaintext, &context)?;
+                            result.ciphertext_crc32c = crc(&out.ciphertext);
+                            result.ciphertext = out.ciphertext;
+                            result.key_id = out.key_id.to_string();
+                            result.key_version = out.version.0;
+                            Ok(())
+                        })();
+                        let (status, code) = item_status(&outcome);
+                        result.status = status;
+                        (result, code)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        call.items(results.iter().map(|(_, code)| *code).collect());
+        Ok(Response::new(pb::BatchEncryptResponse {
+            results: results.into_iter().map(|(result, _)| result).collect(),
+        }))
+    }
+
+    async fn batch_decrypt(
+        &self,
+        request: Request<pb::BatchDecryptRequest>,
+    ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::BatchDecrypt, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = optional_key(&r.key)?;
+        self.shared.check_batch(r.items.len())?;
+        let limits = self.shared.limits;
+        let allowed = call.allowed_keys();
+        let results = call
+            .run(move |kms, tenant| {
+                Ok(r.items
+                    .into_iter()
+                    .map(|item| {
+                        let mut result = pb::BatchDecryptResult::default();
+                        let outcome = (|| {
+                            let context = convert::context(item.context, &limits)?;
+                            result.verified_ciphertext_crc32c = verify_crc(
+                                &item.ciphertext,
+                                item.ciphertext_crc32c,
+                                "ciphertext_crc32c",
+                            )?;
+                            let out = kms.decrypt_scoped(
+                                tenant,
+                                &item.ciphertext,
+                                &context,
+                                key.as_ref(),
+                                allowed.as_deref(),
+                            )?;
+                            result.plaintext = out.plaintext.expose_secret().to_vec();
+                            result.plaintext_crc32c = crc(&result.plaintext);
+                            result.key_id = out.key_id.to_string();
+                            result.key_version = out.version.0;
+                            Ok(())
+                        })();
+                        let (status, code) = item_status(&outcome);
+                        result.status = status;
+                        (result, code)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        call.items(results.iter().map(|(_, code)| *code).collect());
+        Ok(Response::new(pb::BatchDecryptResponse {
+            results: results.into_iter().map(|(result, _)| result).collect(),
+        }))
+    }
+
+    async fn generate_data_key(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::GenerateDataKey, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        let context = call.context(r.context, &self.shared.limits)?;
+        let out = call
+            .run(move |kms, tenant| kms.generate_data_key(tenant, &key, &context))
+            .await?;
+        call.version(out.version.0);
+        let plaintext_key = if r.include_plaintext {
+            out.plaintext.expose_secret().to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::GenerateDataKeyResponse {
+            wrapped_key_crc32c: crc(&out.wrapped),
+            plaintext_key_crc32c: if r.include_plaintext {
+                crc(&plaintext_key)
+            } else {
+                0
+            },
+            wrapped_key: out.wrapped,
+            plaintext_key,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+        }))
+    }
+
+    async fn decrypt_data_key(
+        &self,
+        request: Request<pb::DecryptDataKeyRequest>,
+    ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::DecryptDataKey, &r.tenant, None)?;
+        let r = request.into_inner();
+        let context = call.context(r.context, &self.shared.limits)?;
+        let verified = verify_crc(&r.wrapped_key, r.wrapped_key_crc32c, "wrapped_key_crc32c")?;
+        let allowed = call.allowed_keys();
+        let out = call
+            .run(move |kms, tenant| {
+                kms.decrypt_data_key_scoped(tenant, &r.wrapped_key, &context, allowed.as_deref())
+            })
+            .await?;
+        call.decrypted(&out);
+        let plaintext_key = out.plaintext.expose_secret().to_vec();
+        Ok(Response::new(pb::DecryptDataKeyResponse {
+            plaintext_key_crc32c: crc(&plaintext_key),
+            plaintext_key,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            verified_wrapped_key_crc32c: verified,
+        }))
+    }
+
+    async fn seal_secret(
+        &self,
+        request: Request<pb::SealSecretRequest>,
+    ) -> Result<Response<pb::SealSecretResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::SealSecret, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        let context = call.context(r.context, &self.shared.limits)?;
+        let verified = verify_crc(&r.secret, r.secret_crc32c, "secret_crc32c")?;
+        let secret = Plaintext::new(r.secret);
+        let out = call
+            .run(move |kms, tenant| kms.seal_secret(tenant, &key, &secret, &context))
+            .await?;
+        call.version(out.version.0);
+        Ok(Response::new(pb::SealSecretResponse {
+            sealed_crc32c: crc(&out.sealed),
+            sealed: out.sealed,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            verified_secret_crc32c: verified,
+        }))
+    }
+
+    async fn unseal_secret(
+        &self,
+        request: Request<pb::UnsealSecretRequest>,
+    ) -> Result<Response<pb::UnsealSecretResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::UnsealSecret, &r.tenant, None)?;
+        let r = request.into_inner();
+        let context = call.context(r.context, &self.shared.limits)?;
+        let verified = verify_crc(&r.sealed, r.sealed_crc32c, "sealed_crc32c")?;
+        let allowed = call.allowed_keys();
+        let out = call
+            .run(move |kms, tenant| {
+                kms.unseal_secret_scoped(tenant, &r.sealed, &context, allowed.as_deref())
+            })
+            .await?;
+        call.decrypted(&out);
+        let secret = out.plaintext.expose_secret().to_vec();
+        Ok(Response::new(pb::UnsealSecretResponse {
+            secret_crc32c: crc(&secret),
+            secret,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            verified_sealed_crc32c: verified,
+        }))
+    }
+}

@@ -1,0 +1,429 @@
+//! The gRPC service: `KeyService`, `AdminService`, health and reflection over TLS 1.3 with
+//! client certificates, behind one request pipeline (limits + audit).
+//!
+//! Shape of a request: TLS connection (identity parsed once, `tls.rs`) → pipeline (concurrency
+//! limit, deadline, audit line, `layer.rs`) → handler (authorize before any lookup, `auth.rs`;
+//! convert, `convert.rs`; call the domain on the blocking pool) → one error mapping
+//! (`crate::error`).
+//!
+//! The HSM may be unreachable when the server starts: it serves health NOT_SERVING and
+//! UNAVAILABLE, retries, and starts serving when the HSM answers. A refused PIN stops the
+//! process instead (HSMs lock PINs after failed logins).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::net::TcpListener;
+use tonic::{Request, Status};
+use tonic_health::ServingStatus;
+
+use crate::audit::AuditLog;
+use crate::config::{Config, Limits, TenantScope};
+use crate::error::Error;
+use crate::hsm::Hsm;
+use crate::hsm::pkcs11::Pkcs11Hsm;
+use crate::ids::{Name, TenantId};
+use crate::kms::{Decrypted, Kms};
+
+pub mod admin;
+pub mod auth;
+pub mod convert;
+pub mod keys;
+pub mod layer;
+pub mod pb;
+pub mod tls;
+
+use auth::{Authorized, PeerInfo, Principals, Rpc};
+use layer::AuditSlot;
+
+/// Opens the HSM; the default opens the configured PKCS#11 token. Tests inject faulty HSMs.
+pub type HsmConnector = Arc<dyn Fn() -> Result<Arc<dyn Hsm>, crate::hsm::Error> + Send + Sync>;
+
+/// Why serving stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The config has no `[server]` section.
+    #[error("the config has no [server] section")]
+    NoServerSection,
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The audit log could not be opened.
+    #[error("cannot open the audit log: {0}")]
+    Audit(std::io::Error),
+    /// The HSM refused the PIN, or the token or data directory is unusable: retrying cannot help.
+    #[error("cannot start: {0}")]
+    Fatal(Error),
+    /// The server failed.
+    #[error("server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// State shared by all handlers.
+pub struct Shared {
+    kms: OnceLock<Arc<Kms>>,
+    principals: Principals,
+    limits: Limits,
+    // Responses of mutations by (identity, request_id), so a retry is idempotent. In memory
+    // for now (bounded); persisted idempotency arrives with the key lifecycle.
+    done: Mutex<HashMap<RequestKey, (Rpc, Vec<u8>)>>,
+}
+
+/// (caller identity, caller's request_id).
+type RequestKey = (String, String);
+
+const MAX_REMEMBERED_REQUESTS: usize = 10_000;
+
+impl Shared {
+    fn begin<T>(
+        &self,
+        request: &Request<T>,
+        rpc: Rpc,
+        tenant: &str,
+        key: Option<&str>,
+    ) -> Result<Call, Status> {
+        let slot = request
+            .extensions()
+            .get::<AuditSlot>()
+            .cloned()
+            .unwrap_or_default();
+        slot.update(|d| {
+            d.tenant = (!tenant.is_empty()).then(|| tenant.to_owned());
+            d.key = key.filter(|k| !k.is_empty()).map(str::to_owned);
+        });
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let authorized = self.principals.authorize(peer, rpc, tenant, key)?;
+        if let Some(tenant) = &authorized.tenant {
+            slot.update(|d| d.tenant = Some(tenant.to_string()));
+        }
+        let kms = self
+            .kms
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("the HSM is not reachable yet; retry"))?;
+        let identity = peer.identity.clone().unwrap_or_default();
+        Ok(Call {
+            slot,
+            authorized,
+            kms,
+            identity,
+        })
+    }
+
+    fn check_batch(&self, items: usize) -> Result<(), Status> {
+        if items > self.limits.max_batch_items {
+            return Err(Status::resource_exhausted(format!(
+                "batch has {items} items; at most {} are allowed",
+                self.limits.max_batch_items
+            )));
+        }
+        Ok(())
+    }
+
+    fn replay<M: Message + Default>(
+        &self,
+        call: &Call,
+        rpc: Rpc,
+        request_id: &str,
+    ) -> Result<Option<M>, Status> {
+        if request_id.is_empty() {
+            return Ok(None);
+        }
+        let done = self.done.lock().expect("idempotency lock poisoned");
+        match done.get(&(call.identity.clone(), request_id.to_owned())) {
+            None => Ok(None),
+            Some((earlier, _)) if *earlier != rpc => Err(Status::failed_precondition(
+                "request_id was already used for another call",
+            )),
+            Some((_, bytes)) => M::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|_| Status::internal("internal error")),
+        }
+    }
+
+    fn remember<M: Message>(&self, call: &Call, rpc: Rpc, request_id: &str, response: &M) {
+        if request_id.is_empty() {
+            return;
+        }
+        let mut done = self.done.lock().expect("idempotency lock poisoned");
+        if done.len() >= MAX_REMEMBERED_REQUESTS {
+            done.clear();
+        }
+        done.insert(
+            (call.identity.clone(), request_id.to_owned()),
+            (rpc, admin::encode(response)),
+        );
+    }
+}
+
+/// One authorized request in progress.
+struct Call {
+    slot: AuditSlot,
+    authorized: Authorized,
+    kms: Arc<Kms>,
+    identity: String,
+}
+
+impl Call {
+    fn tenant(&self) -> Result<Name, Status> {
+        self.authorized
+            .tenant
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("tenant is required"))
+    }
+
+    fn scope(&self) -> TenantScope {
+        self.authorized.scope.clone()
+    }
+
+    fn allowed_keys(&self) -> Option<Vec<Name>> {
+        self.authorized.keys.clone()
+    }
+
+    /// Checks the context's limits and records its names with HMAC'd values for the audit line.
+    fn context(
+        &self,
+        map: HashMap<String, String>,
+        limits: &Limits,
+    ) -> Result<crate::crypto::EncryptionContext, Status> {
+        let context = convert::context(map, limits)?;
+        let digests = context
+            .pairs()
+            .map(|(name, value)| (name.to_owned(), self.kms.audit_digest(value.as_bytes())))
+            .collect();
+        self.slot.update(|d| d.context = Some(digests));
+        Ok(context)
+    }
+
+    fn version(&self, version: u32) {
+        self.slot.update(|d| d.version = Some(version));
+    }
+
+    fn decrypted(&self, out: &Decrypted) {
+        let key_id = out.key_id.to_string();
+        self.slot.update(|d| {
+            d.version = Some(out.version.0);
+            d.key.get_or_insert(key_id);
+        });
+    }
+
+    fn items(&self, codes: Vec<&'static str>) {
+        self.slot.update(|d| d.items = Some(codes));
+    }
+
+    fn client_request_id(&self, id: &str) {
+        if !id.is_empty() {
+            self.slot
+                .update(|d| d.client_request_id = Some(id.to_owned()));
+        }
+    }
+
+    /// Runs a domain operation on the caller's tenant on the blocking pool.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Kms, TenantId) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Status> {
+        let tenant = self.tenant()?;
+        self.run_global(move |kms| {
+            let id = kms.tenant(&tenant)?.id;
+            f(kms, id)
+        })
+        .await
+    }
+
+    /// Runs a domain operation not tied to one tenant on the blocking pool.
+    async fn run_global<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Kms) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Status> {
+        blocking(Arc::clone(&self.kms), f).await
+    }
+}
+
+/// The one crossing from async handlers to blocking PKCS#11 and sled calls.
+async fn blocking<T: Send + 'static>(
+    kms: Arc<Kms>,
+    f: impl FnOnce(&Kms) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(move || f(&kms))
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "blocking task failed");
+            Status::internal("internal error")
+        })?
+        .map_err(Status::from)
+}
+
+/// The keyfront server.
+pub struct Server {
+    config: Config,
+    connect: HsmConnector,
+}
+
+impl Server {
+    /// A server for `config` that opens the configured PKCS#11 token.
+    pub fn new(config: Config) -> Self {
+        let hsm_config = config.hsm.clone();
+        Self {
+            config,
+            connect: Arc::new(move || Ok(Arc::new(Pkcs11Hsm::open(&hsm_config)?) as Arc<dyn Hsm>)),
+        }
+    }
+
+    /// Replaces how the HSM is opened (tests: fault injection).
+    pub fn with_hsm_connector(mut self, connect: HsmConnector) -> Self {
+        self.connect = connect;
+        self
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then finishes in-flight requests.
+    ///
+    /// # Errors
+    /// [`ServeError::Fatal`] when the HSM refuses the PIN or the token or data directory cannot
+    /// be used; setup errors otherwise.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let server = self
+            .config
+            .server
+            .clone()
+            .ok_or(ServeError::NoServerSection)?;
+        let audit = Arc::new(
+            AuditLog::open(&server.audit_path, &server.node_id).map_err(ServeError::Audit)?,
+        );
+        let tls = tls::server_config(&server)?;
+        let shared = Arc::new(Shared {
+            kms: OnceLock::new(),
+            principals: Principals::new(&self.config.principals),
+            limits: server.limits,
+            done: Mutex::new(HashMap::new()),
+        });
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
+        let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(connect_hsm(
+            self.connect,
+            self.config.clone(),
+            Arc::clone(&shared),
+            health.clone(),
+            fatal_tx,
+        ));
+
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let limits = server.limits;
+        let keys = pb::key_service_server::KeyServiceServer::new(keys::KeyService::new(
+            Arc::clone(&shared),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes);
+        let admin = pb::admin_service_server::AdminServiceServer::new(admin::AdminService::new(
+            Arc::clone(&shared),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes);
+        let incoming = tls::incoming(listener, tls, Arc::clone(&audit), server.allow_cn_identity);
+        tracing::info!(listen = %server.listen, "keyfront serving (TLS 1.3, client certificates required)");
+        let serving = tonic::transport::Server::builder()
+            .layer(layer::RequestLayer::new(
+                audit,
+                limits.max_concurrent_requests,
+                limits.request_timeout,
+            ))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(keys)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(incoming, shutdown);
+        tokio::select! {
+            result = serving => Ok(result?),
+            Ok(error) = fatal_rx => Err(ServeError::Fatal(error)),
+        }
+    }
+}
+
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for service in ["", "keyfront.v1.KeyService", "keyfront.v1.AdminService"] {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// Opens the HSM and the store, retrying while the HSM is unreachable; then watches the HSM's
+/// health with the canary and reports it.
+async fn connect_hsm(
+    connect: HsmConnector,
+    config: Config,
+    shared: Arc<Shared>,
+    health: tonic_health::server::HealthReporter,
+    fatal: tokio::sync::oneshot::Sender<Error>,
+) {
+    let retry = config.hsm_retry;
+    let kms = loop {
+        let connect = Arc::clone(&connect);
+        let data_dir = config.data_dir.clone();
+        let options = config.kms;
+        let attempt = tokio::task::spawn_blocking(move || {
+            let hsm = connect()?;
+            Kms::open(hsm, &data_dir, options)
+        })
+        .await;
+        match attempt {
+            Ok(Ok(kms)) => break Arc::new(kms),
+            Ok(Err(Error::Hsm(error))) if retryable(&error) => {
+                tracing::warn!(%error, retry_in = ?retry, "HSM not reachable; health is NOT_SERVING");
+            }
+            Ok(Err(error)) => {
+                tracing::error!(%error, "cannot start");
+                let _ = fatal.send(error);
+                return;
+            }
+            Err(error) => tracing::error!(%error, "HSM connect task failed"),
+        }
+        tokio::time::sleep(retry).await;
+    };
+    let _ = shared.kms.set(Arc::clone(&kms));
+    tracing::info!("HSM reachable; serving");
+    set_health(&health, ServingStatus::Serving).await;
+    let mut serving = true;
+    loop {
+        tokio::time::sleep(retry.max(Duration::from_millis(200))).await;
+        let hsm = Arc::clone(kms.hsm());
+        let healthy = matches!(
+            tokio::task::spawn_blocking(move || hsm.probe()).await,
+            Ok(Ok(()))
+        );
+        if healthy != serving {
+            serving = healthy;
+            if healthy {
+                tracing::info!("HSM recovered; serving");
+                set_health(&health, ServingStatus::Serving).await;
+            } else {
+                tracing::warn!("HSM canary failed; health is NOT_SERVING");
+                set_health(&health, ServingStatus::NotServing).await;
+            }
+        }
+    }
+}
+
+/// Whether waiting may help: the HSM or its token is not there yet. A refused PIN, a token
+/// without keyfront's keys, or a foreign data directory are final.
+fn retryable(error: &crate::hsm::Error) -> bool {
+    use crate::hsm::Error as E;
+    matches!(
+        error,
+        E::Unavailable { .. } | E::TokenNotFound(_) | E::Module(_)
+    )
+}

@@ -1,0 +1,225 @@
+//! TLS 1.3 with client certificates required, on a plain TCP listener.
+//!
+//! keyfront runs its own acceptor instead of tonic's `ServerTlsConfig` because that one cannot
+//! be limited to TLS 1.3. Each accepted connection carries a [`PeerInfo`] (identity parsed once
+//! per connection) into every request's extensions; every connection, accepted or rejected, is
+//! audited.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use super::auth::PeerInfo;
+use crate::audit::{AuditLog, ConnectionRecord};
+use crate::config::ServerConfig;
+
+/// How long a client has to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the TLS setup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("cannot read {path}: {message}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client CA could not be used.
+    #[error("client CA: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// The rustls configuration: TLS 1.3 only, client certificates required and verified against
+/// the configured CA, HTTP/2 by ALPN.
+///
+/// # Errors
+/// [`TlsError`] for unreadable files or a configuration rustls refuses.
+pub fn server_config(server: &ServerConfig) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certificates(&server.client_ca)? {
+        roots.add(ca)?;
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()?;
+    let key = PrivateKeyDer::from_pem_file(&server.key).map_err(|e| TlsError::Pem {
+        path: server.key.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certificates(&server.cert)?, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem_error = |message: String| TlsError::Pem {
+        path: path.display().to_string(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_error("no certificate in file".into()));
+    }
+    Ok(certs)
+}
+
+/// Accepts TCP connections, runs the TLS handshake (each on its own task, bounded in time),
+/// audits the outcome, and yields the established connections.
+pub fn incoming(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    audit: Arc<AuditLog>,
+    allow_cn_identity: bool,
+) -> ReceiverStream<io::Result<TlsConnection>> {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (sender, receiver) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if sender.is_closed() {
+                break;
+            }
+            let acceptor = acceptor.clone();
+            let sender = sender.clone();
+            let audit = Arc::clone(&audit);
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        reject(&audit, remote, error.to_string());
+                        return;
+                    }
+                    Err(_) => {
+                        reject(&audit, remote, "handshake timed out".into());
+                        return;
+                    }
+                };
+                let leaf = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .map(|c| c.as_ref().to_vec());
+                let info = PeerInfo::from_certificate(remote, leaf.as_deref(), allow_cn_identity);
+                let record = ConnectionRecord {
+                    peer: remote.to_string(),
+                    outcome: "accepted",
+                    identity: info.identity.as_ref().ok().cloned(),
+                    cert_fingerprint: info.fingerprint.clone(),
+                    reason: info.identity.as_ref().err().map(ToString::to_string),
+                };
+                if let Err(error) = audit.connection(&record) {
+                    // Fail closed: a connection that cannot be audited is not served.
+                    tracing::error!(%error, "audit write failed; dropping connection");
+                    return;
+                }
+                let _ = sender.send(Ok(TlsConnection { stream, info })).await;
+            });
+        }
+    });
+    ReceiverStream::new(receiver)
+}
+
+fn reject(audit: &AuditLog, remote: std::net::SocketAddr, reason: String) {
+    tracing::info!(peer = %remote, %reason, "TLS connection rejected");
+    let record = ConnectionRecord {
+        peer: remote.to_string(),
+        outcome: "rejected",
+        identity: None,
+        cert_fingerprint: None,
+        reason: Some(reason),
+    };
+    if let Err(error) = audit.connection(&record) {
+        tracing::error!(%error, "audit write failed");
+    }
+}
+
+/// An established TLS connection and what is known about its peer.
+pub struct TlsConnection {
+    stream: TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
