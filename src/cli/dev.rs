@@ -208,6 +208,32 @@ pub fn ensure_certificates(certs: &Path) -> Result<(), DevError> {
     Ok(())
 }
 
+/// Issues a client certificate from the dev CA in `certs` with these URI SANs and CN, written
+/// as `certs/NAME.crt` and `certs/NAME.key` (for tests and for adding dev principals).
+///
+/// # Errors
+/// [`DevError`] if the CA is missing or signing fails.
+pub fn issue_client_certificate(
+    certs: &Path,
+    name: &str,
+    uris: &[&str],
+    common_name: &str,
+) -> Result<(), DevError> {
+    let ca_key = std::fs::read_to_string(certs.join("ca.key")).map_err(io("dev CA key"))?;
+    let issuer = Issuer::new(ca_params()?, KeyPair::from_pem(&ca_key)?);
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    for uri in uris {
+        params
+            .subject_alt_names
+            .push(SanType::URI((*uri).try_into()?));
+    }
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    issue(certs, name, &params, &issuer)
+}
+
 fn ca_params() -> Result<CertificateParams, rcgen::Error> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params

@@ -1,0 +1,1370 @@
+//! The gRPC API over real TLS sockets against real SoftHSM: every RPC, the role × RPC matrix,
+//! tenant isolation, refused clients, bad input, HSM outage, and the audit log.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use keyfront::cli::dev;
+use keyfront::config::{Config, Limits, PrincipalConfig, Role, ServerConfig, TenantScope};
+use keyfront::hsm::Hsm;
+use keyfront::hsm::faulty::FaultyHsm;
+use keyfront::hsm::pkcs11::Pkcs11Hsm;
+use keyfront::kms::KmsOptions;
+use keyfront::service::pb::admin_service_client::AdminServiceClient;
+use keyfront::service::pb::key_service_client::KeyServiceClient;
+use keyfront::service::{Server, pb};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const PLAINTEXT_MARKER: &[u8] = b"MARKER-plaintext-7c1f";
+const SECRET_MARKER: &[u8] = b"MARKER-secret-9a2b";
+const CONTEXT_MARKER: &str = "MARKER-context-4d8e";
+
+struct Harness {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), keyfront::service::ServeError>>,
+    hsm: Arc<FaultyHsm<Pkcs11Hsm>>,
+    reachable: Arc<AtomicBool>,
+}
+
+fn principal(
+    identity: &str,
+    tenants: &[&str],
+    roles: &[Role],
+    keys: Option<&[&str]>,
+) -> PrincipalConfig {
+    let names = |items: &[&str]| items.iter().map(|t| t.parse().expect("name")).collect();
+    PrincipalConfig {
+        identity: format!("{}/{identity}", dev::TRUST_DOMAIN),
+        tenants: if tenants == ["*"] {
+            TenantScope::All
+        } else {
+            TenantScope::Only(names(tenants))
+        },
+        roles: roles.to_vec(),
+        keys: keys.map(names),
+    }
+}
+
+impl Harness {
+    /// A server on 127.0.0.1:0 with the dev principals plus a few for negative tests, tenants
+    /// acme and globex with keys default (DATA) and secrets (SECRETS). With `start_down`, the
+    /// HSM is unreachable until [`Harness::set_reachable`].
+    async fn start(start_down: bool) -> Self {
+        let token = common::initialized_token("grpc");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dir.path().join("certs");
+        dev::ensure_certificates(&certs).expect("dev certificates");
+        let extra = format!("{}/tenant/acme/limited", dev::TRUST_DOMAIN);
+        dev::issue_client_certificate(&certs, "acme-limited", &[&extra], "limited").expect("cert");
+        let two = [
+            format!("{}/tenant/acme/app", dev::TRUST_DOMAIN),
+            format!("{}/other", dev::TRUST_DOMAIN),
+        ];
+        dev::issue_client_certificate(&certs, "two-uris", &[&two[0], &two[1]], "two")
+            .expect("cert");
+        let stranger = format!("{}/stranger", dev::TRUST_DOMAIN);
+        dev::issue_client_certificate(&certs, "stranger", &[&stranger], "stranger").expect("cert");
+        dev::issue_client_certificate(&certs, "cn-only", &[], "cn-only").expect("cert");
+
+        let mut principals = vec![
+            principal("tenant/acme/app", &["acme"], &[Role::App], None),
+            principal("tenant/acme/backup", &["acme"], &[Role::Backup], None),
+            principal("tenant/acme/secrets", &["acme"], &[Role::Secrets], None),
+            principal("tenant/globex/app", &["globex"], &[Role::App], None),
+            principal("backup", &["acme", "globex"], &[Role::Backup], None),
+            principal("officer", &["*"], &[Role::Officer], None),
+            principal(
+                "tenant/acme/limited",
+                &["acme"],
+                &[Role::App],
+                Some(&["other"]),
+            ),
+        ];
+        principals.push(PrincipalConfig {
+            identity: "cn-only".into(),
+            ..principal("x", &["acme"], &[Role::App], None)
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = Config {
+            hsm: token.clone(),
+            hsm_retry: Duration::from_millis(100),
+            data_dir: dir.path().join("data"),
+            kms: KmsOptions::default(),
+            server: Some(ServerConfig {
+                listen: addr,
+                cert: certs.join("server.crt"),
+                key: certs.join("server.key"),
+                client_ca: certs.join("ca.crt"),
+                allow_cn_identity: false,
+                node_id: "test".into(),
+                audit_path: dir.path().join("audit/audit.log"),
+                limits: Limits {
+                    max_message_bytes: 64 * 1024,
+                    max_batch_items: 10,
+                    max_context_pairs: 8,
+                    max_context_bytes: 512,
+                    max_concurrent_requests: 64,
+                    request_timeout: Duration::from_secs(10),
+                },
+            }),
+            principals,
+        };
+        let hsm = Arc::new(FaultyHsm::new(common::open_hsm(&token)));
+        let reachable = Arc::new(AtomicBool::new(!start_down));
+        let connector = {
+            let hsm = Arc::clone(&hsm);
+            let reachable = Arc::clone(&reachable);
+            Arc::new(move || {
+                if reachable.load(Ordering::SeqCst) {
+                    Ok(Arc::clone(&hsm) as Arc<dyn Hsm>)
+                } else {
+                    Err(keyfront::hsm::Error::TokenNotFound(
+                        "unreachable in this test".into(),
+                    ))
+                }
+            })
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(Server::new(config).with_hsm_connector(connector).run(
+            listener,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let harness = Self {
+            addr,
+            dir,
+            shutdown: Some(tx),
+            server,
+            hsm,
+            reachable,
+        };
+        if !start_down {
+            harness.wait_for(ServingStatus::Serving).await;
+            harness.create_tenants().await;
+        }
+        harness
+    }
+
+    fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    async fn channel(&self, name: &str) -> Channel {
+        self.try_channel(name, true).await.expect("connect")
+    }
+
+    async fn try_channel(
+        &self,
+        name: &str,
+        with_identity: bool,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let certs = self.certs();
+        let read = |file: &str| std::fs::read(certs.join(file)).expect("read cert");
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.crt")))
+            .domain_name("localhost");
+        if with_identity {
+            tls = tls.identity(Identity::from_pem(
+                read(&format!("{name}.crt")),
+                read(&format!("{name}.key")),
+            ));
+        }
+        Channel::from_shared(format!("https://{}", self.addr))
+            .expect("uri")
+            .tls_config(tls)?
+            .connect()
+            .await
+    }
+
+    async fn keys(&self, name: &str) -> KeyServiceClient<Channel> {
+        KeyServiceClient::new(self.channel(name).await)
+    }
+
+    async fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel("officer").await)
+    }
+
+    async fn health(&self) -> Option<i32> {
+        let mut client = HealthClient::new(self.channel("officer").await);
+        client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner().status)
+    }
+
+    async fn wait_for(&self, status: ServingStatus) {
+        for _ in 0..200 {
+            if self.health().await == Some(status as i32) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("health never became {status:?}");
+    }
+
+    fn set_reachable(&self, reachable: bool) {
+        self.reachable.store(reachable, Ordering::SeqCst);
+    }
+
+    async fn create_tenants(&self) {
+        let mut admin = self.admin().await;
+        for tenant in ["acme", "globex"] {
+            admin
+                .create_tenant(pb::CreateTenantRequest {
+                    name: tenant.into(),
+                    request_id: String::new(),
+                })
+                .await
+                .expect("create tenant");
+            for (key, purpose) in [
+                ("default", pb::KeyPurpose::Data),
+                ("secrets", pb::KeyPurpose::Secrets),
+            ] {
+                admin
+                    .create_key(pb::CreateKeyRequest {
+                        tenant: tenant.into(),
+                        name: key.into(),
+                        purpose: purpose as i32,
+                        request_id: String::new(),
+                    })
+                    .await
+                    .expect("create key");
+            }
+        }
+    }
+
+    fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit/audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+            .collect()
+    }
+
+    async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), &mut self.server)
+            .await
+            .expect("server stops")
+            .expect("task")
+            .expect("clean shutdown");
+        self.dir
+    }
+}
+
+fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+async fn encrypt(client: &mut KeyServiceClient<Channel>, plaintext: &[u8]) -> pb::EncryptResponse {
+    client
+        .encrypt(pb::EncryptRequest {
+            key: "default".into(),
+            plaintext: plaintext.to_vec(),
+            context: ctx(&[("row", CONTEXT_MARKER)]),
+            plaintext_crc32c: Some(crc32c::crc32c(plaintext)),
+            tenant: String::new(),
+        })
+        .await
+        .expect("encrypt")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_round_trips() {
+    let h = Harness::start(false).await;
+    let mut app = h.keys("acme-app").await;
+    let encrypted = encrypt(&mut app, PLAINTEXT_MARKER).await;
+    assert!(encrypted.verified_plaintext_crc32c);
+    assert_eq!(
+        encrypted.ciphertext_crc32c,
+        crc32c::crc32c(&encrypted.ciphertext)
+    );
+    let decrypted = app
+        .decrypt(pb::DecryptRequest {
+            ciphertext: encrypted.ciphertext.clone(),
+            context: ctx(&[("row", CONTEXT_MARKER)]),
+            key: "default".into(),
+            ciphertext_crc32c: Some(encrypted.ciphertext_crc32c),
+            tenant: String::new(),
+        })
+        .await
+        .expect("decrypt")
+        .into_inner();
+    assert_eq!(decrypted.plaintext, PLAINTEXT_MARKER);
+    assert!(decrypted.verified_ciphertext_crc32c);
+    assert_eq!(decrypted.key_id, encrypted.key_id);
+
+    let items: Vec<_> = (0..5)
+        .map(|i| pb::BatchEncryptItem {
+            plaintext: format!("item {i}").into_bytes(),
+            context: ctx(&[("i", &i.to_string())]),
+            plaintext_crc32c: None,
+        })
+        .collect();
+    let batch = app
+        .batch_encrypt(pb::BatchEncryptRequest {
+            key: "default".into(),
+            items,
+            tenant: String::new(),
+        })
+        .await
+        .expect("batch encrypt")
+        .into_inner();
+    assert!(
+        batch
+            .results
+            .iter()
+            .all(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
+    );
+    let decrypt_items = batch
+        .results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| pb::BatchDecryptItem {
+            ciphertext: r.ciphertext.clone(),
+            context: ctx(&[("i", &i.to_string())]),
+            ciphertext_crc32c: Some(r.ciphertext_crc32c),
+        })
+        .collect();
+    let opened = app
+        .batch_decrypt(pb::BatchDecryptRequest {
+            key: String::new(),
+            items: decrypt_items,
+            tenant: String::new(),
+        })
+        .await
+        .expect("batch decrypt")
+        .into_inner();
+    for (i, result) in opened.results.iter().enumerate() {
+        assert_eq!(result.plaintext, format!("item {i}").into_bytes());
+    }
+
+    let mut backup = h.keys("acme-backup").await;
+    let data_key = backup
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            context: ctx(&[("night", "2026-11-24")]),
+            include_plaintext: true,
+            tenant: String::new(),
+        })
+        .await
+        .expect("generate data key")
+        .into_inner();
+    assert_eq!(data_key.plaintext_key.len(), 32);
+    let again = backup
+        .decrypt_data_key(pb::DecryptDataKeyRequest {
+            wrapped_key: data_key.wrapped_key.clone(),
+            context: ctx(&[("night", "2026-11-24")]),
+            wrapped_key_crc32c: Some(data_key.wrapped_key_crc32c),
+            tenant: String::new(),
+        })
+        .await
+        .expect("decrypt data key")
+        .into_inner();
+    assert_eq!(again.plaintext_key, data_key.plaintext_key);
+    let without = backup
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            include_plaintext: false,
+            ..Default::default()
+        })
+        .await
+        .expect("generate")
+        .into_inner();
+    assert!(without.plaintext_key.is_empty());
+
+    let mut secrets = h.keys("acme-secrets").await;
+    let sealed = secrets
+        .seal_secret(pb::SealSecretRequest {
+            key: "secrets".into(),
+            secret: SECRET_MARKER.to_vec(),
+            context: HashMap::new(),
+            secret_crc32c: None,
+            tenant: String::new(),
+        })
+        .await
+        .expect("seal")
+        .into_inner();
+    let unsealed = secrets
+        .unseal_secret(pb::UnsealSecretRequest {
+            sealed: sealed.sealed,
+            ..Default::default()
+        })
+        .await
+        .expect("unseal")
+        .into_inner();
+    assert_eq!(unsealed.secret, SECRET_MARKER);
+
+    let mut admin = h.admin().await;
+    let rotated = admin
+        .rotate_key(pb::RotateKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+            request_id: "rot-1".into(),
+        })
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_eq!(rotated.primary_version, 2);
+    let retried = admin
+        .rotate_key(pb::RotateKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+            request_id: "rot-1".into(),
+        })
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(
+        retried.primary_version, 2,
+        "a retry with the same request_id is idempotent"
+    );
+    let key = admin
+        .get_key(pb::GetKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+        })
+        .await
+        .expect("get key")
+        .into_inner();
+    assert_eq!((key.primary_version, key.latest_version), (2, 2));
+    assert_eq!(key.purpose, pb::KeyPurpose::Data as i32);
+    let old = app
+        .decrypt(pb::DecryptRequest {
+            ciphertext: encrypted.ciphertext,
+            context: ctx(&[("row", CONTEXT_MARKER)]),
+            ..Default::default()
+        })
+        .await
+        .expect("v1 still decrypts")
+        .into_inner();
+    assert_eq!(old.key_version, 1);
+    assert_eq!(encrypt(&mut app, b"after rotation").await.key_version, 2);
+
+    for i in 0..5 {
+        admin
+            .create_tenant(pb::CreateTenantRequest {
+                name: format!("t{i}"),
+                request_id: String::new(),
+            })
+            .await
+            .expect("tenant");
+    }
+    let mut names = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .list_tenants(pb::ListTenantsRequest {
+                page_size: 3,
+                page_token: token.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.tenants.len() <= 3);
+        names.extend(page.tenants.into_iter().map(|t| t.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(names, ["acme", "globex", "t0", "t1", "t2", "t3", "t4"]);
+    let keys = admin
+        .list_keys(pb::ListKeysRequest {
+            tenant: "acme".into(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list keys")
+        .into_inner();
+    assert_eq!(
+        keys.keys
+            .iter()
+            .map(|k| k.name.as_str())
+            .collect::<Vec<_>>(),
+        ["default", "secrets"]
+    );
+    h.stop().await;
+}
+
+/// Calls `rpc` as `principal` with a request that is valid for a caller allowed to make it.
+async fn call(h: &Harness, principal: &str, rpc: &str, blobs: &Blobs) -> Code {
+    let channel = h.channel(principal).await;
+    let mut keys = KeyServiceClient::new(channel.clone());
+    let mut admin = AdminServiceClient::new(channel);
+    let data = |key: &str| (key.to_owned(), String::new());
+    let (key, tenant) = data("default");
+    match rpc {
+        "Encrypt" => code(
+            keys.encrypt(pb::EncryptRequest {
+                key,
+                plaintext: b"x".to_vec(),
+                tenant,
+                ..Default::default()
+            })
+            .await,
+        ),
+        "Decrypt" => code(
+            keys.decrypt(pb::DecryptRequest {
+                ciphertext: blobs.ciphertext.clone(),
+                ..Default::default()
+            })
+            .await,
+        ),
+        "BatchEncrypt" => code(
+            keys.batch_encrypt(pb::BatchEncryptRequest {
+                key,
+                items: vec![],
+                tenant,
+            })
+            .await,
+        ),
+        "BatchDecrypt" => code(
+            keys.batch_decrypt(pb::BatchDecryptRequest {
+                key: String::new(),
+                items: vec![],
+                tenant,
+            })
+            .await,
+        ),
+        "GenerateDataKey" => code(
+            keys.generate_data_key(pb::GenerateDataKeyRequest {
+                key,
+                ..Default::default()
+            })
+            .await,
+        ),
+        "DecryptDataKey" => code(
+            keys.decrypt_data_key(pb::DecryptDataKeyRequest {
+                wrapped_key: blobs.data_key.clone(),
+                ..Default::default()
+            })
+            .await,
+        ),
+        "SealSecret" => code(
+            keys.seal_secret(pb::SealSecretRequest {
+                key: "secrets".into(),
+                secret: b"s".to_vec(),
+                ..Default::default()
+            })
+            .await,
+        ),
+        "UnsealSecret" => code(
+            keys.unseal_secret(pb::UnsealSecretRequest {
+                sealed: blobs.sealed.clone(),
+                ..Default::default()
+            })
+            .await,
+        ),
+        "CreateTenant" => code(
+            admin
+                .create_tenant(pb::CreateTenantRequest {
+                    name: format!("n{:08x}", rand::random::<u32>()),
+                    request_id: String::new(),
+                })
+                .await,
+        ),
+        "ListTenants" => code(admin.list_tenants(pb::ListTenantsRequest::default()).await),
+        "CreateKey" => code(
+            admin
+                .create_key(pb::CreateKeyRequest {
+                    tenant: "acme".into(),
+                    name: format!("k{:08x}", rand::random::<u32>()),
+                    purpose: pb::KeyPurpose::Data as i32,
+                    request_id: String::new(),
+                })
+                .await,
+        ),
+        "GetKey" => code(
+            admin
+                .get_key(pb::GetKeyRequest {
+                    tenant: "acme".into(),
+                    name: "default".into(),
+                })
+                .await,
+        ),
+        "ListKeys" => code(
+            admin
+                .list_keys(pb::ListKeysRequest {
+                    tenant: "acme".into(),
+                    ..Default::default()
+                })
+                .await,
+        ),
+        "RotateKey" => code(
+            admin
+                .rotate_key(pb::RotateKeyRequest {
+                    tenant: "acme".into(),
+                    name: "secrets".into(),
+                    request_id: String::new(),
+                })
+                .await,
+        ),
+        other => panic!("unknown rpc {other}"),
+    }
+}
+
+struct Blobs {
+    ciphertext: Vec<u8>,
+    data_key: Vec<u8>,
+    sealed: Vec<u8>,
+}
+
+async fn blobs(h: &Harness) -> Blobs {
+    let ciphertext = h
+        .keys("acme-app")
+        .await
+        .encrypt(pb::EncryptRequest {
+            key: "default".into(),
+            plaintext: b"x".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("encrypt")
+        .into_inner()
+        .ciphertext;
+    let data_key = h
+        .keys("acme-backup")
+        .await
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("dk")
+        .into_inner()
+        .wrapped_key;
+    let sealed = h
+        .keys("acme-secrets")
+        .await
+        .seal_secret(pb::SealSecretRequest {
+            key: "secrets".into(),
+            secret: b"s".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("seal")
+        .into_inner()
+        .sealed;
+    Blobs {
+        ciphertext,
+        data_key,
+        sealed,
+    }
+}
+
+const RPCS: [&str; 14] = [
+    "Encrypt",
+    "Decrypt",
+    "BatchEncrypt",
+    "BatchDecrypt",
+    "GenerateDataKey",
+    "DecryptDataKey",
+    "SealSecret",
+    "UnsealSecret",
+    "CreateTenant",
+    "ListTenants",
+    "CreateKey",
+    "GetKey",
+    "ListKeys",
+    "RotateKey",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_can_call_exactly_its_rpcs() {
+    let h = Harness::start(false).await;
+    let blobs = blobs(&h).await;
+    let allowed: [(&str, &[&str]); 4] = [
+        (
+            "acme-app",
+            &["Encrypt", "Decrypt", "BatchEncrypt", "BatchDecrypt"],
+        ),
+        ("acme-backup", &["GenerateDataKey", "DecryptDataKey"]),
+        ("acme-secrets", &["SealSecret", "UnsealSecret"]),
+        (
+            "officer",
+            &[
+                "CreateTenant",
+                "ListTenants",
+                "CreateKey",
+                "GetKey",
+                "ListKeys",
+                "RotateKey",
+            ],
+        ),
+    ];
+    for (principal, rpcs) in allowed {
+        for rpc in RPCS {
+            let got = call(&h, principal, rpc, &blobs).await;
+            if rpcs.contains(&rpc) {
+                assert_eq!(got, Code::Ok, "{principal} may call {rpc}");
+            } else {
+                assert_eq!(
+                    got,
+                    Code::PermissionDenied,
+                    "{principal} may not call {rpc}"
+                );
+            }
+        }
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn globex_can_neither_use_nor_learn_about_acme() {
+    let h = Harness::start(false).await;
+    let acme_ciphertext = encrypt(&mut h.keys("acme-app").await, b"acme only")
+        .await
+        .ciphertext;
+    let mut globex = h.keys("globex-app").await;
+    // Naming acme is refused before any lookup, for existing and made-up keys alike.
+    for key in ["default", "does-not-exist"] {
+        let status = globex
+            .encrypt(pb::EncryptRequest {
+                key: key.into(),
+                tenant: "acme".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(!status.message().contains(key), "{}", status.message());
+    }
+    // acme's ciphertext, presented in globex's own tenant, is the one opaque error.
+    let status = globex
+        .decrypt(pb::DecryptRequest {
+            ciphertext: acme_ciphertext.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("opaque");
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::InvalidArgument, "decryption failed")
+    );
+    let status = globex
+        .decrypt(pb::DecryptRequest {
+            ciphertext: acme_ciphertext,
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Admin calls are not for apps at all.
+    let status = AdminServiceClient::new(h.channel("globex-app").await)
+        .list_keys(pb::ListKeysRequest {
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_principal_reaches_its_tenants_only_by_name() {
+    let h = Harness::start(false).await;
+    let mut backup = h.keys("backup").await;
+    for tenant in ["acme", "globex"] {
+        let dk = backup
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: "default".into(),
+                tenant: tenant.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("generate")
+            .into_inner();
+        backup
+            .decrypt_data_key(pb::DecryptDataKeyRequest {
+                wrapped_key: dk.wrapped_key.clone(),
+                tenant: tenant.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("decrypt in its own tenant");
+        let other = if tenant == "acme" { "globex" } else { "acme" };
+        let status = backup
+            .decrypt_data_key(pb::DecryptDataKeyRequest {
+                wrapped_key: dk.wrapped_key,
+                tenant: other.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("another tenant's data key");
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    for tenant in ["", "initech"] {
+        let status = backup
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: "default".into(),
+                tenant: tenant.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::PermissionDenied, "tenant {tenant:?}");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_a_valid_identity_are_refused() {
+    let h = Harness::start(false).await;
+    // Identities the server does not accept: answered UNAUTHENTICATED on every request.
+    for name in ["two-uris", "stranger", "cn-only"] {
+        let status = h
+            .keys(name)
+            .await
+            .encrypt(pb::EncryptRequest {
+                key: "default".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{name}: {status:?}");
+    }
+    // No client certificate: the handshake fails.
+    let refused = match h.try_channel("acme-app", false).await {
+        Err(_) => true,
+        Ok(channel) => KeyServiceClient::new(channel)
+            .encrypt(pb::EncryptRequest {
+                key: "default".into(),
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate is refused");
+    // A certificate from another CA: the handshake fails.
+    let other = tempfile::tempdir().expect("tempdir");
+    dev::ensure_certificates(other.path()).expect("other CA");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(h.certs().join("ca.crt")).expect("ca"),
+        ))
+        .identity(Identity::from_pem(
+            std::fs::read(other.path().join("acme-app.crt")).expect("crt"),
+            std::fs::read(other.path().join("acme-app.key")).expect("key"),
+        ))
+        .domain_name("localhost");
+    let result = match Channel::from_shared(format!("https://{}", h.addr))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+    {
+        Err(_) => true,
+        Ok(channel) => KeyServiceClient::new(channel)
+            .encrypt(pb::EncryptRequest {
+                key: "default".into(),
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+    };
+    assert!(result, "a certificate of another CA is refused");
+    // A TLS 1.2-only client cannot even complete the handshake.
+    assert!(tls12_handshake(&h).await.is_err(), "TLS 1.2 is refused");
+    let rejected = h
+        .audit_lines()
+        .iter()
+        .filter(|l| l["kind"] == "connection" && l["outcome"] == "rejected")
+        .count();
+    assert!(
+        rejected >= 2,
+        "rejected connections are audited ({rejected})"
+    );
+    h.stop().await;
+}
+
+async fn tls12_handshake(h: &Harness) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let certs = h.certs();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(certs.join("ca.crt")).expect("ca") {
+        roots.add(ca.expect("ca")).expect("add");
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(certs.join("acme-app.crt"))
+        .expect("crt")
+        .map(|c| c.expect("crt"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(certs.join("acme-app.key")).expect("key");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .expect("tls12")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client auth");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(h.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").expect("name");
+    connector
+        .connect(name, tcp)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_documented_status() {
+    let h = Harness::start(false).await;
+    let mut app = h.keys("acme-app").await;
+    let good = encrypt(&mut app, b"payload").await;
+    let decrypt = |ciphertext: Vec<u8>, context: HashMap<String, String>| pb::DecryptRequest {
+        ciphertext,
+        context,
+        ..Default::default()
+    };
+
+    let mut tampered = good.ciphertext.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert_eq!(
+        code(
+            app.decrypt(decrypt(tampered, ctx(&[("row", CONTEXT_MARKER)])))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            app.decrypt(decrypt(good.ciphertext.clone(), ctx(&[("row", "other")])))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            app.encrypt(pb::EncryptRequest {
+                key: "nope".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            app.encrypt(pb::EncryptRequest {
+                key: "Not A Name".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            app.encrypt(pb::EncryptRequest {
+                key: "secrets".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::PermissionDenied
+    );
+    let too_big = app
+        .encrypt(pb::EncryptRequest {
+            key: "default".into(),
+            plaintext: vec![0; 100 * 1024],
+            ..Default::default()
+        })
+        .await
+        .expect_err("too big");
+    assert!(
+        matches!(too_big.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{too_big:?}"
+    );
+    let crc = app
+        .encrypt(pb::EncryptRequest {
+            key: "default".into(),
+            plaintext: b"abc".to_vec(),
+            plaintext_crc32c: Some(0),
+            ..Default::default()
+        })
+        .await
+        .expect_err("crc");
+    assert_eq!(crc.code(), Code::InvalidArgument);
+    assert!(crc.message().contains("plaintext_crc32c"));
+    let mut bad_crc = decrypt(good.ciphertext.clone(), ctx(&[("row", CONTEXT_MARKER)]));
+    bad_crc.ciphertext_crc32c = Some(good.ciphertext_crc32c ^ 1);
+    assert_eq!(code(app.decrypt(bad_crc).await), Code::InvalidArgument);
+    let many: HashMap<String, String> =
+        (0..20).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    assert_eq!(
+        code(
+            app.encrypt(pb::EncryptRequest {
+                key: "default".into(),
+                context: many,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::ResourceExhausted
+    );
+    let over = (0..11).map(|_| pb::BatchEncryptItem::default()).collect();
+    assert_eq!(
+        code(
+            app.batch_encrypt(pb::BatchEncryptRequest {
+                key: "default".into(),
+                items: over,
+                tenant: String::new()
+            })
+            .await
+        ),
+        Code::ResourceExhausted
+    );
+    // A data key is not a ciphertext.
+    let data_key = h
+        .keys("acme-backup")
+        .await
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("dk")
+        .into_inner()
+        .wrapped_key;
+    assert_eq!(
+        code(app.decrypt(decrypt(data_key, HashMap::new())).await),
+        Code::InvalidArgument
+    );
+    // A batch with some bad items: the good ones succeed, each bad one has its own status.
+    let items = vec![
+        pb::BatchDecryptItem {
+            ciphertext: good.ciphertext.clone(),
+            context: ctx(&[("row", CONTEXT_MARKER)]),
+            ciphertext_crc32c: None,
+        },
+        pb::BatchDecryptItem {
+            ciphertext: b"garbage".to_vec(),
+            context: HashMap::new(),
+            ciphertext_crc32c: None,
+        },
+        pb::BatchDecryptItem {
+            ciphertext: good.ciphertext.clone(),
+            context: ctx(&[("row", CONTEXT_MARKER)]),
+            ciphertext_crc32c: Some(1),
+        },
+        pb::BatchDecryptItem {
+            ciphertext: good.ciphertext.clone(),
+            context: (0..20).map(|i| (format!("k{i}"), String::new())).collect(),
+            ciphertext_crc32c: None,
+        },
+    ];
+    let results = app
+        .batch_decrypt(pb::BatchDecryptRequest {
+            key: String::new(),
+            items,
+            tenant: String::new(),
+        })
+        .await
+        .expect("batch answers")
+        .into_inner()
+        .results;
+    let codes: Vec<i32> = results
+        .iter()
+        .map(|r| r.status.as_ref().map_or(-1, |s| s.code))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            Code::Ok as i32,
+            Code::InvalidArgument as i32,
+            Code::InvalidArgument as i32,
+            Code::ResourceExhausted as i32
+        ]
+    );
+    assert_eq!(results[0].plaintext, b"payload");
+    assert!(results[1].plaintext.is_empty());
+    let mut admin = h.admin().await;
+    assert_eq!(
+        code(
+            admin
+                .create_key(pb::CreateKeyRequest {
+                    tenant: "acme".into(),
+                    name: "k".into(),
+                    purpose: 0,
+                    request_id: String::new()
+                })
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            admin
+                .create_tenant(pb::CreateTenantRequest {
+                    name: "acme".into(),
+                    request_id: String::new()
+                })
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(
+            admin
+                .get_key(pb::GetKeyRequest {
+                    tenant: "nobody".into(),
+                    name: "default".into()
+                })
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            admin
+                .list_tenants(pb::ListTenantsRequest {
+                    page_size: 1,
+                    page_token: "zz".into()
+                })
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hsm_outage_is_unavailable_and_recovers_without_restart() {
+    let h = Harness::start(true).await;
+    // Started while the HSM is unreachable: not serving, data calls UNAVAILABLE.
+    assert_eq!(h.health().await, Some(ServingStatus::NotServing as i32));
+    let status = h
+        .keys("acme-app")
+        .await
+        .encrypt(pb::EncryptRequest {
+            key: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not yet");
+    assert_eq!(status.code(), Code::Unavailable);
+    h.set_reachable(true);
+    h.wait_for(ServingStatus::Serving).await;
+    h.create_tenants().await;
+
+    let mut app = h.keys("acme-app").await;
+    let mut backup = h.keys("acme-backup").await;
+    let warm = encrypt(&mut app, b"warm").await;
+    let data_key = backup
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("dk")
+        .into_inner();
+    // Lost while serving.
+    h.hsm.set_down(true);
+    let during = encrypt(&mut app, b"served from the cached bulk key").await;
+    app.decrypt(pb::DecryptRequest {
+        ciphertext: warm.ciphertext,
+        context: ctx(&[("row", CONTEXT_MARKER)]),
+        ..Default::default()
+    })
+    .await
+    .expect("decrypt from cache");
+    let status = backup
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("needs the HSM");
+    assert_eq!(status.code(), Code::Unavailable);
+    let status = backup
+        .decrypt_data_key(pb::DecryptDataKeyRequest {
+            wrapped_key: data_key.wrapped_key.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("needs the HSM");
+    assert_eq!(
+        status.code(),
+        Code::Unavailable,
+        "an HSM failure is never called tampering"
+    );
+    h.wait_for(ServingStatus::NotServing).await;
+    // Back without a restart.
+    h.hsm.set_down(false);
+    h.wait_for(ServingStatus::Serving).await;
+    backup
+        .decrypt_data_key(pb::DecryptDataKeyRequest {
+            wrapped_key: data_key.wrapped_key,
+            ..Default::default()
+        })
+        .await
+        .expect("recovered");
+    app.decrypt(pb::DecryptRequest {
+        ciphertext: during.ciphertext,
+        context: ctx(&[("row", CONTEXT_MARKER)]),
+        ..Default::default()
+    })
+    .await
+    .expect("decrypt");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_audited_without_secrets() {
+    let h = Harness::start(false).await;
+    let before = h
+        .audit_lines()
+        .iter()
+        .filter(|l| l["kind"] == "request")
+        .count();
+    let mut app = h.keys("acme-app").await;
+    let encrypted = encrypt(&mut app, PLAINTEXT_MARKER).await;
+    app.decrypt(pb::DecryptRequest {
+        ciphertext: encrypted.ciphertext,
+        context: ctx(&[("row", CONTEXT_MARKER)]),
+        ..Default::default()
+    })
+    .await
+    .expect("decrypt");
+    let mut secrets = h.keys("acme-secrets").await;
+    let sealed = secrets
+        .seal_secret(pb::SealSecretRequest {
+            key: "secrets".into(),
+            secret: SECRET_MARKER.to_vec(),
+            context: ctx(&[("user", CONTEXT_MARKER)]),
+            ..Default::default()
+        })
+        .await
+        .expect("seal")
+        .into_inner();
+    secrets
+        .unseal_secret(pb::UnsealSecretRequest {
+            sealed: sealed.sealed,
+            context: ctx(&[("user", CONTEXT_MARKER)]),
+            ..Default::default()
+        })
+        .await
+        .expect("unseal");
+    let dk = h
+        .keys("acme-backup")
+        .await
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            include_plaintext: true,
+            ..Default::default()
+        })
+        .await
+        .expect("dk")
+        .into_inner();
+    // Refused ones: wrong role, and too large for the server to even decode.
+    let _ = app
+        .seal_secret(pb::SealSecretRequest {
+            key: "secrets".into(),
+            secret: SECRET_MARKER.to_vec(),
+            ..Default::default()
+        })
+        .await;
+    let _ = app
+        .encrypt(pb::EncryptRequest {
+            key: "default".into(),
+            plaintext: vec![0; 100 * 1024],
+            ..Default::default()
+        })
+        .await;
+    let made = 7;
+    let dir = h.stop().await;
+    let text = std::fs::read_to_string(dir.path().join("audit/audit.log")).expect("audit");
+    let requests: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .filter(|l: &serde_json::Value| l["kind"] == "request")
+        .collect();
+    assert_eq!(
+        requests.len() - before,
+        made,
+        "one line per request:\n{text}"
+    );
+    let outcomes: Vec<&str> = requests[before..]
+        .iter()
+        .map(|l| l["outcome"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(outcomes[..5], ["OK", "OK", "OK", "OK", "OK"]);
+    assert_eq!(outcomes[5], "PERMISSION_DENIED");
+    assert!(
+        matches!(outcomes[6], "OUT_OF_RANGE" | "RESOURCE_EXHAUSTED"),
+        "{outcomes:?}"
+    );
+    for line in &requests[before..] {
+        for field in [
+            "time",
+            "node",
+            "request_id",
+            "peer",
+            "identity",
+            "cert_fingerprint",
+            "rpc",
+            "outcome",
+            "latency_us",
+        ] {
+            assert!(!line[field].is_null(), "{field} missing in {line}");
+        }
+    }
+    assert_eq!(requests[before]["tenant"], "acme");
+    assert_eq!(requests[before]["key"], "default");
+    assert_eq!(requests[before]["version"], 1);
+    assert!(
+        requests[before]["context"]["row"]
+            .as_str()
+            .is_some_and(|v| v.len() == 64)
+    );
+    for marker in [PLAINTEXT_MARKER, SECRET_MARKER, CONTEXT_MARKER.as_bytes()] {
+        let marker = String::from_utf8_lossy(marker);
+        assert!(
+            !text.contains(marker.as_ref()),
+            "{marker} leaked into the audit log"
+        );
+    }
+    let key_hex = hex::encode(&dk.plaintext_key);
+    assert!(!text.contains(&key_hex));
+}
