@@ -15,6 +15,8 @@ rm -rf "$TEST_HSM"
 ./softhsm/create-token.sh "$TEST_HSM" keyfront-test >/dev/null
 export SOFTHSM2_CONF="$TEST_HSM/softhsm2.conf"
 export KEYFRONT_TEST_PKCS11_MODULE=/usr/lib/softhsm/libsofthsm2.so
+KEYFRONT_TEST_PYTHON=$(./tests/python/setup.sh)
+export KEYFRONT_TEST_PYTHON
 
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check

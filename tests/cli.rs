@@ -1,7 +1,11 @@
 //! The `keyfront` binary as an operator runs it: token made by the softhsm/ scripts, `init`
 //! once, `selfcheck` in two separate processes, and clear failures for a wrong PIN or config.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::dev_server::{DevServer, text};
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyfront");
@@ -45,10 +49,6 @@ impl Deployment {
             .output()
             .expect("keyfront runs")
     }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[test]
@@ -163,5 +163,105 @@ fn an_invalid_config_lists_every_problem() {
     assert!(
         !Path::new(&deployment.path("data")).exists(),
         "nothing was created"
+    );
+}
+
+#[test]
+fn dev_then_encrypt_pipe_decrypt_prints_hi_and_leaks_nothing() {
+    let server = DevServer::start();
+    let encrypted = server.pipe(b"hi\n", "encrypt", &["--key", "default"]);
+    assert!(encrypted.status.success(), "{}", text(&encrypted.stderr));
+    let decrypted = server.pipe(&encrypted.stdout, "decrypt", &[]);
+    assert!(decrypted.status.success(), "{}", text(&decrypted.stderr));
+    assert_eq!(text(&decrypted.stdout), "hi\n");
+
+    // Markers through every data path, then search the audit log and the server's logs.
+    let marker = "MARKER-cli-plaintext-5e3a";
+    let context = "row=MARKER-cli-context-1b7c";
+    let out = server.pipe(
+        marker.as_bytes(),
+        "encrypt",
+        &["--key", "default", "--context", context],
+    );
+    assert!(out.status.success());
+    let back = server.pipe(&out.stdout, "decrypt", &["--context", context]);
+    assert_eq!(text(&back.stdout), marker);
+    let wrong = server.pipe(&out.stdout, "decrypt", &["--context", "row=other"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        text(&wrong.stderr).contains("decryption failed"),
+        "{}",
+        text(&wrong.stderr)
+    );
+    let globex = server.pipe(
+        &out.stdout,
+        "decrypt",
+        &["--principal", "globex-app", "--context", context],
+    );
+    assert!(!globex.status.success(), "another tenant cannot decrypt");
+
+    let (dir, logs, status) = server.stop();
+    assert_eq!(status, 0, "SIGTERM is a clean shutdown:\n{logs}");
+    assert!(logs.contains("shutting down"), "{logs}");
+    let audit = std::fs::read_to_string(dir.path().join("audit/audit.log")).expect("audit");
+    for secret in [marker, "MARKER-cli-context-1b7c"] {
+        assert!(!audit.contains(secret), "{secret} in the audit log");
+        assert!(!logs.contains(secret), "{secret} in the server's logs");
+    }
+    let pin = std::fs::read_to_string(dir.path().join("hsm/pin")).expect("pin");
+    assert!(!logs.contains(pin.trim()) && !audit.contains(pin.trim()));
+    assert!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"request\""))
+            .count()
+            >= 6
+    );
+}
+
+#[test]
+fn dev_reuses_what_exists_and_serve_with_a_wrong_pin_exits_naming_the_pin() {
+    let server = DevServer::start();
+    let ciphertext = server
+        .pipe(b"kept", "encrypt", &["--key", "default"])
+        .stdout;
+    let (dir, _, _) = server.stop();
+    let ca = std::fs::read(dir.path().join("certs/ca.crt")).expect("ca");
+
+    // Same directory again: same CA, same token, the old ciphertext still decrypts.
+    let again = DevServer::start_in(dir);
+    let decrypted = again.pipe(&ciphertext, "decrypt", &[]);
+    assert!(decrypted.status.success(), "{}", text(&decrypted.stderr));
+    assert_eq!(decrypted.stdout, b"kept");
+    let (dir, logs, _) = again.stop();
+    assert_eq!(
+        std::fs::read(dir.path().join("certs/ca.crt")).expect("ca"),
+        ca,
+        "CA reused"
+    );
+    assert!(!logs.contains("created tenant"), "tenants reused:\n{logs}");
+
+    // serve with a wrong PIN: exits non-zero, names the PIN, does not retry.
+    let config = std::fs::read_to_string(dir.path().join("keyfront.toml")).expect("config");
+    let wrong = config.replace("pin_file = \"hsm/pin\"", "pin_env = \"KF_WRONG\"");
+    std::fs::write(dir.path().join("wrong.toml"), wrong).expect("write");
+    let started = std::time::Instant::now();
+    let output = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(dir.path().join("wrong.toml"))
+        .env("SOFTHSM2_CONF", dir.path().join("hsm/softhsm2.conf"))
+        .env("KF_WRONG", "not-the-pin-000")
+        .output()
+        .expect("serve runs");
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("refused the PIN"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert!(!text(&output.stderr).contains("not-the-pin-000"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "no retry loop"
     );
 }

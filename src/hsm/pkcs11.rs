@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -90,14 +92,58 @@ pub fn context(module: &Path) -> Result<Pkcs11, Error> {
     Ok(ctx)
 }
 
+/// Finalizes and initializes the module again: the only way to see a token again after it
+/// vanished and came back (SoftHSM 2.6.1 keeps its slot broken until `C_Initialize`).
+///
+/// Waits up to `wait` for every session pool of this process to be dropped first, and refuses
+/// otherwise: closing an old session after re-initialization could close a new one that got
+/// the same handle.
+///
+/// # Errors
+/// [`Error::Unavailable`] if sessions stay in use; PKCS#11 errors of `C_Initialize`.
+pub fn reinitialize(module: &Path, wait: Duration) -> Result<(), Error> {
+    let deadline = Instant::now() + wait;
+    while LIVE_POOLS.load(Ordering::SeqCst) > 0 {
+        if Instant::now() >= deadline {
+            return Err(Error::Unavailable {
+                rv: RvError::SessionCount,
+                function: "reinitialize",
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ctx = context(module)?;
+    if let Err(error) = ctx.clone().finalize() {
+        tracing::warn!(error = %to_error(error), "C_Finalize failed; initializing anyway");
+    }
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+            tracing::info!(module = %module.display(), "PKCS#11 module re-initialized");
+            Ok(())
+        }
+        Err(error) => Err(to_error(error)),
+    }
+}
+
 /// The slot holding the (initialized) token with this label.
 ///
 /// # Errors
 /// [`Error::TokenNotFound`] or [`Error::TokenAmbiguous`].
 pub fn find_token(ctx: &Pkcs11, label: &str) -> Result<Slot, Error> {
     let mut found = None;
-    for slot in ctx.get_slots_with_initialized_token().map_err(to_error)? {
-        if ctx.get_token_info(slot).map_err(to_error)?.label() == label {
+    // Not `get_slots_with_initialized_token`: it fails as a whole when one slot's token info
+    // cannot be read.
+    for slot in ctx.get_slots_with_token().map_err(to_error)? {
+        // A slot whose token went away answers GeneralError here (SoftHSM, after its token
+        // directory disappeared); it is not the token being looked for, so keep looking.
+        let info = match ctx.get_token_info(slot) {
+            Ok(info) => info,
+            Err(error) => {
+                tracing::debug!(?slot, error = %to_error(error), "skipping unreadable slot");
+                continue;
+            }
+        };
+        if info.token_initialized() && info.label() == label {
             if found.is_some() {
                 return Err(Error::TokenAmbiguous(label.to_owned()));
             }
@@ -321,9 +367,6 @@ pub struct Pkcs11Hsm {
     audit_private: ObjectHandle,
     kek_cache: quick_cache::sync::Cache<Vec<u8>, Arc<KekObject>>,
     canary: Canary,
-    // Held, never used: keeps the token logged in for the life of this instance even while
-    // every pool session is checked out.
-    _anchor: Mutex<Session>,
 }
 
 impl Pkcs11Hsm {
@@ -360,7 +403,7 @@ impl Pkcs11Hsm {
             login(&session, &config.pin)?;
             sessions.push(session);
         }
-        let pool = Arc::new(SessionPool::new(sessions));
+        let pool = Arc::new(SessionPool::new(sessions, anchor));
         let canary = Canary::new(&pool, mwks[&current_mwk], current_mwk)?;
         Ok(Self {
             pool,
@@ -371,7 +414,6 @@ impl Pkcs11Hsm {
             pepper,
             audit_private,
             kek_cache: quick_cache::sync::Cache::new(config.kek_cache_capacity.get()),
-            _anchor: Mutex::new(anchor),
         })
     }
 
@@ -616,18 +658,27 @@ impl Drop for KekObject {
     }
 }
 
+/// Session pools alive in this process: [`reinitialize`] waits until none is left, because a
+/// session closed after `C_Finalize` + `C_Initialize` could close a new session with a reused
+/// handle.
+static LIVE_POOLS: AtomicUsize = AtomicUsize::new(0);
+
 /// A fixed set of logged-in sessions, checked out by value (a `Session` is `Send` but not
-/// `Sync`) and always returned: sessions are never closed while the pool lives.
+/// `Sync`) and always returned: sessions are never closed while the pool lives. It also holds
+/// the anchor session, which keeps the token logged in while every other one is checked out.
 struct SessionPool {
     idle: Mutex<Vec<Session>>,
     returned: Condvar,
+    _anchor: Mutex<Session>,
 }
 
 impl SessionPool {
-    fn new(sessions: Vec<Session>) -> Self {
+    fn new(sessions: Vec<Session>, anchor: Session) -> Self {
+        LIVE_POOLS.fetch_add(1, Ordering::SeqCst);
         Self {
             idle: Mutex::new(sessions),
             returned: Condvar::new(),
+            _anchor: Mutex::new(anchor),
         }
     }
 
@@ -650,6 +701,13 @@ impl SessionPool {
             session: Some(session),
         };
         f(checkout.session())
+    }
+}
+
+impl Drop for SessionPool {
+    fn drop(&mut self) {
+        // The sessions themselves close as the fields drop, right after this.
+        LIVE_POOLS.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -729,7 +787,8 @@ fn find_one(
 ///   before calling input "tampered" (ARCHITECTURE.md), because a sick HSM can fail the same way.
 /// - PIN failures are [`Error::Pin`] and never retried: HSMs lock a PIN after a few failures.
 /// - Codes that mean the device, token, session or library went away (or a handle went stale
-///   with it) are [`Error::Unavailable`]: retry later, recover without a restart.
+///   with it: SoftHSM invalidates every handle when its token directory disappears) are
+///   [`Error::Unavailable`]: retry later, recover without a restart.
 /// - Everything else is a bug or a misconfigured token: [`Error::Internal`].
 pub fn to_error(error: CkError) -> Error {
     let (rv, function) = match error {
@@ -773,7 +832,9 @@ pub fn to_error(error: CkError) -> Error {
         | RvError::TokenNotRecognized
         | RvError::UserNotLoggedIn
         | RvError::ObjectHandleInvalid
-        | RvError::KeyHandleInvalid => Error::Unavailable { rv, function: name },
+        | RvError::KeyHandleInvalid
+        | RvError::UnwrappingKeyHandleInvalid
+        | RvError::WrappingKeyHandleInvalid => Error::Unavailable { rv, function: name },
         _ => Error::Internal {
             rv: Some(rv),
             function: name,

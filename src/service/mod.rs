@@ -25,6 +25,7 @@ use crate::config::{Config, Limits, TenantScope};
 use crate::error::Error;
 use crate::hsm::Hsm;
 use crate::hsm::pkcs11::Pkcs11Hsm;
+use crate::hsm::reconnect::ReconnectingHsm;
 use crate::ids::{Name, TenantId};
 use crate::kms::{Decrypted, Kms};
 
@@ -267,21 +268,27 @@ async fn blocking<T: Send + 'static>(
 pub struct Server {
     config: Config,
     connect: HsmConnector,
+    reset: Option<crate::hsm::reconnect::Reset>,
 }
 
 impl Server {
     /// A server for `config` that opens the configured PKCS#11 token.
     pub fn new(config: Config) -> Self {
         let hsm_config = config.hsm.clone();
+        let module = config.hsm.module.clone();
         Self {
             config,
             connect: Arc::new(move || Ok(Arc::new(Pkcs11Hsm::open(&hsm_config)?) as Arc<dyn Hsm>)),
+            reset: Some(Arc::new(move || {
+                crate::hsm::pkcs11::reinitialize(&module, Duration::from_secs(10))
+            })),
         }
     }
 
-    /// Replaces how the HSM is opened (tests: fault injection).
+    /// Replaces how the HSM is opened (tests: fault injection); no library reset then.
     pub fn with_hsm_connector(mut self, connect: HsmConnector) -> Self {
         self.connect = connect;
+        self.reset = None;
         self
     }
 
@@ -316,16 +323,22 @@ impl Server {
         let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(connect_hsm(
             self.connect,
+            self.reset,
             self.config.clone(),
             Arc::clone(&shared),
             health.clone(),
             fatal_tx,
         ));
 
+        // Both reflection versions: grpcurl speaks v1, many client libraries still v1alpha.
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
         let limits = server.limits;
         let keys = pb::key_service_server::KeyServiceServer::new(keys::KeyService::new(
             Arc::clone(&shared),
@@ -345,6 +358,7 @@ impl Server {
             ))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(keys)
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, shutdown);
@@ -365,23 +379,39 @@ async fn set_health(health: &tonic_health::server::HealthReporter, status: Servi
 /// health with the canary and reports it.
 async fn connect_hsm(
     connect: HsmConnector,
+    reset: Option<crate::hsm::reconnect::Reset>,
     config: Config,
     shared: Arc<Shared>,
     health: tonic_health::server::HealthReporter,
     fatal: tokio::sync::oneshot::Sender<Error>,
 ) {
     let retry = config.hsm_retry;
-    let kms = loop {
+    let mut attempts = 0u32;
+    let (kms, hsm) = loop {
+        attempts += 1;
         let connect = Arc::clone(&connect);
         let data_dir = config.data_dir.clone();
         let options = config.kms;
+        let reset = reset.clone();
         let attempt = tokio::task::spawn_blocking(move || {
-            let hsm = connect()?;
-            Kms::open(hsm, &data_dir, options)
+            // A token that appears after C_Initialize stays invisible to SoftHSM until the
+            // library is initialized again; nothing is open yet, so resetting is safe.
+            if attempts > 1 {
+                if let Some(reset) = &reset {
+                    reset()?;
+                }
+            }
+            let mut hsm = ReconnectingHsm::new(connect)?;
+            if let Some(reset) = reset {
+                hsm = hsm.with_reset(reset);
+            }
+            let hsm = Arc::new(hsm);
+            let kms = Kms::open(Arc::clone(&hsm) as Arc<dyn Hsm>, &data_dir, options)?;
+            Ok::<_, Error>((kms, hsm))
         })
         .await;
         match attempt {
-            Ok(Ok(kms)) => break Arc::new(kms),
+            Ok(Ok((kms, hsm))) => break (Arc::new(kms), hsm),
             Ok(Err(Error::Hsm(error))) if retryable(&error) => {
                 tracing::warn!(%error, retry_in = ?retry, "HSM not reachable; health is NOT_SERVING");
             }
@@ -400,11 +430,20 @@ async fn connect_hsm(
     let mut serving = true;
     loop {
         tokio::time::sleep(retry.max(Duration::from_millis(200))).await;
-        let hsm = Arc::clone(kms.hsm());
-        let healthy = matches!(
-            tokio::task::spawn_blocking(move || hsm.probe()).await,
-            Ok(Ok(()))
-        );
+        let hsm = Arc::clone(&hsm);
+        let was_serving = serving;
+        let healthy = tokio::task::spawn_blocking(move || {
+            // Sessions of an HSM that went away may stay broken after it returns: while the
+            // canary fails, try a fresh instance instead of waiting on the old one.
+            hsm.probe().is_ok()
+                || (!was_serving
+                    && hsm
+                        .reconnect()
+                        .inspect_err(|error| tracing::info!(%error, "HSM still unreachable"))
+                        .is_ok())
+        })
+        .await
+        .unwrap_or(false);
         if healthy != serving {
             serving = healthy;
             if healthy {

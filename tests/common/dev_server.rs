@@ -1,0 +1,161 @@
+//! A `keyfront dev` child process for end-to-end tests.
+
+use std::process::{Command, Output};
+
+/// The keyfront binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_keyfront");
+
+/// Bytes as text, lossily.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A `keyfront dev` child process on a free port, stopped (SIGTERM) on drop.
+pub struct DevServer {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl DevServer {
+    pub fn start() -> Self {
+        Self::start_in(tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// Starts `keyfront dev` in `dir` (new or made by an earlier run).
+    pub fn start_in(dir: tempfile::TempDir) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let child = Command::new(BIN)
+            .args(["dev", "--dir"])
+            .arg(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env_remove("SOFTHSM2_CONF")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("keyfront dev starts");
+        let server = Self {
+            dir,
+            port,
+            child: Some(child),
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && server
+                    .pipe(b"ready?", "encrypt", &["--key", "default"])
+                    .status
+                    .success()
+            {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("keyfront dev did not come up");
+    }
+
+    pub fn pipe(&self, input: &[u8], command: &str, args: &[&str]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(BIN)
+            .arg(command)
+            .args(args)
+            .args(["--dir"])
+            .arg(self.dir.path())
+            .args(["--endpoint", &format!("https://localhost:{}", self.port)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("client runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
+        child.wait_with_output().expect("client output")
+    }
+
+    /// SIGTERM, then the server's stdout and stderr.
+    pub fn stop(mut self) -> (tempfile::TempDir, String, i32) {
+        let child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let output = child.wait_with_output().expect("server exits");
+        let logs = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        (
+            std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")),
+            logs,
+            output.status.code().unwrap_or(-1),
+        )
+    }
+}
+
+impl DevServer {
+    /// A tonic channel to this server as one of the dev principals.
+    pub async fn channel(&self, principal: &str) -> tonic::transport::Channel {
+        channel(self.dir.path(), self.port, principal).await
+    }
+}
+
+/// A tonic channel to a dev-style server in `dir` on `port` as `principal`.
+pub async fn channel(
+    dir: &std::path::Path,
+    port: u16,
+    principal: &str,
+) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let read = |file: String| std::fs::read(dir.join("certs").join(file)).expect("read cert");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.crt".into())))
+        .identity(Identity::from_pem(
+            read(format!("{principal}.crt")),
+            read(format!("{principal}.key")),
+        ))
+        .domain_name("localhost");
+    Channel::from_shared(format!("https://127.0.0.1:{port}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// The server's overall health status (`grpc.health.v1`), if it answers.
+pub async fn health(dir: &std::path::Path, port: u16) -> Option<i32> {
+    let mut client =
+        tonic_health::pb::health_client::HealthClient::new(channel(dir, port, "officer").await);
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
+
+/// Polls until the health status is `wanted` (1 = SERVING, 2 = NOT_SERVING); panics after 20 s.
+pub async fn wait_for_health(dir: &std::path::Path, port: u16, wanted: i32) {
+    for _ in 0..200 {
+        if health(dir, port).await == Some(wanted) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("health never became {wanted}");
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
