@@ -128,9 +128,43 @@ fn a_pin_file_must_be_private_to_its_owner() {
 
 #[test]
 fn the_shipped_example_config_is_valid() {
-    Config::load(
-        Path::new("config.example.toml"),
-        &env(&[("KEYFRONT_HSM_PIN", "1234")]),
+    // Beside the certificate files it names, as an operator would have it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("keyfront.toml");
+    std::fs::copy("config.example.toml", &copy).expect("copy example");
+    std::fs::create_dir(dir.path().join("certs")).expect("mkdir");
+    for file in ["server.crt", "server.key", "ca.crt"] {
+        std::fs::write(dir.path().join("certs").join(file), "").expect("write");
+    }
+    let config = Config::load(&copy, &env(&[("KEYFRONT_HSM_PIN", "1234")]))
+        .expect("config.example.toml stays valid");
+    let server = config.server.expect("server section");
+    assert_eq!(server.limits.max_batch_items, 1000);
+    assert_eq!(config.principals.len(), 3);
+    assert_eq!(
+        config.principals[2].tenants,
+        keyfront::config::TenantScope::All
+    );
+}
+
+#[test]
+fn a_data_principal_cannot_have_every_tenant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("keyfront.toml");
+    std::fs::write(
+        &path,
+        "[hsm]\ntoken_label = \"t\"\npin_env = \"P\"\n[storage]\ndata_dir = \"d\"\n\
+         [[principals]]\nidentity = \"spiffe://x/app\"\ntenants = [\"*\"]\nroles = [\"app\"]\n\
+         [[principals]]\nidentity = \"spiffe://x/app\"\ntenants = [\"Bad Name\"]\nroles = [\"app\"]\n",
     )
-    .expect("config.example.toml stays valid");
+    .expect("write");
+    let found = problems(Config::load(&path, &env(&[("P", "1")])));
+    assert_eq!(
+        found,
+        vec![
+            ConfigProblem::PrincipalWildcard("spiffe://x/app".into()),
+            ConfigProblem::PrincipalDuplicate("spiffe://x/app".into()),
+            ConfigProblem::PrincipalName("spiffe://x/app".into(), "Bad Name".into()),
+        ]
+    );
 }
