@@ -247,7 +247,7 @@ fn dev_reuses_what_exists_and_serve_with_a_wrong_pin_exits_naming_the_pin() {
     std::fs::write(dir.path().join("wrong.toml"), wrong).expect("write");
     let started = std::time::Instant::now();
     let output = Command::new(BIN)
-        .args(["serve", "--config"])
+        .args(["--log-format", "json", "serve", "--config"])
         .arg(dir.path().join("wrong.toml"))
         .env("SOFTHSM2_CONF", dir.path().join("hsm/softhsm2.conf"))
         .env("KF_WRONG", "not-the-pin-000")
@@ -260,6 +260,15 @@ fn dev_reuses_what_exists_and_serve_with_a_wrong_pin_exits_naming_the_pin() {
         text(&output.stderr)
     );
     assert!(!text(&output.stderr).contains("not-the-pin-000"));
+    let logs: Vec<serde_json::Value> = text(&output.stderr)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("log lines are JSON"))
+        .collect();
+    assert!(
+        logs.iter().any(|l| l["level"] == "ERROR"),
+        "an ERROR line in JSON: {logs:?}"
+    );
     assert!(
         started.elapsed() < std::time::Duration::from_secs(20),
         "no retry loop"

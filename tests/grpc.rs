@@ -61,6 +61,11 @@ impl Harness {
     /// acme and globex with keys default (DATA) and secrets (SECRETS). With `start_down`, the
     /// HSM is unreachable until [`Harness::set_reachable`].
     async fn start(start_down: bool) -> Self {
+        Self::start_with(start_down, |_| {}).await
+    }
+
+    /// [`Harness::start`] with adjusted limits.
+    async fn start_with(start_down: bool, adjust: impl FnOnce(&mut Limits)) -> Self {
         let token = common::initialized_token("grpc");
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
@@ -95,6 +100,15 @@ impl Harness {
             identity: "cn-only".into(),
             ..principal("x", &["acme"], &[Role::App], None)
         });
+        let mut limits = Limits {
+            max_message_bytes: 64 * 1024,
+            max_batch_items: 10,
+            max_context_pairs: 8,
+            max_context_bytes: 512,
+            max_concurrent_requests: 64,
+            request_timeout: Duration::from_secs(10),
+        };
+        adjust(&mut limits);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -112,14 +126,7 @@ impl Harness {
                 allow_cn_identity: false,
                 node_id: "test".into(),
                 audit_path: dir.path().join("audit/audit.log"),
-                limits: Limits {
-                    max_message_bytes: 64 * 1024,
-                    max_batch_items: 10,
-                    max_context_pairs: 8,
-                    max_context_bytes: 512,
-                    max_concurrent_requests: 64,
-                    request_timeout: Duration::from_secs(10),
-                },
+                limits,
             }),
             principals,
         };
@@ -1367,4 +1374,87 @@ async fn every_request_is_audited_without_secrets() {
     }
     let key_hex = hex::encode(&dk.plaintext_key);
     assert!(!text.contains(&key_hex));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_hit_the_deadline_and_excess_ones_are_refused() {
+    let h = Harness::start_with(false, |limits| {
+        limits.request_timeout = Duration::from_millis(400);
+        limits.max_concurrent_requests = 2;
+    })
+    .await;
+    let backup = h.keys("acme-backup").await;
+    let generate = |mut client: KeyServiceClient<Channel>| async move {
+        client
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: "default".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    };
+    h.hsm.set_delay(Duration::from_millis(1000));
+    let status = generate(backup.clone()).await.expect_err("too slow");
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+
+    // GenerateDataKey makes three HSM calls: 3 × 100 ms stays within the 400 ms deadline.
+    h.hsm.set_delay(Duration::from_millis(100));
+    let calls: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(generate(backup.clone())))
+        .collect();
+    let mut codes = Vec::new();
+    for call in calls {
+        codes.push(match call.await.expect("task") {
+            Ok(()) => Code::Ok,
+            Err(status) => status.code(),
+        });
+    }
+    assert!(codes.contains(&Code::Ok), "{codes:?}");
+    assert!(
+        codes.contains(&Code::ResourceExhausted),
+        "at most 2 at once: {codes:?}"
+    );
+    assert!(
+        codes
+            .iter()
+            .all(|c| matches!(c, Code::Ok | Code::ResourceExhausted)),
+        "{codes:?}"
+    );
+    h.hsm.set_delay(Duration::ZERO);
+    let audited: Vec<_> = h
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["kind"] == "request")
+        .collect();
+    assert!(audited.iter().any(|l| l["outcome"] == "DEADLINE_EXCEEDED"));
+    assert!(audited.iter().any(|l| l["outcome"] == "RESOURCE_EXHAUSTED"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight() {
+    let mut h = Harness::start(false).await;
+    let mut backup = h.keys("acme-backup").await;
+    h.hsm.set_delay(Duration::from_millis(500));
+    let in_flight = tokio::spawn(async move {
+        backup
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: "default".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().wrapped_key.len())
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    if let Some(tx) = h.shutdown.take() {
+        let _ = tx.send(());
+    }
+    let result = in_flight.await.expect("task");
+    assert_eq!(result.ok(), Some(82), "the request in flight completed");
+    h.hsm.set_delay(Duration::ZERO);
+    tokio::time::timeout(Duration::from_secs(10), &mut h.server)
+        .await
+        .expect("server stops")
+        .expect("task")
+        .expect("clean shutdown");
 }

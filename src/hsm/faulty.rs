@@ -39,6 +39,7 @@ pub struct FaultyHsm<H> {
     inner: H,
     calls: [AtomicU64; OPS],
     down: AtomicBool,
+    delay_ms: AtomicU64,
     queued: Mutex<Vec<(Op, Error)>>,
 }
 
@@ -49,6 +50,7 @@ impl<H: Hsm> FaultyHsm<H> {
             inner,
             calls: Default::default(),
             down: AtomicBool::new(false),
+            delay_ms: AtomicU64::new(0),
             queued: Mutex::new(Vec::new()),
         }
     }
@@ -73,6 +75,12 @@ impl<H: Hsm> FaultyHsm<H> {
         self.down.store(down, Ordering::SeqCst);
     }
 
+    /// Every call first sleeps this long (a slow HSM), for deadline and load tests.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms.store(millis, Ordering::SeqCst);
+    }
+
     /// The next call of `op` fails with `error`.
     pub fn fail_next(&self, op: Op, error: Error) {
         self.queued
@@ -83,6 +91,10 @@ impl<H: Hsm> FaultyHsm<H> {
 
     fn enter(&self, op: Op) -> Result<(), Error> {
         self.calls[op as usize].fetch_add(1, Ordering::SeqCst);
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 && op != Op::Probe {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(Error::Unavailable {
                 rv: RvError::DeviceRemoved,
