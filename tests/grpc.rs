@@ -457,6 +457,21 @@ async fn every_rpc_round_trips() {
         retried.primary_version, 2,
         "a retry with the same request_id is idempotent"
     );
+    let reused = admin
+        .create_key(pb::CreateKeyRequest {
+            tenant: "acme".into(),
+            name: "other".into(),
+            purpose: pb::KeyPurpose::Data as i32,
+            request_id: "rot-1".into(),
+        })
+        .await
+        .expect_err("request_id of another call");
+    assert_eq!(reused.code(), Code::FailedPrecondition);
+    use tonic_types::StatusExt;
+    assert_eq!(
+        reused.get_details_error_info().map(|info| info.reason),
+        Some("REQUEST_ID_REUSED".to_owned())
+    );
     let key = admin
         .get_key(pb::GetKeyRequest {
             tenant: "acme".into(),

@@ -142,8 +142,9 @@ impl Shared {
         let done = self.done.lock().expect("idempotency lock poisoned");
         match done.get(&(call.identity.clone(), request_id.to_owned())) {
             None => Ok(None),
-            Some((earlier, _)) if *earlier != rpc => Err(Status::failed_precondition(
+            Some((earlier, _)) if *earlier != rpc => Err(crate::error::failed_precondition(
                 "request_id was already used for another call",
+                "REQUEST_ID_REUSED",
             )),
             Some((_, bytes)) => M::decode(bytes.as_slice())
                 .map(Some)
