@@ -150,15 +150,7 @@ fn secret_file(path: &Path) -> Result<String, DevError> {
         }
     }
     let value = hex::encode(rand::random::<[u8; 8]>());
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path.display().to_string()))?;
-    file.write_all(value.as_bytes())
-        .map_err(io(path.display().to_string()))?;
+    write_private(path, &value)?;
     Ok(value)
 }
 
