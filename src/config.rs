@@ -34,6 +34,8 @@ pub struct Config {
     pub server: Option<ServerConfig>,
     /// Who may call, and what they may do.
     pub principals: Vec<PrincipalConfig>,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The gRPC server's settings.
@@ -237,6 +239,13 @@ struct RawConfig {
     server: Option<RawServer>,
     #[serde(default)]
     principals: Vec<RawPrincipal>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: SocketAddr,
 }
 
 #[derive(Debug, Deserialize)]
@@ -452,6 +461,7 @@ impl RawConfig {
                 hsm_retry: Duration::from_secs(self.hsm.retry_secs),
                 server,
                 principals,
+                metrics_listen: self.metrics.map(|m| m.listen),
                 data_dir: base.join(self.storage.data_dir),
                 kms: KmsOptions {
                     store: StoreOptions {

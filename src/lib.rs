@@ -12,6 +12,7 @@ pub mod hsm;
 pub mod ids;
 pub mod keystore;
 pub mod kms;
+pub mod metrics;
 
 pub use error::Error;
 pub mod audit;

@@ -30,6 +30,7 @@ const CONTEXT_MARKER: &str = "MARKER-context-4d8e";
 
 struct Harness {
     addr: SocketAddr,
+    metrics: SocketAddr,
     dir: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<Result<(), keyfront::service::ServeError>>,
@@ -129,6 +130,7 @@ impl Harness {
                 limits,
             }),
             principals,
+            metrics_listen: None,
         };
         let hsm = Arc::new(FaultyHsm::new(common::open_hsm(&token)));
         let reachable = Arc::new(AtomicBool::new(!start_down));
@@ -145,15 +147,22 @@ impl Harness {
                 }
             })
         };
+        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind metrics");
+        let metrics = metrics_listener.local_addr().expect("metrics addr");
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(Server::new(config).with_hsm_connector(connector).run(
-            listener,
-            async move {
-                let _ = rx.await;
-            },
-        ));
+        let server = tokio::spawn(
+            Server::new(config)
+                .with_hsm_connector(connector)
+                .with_metrics_listener(metrics_listener)
+                .run(listener, async move {
+                    let _ = rx.await;
+                }),
+        );
         let harness = Self {
             addr,
+            metrics,
             dir,
             shutdown: Some(tx),
             server,
@@ -1472,4 +1481,63 @@ async fn shutdown_finishes_requests_in_flight() {
         .expect("server stops")
         .expect("task")
         .expect("clean shutdown");
+}
+
+/// GET /metrics with a minimal HTTP/1.0 request.
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_requests_latencies_hsm_and_caches() {
+    let h = Harness::start(false).await;
+    let mut app = h.keys("acme-app").await;
+    let encrypted = encrypt(&mut app, b"metered").await;
+    encrypt(&mut app, b"metered again").await;
+    app.decrypt(pb::DecryptRequest {
+        ciphertext: encrypted.ciphertext,
+        context: ctx(&[("row", CONTEXT_MARKER)]),
+        ..Default::default()
+    })
+    .await
+    .expect("decrypt");
+    let _ = app
+        .seal_secret(pb::SealSecretRequest::default())
+        .await
+        .expect_err("denied");
+    h.keys("acme-backup")
+        .await
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("dk");
+    let text = scrape(h.metrics).await;
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    for expected in [
+        "keyfront_requests_total{rpc=\"keyfront.v1.KeyService/Encrypt\",code=\"OK\"}",
+        "keyfront_requests_total{rpc=\"keyfront.v1.KeyService/SealSecret\",code=\"PERMISSION_DENIED\"}",
+        "keyfront_request_duration_seconds_bucket{",
+        "keyfront_hsm_operations_total{op=\"encrypt\",outcome=\"ok\"}",
+        "keyfront_hsm_operation_duration_seconds_bucket{",
+        "keyfront_cache_requests_total{cache=\"bulk_key\",result=\"hit\"}",
+        "keyfront_cache_requests_total{cache=\"bulk_key\",result=\"miss\"}",
+        "keyfront_audit_write_duration_seconds_bucket{",
+        "keyfront_open_tenant_databases",
+    ] {
+        assert!(text.contains(expected), "missing {expected} in:\n{text}");
+    }
+    h.stop().await;
 }

@@ -192,7 +192,14 @@ fn serve_config(config: Config, listen: Option<std::net::SocketAddr>) -> ExitCod
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        crate::service::Server::new(config)
+        let mut server = crate::service::Server::new(config.clone());
+        if let Some(metrics) = config.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(metrics)
+                .await
+                .map_err(|e| format!("cannot listen on {metrics} for /metrics: {e}"))?;
+            server = server.with_metrics_listener(listener);
+        }
+        server
             .run(listener, shutdown_signal())
             .await
             .map_err(|e| match e {

@@ -4,6 +4,7 @@
 //! - [`memory::MemoryHsm`]: an in-memory fake for fast unit tests; not for production.
 //! - [`faulty::FaultyHsm`]: wraps any `Hsm`, counts calls and injects failures, for tests.
 //! - [`reconnect::ReconnectingHsm`]: swaps in a fresh instance when the HSM comes back.
+//! - [`metered::MeteredHsm`]: records each operation in the metrics.
 //!
 //! The trait is synchronous: PKCS#11 calls block. Callers on an async runtime cross into it
 //! through one helper in the service layer.
@@ -19,6 +20,7 @@ use crate::crypto::Plaintext;
 
 pub mod faulty;
 pub mod memory;
+pub mod metered;
 pub mod pkcs11;
 pub mod reconnect;
 

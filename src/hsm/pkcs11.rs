@@ -449,8 +449,10 @@ impl Hsm for Pkcs11Hsm {
     fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
         let cache_key = wrapped.to_bytes();
         if let Some(object) = self.kek_cache.get(&cache_key) {
+            crate::metrics::global().cache("kek", true);
             return Ok(Kek::new(object));
         }
+        crate::metrics::global().cache("kek", false);
         let mwk = self.mwk(wrapped.generation())?;
         let handle = self
             .pool

@@ -335,6 +335,7 @@ impl KeyStore {
         };
         open.open.insert(id, (Arc::clone(&db), tick));
         self.evict(&mut open);
+        crate::metrics::global().open_tenants(open.open.len());
         Ok(db)
     }
 

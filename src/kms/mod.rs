@@ -676,11 +676,13 @@ impl Kms {
         let cache_key = (tenant, key_id, version.version);
         if let Some(cached) = self.bulk_keys.get(&cache_key) {
             if cached.loaded.elapsed() < self.bulk_key_ttl {
+                crate::metrics::global().cache("bulk_key", true);
                 return Ok(cached);
             }
             // Expired: dropping the cache's reference zeroizes it once in-flight users finish.
             self.bulk_keys.remove(&cache_key);
         }
+        crate::metrics::global().cache("bulk_key", false);
         let sweep_due = self
             .last_sweep
             .lock()

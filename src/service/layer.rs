@@ -154,7 +154,12 @@ where
                 context: details.context,
                 client_request_id: details.client_request_id,
             };
-            if let Err(error) = layer.audit.request(&record) {
+            let metrics = crate::metrics::global();
+            metrics.request(&record.rpc, code_name(code), started.elapsed());
+            let writing = Instant::now();
+            let written = layer.audit.request(&record);
+            metrics.audit_write(writing.elapsed());
+            if let Err(error) = written {
                 // Fail closed: what cannot be audited is not answered.
                 tracing::error!(%error, %request_id, "audit write failed; refusing the response");
                 return Ok(Status::unavailable("audit log unavailable").into_http());

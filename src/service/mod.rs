@@ -24,6 +24,7 @@ use crate::audit::AuditLog;
 use crate::config::{Config, Limits, TenantScope};
 use crate::error::Error;
 use crate::hsm::Hsm;
+use crate::hsm::metered::MeteredHsm;
 use crate::hsm::pkcs11::Pkcs11Hsm;
 use crate::hsm::reconnect::ReconnectingHsm;
 use crate::ids::{Name, TenantId};
@@ -270,6 +271,7 @@ pub struct Server {
     config: Config,
     connect: HsmConnector,
     reset: Option<crate::hsm::reconnect::Reset>,
+    metrics: Option<TcpListener>,
 }
 
 impl Server {
@@ -283,7 +285,14 @@ impl Server {
             reset: Some(Arc::new(move || {
                 crate::hsm::pkcs11::reinitialize(&module, Duration::from_secs(10))
             })),
+            metrics: None,
         }
+    }
+
+    /// Serves `/metrics` on this listener (the CLI binds `[metrics] listen`).
+    pub fn with_metrics_listener(mut self, listener: TcpListener) -> Self {
+        self.metrics = Some(listener);
+        self
     }
 
     /// Replaces how the HSM is opened (tests: fault injection); no library reset then.
@@ -319,6 +328,10 @@ impl Server {
             done: Mutex::new(HashMap::new()),
         });
 
+        if let Some(listener) = self.metrics {
+            tracing::info!(listen = ?listener.local_addr().ok(), "serving /metrics");
+            tokio::spawn(crate::metrics::serve(listener));
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
@@ -407,7 +420,8 @@ async fn connect_hsm(
                 hsm = hsm.with_reset(reset);
             }
             let hsm = Arc::new(hsm);
-            let kms = Kms::open(Arc::clone(&hsm) as Arc<dyn Hsm>, &data_dir, options)?;
+            let metered = MeteredHsm::new(Arc::clone(&hsm) as Arc<dyn Hsm>);
+            let kms = Kms::open(Arc::new(metered), &data_dir, options)?;
             Ok::<_, Error>((kms, hsm))
         })
         .await;

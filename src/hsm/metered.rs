@@ -1,0 +1,70 @@
+//! An [`Hsm`] that records every operation's outcome and latency in the metrics.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MwkGeneration, WrappedKek};
+use crate::crypto::Plaintext;
+
+/// Wraps an HSM with metrics.
+pub struct MeteredHsm {
+    inner: Arc<dyn Hsm>,
+}
+
+impl MeteredHsm {
+    /// Meters `inner`.
+    pub fn new(inner: Arc<dyn Hsm>) -> Self {
+        Self { inner }
+    }
+}
+
+fn timed<T>(op: &'static str, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    let started = Instant::now();
+    let result = f();
+    crate::metrics::global().hsm(op, result.is_ok(), started.elapsed());
+    result
+}
+
+impl Hsm for MeteredHsm {
+    fn mwk_generation(&self) -> MwkGeneration {
+        self.inner.mwk_generation()
+    }
+
+    fn generate_kek(&self) -> Result<WrappedKek, Error> {
+        timed("generate_kek", || self.inner.generate_kek())
+    }
+
+    fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
+        timed("unwrap_kek", || self.inner.unwrap_kek(wrapped))
+    }
+
+    fn encrypt(&self, kek: &Kek, aad: &[u8], plaintext: &[u8]) -> Result<GcmSealed, Error> {
+        timed("encrypt", || self.inner.encrypt(kek, aad, plaintext))
+    }
+
+    fn decrypt(
+        &self,
+        kek: &Kek,
+        iv: &[u8; IV_LEN],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Plaintext, Error> {
+        timed("decrypt", || self.inner.decrypt(kek, iv, aad, sealed))
+    }
+
+    fn random(&self, out: &mut [u8]) -> Result<(), Error> {
+        timed("random", || self.inner.random(out))
+    }
+
+    fn hmac(&self, key: HmacKey, data: &[u8]) -> Result<[u8; 32], Error> {
+        timed("hmac", || self.inner.hmac(key, data))
+    }
+
+    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error> {
+        timed("sign", || self.inner.sign(data))
+    }
+
+    fn probe(&self) -> Result<(), Error> {
+        timed("probe", || self.inner.probe())
+    }
+}

@@ -1,0 +1,199 @@
+//! Prometheus metrics, served on `/metrics` at `[metrics] listen` (off unless configured).
+//!
+//! One process-wide registry: requests by RPC and status code, latency per RPC, HSM operations
+//! and their latency, cache hits and misses, audit write latency, open tenant databases.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a finished request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    rpc: String,
+    code: &'static str,
+}
+
+/// Labels naming an RPC.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    rpc: String,
+}
+
+/// Labels of an HSM operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HsmLabels {
+    op: &'static str,
+    outcome: &'static str,
+}
+
+/// Labels of a cache lookup.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    cache: &'static str,
+    result: &'static str,
+}
+
+/// Every metric keyfront exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_seconds: Family<RpcLabels, Histogram>,
+    hsm_operations: Family<HsmLabels, Counter>,
+    hsm_seconds: Family<HsmLabels, Histogram>,
+    cache: Family<CacheLabels, Counter>,
+    audit_seconds: Histogram,
+    open_tenants: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 5 µs to ~5 s, doubling.
+    Histogram::new(exponential_buckets(0.000_005, 2.0, 21))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("keyfront");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_seconds =
+            Family::<RpcLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        let hsm_operations = Family::<HsmLabels, Counter>::default();
+        let hsm_seconds =
+            Family::<HsmLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        let cache = Family::<CacheLabels, Counter>::default();
+        let audit_seconds = latency_histogram();
+        let open_tenants = Gauge::default();
+        registry.register(
+            "requests",
+            "gRPC requests by RPC and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from receipt to response, per RPC",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "hsm_operations",
+            "HSM operations by operation and outcome",
+            hsm_operations.clone(),
+        );
+        registry.register(
+            "hsm_operation_duration_seconds",
+            "HSM operation latency",
+            hsm_seconds.clone(),
+        );
+        registry.register(
+            "cache_requests",
+            "Cache lookups by cache (bulk_key, kek) and result (hit, miss)",
+            cache.clone(),
+        );
+        registry.register(
+            "audit_write_duration_seconds",
+            "Time to hand one audit line to the kernel",
+            audit_seconds.clone(),
+        );
+        registry.register(
+            "open_tenant_databases",
+            "Tenant databases open now",
+            open_tenants.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_seconds,
+            hsm_operations,
+            hsm_seconds,
+            cache,
+            audit_seconds,
+            open_tenants,
+        }
+    }
+
+    /// Records a finished request.
+    pub fn request(&self, rpc: &str, code: &'static str, latency: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                rpc: rpc.to_owned(),
+                code,
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&RpcLabels {
+                rpc: rpc.to_owned(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Records an HSM operation.
+    pub fn hsm(&self, op: &'static str, ok: bool, latency: Duration) {
+        let labels = HsmLabels {
+            op,
+            outcome: if ok { "ok" } else { "error" },
+        };
+        self.hsm_operations.get_or_create(&labels).inc();
+        self.hsm_seconds
+            .get_or_create(&labels)
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Records a cache lookup.
+    pub fn cache(&self, cache: &'static str, hit: bool) {
+        self.cache
+            .get_or_create(&CacheLabels {
+                cache,
+                result: if hit { "hit" } else { "miss" },
+            })
+            .inc();
+    }
+
+    /// Records one audit write.
+    pub fn audit_write(&self, latency: Duration) {
+        self.audit_seconds.observe(latency.as_secs_f64());
+    }
+
+    /// Sets the number of open tenant databases.
+    pub fn open_tenants(&self, open: usize) {
+        self.open_tenants
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// Serves `/metrics` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                global().encode(),
+            )
+        }),
+    );
+    if let Err(error) = axum::serve(listener, app).await {
+        tracing::error!(%error, "metrics endpoint failed");
+    }
+}
