@@ -16,14 +16,43 @@ use prometheus_client::registry::Registry;
 /// Labels of a finished request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    rpc: String,
+    rpc: &'static str,
     code: &'static str,
 }
 
 /// Labels naming an RPC.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
-    rpc: String,
+    rpc: &'static str,
+}
+
+/// The RPCs keyfront serves, as label values; anything else is "other" (bounded cardinality,
+/// and no allocation per request).
+const KNOWN_RPCS: &[&str] = &[
+    "keyfront.v1.KeyService/Encrypt",
+    "keyfront.v1.KeyService/Decrypt",
+    "keyfront.v1.KeyService/BatchEncrypt",
+    "keyfront.v1.KeyService/BatchDecrypt",
+    "keyfront.v1.KeyService/GenerateDataKey",
+    "keyfront.v1.KeyService/DecryptDataKey",
+    "keyfront.v1.KeyService/SealSecret",
+    "keyfront.v1.KeyService/UnsealSecret",
+    "keyfront.v1.AdminService/CreateTenant",
+    "keyfront.v1.AdminService/ListTenants",
+    "keyfront.v1.AdminService/CreateKey",
+    "keyfront.v1.AdminService/GetKey",
+    "keyfront.v1.AdminService/ListKeys",
+    "keyfront.v1.AdminService/RotateKey",
+    "grpc.health.v1.Health/Check",
+    "grpc.health.v1.Health/Watch",
+];
+
+fn rpc_label(rpc: &str) -> &'static str {
+    KNOWN_RPCS
+        .iter()
+        .copied()
+        .find(|known| *known == rpc)
+        .unwrap_or("other")
 }
 
 /// Labels of an HSM operation.
@@ -118,16 +147,12 @@ impl Metrics {
 
     /// Records a finished request.
     pub fn request(&self, rpc: &str, code: &'static str, latency: Duration) {
+        let rpc = rpc_label(rpc);
         self.requests
-            .get_or_create(&RequestLabels {
-                rpc: rpc.to_owned(),
-                code,
-            })
+            .get_or_create(&RequestLabels { rpc, code })
             .inc();
         self.request_seconds
-            .get_or_create(&RpcLabels {
-                rpc: rpc.to_owned(),
-            })
+            .get_or_create(&RpcLabels { rpc })
             .observe(latency.as_secs_f64());
     }
 

@@ -607,3 +607,101 @@ fn expired_bulk_keys_leave_memory_and_come_back_through_the_hsm() {
     );
     assert_eq!(kms.cached_bulk_keys(), 1);
 }
+
+#[test]
+fn the_in_memory_path_follows_rotation_and_destruction() {
+    let (kms, _dir, _) = common::softhsm_kms("hotpath");
+    let acme = tenant(&kms, "acme");
+    let (tenant_name, key) = (name("acme"), name("default"));
+    let ctx = context(&[("k", "v")]);
+    let plaintext = Plaintext::copy_from(b"hot");
+    assert!(
+        kms.encrypt_cached(&tenant_name, &key, &plaintext, &ctx)
+            .is_none(),
+        "nothing cached before first use"
+    );
+    assert_eq!(kms.tenant_id(&tenant_name).expect("id"), acme);
+    let v1 = kms
+        .encrypt(acme, &key, &plaintext, &ctx)
+        .expect("slow path");
+    let cached = kms
+        .encrypt_cached(&tenant_name, &key, &plaintext, &ctx)
+        .expect("now from memory")
+        .expect("encrypts");
+    assert_eq!(cached.version, KeyVersion(1));
+
+    kms.rotate_key(acme, &key).expect("rotate");
+    // Right after the rotation, memory never answers with the old primary.
+    if let Some(result) = kms.encrypt_cached(&tenant_name, &key, &plaintext, &ctx) {
+        assert_eq!(result.expect("encrypts").version, KeyVersion(2));
+    }
+    assert_eq!(
+        kms.encrypt(acme, &key, &plaintext, &ctx)
+            .expect("enc")
+            .version,
+        KeyVersion(2)
+    );
+    let hot = kms
+        .encrypt_cached(&tenant_name, &key, &plaintext, &ctx)
+        .expect("cached")
+        .expect("encrypts");
+    assert_eq!(hot.version, KeyVersion(2));
+
+    let old = kms
+        .decrypt_cached(&tenant_name, &v1.ciphertext, &ctx, None, None)
+        .expect("v1 bulk key cached")
+        .expect("decrypts");
+    assert_eq!(old.plaintext.expose_secret(), b"hot");
+    let wrong = context(&[("k", "w")]);
+    assert!(matches!(
+        kms.decrypt_cached(&tenant_name, &v1.ciphertext, &wrong, None, None),
+        Some(Err(Error::Decrypt))
+    ));
+    assert!(matches!(
+        kms.decrypt_cached(
+            &tenant_name,
+            &v1.ciphertext,
+            &ctx,
+            Some(&name("secrets")),
+            None
+        ),
+        Some(Err(Error::Decrypt))
+    ));
+    assert!(matches!(
+        kms.decrypt_cached(
+            &tenant_name,
+            &v1.ciphertext,
+            &ctx,
+            None,
+            Some(&[name("other")])
+        ),
+        Some(Err(Error::PermissionDenied))
+    ));
+    assert!(matches!(
+        kms.decrypt_cached(&tenant_name, b"garbage", &ctx, None, None),
+        Some(Err(Error::Decrypt))
+    ));
+    kms.encrypt(acme, &name("secrets"), &plaintext, &ctx)
+        .expect_err("purpose");
+
+    kms.destroy_tenant(acme).expect("destroy");
+    assert!(
+        kms.encrypt_cached(&tenant_name, &key, &plaintext, &ctx)
+            .is_none()
+    );
+    assert!(
+        kms.decrypt_cached(&tenant_name, &v1.ciphertext, &ctx, None, None)
+            .is_none()
+    );
+    assert!(kms.decrypt(acme, &v1.ciphertext, &ctx, None).is_err());
+    let again = tenant(&kms, "acme");
+    assert_ne!(again, acme);
+    assert!(matches!(
+        kms.decrypt_cached(&tenant_name, &v1.ciphertext, &ctx, None, None),
+        None | Some(Err(Error::Decrypt))
+    ));
+    assert!(matches!(
+        kms.decrypt(again, &v1.ciphertext, &ctx, None),
+        Err(Error::Decrypt)
+    ));
+}

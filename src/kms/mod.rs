@@ -4,8 +4,9 @@
 //! bulk-key cache together, and enforces purposes and blob types. It knows nothing of gRPC or
 //! identities: callers have already decided which tenant a request may act on.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use zeroize::Zeroize;
@@ -101,12 +102,26 @@ pub struct Kms {
     bulk_key_ttl: Duration,
     // When expired bulk keys were last swept out of memory.
     last_sweep: Mutex<Instant>,
+    // The hot path's view of the store, so Encrypt and Decrypt run from memory. Replaced at
+    // every commit that changes them (see `remember_primary`); never older than the store.
+    tenant_ids: quick_cache::sync::Cache<Name, TenantId>,
+    primaries: RwLock<HashMap<TenantId, HashMap<Name, Arc<KeySnapshot>>>>,
+    primaries_capacity: usize,
     audit_key: SecretKey,
 }
 
 struct CachedBulkKey {
     key: SecretKey,
     loaded: Instant,
+    // What the Decrypt fast path must check without reading the key record.
+    name: Name,
+    purpose: Purpose,
+}
+
+/// A key's record and its primary version, as Encrypt needs them.
+struct KeySnapshot {
+    record: KeyRecord,
+    primary: VersionRecord,
 }
 
 impl Kms {
@@ -128,6 +143,9 @@ impl Kms {
             bulk_keys: quick_cache::sync::Cache::new(options.bulk_key_capacity.max(1)),
             bulk_key_ttl: options.bulk_key_ttl,
             last_sweep: Mutex::new(Instant::now()),
+            tenant_ids: quick_cache::sync::Cache::new(options.bulk_key_capacity.max(1)),
+            primaries: RwLock::new(HashMap::new()),
+            primaries_capacity: options.bulk_key_capacity.max(1),
         })
     }
 
@@ -184,12 +202,33 @@ impl Kms {
             .ok_or_else(|| Error::TenantNotFound(name.clone()))
     }
 
+    /// The id of the tenant with this name, from memory when it was looked up before.
+    ///
+    /// # Errors
+    /// [`Error::TenantNotFound`].
+    pub fn tenant_id(&self, name: &Name) -> Result<TenantId, Error> {
+        if let Some(id) = self.tenant_ids.get(name) {
+            return Ok(id);
+        }
+        let id = self.tenant(name)?.id;
+        self.tenant_ids.insert(name.clone(), id);
+        Ok(id)
+    }
+
     /// Destroys a tenant at once (crypto-shredding): tombstone, then its database is erased.
     ///
     /// # Errors
     /// [`keystore::Error::TenantNotFound`].
     pub fn destroy_tenant(&self, tenant: TenantId) -> Result<(), Error> {
-        Ok(self.store.destroy_tenant(tenant)?)
+        self.store.destroy_tenant(tenant)?;
+        // Nothing of it may be served from memory afterwards.
+        self.tenant_ids.retain(|_, id| *id != tenant);
+        self.primaries
+            .write()
+            .expect("primaries lock poisoned")
+            .remove(&tenant);
+        self.bulk_keys.retain(|(id, _, _), _| *id != tenant);
+        Ok(())
     }
 
     /// Creates a key at version 1.
@@ -220,9 +259,10 @@ impl Kms {
             generation: 1,
         };
         db.commit(vec![
-            TenantWrite::Version(id, version_record),
+            TenantWrite::Version(id, version_record.clone()),
             TenantWrite::Key(record.clone()),
         ])?;
+        self.remember_primary(tenant, record.clone(), version_record);
         Ok(record)
     }
 
@@ -268,9 +308,10 @@ impl Kms {
         record.latest = next;
         record.generation += 1;
         db.commit(vec![
-            TenantWrite::Version(record.id, version_record),
+            TenantWrite::Version(record.id, version_record.clone()),
             TenantWrite::Key(record.clone()),
         ])?;
+        self.remember_primary(tenant, record.clone(), version_record);
         Ok(record)
     }
 
@@ -285,10 +326,75 @@ impl Kms {
         plaintext: &Plaintext,
         context: &EncryptionContext,
     ) -> Result<Encrypted, Error> {
-        let db = self.store.tenant(tenant)?;
-        let record = self.usable_key(&db, key, Purpose::Data)?;
-        let version = self.version(&db, &record, record.primary)?;
-        let bulk = self.bulk_key(tenant, record.id, &version)?;
+        let snapshot = self.primary(tenant, key, Purpose::Data)?;
+        let bulk = self.bulk_key(tenant, &snapshot.record, &snapshot.primary)?;
+        Ok(Self::seal_locally(
+            tenant, &snapshot, &bulk, plaintext, context,
+        )?)
+    }
+
+    /// Encrypt from memory alone, for callers on an async runtime: `None` when anything it
+    /// needs (tenant id, key, bulk key) is not cached yet; then use [`Kms::encrypt`] on a
+    /// blocking thread, which fills the caches.
+    pub fn encrypt_cached(
+        &self,
+        tenant: &Name,
+        key: &Name,
+        plaintext: &Plaintext,
+        context: &EncryptionContext,
+    ) -> Option<Result<Encrypted, Error>> {
+        let tenant = self.tenant_ids.get(tenant)?;
+        let snapshot = self.cached_primary(tenant, key)?;
+        if let Err(error) = Self::check_purpose(&snapshot.record, Purpose::Data) {
+            return Some(Err(error));
+        }
+        let bulk = self.cached_bulk_key(tenant, snapshot.record.id, snapshot.primary.version)?;
+        Some(Self::seal_locally(tenant, &snapshot, &bulk, plaintext, context).map_err(Error::from))
+    }
+
+    /// Decrypt from memory alone: `None` when the tenant id or the version's bulk key is not
+    /// cached; then use [`Kms::decrypt_scoped`] on a blocking thread.
+    pub fn decrypt_cached(
+        &self,
+        tenant: &Name,
+        ciphertext: &[u8],
+        context: &EncryptionContext,
+        key: Option<&Name>,
+        allowed: Option<&[Name]>,
+    ) -> Option<Result<Decrypted, Error>> {
+        let tenant = self.tenant_ids.get(tenant)?;
+        let blob = match crypto::parse_blob(ciphertext, BlobType::Ciphertext) {
+            Ok(blob) => blob,
+            Err(error) => return Some(Err(error.into())),
+        };
+        let (key_id, version) = (blob.header.key_id, blob.header.version);
+        let bulk = self.cached_bulk_key(tenant, key_id, version)?;
+        let result = (|| {
+            if bulk.purpose != Purpose::Data || key.is_some_and(|name| &bulk.name != name) {
+                return Err(Error::Decrypt);
+            }
+            if allowed.is_some_and(|keys| !keys.contains(&bulk.name)) {
+                return Err(Error::PermissionDenied);
+            }
+            let aad = crypto::aad(BlobType::Ciphertext, &tenant, &key_id, version, context)?;
+            let plaintext = crypto::open(&bulk.key, &aad, &ciphertext[HEADER_LEN..])?;
+            Ok(Decrypted {
+                plaintext,
+                key_id,
+                version,
+            })
+        })();
+        Some(result)
+    }
+
+    fn seal_locally(
+        tenant: TenantId,
+        snapshot: &KeySnapshot,
+        bulk: &CachedBulkKey,
+        plaintext: &Plaintext,
+        context: &EncryptionContext,
+    ) -> Result<Encrypted, crypto::Error> {
+        let (record, version) = (&snapshot.record, &snapshot.primary);
         let header = Header {
             blob_type: BlobType::Ciphertext,
             key_id: record.id,
@@ -309,6 +415,91 @@ impl Kms {
             key_id: record.id,
             version: version.version,
         })
+    }
+
+    /// The key named by a request and its primary version, from memory or the store.
+    fn primary(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        purpose: Purpose,
+    ) -> Result<Arc<KeySnapshot>, Error> {
+        let snapshot = match self.cached_primary(tenant, name) {
+            Some(snapshot) => snapshot,
+            None => {
+                let db = self.store.tenant(tenant)?;
+                let record = db
+                    .key_by_name(name)?
+                    .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+                let primary = self.version(&db, &record, record.primary)?;
+                self.remember_primary(tenant, record, primary)
+            }
+        };
+        Self::check_purpose(&snapshot.record, purpose)?;
+        Ok(snapshot)
+    }
+
+    /// Caches a key's primary unless a newer revision of it is cached already: a reader that
+    /// fetched the record before a rotation's commit cannot put the old primary back.
+    fn remember_primary(
+        &self,
+        tenant: TenantId,
+        record: KeyRecord,
+        primary: VersionRecord,
+    ) -> Arc<KeySnapshot> {
+        let snapshot = Arc::new(KeySnapshot { record, primary });
+        let mut primaries = self.primaries.write().expect("primaries lock poisoned");
+        if let Some(existing) = primaries
+            .get(&tenant)
+            .and_then(|keys| keys.get(&snapshot.record.name))
+        {
+            if existing.record.generation > snapshot.record.generation {
+                return Arc::clone(existing);
+            }
+        }
+        if primaries.len() >= self.primaries_capacity {
+            primaries.clear();
+        }
+        primaries
+            .entry(tenant)
+            .or_default()
+            .insert(snapshot.record.name.clone(), Arc::clone(&snapshot));
+        snapshot
+    }
+
+    fn cached_primary(&self, tenant: TenantId, name: &Name) -> Option<Arc<KeySnapshot>> {
+        self.primaries
+            .read()
+            .expect("primaries lock poisoned")
+            .get(&tenant)?
+            .get(name)
+            .cloned()
+    }
+
+    fn check_purpose(record: &KeyRecord, purpose: Purpose) -> Result<(), Error> {
+        if record.purpose == purpose {
+            Ok(())
+        } else {
+            Err(Error::PurposeMismatch {
+                key: record.name.clone(),
+                purpose: record.purpose,
+            })
+        }
+    }
+
+    /// A bulk key from memory, if cached and not expired.
+    fn cached_bulk_key(
+        &self,
+        tenant: TenantId,
+        key_id: KeyId,
+        version: KeyVersion,
+    ) -> Option<Arc<CachedBulkKey>> {
+        let cached = self
+            .bulk_keys
+            .get(&(tenant, key_id, version))
+            .filter(|cached| cached.loaded.elapsed() < self.bulk_key_ttl);
+        crate::metrics::global().cache("bulk_key", cached.is_some());
+        cached
     }
 
     /// Decrypts a CIPHERTEXT blob; the key comes from its header (`key`, if given, must match).
@@ -341,7 +532,7 @@ impl Kms {
         let blob = crypto::parse_blob(ciphertext, BlobType::Ciphertext)?;
         let db = self.store.tenant(tenant)?;
         let (record, version) = self.blob_key(&db, &blob.header, Purpose::Data, key, allowed)?;
-        let bulk = self.bulk_key(tenant, record.id, &version)?;
+        let bulk = self.bulk_key(tenant, &record, &version)?;
         let aad = crypto::aad(
             BlobType::Ciphertext,
             &tenant,
@@ -670,9 +861,10 @@ impl Kms {
     fn bulk_key(
         &self,
         tenant: TenantId,
-        key_id: KeyId,
+        record: &KeyRecord,
         version: &VersionRecord,
     ) -> Result<Arc<CachedBulkKey>, Error> {
+        let key_id = record.id;
         let cache_key = (tenant, key_id, version.version);
         if let Some(cached) = self.bulk_keys.get(&cache_key) {
             if cached.loaded.elapsed() < self.bulk_key_ttl {
@@ -724,6 +916,8 @@ impl Kms {
         let cached = Arc::new(CachedBulkKey {
             key,
             loaded: Instant::now(),
+            name: record.name.clone(),
+            purpose: record.purpose,
         });
         self.bulk_keys.insert(cache_key, Arc::clone(&cached));
         Ok(cached)

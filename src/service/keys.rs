@@ -64,7 +64,15 @@ impl pb::key_service_server::KeyService for KeyService {
         let verified = verify_crc(&r.plaintext, r.plaintext_crc32c, "plaintext_crc32c")?;
         let plaintext = Plaintext::new(r.plaintext);
         let out = call
-            .run(move |kms, tenant| kms.encrypt(tenant, &key, &plaintext, &context))
+            .run_cached(
+                (key, plaintext, context),
+                |kms, tenant, (key, plaintext, context)| {
+                    kms.encrypt_cached(tenant, key, plaintext, context)
+                },
+                |kms, tenant, (key, plaintext, context)| {
+                    kms.encrypt(tenant, &key, &plaintext, &context)
+                },
+            )
             .await?;
         call.version(out.version.0);
         Ok(Response::new(pb::EncryptResponse {
@@ -90,15 +98,27 @@ impl pb::key_service_server::KeyService for KeyService {
         let verified = verify_crc(&r.ciphertext, r.ciphertext_crc32c, "ciphertext_crc32c")?;
         let allowed = call.allowed_keys();
         let out = call
-            .run(move |kms, tenant| {
-                kms.decrypt_scoped(
-                    tenant,
-                    &r.ciphertext,
-                    &context,
-                    key.as_ref(),
-                    allowed.as_deref(),
-                )
-            })
+            .run_cached(
+                (r.ciphertext, context, key, allowed),
+                |kms, tenant, (ciphertext, context, key, allowed)| {
+                    kms.decrypt_cached(
+                        tenant,
+                        ciphertext,
+                        context,
+                        key.as_ref(),
+                        allowed.as_deref(),
+                    )
+                },
+                |kms, tenant, (ciphertext, context, key, allowed)| {
+                    kms.decrypt_scoped(
+                        tenant,
+                        &ciphertext,
+                        &context,
+                        key.as_ref(),
+                        allowed.as_deref(),
+                    )
+                },
+            )
             .await?;
         call.decrypted(&out);
         let plaintext = out.plaintext.expose_secret().to_vec();

@@ -237,10 +237,26 @@ impl Call {
     ) -> Result<T, Status> {
         let tenant = self.tenant()?;
         self.run_global(move |kms| {
-            let id = kms.tenant(&tenant)?.id;
+            let id = kms.tenant_id(&tenant)?;
             f(kms, id)
         })
         .await
+    }
+
+    /// Runs `fast` inline when it can answer from memory (`Some`), else `slow` on the
+    /// blocking pool: the hot path never pays for a thread handoff. `data` is lent to `fast`
+    /// and then moved into `slow`.
+    async fn run_cached<D: Send + 'static, T: Send + 'static>(
+        &self,
+        data: D,
+        fast: impl FnOnce(&Kms, &Name, &D) -> Option<Result<T, Error>>,
+        slow: impl FnOnce(&Kms, TenantId, D) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Status> {
+        let tenant = self.tenant()?;
+        match fast(&self.kms, &tenant, &data) {
+            Some(result) => result.map_err(Status::from),
+            None => self.run(move |kms, id| slow(kms, id, data)).await,
+        }
     }
 
     /// Runs a domain operation not tied to one tenant on the blocking pool.
