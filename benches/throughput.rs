@@ -563,6 +563,8 @@ fn main() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
+    let audit_mean_us = 1e6 * counter("keyfront_audit_write_duration_seconds_sum")
+        / counter("keyfront_audit_write_duration_seconds_count").max(1.0);
     let hits = counter("keyfront_cache_requests_total{cache=\"bulk_key\",result=\"hit\"}");
     let misses = counter("keyfront_cache_requests_total{cache=\"bulk_key\",result=\"miss\"}");
     let mut hsm_ops: HashMap<&str, f64> = HashMap::new();
@@ -582,8 +584,8 @@ fn main() {
          one thread) **{crypto_rate:.0}/s**; transport (bare tonic echo of 1 KiB, same TLS 1.3 mutual-auth \
          acceptor), measured right before each operation in alternating rounds; each row is the round \
          with the median ratio of {rounds} (`× transport` compares requests/s).\n\n{table}\n\
-         From /metrics after the run: bulk-key cache {hits:.0} hits / {misses:.0} misses; HSM operations \
-         {:?}.\n",
+         From /metrics after the run: bulk-key cache {hits:.0} hits / {misses:.0} misses; mean audit \
+         write {audit_mean_us:.1} µs per line; HSM operations {:?}.\n",
         hsm_ops
     );
     println!("\n{report}");

@@ -686,10 +686,9 @@ impl Kms {
         plaintext: &Plaintext,
         context: &EncryptionContext,
     ) -> Result<(Vec<u8>, KeyId, KeyVersion), Error> {
-        let db = self.store.tenant(tenant)?;
-        let record = self.usable_key(&db, key, purpose)?;
-        let version = self.version(&db, &record, record.primary)?;
-        let kek = self.kek(&db, &version)?;
+        let snapshot = self.primary(tenant, key, purpose)?;
+        let (record, version) = (&snapshot.record, &snapshot.primary);
+        let kek = self.unwrap_stored_kek(tenant, &version.kek)?;
         let aad = crypto::aad(blob_type, &tenant, &record.id, version.version, context)?;
         let sealed = self.hsm.encrypt(&kek, &aad, plaintext.expose_secret())?;
         let header = Header {
@@ -743,20 +742,6 @@ impl Kms {
                 Error::Hsm(error)
             }
         }
-    }
-
-    /// The key named by a request, checked for purpose.
-    fn usable_key(&self, db: &TenantDb, name: &Name, purpose: Purpose) -> Result<KeyRecord, Error> {
-        let record = db
-            .key_by_name(name)?
-            .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
-        if record.purpose != purpose {
-            return Err(Error::PurposeMismatch {
-                key: name.clone(),
-                purpose: record.purpose,
-            });
-        }
-        Ok(record)
     }
 
     /// The key and version a blob's header names. Anything that does not line up is the one
