@@ -298,6 +298,8 @@ struct RawHsm {
     kek_cache_capacity: usize,
     #[serde(default = "default_retry_secs")]
     retry_secs: u64,
+    #[serde(default = "default_inline_calls")]
+    inline_calls: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,6 +353,9 @@ fn default_bulk_key_ttl_secs() -> u64 {
 }
 fn default_retry_secs() -> u64 {
     2
+}
+fn default_inline_calls() -> bool {
+    true
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7443))
@@ -470,6 +475,7 @@ impl RawConfig {
                     },
                     bulk_key_capacity: bulk_key_capacity.get(),
                     bulk_key_ttl: Duration::from_secs(self.cache.bulk_key_ttl_secs),
+                    inline_hsm_calls: self.hsm.inline_calls,
                 },
             }),
             _ => Err(problems),

@@ -705,3 +705,59 @@ fn the_in_memory_path_follows_rotation_and_destruction() {
         Err(Error::Decrypt)
     ));
 }
+
+#[test]
+fn a_slow_hsm_pauses_inline_calls_and_they_can_be_switched_off() {
+    let config = common::initialized_token("inline");
+    let hsm = Arc::new(FaultyHsm::new(common::open_hsm(&config)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kms = Kms::open(
+        Arc::clone(&hsm) as Arc<dyn Hsm>,
+        dir.path(),
+        KmsOptions::default(),
+    )
+    .expect("kms");
+    let acme = tenant(&kms, "acme");
+    let (tenant_name, key) = (name("acme"), name("default"));
+    let ctx = EncryptionContext::new();
+    assert_eq!(kms.tenant_id(&tenant_name).expect("id"), acme);
+    kms.generate_data_key(acme, &key, &ctx)
+        .expect("warms the key snapshot");
+    assert!(
+        kms.generate_data_key_cached(&tenant_name, &key, &ctx)
+            .is_some(),
+        "inline when fast"
+    );
+
+    hsm.set_delay(std::time::Duration::from_millis(20));
+    let slow = kms.generate_data_key_cached(&tenant_name, &key, &ctx);
+    assert!(
+        slow.is_some_and(|r| r.is_ok()),
+        "the slow call itself completes"
+    );
+    assert!(
+        kms.generate_data_key_cached(&tenant_name, &key, &ctx)
+            .is_none(),
+        "after a slow call, HSM work goes back to blocking threads"
+    );
+    hsm.set_delay(std::time::Duration::ZERO);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = KmsOptions {
+        inline_hsm_calls: false,
+        ..KmsOptions::default()
+    };
+    let off = Kms::open(Arc::clone(&hsm) as Arc<dyn Hsm>, dir.path(), options).expect("kms");
+    let id = tenant(&off, "acme");
+    off.tenant_id(&tenant_name).expect("id");
+    off.generate_data_key(id, &key, &ctx).expect("warm");
+    assert!(
+        off.generate_data_key_cached(&tenant_name, &key, &ctx)
+            .is_none()
+    );
+    assert!(
+        off.encrypt_cached(&tenant_name, &key, &Plaintext::copy_from(b"x"), &ctx)
+            .is_none_or(|r| r.is_ok()),
+        "Encrypt never calls the HSM inline"
+    );
+}

@@ -36,6 +36,10 @@ pub struct KmsOptions {
     pub bulk_key_capacity: usize,
     /// How long an unwrapped bulk key stays in memory.
     pub bulk_key_ttl: Duration,
+    /// Whether the `*_cached` operations may call the HSM on the caller's thread (an async
+    /// worker). Right for an HSM that answers in microseconds (SoftHSM); turn it off for a
+    /// network HSM whose calls take milliseconds.
+    pub inline_hsm_calls: bool,
 }
 
 impl Default for KmsOptions {
@@ -44,6 +48,7 @@ impl Default for KmsOptions {
             store: StoreOptions::default(),
             bulk_key_capacity: 100_000,
             bulk_key_ttl: Duration::from_secs(300),
+            inline_hsm_calls: true,
         }
     }
 }
@@ -105,8 +110,14 @@ pub struct Kms {
     // The hot path's view of the store, so Encrypt and Decrypt run from memory. Replaced at
     // every commit that changes them (see `remember_primary`); never older than the store.
     tenant_ids: quick_cache::sync::Cache<Name, TenantId>,
-    primaries: RwLock<HashMap<TenantId, HashMap<Name, Arc<KeySnapshot>>>>,
+    primaries: RwLock<PerTenant<Name>>,
     primaries_capacity: usize,
+    // Versions named by blobs (DecryptDataKey, UnsealSecret): immutable records, so kept until
+    // the tenant goes (the key lifecycle invalidates them on state changes).
+    versions: RwLock<PerTenant<(KeyId, KeyVersion)>>,
+    inline_hsm_calls: bool,
+    // Until when inline HSM calls are off because one was slow (see `inline_tenant`).
+    inline_paused_until: Mutex<Option<Instant>>,
     audit_key: SecretKey,
 }
 
@@ -118,7 +129,10 @@ struct CachedBulkKey {
     purpose: Purpose,
 }
 
-/// A key's record and its primary version, as Encrypt needs them.
+/// Key snapshots per tenant, by `K` (a key name, or a key id and version).
+type PerTenant<K> = HashMap<TenantId, HashMap<K, Arc<KeySnapshot>>>;
+
+/// A key's record and one of its versions (the primary, for Encrypt).
 struct KeySnapshot {
     record: KeyRecord,
     primary: VersionRecord,
@@ -146,6 +160,9 @@ impl Kms {
             tenant_ids: quick_cache::sync::Cache::new(options.bulk_key_capacity.max(1)),
             primaries: RwLock::new(HashMap::new()),
             primaries_capacity: options.bulk_key_capacity.max(1),
+            versions: RwLock::new(HashMap::new()),
+            inline_hsm_calls: options.inline_hsm_calls,
+            inline_paused_until: Mutex::new(None),
         })
     }
 
@@ -226,6 +243,10 @@ impl Kms {
         self.primaries
             .write()
             .expect("primaries lock poisoned")
+            .remove(&tenant);
+        self.versions
+            .write()
+            .expect("versions lock poisoned")
             .remove(&tenant);
         self.bulk_keys.retain(|(id, _, _), _| *id != tenant);
         Ok(())
@@ -385,6 +406,130 @@ impl Kms {
             })
         })();
         Some(result)
+    }
+
+    /// GenerateDataKey with the HSM called on this thread, when the key is in memory and inline
+    /// HSM calls are allowed (`KmsOptions::inline_hsm_calls`); `None` otherwise.
+    pub fn generate_data_key_cached(
+        &self,
+        tenant: &Name,
+        key: &Name,
+        context: &EncryptionContext,
+    ) -> Option<Result<DataKey, Error>> {
+        let tenant = self.inline_tenant(tenant)?;
+        self.cached_primary(tenant, key)?;
+        Some(self.timed_inline(|| self.generate_data_key(tenant, key, context)))
+    }
+
+    /// SealSecret with the HSM called on this thread; see [`Kms::generate_data_key_cached`].
+    pub fn seal_secret_cached(
+        &self,
+        tenant: &Name,
+        key: &Name,
+        secret: &Plaintext,
+        context: &EncryptionContext,
+    ) -> Option<Result<Sealed, Error>> {
+        let tenant = self.inline_tenant(tenant)?;
+        self.cached_primary(tenant, key)?;
+        Some(self.timed_inline(|| self.seal_secret(tenant, key, secret, context)))
+    }
+
+    /// DecryptDataKey with the HSM called on this thread, when the blob's key version is in
+    /// memory; see [`Kms::generate_data_key_cached`].
+    pub fn decrypt_data_key_cached(
+        &self,
+        tenant: &Name,
+        wrapped: &[u8],
+        context: &EncryptionContext,
+        allowed: Option<&[Name]>,
+    ) -> Option<Result<Decrypted, Error>> {
+        let tenant = self.inline_tenant(tenant)?;
+        let parsed = match crypto::parse_blob(wrapped, BlobType::DataKey) {
+            Ok(parsed) => parsed,
+            Err(error) => return Some(Err(error.into())),
+        };
+        self.cached_version(tenant, &parsed.header)?;
+        Some(self.timed_inline(|| self.decrypt_data_key_scoped(tenant, wrapped, context, allowed)))
+    }
+
+    /// UnsealSecret with the HSM called on this thread; see [`Kms::decrypt_data_key_cached`].
+    pub fn unseal_secret_cached(
+        &self,
+        tenant: &Name,
+        sealed: &[u8],
+        context: &EncryptionContext,
+        allowed: Option<&[Name]>,
+    ) -> Option<Result<Decrypted, Error>> {
+        let tenant = self.inline_tenant(tenant)?;
+        let parsed = match crypto::parse_blob(sealed, BlobType::Secret) {
+            Ok(parsed) => parsed,
+            Err(error) => return Some(Err(error.into())),
+        };
+        self.cached_version(tenant, &parsed.header)?;
+        Some(self.timed_inline(|| self.unseal_secret_scoped(tenant, sealed, context, allowed)))
+    }
+
+    /// The tenant's id, if inline HSM calls are allowed now and the id is in memory.
+    fn inline_tenant(&self, tenant: &Name) -> Option<TenantId> {
+        if !self.inline_hsm_calls {
+            return None;
+        }
+        let paused = *self
+            .inline_paused_until
+            .lock()
+            .expect("inline pause lock poisoned");
+        if paused.is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
+        self.tenant_ids.get(tenant)
+    }
+
+    /// Runs an inline HSM operation; if it was slow, inline calls pause for a while, so an HSM
+    /// that slows down stalls at most one call per async worker before the blocking path (with
+    /// its deadlines) takes over.
+    fn timed_inline<T>(&self, operation: impl FnOnce() -> T) -> T {
+        const SLOW: Duration = Duration::from_millis(5);
+        const PAUSE: Duration = Duration::from_secs(30);
+        let started = Instant::now();
+        let result = operation();
+        if started.elapsed() > SLOW {
+            tracing::warn!(took = ?started.elapsed(), "slow HSM call; pausing inline HSM calls");
+            *self
+                .inline_paused_until
+                .lock()
+                .expect("inline pause lock poisoned") = Some(Instant::now() + PAUSE);
+        }
+        result
+    }
+
+    fn cached_version(&self, tenant: TenantId, header: &Header) -> Option<Arc<KeySnapshot>> {
+        self.versions
+            .read()
+            .expect("versions lock poisoned")
+            .get(&tenant)?
+            .get(&(header.key_id, header.version))
+            .cloned()
+    }
+
+    fn remember_version(
+        &self,
+        tenant: TenantId,
+        record: KeyRecord,
+        version: VersionRecord,
+    ) -> Arc<KeySnapshot> {
+        let snapshot = Arc::new(KeySnapshot {
+            record,
+            primary: version,
+        });
+        let mut versions = self.versions.write().expect("versions lock poisoned");
+        if versions.len() >= self.primaries_capacity {
+            versions.clear();
+        }
+        versions.entry(tenant).or_default().insert(
+            (snapshot.record.id, snapshot.primary.version),
+            Arc::clone(&snapshot),
+        );
+        snapshot
     }
 
     fn seal_locally(
@@ -715,9 +860,39 @@ impl Kms {
         // Parsed (type included) before anything else: a blob of another type never reaches
         // the HSM.
         let parsed = crypto::parse_blob(blob, blob_type)?;
-        let db = self.store.tenant(tenant)?;
-        let (record, version) = self.blob_key(&db, &parsed.header, purpose, None, allowed)?;
-        let kek = self.kek(&db, &version)?;
+        let snapshot = match self.cached_version(tenant, &parsed.header) {
+            Some(snapshot) => snapshot,
+            None => {
+                let db = self.store.tenant(tenant)?;
+                let record = db.key(&parsed.header.key_id)?.ok_or(Error::Decrypt)?;
+                let version = db
+                    .version(&record.id, parsed.header.version)?
+                    .ok_or(Error::Decrypt)?;
+                self.remember_version(tenant, record, version)
+            }
+        };
+        self.open_with_snapshot(tenant, &parsed, &snapshot, purpose, context, allowed)
+    }
+
+    /// The HSM-side decryption of a parsed blob whose key version is known.
+    fn open_with_snapshot(
+        &self,
+        tenant: TenantId,
+        parsed: &crypto::ParsedBlob<'_>,
+        snapshot: &KeySnapshot,
+        purpose: Purpose,
+        context: &EncryptionContext,
+        allowed: Option<&[Name]>,
+    ) -> Result<Decrypted, Error> {
+        let (record, version) = (&snapshot.record, &snapshot.primary);
+        if record.purpose != purpose {
+            return Err(Error::Decrypt);
+        }
+        if allowed.is_some_and(|keys| !keys.contains(&record.name)) {
+            return Err(Error::PermissionDenied);
+        }
+        let blob_type = parsed.header.blob_type;
+        let kek = self.unwrap_stored_kek(tenant, &version.kek)?;
         let aad = crypto::aad(blob_type, &tenant, &record.id, version.version, context)?;
         let plaintext = match self.hsm.decrypt(&kek, parsed.nonce, &aad, parsed.sealed) {
             Ok(plaintext) => plaintext,
@@ -782,10 +957,6 @@ impl Kms {
         match found.state {
             VersionState::Enabled => Ok(found),
         }
-    }
-
-    fn kek(&self, db: &TenantDb, version: &VersionRecord) -> Result<Kek, Error> {
-        self.unwrap_stored_kek(db.id(), &version.kek)
     }
 
     /// Unwraps a KEK blob read from storage; a blob that fails to unwrap while the HSM passes

@@ -241,7 +241,11 @@ impl pb::key_service_server::KeyService for KeyService {
         let key = parse_name(&r.key, "key")?;
         let context = call.context(r.context, &self.shared.limits)?;
         let out = call
-            .run(move |kms, tenant| kms.generate_data_key(tenant, &key, &context))
+            .run_cached(
+                (key, context),
+                |kms, tenant, (key, context)| kms.generate_data_key_cached(tenant, key, context),
+                |kms, tenant, (key, context)| kms.generate_data_key(tenant, &key, &context),
+            )
             .await?;
         call.version(out.version.0);
         let plaintext_key = if r.include_plaintext {
@@ -276,9 +280,15 @@ impl pb::key_service_server::KeyService for KeyService {
         let verified = verify_crc(&r.wrapped_key, r.wrapped_key_crc32c, "wrapped_key_crc32c")?;
         let allowed = call.allowed_keys();
         let out = call
-            .run(move |kms, tenant| {
-                kms.decrypt_data_key_scoped(tenant, &r.wrapped_key, &context, allowed.as_deref())
-            })
+            .run_cached(
+                (r.wrapped_key, context, allowed),
+                |kms, tenant, (wrapped, context, allowed)| {
+                    kms.decrypt_data_key_cached(tenant, wrapped, context, allowed.as_deref())
+                },
+                |kms, tenant, (wrapped, context, allowed)| {
+                    kms.decrypt_data_key_scoped(tenant, &wrapped, &context, allowed.as_deref())
+                },
+            )
             .await?;
         call.decrypted(&out);
         let plaintext_key = out.plaintext.expose_secret().to_vec();
@@ -305,7 +315,15 @@ impl pb::key_service_server::KeyService for KeyService {
         let verified = verify_crc(&r.secret, r.secret_crc32c, "secret_crc32c")?;
         let secret = Plaintext::new(r.secret);
         let out = call
-            .run(move |kms, tenant| kms.seal_secret(tenant, &key, &secret, &context))
+            .run_cached(
+                (key, secret, context),
+                |kms, tenant, (key, secret, context)| {
+                    kms.seal_secret_cached(tenant, key, secret, context)
+                },
+                |kms, tenant, (key, secret, context)| {
+                    kms.seal_secret(tenant, &key, &secret, &context)
+                },
+            )
             .await?;
         call.version(out.version.0);
         Ok(Response::new(pb::SealSecretResponse {
@@ -330,9 +348,15 @@ impl pb::key_service_server::KeyService for KeyService {
         let verified = verify_crc(&r.sealed, r.sealed_crc32c, "sealed_crc32c")?;
         let allowed = call.allowed_keys();
         let out = call
-            .run(move |kms, tenant| {
-                kms.unseal_secret_scoped(tenant, &r.sealed, &context, allowed.as_deref())
-            })
+            .run_cached(
+                (r.sealed, context, allowed),
+                |kms, tenant, (sealed, context, allowed)| {
+                    kms.unseal_secret_cached(tenant, sealed, context, allowed.as_deref())
+                },
+                |kms, tenant, (sealed, context, allowed)| {
+                    kms.unseal_secret_scoped(tenant, &sealed, &context, allowed.as_deref())
+                },
+            )
             .await?;
         call.decrypted(&out);
         let secret = out.plaintext.expose_secret().to_vec();
