@@ -729,7 +729,7 @@ fn a_slow_hsm_pauses_inline_calls_and_they_can_be_switched_off() {
         "inline when fast"
     );
 
-    hsm.set_delay(std::time::Duration::from_millis(20));
+    hsm.set_delay(std::time::Duration::from_millis(60));
     let slow = kms.generate_data_key_cached(&tenant_name, &key, &ctx);
     assert!(
         slow.is_some_and(|r| r.is_ok()),
