@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -116,8 +117,10 @@ pub struct Kms {
     // the tenant goes (the key lifecycle invalidates them on state changes).
     versions: RwLock<PerTenant<(KeyId, KeyVersion)>>,
     inline_hsm_calls: bool,
-    // Until when inline HSM calls are off because one was slow (see `inline_tenant`).
-    inline_paused_until: Mutex<Option<Instant>>,
+    // Inline HSM calls are off until this many milliseconds after `opened` because one was
+    // slow (see `timed_inline`); an atomic, as every inline call reads it.
+    inline_paused_until_ms: AtomicU64,
+    opened: Instant,
     audit_key: SecretKey,
 }
 
@@ -162,7 +165,8 @@ impl Kms {
             primaries_capacity: options.bulk_key_capacity.max(1),
             versions: RwLock::new(HashMap::new()),
             inline_hsm_calls: options.inline_hsm_calls,
-            inline_paused_until: Mutex::new(None),
+            inline_paused_until_ms: AtomicU64::new(0),
+            opened: Instant::now(),
         })
     }
 
@@ -391,12 +395,7 @@ impl Kms {
         let (key_id, version) = (blob.header.key_id, blob.header.version);
         let bulk = self.cached_bulk_key(tenant, key_id, version)?;
         let result = (|| {
-            if bulk.purpose != Purpose::Data || key.is_some_and(|name| &bulk.name != name) {
-                return Err(Error::Decrypt);
-            }
-            if allowed.is_some_and(|keys| !keys.contains(&bulk.name)) {
-                return Err(Error::PermissionDenied);
-            }
+            Self::check_blob_key(&bulk.name, bulk.purpose, Purpose::Data, key, allowed)?;
             let aad = crypto::aad(BlobType::Ciphertext, &tenant, &key_id, version, context)?;
             let plaintext = crypto::open(&bulk.key, &aad, &ciphertext[HEADER_LEN..])?;
             Ok(Decrypted {
@@ -474,11 +473,7 @@ impl Kms {
         if !self.inline_hsm_calls {
             return None;
         }
-        let paused = *self
-            .inline_paused_until
-            .lock()
-            .expect("inline pause lock poisoned");
-        if paused.is_some_and(|until| Instant::now() < until) {
+        if self.millis_since_open() < self.inline_paused_until_ms.load(Ordering::Relaxed) {
             return None;
         }
         self.tenant_ids.get(tenant)
@@ -496,12 +491,16 @@ impl Kms {
         let result = operation();
         if started.elapsed() > SLOW {
             tracing::warn!(took = ?started.elapsed(), "slow HSM call; pausing inline HSM calls");
-            *self
-                .inline_paused_until
-                .lock()
-                .expect("inline pause lock poisoned") = Some(Instant::now() + PAUSE);
+            let until = self
+                .millis_since_open()
+                .saturating_add(PAUSE.as_millis() as u64);
+            self.inline_paused_until_ms.store(until, Ordering::Relaxed);
         }
         result
+    }
+
+    fn millis_since_open(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn cached_version(&self, tenant: TenantId, header: &Header) -> Option<Arc<KeySnapshot>> {
@@ -677,9 +676,10 @@ impl Kms {
         allowed: Option<&[Name]>,
     ) -> Result<Decrypted, Error> {
         let blob = crypto::parse_blob(ciphertext, BlobType::Ciphertext)?;
-        let db = self.store.tenant(tenant)?;
-        let (record, version) = self.blob_key(&db, &blob.header, Purpose::Data, key, allowed)?;
-        let bulk = self.bulk_key(tenant, &record, &version)?;
+        let snapshot = self.version_snapshot(tenant, &blob.header)?;
+        let (record, version) = (&snapshot.record, &snapshot.primary);
+        Self::check_blob_key(&record.name, record.purpose, Purpose::Data, key, allowed)?;
+        let bulk = self.bulk_key(tenant, record, version)?;
         let aad = crypto::aad(
             BlobType::Ciphertext,
             &tenant,
@@ -862,17 +862,7 @@ impl Kms {
         // Parsed (type included) before anything else: a blob of another type never reaches
         // the HSM.
         let parsed = crypto::parse_blob(blob, blob_type)?;
-        let snapshot = match self.cached_version(tenant, &parsed.header) {
-            Some(snapshot) => snapshot,
-            None => {
-                let db = self.store.tenant(tenant)?;
-                let record = db.key(&parsed.header.key_id)?.ok_or(Error::Decrypt)?;
-                let version = db
-                    .version(&record.id, parsed.header.version)?
-                    .ok_or(Error::Decrypt)?;
-                self.remember_version(tenant, record, version)
-            }
-        };
+        let snapshot = self.version_snapshot(tenant, &parsed.header)?;
         self.open_with_snapshot(tenant, &parsed, &snapshot, purpose, context, allowed)
     }
 
@@ -887,12 +877,7 @@ impl Kms {
         allowed: Option<&[Name]>,
     ) -> Result<Decrypted, Error> {
         let (record, version) = (&snapshot.record, &snapshot.primary);
-        if record.purpose != purpose {
-            return Err(Error::Decrypt);
-        }
-        if allowed.is_some_and(|keys| !keys.contains(&record.name)) {
-            return Err(Error::PermissionDenied);
-        }
+        Self::check_blob_key(&record.name, record.purpose, purpose, None, allowed)?;
         let blob_type = parsed.header.blob_type;
         let kek = self.unwrap_stored_kek(tenant, &version.kek)?;
         let aad = crypto::aad(blob_type, &tenant, &record.id, version.version, context)?;
@@ -921,27 +906,42 @@ impl Kms {
         }
     }
 
-    /// The key and version a blob's header names. Anything that does not line up is the one
-    /// opaque [`Error::Decrypt`]: a caller must not learn whether a key id exists elsewhere.
-    fn blob_key(
+    /// The key and version a blob's header names, from memory or the store. A key or version
+    /// this tenant does not have is the one opaque [`Error::Decrypt`]: a caller must not learn
+    /// whether a key id exists elsewhere.
+    fn version_snapshot(
         &self,
-        db: &TenantDb,
+        tenant: TenantId,
         header: &Header,
-        purpose: Purpose,
-        expected: Option<&Name>,
-        allowed: Option<&[Name]>,
-    ) -> Result<(KeyRecord, VersionRecord), Error> {
+    ) -> Result<Arc<KeySnapshot>, Error> {
+        if let Some(snapshot) = self.cached_version(tenant, header) {
+            return Ok(snapshot);
+        }
+        let db = self.store.tenant(tenant)?;
         let record = db.key(&header.key_id)?.ok_or(Error::Decrypt)?;
-        if record.purpose != purpose || expected.is_some_and(|name| &record.name != name) {
-            return Err(Error::Decrypt);
-        }
-        if allowed.is_some_and(|keys| !keys.contains(&record.name)) {
-            return Err(Error::PermissionDenied);
-        }
         let version = db
             .version(&record.id, header.version)?
             .ok_or(Error::Decrypt)?;
-        Ok((record, version))
+        Ok(self.remember_version(tenant, record, version))
+    }
+
+    /// Whether a blob's key may serve this request: another purpose, or not the key the request
+    /// named, is the opaque [`Error::Decrypt`]; a key outside the caller's allow-list is
+    /// [`Error::PermissionDenied`].
+    fn check_blob_key(
+        name: &Name,
+        key_purpose: Purpose,
+        purpose: Purpose,
+        expected: Option<&Name>,
+        allowed: Option<&[Name]>,
+    ) -> Result<(), Error> {
+        if key_purpose != purpose || expected.is_some_and(|expected| name != expected) {
+            return Err(Error::Decrypt);
+        }
+        if allowed.is_some_and(|keys| !keys.contains(name)) {
+            return Err(Error::PermissionDenied);
+        }
+        Ok(())
     }
 
     fn version(
