@@ -4,7 +4,7 @@
 //! the file itself: `hsm.pin_env` names an environment variable, or `hsm.pin_file` a file that
 //! only its owner may read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -108,8 +108,8 @@ pub enum Role {
 pub enum TenantScope {
     /// Every tenant (`tenants = ["*"]`); only for principals whose roles are all `officer`.
     All,
-    /// Exactly these.
-    Only(Vec<Name>),
+    /// Exactly these (a set: a principal of a multi-tenant service may list many thousands).
+    Only(BTreeSet<Name>),
 }
 
 /// One entry of `[[principals]]`.
@@ -340,10 +340,10 @@ fn default_kek_cache() -> usize {
     4096
 }
 fn default_max_open_tenants() -> usize {
-    1024
+    StoreOptions::default().max_open_tenants.get()
 }
 fn default_tenant_cache_bytes() -> u64 {
-    256 * 1024
+    StoreOptions::default().tenant_cache_bytes
 }
 fn default_bulk_key_capacity() -> usize {
     100_000
@@ -577,7 +577,11 @@ fn validate_principals(
     principals
 }
 
-fn parse_names(identity: &str, names: Vec<String>, problems: &mut Vec<ConfigProblem>) -> Vec<Name> {
+fn parse_names<C: FromIterator<Name>>(
+    identity: &str,
+    names: Vec<String>,
+    problems: &mut Vec<ConfigProblem>,
+) -> C {
     names
         .into_iter()
         .filter_map(|name| match name.parse() {

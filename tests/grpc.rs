@@ -44,13 +44,14 @@ fn principal(
     roles: &[Role],
     keys: Option<&[&str]>,
 ) -> PrincipalConfig {
-    let names = |items: &[&str]| items.iter().map(|t| t.parse().expect("name")).collect();
+    let names =
+        |items: &[&str]| -> Vec<_> { items.iter().map(|t| t.parse().expect("name")).collect() };
     PrincipalConfig {
         identity: format!("{}/{identity}", dev::TRUST_DOMAIN),
         tenants: if tenants == ["*"] {
             TenantScope::All
         } else {
-            TenantScope::Only(names(tenants))
+            TenantScope::Only(names(tenants).into_iter().collect())
         },
         roles: roles.to_vec(),
         keys: keys.map(names),

@@ -118,12 +118,12 @@ impl pb::admin_service_server::AdminService for AdminService {
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         let call = self.shared.begin(&request, Rpc::ListTenants, "", None)?;
         let r = request.into_inner();
-        let scope = call.scope();
+        let principal = call.principal();
         let mut tenants = call
             .run_global(|kms| Ok(kms.store().tenants()?))
             .await?
             .into_iter()
-            .filter(|t| match &scope {
+            .filter(|t| match &principal.tenants {
                 TenantScope::All => true,
                 TenantScope::Only(names) => names.contains(&t.name),
             })

@@ -166,10 +166,9 @@ pub struct Principals {
 pub struct Authorized {
     /// The tenant, for tenant-scoped RPCs.
     pub tenant: Option<Name>,
-    /// The principal's key allow-list, if it has one.
-    pub keys: Option<Vec<Name>>,
-    /// The principal's tenant scope (for listing).
-    pub scope: TenantScope,
+    /// The principal: its key allow-list and tenant scope. Shared, not copied: a principal of
+    /// a multi-tenant service may list 100,000 tenants.
+    pub principal: Arc<PrincipalConfig>,
 }
 
 impl Principals {
@@ -213,8 +212,8 @@ impl Principals {
         let tenant = match (&principal.tenants, tenant, rpc) {
             (_, "", Rpc::ListTenants) => None,
             (TenantScope::Only(tenants), "", _) if rpc.role() != Role::Officer => {
-                match tenants.as_slice() {
-                    [only] => Some(only.clone()),
+                match (tenants.len(), tenants.first()) {
+                    (1, Some(only)) => Some(only.clone()),
                     _ => {
                         return Err(Status::permission_denied(
                             "this principal has several tenants: name one in the tenant field",
@@ -225,7 +224,7 @@ impl Principals {
             (_, "", _) => return Err(Status::invalid_argument("tenant is required")),
             (TenantScope::All, named, _) => Some(parse_name(named, "tenant")?),
             (TenantScope::Only(tenants), named, _) => {
-                match tenants.iter().find(|t| t.as_str() == named) {
+                match named.parse::<Name>().ok().and_then(|n| tenants.get(&n)) {
                     Some(allowed) => Some(allowed.clone()),
                     None => {
                         return Err(Status::permission_denied(
@@ -244,8 +243,7 @@ impl Principals {
         }
         Ok(Authorized {
             tenant,
-            keys: principal.keys.clone(),
-            scope: principal.tenants.clone(),
+            principal: Arc::clone(principal),
         })
     }
 }

@@ -21,7 +21,7 @@ use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
 use crate::audit::AuditLog;
-use crate::config::{Config, Limits, TenantScope};
+use crate::config::{Config, Limits, PrincipalConfig};
 use crate::error::Error;
 use crate::hsm::Hsm;
 use crate::hsm::metered::MeteredHsm;
@@ -184,12 +184,12 @@ impl Call {
             .ok_or_else(|| Status::invalid_argument("tenant is required"))
     }
 
-    fn scope(&self) -> TenantScope {
-        self.authorized.scope.clone()
+    fn principal(&self) -> Arc<PrincipalConfig> {
+        Arc::clone(&self.authorized.principal)
     }
 
     fn allowed_keys(&self) -> Option<Vec<Name>> {
-        self.authorized.keys.clone()
+        self.authorized.principal.keys.clone()
     }
 
     /// Checks the context's limits and records its names with HMAC'd values for the audit line.
