@@ -11,7 +11,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
+mod common;
+
 use keyfront::cli::dev;
 use keyfront::config::{Config, Limits, PrincipalConfig, Role, ServerConfig, TenantScope};
 use keyfront::hsm::pkcs11;
@@ -20,7 +21,6 @@ use keyfront::service::pb::admin_service_client::AdminServiceClient;
 use keyfront::service::pb::key_service_client::KeyServiceClient;
 use keyfront::service::pb::key_service_server::{KeyService, KeyServiceServer};
 use keyfront::service::{Server, pb};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Request, Response, Status};
 
 // The same allocator as the keyfront binary, for the server and the limits alike.
@@ -49,66 +49,6 @@ fn concurrencies() -> Vec<usize> {
                 .collect()
         })
         .unwrap_or_else(|| CONCURRENCY.to_vec())
-}
-
-struct Measurement {
-    ops: u64,
-    elapsed: Duration,
-    latency: Histogram<u64>,
-}
-
-impl Measurement {
-    fn rate(&self) -> f64 {
-        self.ops as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn quantile_ms(&self, q: f64) -> f64 {
-        self.latency.value_at_quantile(q) as f64 / 1000.0
-    }
-}
-
-/// Runs `call` from `concurrency` tasks for `seconds`; latency in microseconds.
-async fn drive<F, Fut>(concurrency: usize, seconds: f64, call: F) -> Measurement
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<(), Status>> + Send,
-{
-    // A short warm-up, not measured.
-    let warm_until = Instant::now() + Duration::from_millis(300);
-    while Instant::now() < warm_until {
-        call().await.expect("warm-up call");
-    }
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(seconds);
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let call = call.clone();
-            tokio::spawn(async move {
-                let mut latency = Histogram::<u64>::new(3).expect("histogram");
-                let mut ops = 0u64;
-                while Instant::now() < deadline {
-                    let begun = Instant::now();
-                    call().await.expect("benchmark call");
-                    let micros = u64::try_from(begun.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    let _ = latency.record(micros.max(1));
-                    ops += 1;
-                }
-                (ops, latency)
-            })
-        })
-        .collect();
-    let mut total = Histogram::<u64>::new(3).expect("histogram");
-    let mut ops = 0;
-    for task in tasks {
-        let (n, h) = task.await.expect("task");
-        ops += n;
-        total.add(h).expect("merge");
-    }
-    Measurement {
-        ops,
-        elapsed: started.elapsed(),
-        latency: total,
-    }
 }
 
 /// The transport limit: the same messages and TLS setup, no work.
@@ -172,24 +112,6 @@ impl KeyService for Echo {
     ) -> Result<Response<pb::UnsealSecretResponse>, Status> {
         Ok(Response::new(pb::UnsealSecretResponse::default()))
     }
-}
-
-async fn channel(certs: &std::path::Path, port: u16, principal: &str) -> Channel {
-    let read = |f: String| std::fs::read(certs.join(f)).expect("cert");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.crt".into())))
-        .identity(Identity::from_pem(
-            read(format!("{principal}.crt")),
-            read(format!("{principal}.key")),
-        ))
-        .domain_name("localhost");
-    Channel::from_shared(format!("https://127.0.0.1:{port}"))
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("connect")
 }
 
 fn principal(path: &str, tenants: &[&str], role: Role) -> PrincipalConfig {
@@ -280,21 +202,18 @@ struct Row {
     concurrency: usize,
     /// The transport limit measured right before, in the same round.
     transport_rate: f64,
-    measurement: Measurement,
+    measurement: common::Measurement,
     unit_per_op: u64,
     /// The HSM or crypto limit, for operations that have one besides the transport.
     other_limit: Option<(String, f64)>,
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    if !common::benchmarking() {
         println!("throughput: a benchmark; run it with scripts/bench.sh");
         return;
     }
-    let seconds: f64 = std::env::var("KEYFRONT_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
+    let seconds = common::seconds();
     assert!(
         std::env::var_os("SOFTHSM2_CONF").is_some(),
         "run through scripts/bench.sh (sets SOFTHSM2_CONF)"
@@ -388,7 +307,7 @@ fn main() {
         .build()
         .expect("runtime");
     let rows = clients.block_on(async move {
-        let mut admin = AdminServiceClient::new(channel(&certs, keyfront_port, "officer").await);
+        let mut admin = AdminServiceClient::new(common::channel(&certs, keyfront_port, "officer").await);
         for _ in 0..100 {
             if admin.list_tenants(pb::ListTenantsRequest::default()).await.is_ok() {
                 break;
@@ -402,10 +321,10 @@ fn main() {
                 .await
                 .expect("key");
         }
-        let app = KeyServiceClient::new(channel(&certs, keyfront_port, "acme-app").await);
-        let backup = KeyServiceClient::new(channel(&certs, keyfront_port, "acme-backup").await);
-        let secrets = KeyServiceClient::new(channel(&certs, keyfront_port, "acme-secrets").await);
-        let echo = KeyServiceClient::new(channel(&certs, echo_port, "acme-app").await);
+        let app = KeyServiceClient::new(common::channel(&certs, keyfront_port, "acme-app").await);
+        let backup = KeyServiceClient::new(common::channel(&certs, keyfront_port, "acme-backup").await);
+        let secrets = KeyServiceClient::new(common::channel(&certs, keyfront_port, "acme-secrets").await);
+        let echo = KeyServiceClient::new(common::channel(&certs, echo_port, "acme-app").await);
         let kib = vec![0xA5u8; 1024];
         let ciphertext = app.clone().encrypt(pb::EncryptRequest { key: "default".into(), plaintext: kib.clone(), ..Default::default() }).await.expect("encrypt").into_inner().ciphertext;
         let wrapped = backup.clone().generate_data_key(pb::GenerateDataKeyRequest { key: "default".into(), ..Default::default() }).await.expect("dk").into_inner().wrapped_key;
@@ -501,9 +420,9 @@ fn main() {
                 let mut pairs = Vec::new();
                 for _ in 0..rounds {
                     let echo = echo_call.clone();
-                    let transport = drive(concurrency, seconds, move || echo()).await;
+                    let transport = common::drive(concurrency, seconds, move || echo()).await;
                     let call = call.clone();
-                    let measured = drive(concurrency, seconds, move || call()).await;
+                    let measured = common::drive(concurrency, seconds, move || call()).await;
                     pairs.push((transport, measured));
                 }
                 pairs.sort_by(|a, b| (a.1.rate() / a.0.rate()).total_cmp(&(b.1.rate() / b.0.rate())));
@@ -576,7 +495,7 @@ fn main() {
             )),
         );
     }
-    let machine = machine();
+    let machine = common::machine();
     let report = format!(
         "Command: `scripts/bench.sh` ({seconds} s per cell). Machine: {machine}.\n\n\
          Limits measured in the same run: HSM (raw SoftHSM AES-GCM encrypt of 32 B through cryptoki, \
@@ -589,53 +508,5 @@ fn main() {
         hsm_ops
     );
     println!("\n{report}");
-    write_report(&report);
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines().next().map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<u64>()
-                    .unwrap_or(0)
-                    / 1024
-                    / 1024
-            })
-        })
-        .unwrap_or(0);
-    format!(
-        "{cpu}, {cores} cores, {memory} GiB, {}",
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-    )
-}
-
-/// Replaces the generated part of docs/BENCHMARKS.md (between the markers).
-fn write_report(report: &str) {
-    const BEGIN: &str = "<!-- throughput:begin -->";
-    const END: &str = "<!-- throughput:end -->";
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md");
-    let existing = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| format!("# Benchmarks\n\n{BEGIN}\n{END}\n"));
-    let updated = match (existing.find(BEGIN), existing.find(END)) {
-        (Some(b), Some(e)) if b < e => {
-            format!("{}{BEGIN}\n{report}{}", &existing[..b], &existing[e..])
-        }
-        _ => format!("{existing}\n{BEGIN}\n{report}{END}\n"),
-    };
-    std::fs::write(&path, updated).expect("write docs/BENCHMARKS.md");
-    println!("wrote {}", path.display());
+    common::write_report("throughput", &report);
 }
