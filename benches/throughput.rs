@@ -122,6 +122,18 @@ impl KeyService for Echo {
     ) -> Result<Response<pb::UnsealSecretResponse>, Status> {
         Ok(Response::new(pb::UnsealSecretResponse::default()))
     }
+    async fn re_encrypt(
+        &self,
+        _: Request<pb::ReEncryptRequest>,
+    ) -> Result<Response<pb::ReEncryptResponse>, Status> {
+        Ok(Response::new(pb::ReEncryptResponse::default()))
+    }
+    async fn re_encrypt_data_key(
+        &self,
+        _: Request<pb::ReEncryptDataKeyRequest>,
+    ) -> Result<Response<pb::ReEncryptDataKeyResponse>, Status> {
+        Ok(Response::new(pb::ReEncryptDataKeyResponse::default()))
+    }
 }
 
 fn principal(path: &str, tenants: &[&str], role: Role) -> PrincipalConfig {

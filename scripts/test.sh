@@ -23,6 +23,8 @@ if cargo fmt --version >/dev/null 2>&1; then
 fi
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --locked --all-targets --quiet -- -D warnings
+  cargo clippy --locked --all-targets --features test-hooks --quiet -- -D warnings
 fi
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
-cargo test --locked --all-targets
+# test-hooks: the test clock (never in a release build).
+cargo test --locked --all-targets --features test-hooks

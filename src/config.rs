@@ -224,6 +224,11 @@ pub enum ConfigProblem {
     /// A tenant or key name in a principal is not a valid name.
     #[error("principals: {0:?} names an invalid tenant or key {1:?}")]
     PrincipalName(String, String),
+    /// A destruction window shorter than the backup retention.
+    #[error(
+        "keys.destruction_window_days ({0}) must be at least backup.retention_days ({1}): a destroyed version must outlive the backups that need it"
+    )]
+    WindowBelowRetention(u64, u64),
     /// `tenants = ["*"]` on a principal that can touch data.
     #[error("principals: {0:?} may use tenants = [\"*\"] only if all its roles are officer")]
     PrincipalWildcard(String),
@@ -240,6 +245,53 @@ struct RawConfig {
     #[serde(default)]
     principals: Vec<RawPrincipal>,
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    keys: RawKeys,
+    #[serde(default)]
+    backup: RawBackup,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    #[serde(default = "default_destruction_window_days")]
+    destruction_window_days: u64,
+    #[serde(default = "default_scheduler_interval_secs")]
+    scheduler_interval_secs: u64,
+}
+
+impl Default for RawKeys {
+    fn default() -> Self {
+        Self {
+            destruction_window_days: default_destruction_window_days(),
+            scheduler_interval_secs: default_scheduler_interval_secs(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackup {
+    #[serde(default = "default_retention_days")]
+    retention_days: u64,
+}
+
+impl Default for RawBackup {
+    fn default() -> Self {
+        Self {
+            retention_days: default_retention_days(),
+        }
+    }
+}
+
+fn default_destruction_window_days() -> u64 {
+    KmsOptions::default().destruction_window.as_secs() / 86_400
+}
+fn default_scheduler_interval_secs() -> u64 {
+    KmsOptions::default().scheduler_interval.as_secs()
+}
+fn default_retention_days() -> u64 {
+    KmsOptions::default().min_destruction_window.as_secs() / 86_400
 }
 
 #[derive(Debug, Deserialize)]
@@ -452,6 +504,15 @@ impl RawConfig {
         if self.hsm.retry_secs == 0 {
             problems.push(ConfigProblem::Zero("hsm.retry_secs"));
         }
+        if self.keys.scheduler_interval_secs == 0 {
+            problems.push(ConfigProblem::Zero("keys.scheduler_interval_secs"));
+        }
+        if self.keys.destruction_window_days < self.backup.retention_days {
+            problems.push(ConfigProblem::WindowBelowRetention(
+                self.keys.destruction_window_days,
+                self.backup.retention_days,
+            ));
+        }
         let server = self.server.map(|raw| raw.validate(base, &mut problems));
         let principals = validate_principals(self.principals, &mut problems);
         match pin {
@@ -476,6 +537,13 @@ impl RawConfig {
                     bulk_key_capacity: bulk_key_capacity.get(),
                     bulk_key_ttl: Duration::from_secs(self.cache.bulk_key_ttl_secs),
                     inline_hsm_calls: self.hsm.inline_calls,
+                    destruction_window: Duration::from_secs(
+                        self.keys.destruction_window_days.saturating_mul(86_400),
+                    ),
+                    min_destruction_window: Duration::from_secs(
+                        self.backup.retention_days.saturating_mul(86_400),
+                    ),
+                    scheduler_interval: Duration::from_secs(self.keys.scheduler_interval_secs),
                 },
             }),
             _ => Err(problems),

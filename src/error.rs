@@ -44,6 +44,26 @@ pub enum Error {
     /// A key reached u32::MAX versions.
     #[error("no more versions can be created for this key")]
     VersionsExhausted,
+    /// The key has no such version.
+    #[error("key {key} has no version {version}")]
+    VersionNotFound {
+        /// The key.
+        key: Name,
+        /// The version asked for.
+        version: u32,
+    },
+    /// A version's state or its key's policy refuses the operation (FAILED_PRECONDITION with
+    /// this reason in `ErrorInfo`).
+    #[error("{message}")]
+    KeyState {
+        /// Machine-readable: VERSION_DISABLED, BELOW_MIN_DECRYPTION_VERSION, …
+        reason: &'static str,
+        /// For people: what is refused and what to do.
+        message: String,
+    },
+    /// A request field is invalid (INVALID_ARGUMENT).
+    #[error("{0}")]
+    InvalidArgument(String),
 }
 
 impl From<crypto::Error> for Error {
@@ -87,6 +107,11 @@ impl From<Error> for tonic::Status {
                 "no more versions can be created for this key",
                 "VERSIONS_EXHAUSTED",
             ),
+            Error::VersionNotFound { key, version } => {
+                Self::not_found(format!("key {key} has no version {version}"))
+            }
+            Error::KeyState { reason, message } => failed_precondition(&message, reason),
+            Error::InvalidArgument(message) => Self::invalid_argument(message),
             error => {
                 tracing::error!(%error, "internal error");
                 Self::internal("internal error")

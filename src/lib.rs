@@ -5,6 +5,7 @@
 //! [`cli`] (the `keyfront` command). See `docs/DESIGN.md` for why it is shaped this way.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;

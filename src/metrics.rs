@@ -79,6 +79,8 @@ pub struct Metrics {
     cache: Family<CacheLabels, Counter>,
     audit_seconds: Histogram,
     open_tenants: Gauge,
+    scheduler_paused: Gauge,
+    versions_destroyed: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -98,6 +100,18 @@ impl Metrics {
         let cache = Family::<CacheLabels, Counter>::default();
         let audit_seconds = latency_histogram();
         let open_tenants = Gauge::default();
+        let scheduler_paused = Gauge::default();
+        let versions_destroyed = Counter::default();
+        registry.register(
+            "scheduler_paused",
+            "1 while scheduled destructions are paused because the wall clock jumped",
+            scheduler_paused.clone(),
+        );
+        registry.register(
+            "key_versions_destroyed",
+            "Key versions destroyed by the scheduler",
+            versions_destroyed.clone(),
+        );
         registry.register(
             "requests",
             "gRPC requests by RPC and status code",
@@ -142,7 +156,20 @@ impl Metrics {
             cache,
             audit_seconds,
             open_tenants,
+            scheduler_paused,
+            versions_destroyed,
         }
+    }
+
+    /// Records whether the scheduler's destructions are paused.
+    pub fn scheduler_paused(&self, paused: bool) {
+        self.scheduler_paused.set(i64::from(paused));
+    }
+
+    /// Counts versions the scheduler destroyed.
+    pub fn versions_destroyed(&self, count: usize) {
+        self.versions_destroyed
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
     }
 
     /// Records a finished request.

@@ -168,3 +168,29 @@ fn a_data_principal_cannot_have_every_tenant() {
         ]
     );
 }
+
+#[test]
+fn a_destruction_window_below_the_backup_retention_is_refused() {
+    assert_eq!(
+        problems(Config::load(
+            &fixture("window-below-retention.toml"),
+            &env(&[("KEYFRONT_TEST_PIN", "1")]),
+        )),
+        vec![
+            ConfigProblem::Zero("keys.scheduler_interval_secs"),
+            ConfigProblem::WindowBelowRetention(7, 30),
+        ]
+    );
+}
+
+#[test]
+fn lifecycle_defaults_are_thirty_days() {
+    let config = Config::load(
+        &fixture("valid.toml"),
+        &env(&[("KEYFRONT_TEST_PIN", "1234")]),
+    )
+    .expect("valid");
+    assert_eq!(config.kms.destruction_window.as_secs(), 30 * 86_400);
+    assert_eq!(config.kms.min_destruction_window.as_secs(), 30 * 86_400);
+    assert_eq!(config.kms.scheduler_interval.as_secs(), 60);
+}

@@ -36,6 +36,8 @@ struct Harness {
     server: tokio::task::JoinHandle<Result<(), keyfront::service::ServeError>>,
     hsm: Arc<FaultyHsm<Pkcs11Hsm>>,
     reachable: Arc<AtomicBool>,
+    #[cfg(feature = "test-hooks")]
+    clock: Arc<keyfront::clock::TestClock>,
 }
 
 fn principal(
@@ -157,14 +159,16 @@ impl Harness {
             .expect("bind metrics");
         let metrics = metrics_listener.local_addr().expect("metrics addr");
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(
-            Server::new(config)
-                .with_hsm_connector(connector)
-                .with_metrics_listener(metrics_listener)
-                .run(listener, async move {
-                    let _ = rx.await;
-                }),
-        );
+        let server = Server::new(config)
+            .with_hsm_connector(connector)
+            .with_metrics_listener(metrics_listener);
+        #[cfg(feature = "test-hooks")]
+        let clock = Arc::new(keyfront::clock::TestClock::default());
+        #[cfg(feature = "test-hooks")]
+        let server = server.with_clock(Arc::clone(&clock) as Arc<dyn keyfront::clock::Clock>);
+        let server = tokio::spawn(server.run(listener, async move {
+            let _ = rx.await;
+        }));
         let harness = Self {
             addr,
             metrics,
@@ -173,6 +177,8 @@ impl Harness {
             server,
             hsm,
             reachable,
+            #[cfg(feature = "test-hooks")]
+            clock,
         };
         if !start_down {
             harness.wait_for(ServingStatus::Serving).await;
@@ -668,6 +674,58 @@ async fn call(h: &Harness, principal: &str, rpc: &str, blobs: &Blobs) -> Code {
                 })
                 .await,
         ),
+        "ReEncrypt" => code(
+            keys.re_encrypt(pb::ReEncryptRequest {
+                ciphertext: blobs.ciphertext.clone(),
+                ..Default::default()
+            })
+            .await,
+        ),
+        "ReEncryptDataKey" => code(
+            keys.re_encrypt_data_key(pb::ReEncryptDataKeyRequest {
+                wrapped_key: blobs.data_key.clone(),
+                ..Default::default()
+            })
+            .await,
+        ),
+        "UpdateKeyPolicy" => code(
+            admin
+                .update_key_policy(pb::UpdateKeyPolicyRequest {
+                    tenant: "acme".into(),
+                    name: "default".into(),
+                    rotation_period_seconds: Some(86_400),
+                    ..Default::default()
+                })
+                .await,
+        ),
+        // Disable and Enable run in this order on default's primary; Schedule and Cancel on
+        // secrets v1, which RotateKey (run before them) made non-primary.
+        "DisableKeyVersion" | "EnableKeyVersion" => {
+            let request = pb::KeyVersionRequest {
+                tenant: "acme".into(),
+                name: "default".into(),
+                version: 1,
+                request_id: String::new(),
+            };
+            code(if rpc == "DisableKeyVersion" {
+                admin.disable_key_version(request).await
+            } else {
+                admin.enable_key_version(request).await
+            })
+        }
+        "ScheduleKeyVersionDestruction" | "CancelKeyVersionDestruction" => {
+            let request = pb::KeyVersionRequest {
+                tenant: "acme".into(),
+                name: "secrets".into(),
+                version: 1,
+                request_id: String::new(),
+            };
+            code(if rpc == "ScheduleKeyVersionDestruction" {
+                admin.schedule_key_version_destruction(request).await
+            } else {
+                admin.cancel_key_version_destruction(request).await
+            })
+        }
         other => panic!("unknown rpc {other}"),
     }
 }
@@ -721,7 +779,7 @@ async fn blobs(h: &Harness) -> Blobs {
     }
 }
 
-const RPCS: [&str; 14] = [
+const RPCS: [&str; 21] = [
     "Encrypt",
     "Decrypt",
     "BatchEncrypt",
@@ -736,6 +794,13 @@ const RPCS: [&str; 14] = [
     "GetKey",
     "ListKeys",
     "RotateKey",
+    "ReEncrypt",
+    "ReEncryptDataKey",
+    "UpdateKeyPolicy",
+    "DisableKeyVersion",
+    "EnableKeyVersion",
+    "ScheduleKeyVersionDestruction",
+    "CancelKeyVersionDestruction",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,9 +810,18 @@ async fn each_role_can_call_exactly_its_rpcs() {
     let allowed: [(&str, &[&str]); 4] = [
         (
             "acme-app",
-            &["Encrypt", "Decrypt", "BatchEncrypt", "BatchDecrypt"],
+            &[
+                "Encrypt",
+                "Decrypt",
+                "BatchEncrypt",
+                "BatchDecrypt",
+                "ReEncrypt",
+            ],
         ),
-        ("acme-backup", &["GenerateDataKey", "DecryptDataKey"]),
+        (
+            "acme-backup",
+            &["GenerateDataKey", "DecryptDataKey", "ReEncryptDataKey"],
+        ),
         ("acme-secrets", &["SealSecret", "UnsealSecret"]),
         (
             "officer",
@@ -758,6 +832,11 @@ async fn each_role_can_call_exactly_its_rpcs() {
                 "GetKey",
                 "ListKeys",
                 "RotateKey",
+                "UpdateKeyPolicy",
+                "DisableKeyVersion",
+                "EnableKeyVersion",
+                "ScheduleKeyVersionDestruction",
+                "CancelKeyVersionDestruction",
             ],
         ),
     ];
@@ -1547,4 +1626,359 @@ async fn metrics_show_requests_latencies_hsm_and_caches() {
         assert!(text.contains(expected), "missing {expected} in:\n{text}");
     }
     h.stop().await;
+}
+
+#[cfg(feature = "test-hooks")]
+fn reason(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+#[cfg(feature = "test-hooks")]
+fn expect_precondition(result: Result<impl std::fmt::Debug, tonic::Status>, wanted: &str) {
+    let status = result.expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status).as_deref(), Some(wanted), "{status:?}");
+}
+
+/// The key lifecycle over gRPC against SoftHSM (issue 5, story 1): versions, ReEncrypt,
+/// min_decryption_version, disable/enable, schedule/cancel, destruction after the window with a
+/// test clock, data keys alike, and a restart.
+#[cfg(feature = "test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_lifecycle_story() {
+    let harness = Harness::start_with(false, |_, kms| {
+        kms.scheduler_interval = Duration::from_millis(50);
+    })
+    .await;
+    let mut admin = harness.admin().await;
+    let mut app = harness.keys("acme-app").await;
+    let mut backup = harness.keys("acme-backup").await;
+    let version_request = |version: u32| pb::KeyVersionRequest {
+        tenant: "acme".into(),
+        name: "default".into(),
+        version,
+        request_id: String::new(),
+    };
+    let encrypt = |plaintext: &[u8]| pb::EncryptRequest {
+        key: "default".into(),
+        plaintext: plaintext.to_vec(),
+        ..Default::default()
+    };
+    let decrypt = |ciphertext: &[u8]| pb::DecryptRequest {
+        ciphertext: ciphertext.to_vec(),
+        ..Default::default()
+    };
+    let decrypt_dk = |wrapped: &[u8]| pb::DecryptDataKeyRequest {
+        wrapped_key: wrapped.to_vec(),
+        ..Default::default()
+    };
+
+    // v1, then v2 after a rotation; both decrypt.
+    let v1 = app.encrypt(encrypt(b"one")).await.expect("v1").into_inner();
+    assert_eq!(v1.key_version, 1);
+    let dk1 = backup
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            include_plaintext: true,
+            ..Default::default()
+        })
+        .await
+        .expect("data key")
+        .into_inner();
+    admin
+        .rotate_key(pb::RotateKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("rotate");
+    let v2 = app.encrypt(encrypt(b"two")).await.expect("v2").into_inner();
+    assert_eq!(v2.key_version, 2);
+    for (ciphertext, plaintext) in [(&v1.ciphertext, b"one"), (&v2.ciphertext, b"two")] {
+        let out = app.decrypt(decrypt(ciphertext)).await.expect("decrypt");
+        assert_eq!(out.into_inner().plaintext, plaintext);
+    }
+
+    // ReEncrypt moves a v1 ciphertext to v2 without the plaintext leaving.
+    let moved = app
+        .re_encrypt(pb::ReEncryptRequest {
+            ciphertext: v1.ciphertext.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("re-encrypt")
+        .into_inner();
+    assert_eq!((moved.source_key_version, moved.key_version), (1, 2));
+    let out = app
+        .decrypt(decrypt(&moved.ciphertext))
+        .await
+        .expect("decrypt moved");
+    assert_eq!(out.into_inner().plaintext, b"one");
+    // ReEncrypt is the app's, not the officer's or the backup daemon's.
+    let denied = backup
+        .re_encrypt(pb::ReEncryptRequest {
+            ciphertext: v1.ciphertext.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("backup may not re-encrypt");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    // min_decryption_version = 2 refuses v1 ciphertexts and data keys; back to 0 restores.
+    let policy = |min: u32| pb::UpdateKeyPolicyRequest {
+        tenant: "acme".into(),
+        name: "default".into(),
+        min_decryption_version: Some(min),
+        ..Default::default()
+    };
+    let key = admin
+        .update_key_policy(policy(2))
+        .await
+        .expect("policy")
+        .into_inner();
+    assert_eq!(key.policy.map(|p| p.min_decryption_version), Some(2));
+    expect_precondition(
+        app.decrypt(decrypt(&v1.ciphertext)).await,
+        "BELOW_MIN_DECRYPTION_VERSION",
+    );
+    expect_precondition(
+        backup.decrypt_data_key(decrypt_dk(&dk1.wrapped_key)).await,
+        "BELOW_MIN_DECRYPTION_VERSION",
+    );
+    app.decrypt(decrypt(&v2.ciphertext))
+        .await
+        .expect("v2 still decrypts");
+    let above = admin
+        .update_key_policy(policy(3))
+        .await
+        .expect_err("above primary");
+    assert_eq!(above.code(), Code::InvalidArgument);
+    admin
+        .update_key_policy(policy(0))
+        .await
+        .expect("policy back");
+    app.decrypt(decrypt(&v1.ciphertext))
+        .await
+        .expect("v1 again");
+
+    // Disabling the primary refuses encryption at once; enabling restores it.
+    let disabled = admin
+        .disable_key_version(version_request(2))
+        .await
+        .expect("disable")
+        .into_inner();
+    assert_eq!(disabled.state, pb::KeyVersionState::Disabled as i32);
+    expect_precondition(app.encrypt(encrypt(b"x")).await, "VERSION_DISABLED");
+    expect_precondition(
+        app.decrypt(decrypt(&v2.ciphertext)).await,
+        "VERSION_DISABLED",
+    );
+    admin
+        .enable_key_version(version_request(2))
+        .await
+        .expect("enable");
+    app.encrypt(encrypt(b"x"))
+        .await
+        .expect("encrypt after enable");
+
+    // The primary cannot be scheduled for destruction; v1 can, and cancelling restores it.
+    expect_precondition(
+        admin
+            .schedule_key_version_destruction(version_request(2))
+            .await,
+        "PRIMARY_VERSION",
+    );
+    let scheduled = admin
+        .schedule_key_version_destruction(version_request(1))
+        .await
+        .expect("schedule")
+        .into_inner();
+    assert_eq!(
+        scheduled.state,
+        pb::KeyVersionState::DestroyScheduled as i32
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs() as i64;
+    assert!(
+        scheduled.destroy_time >= now + 30 * 86_400 - 5,
+        "30-day default window"
+    );
+    expect_precondition(
+        app.decrypt(decrypt(&v1.ciphertext)).await,
+        "VERSION_DESTROY_SCHEDULED",
+    );
+    expect_precondition(
+        backup.decrypt_data_key(decrypt_dk(&dk1.wrapped_key)).await,
+        "VERSION_DESTROY_SCHEDULED",
+    );
+    admin
+        .cancel_key_version_destruction(version_request(1))
+        .await
+        .expect("cancel");
+    app.decrypt(decrypt(&v1.ciphertext))
+        .await
+        .expect("v1 after cancel");
+
+    // ReEncryptDataKey moves the v1 data key to v2; the plaintext key stays the same.
+    let rewrapped = backup
+        .re_encrypt_data_key(pb::ReEncryptDataKeyRequest {
+            wrapped_key: dk1.wrapped_key.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("re-encrypt data key")
+        .into_inner();
+    assert_eq!(
+        (rewrapped.source_key_version, rewrapped.key_version),
+        (1, 2)
+    );
+    let same = backup
+        .decrypt_data_key(decrypt_dk(&rewrapped.wrapped_key))
+        .await
+        .expect("dk v2");
+    assert_eq!(same.into_inner().plaintext_key, dk1.plaintext_key);
+
+    // Scheduled again, then the clock passes the window: the scheduler destroys v1.
+    admin
+        .schedule_key_version_destruction(version_request(1))
+        .await
+        .expect("schedule again");
+    harness.clock.advance(Duration::from_secs(30 * 86_400 + 60));
+    let mut destroyed = false;
+    for _ in 0..100 {
+        let key = admin
+            .get_key(pb::GetKeyRequest {
+                tenant: "acme".into(),
+                name: "default".into(),
+            })
+            .await
+            .expect("get key")
+            .into_inner();
+        if key.versions.first().map(|v| v.state) == Some(pb::KeyVersionState::Destroyed as i32) {
+            destroyed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(destroyed, "the scheduler destroyed v1 after its window");
+    expect_precondition(
+        app.decrypt(decrypt(&v1.ciphertext)).await,
+        "VERSION_DESTROYED",
+    );
+    expect_precondition(
+        backup.decrypt_data_key(decrypt_dk(&dk1.wrapped_key)).await,
+        "VERSION_DESTROYED",
+    );
+    expect_precondition(
+        admin.enable_key_version(version_request(1)).await,
+        "VERSION_DESTROYED",
+    );
+    app.decrypt(decrypt(&moved.ciphertext))
+        .await
+        .expect("the re-encrypted copy survives");
+
+    // After a restart on the same data directory, v1 stays destroyed and its blobs are gone.
+    let hsm = Arc::clone(&harness.hsm) as Arc<dyn Hsm>;
+    let dir = harness.stop().await;
+    let mut reopened = None;
+    for _ in 0..50 {
+        // The stopped server's last references go asynchronously; sled locks its files.
+        match keyfront::kms::Kms::open(
+            Arc::clone(&hsm),
+            &dir.path().join("data"),
+            KmsOptions::default(),
+        ) {
+            Ok(kms) => {
+                reopened = Some(kms);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let kms = reopened.expect("reopen the data directory");
+    let acme = kms.tenant(&"acme".parse().expect("name")).expect("acme").id;
+    let details = kms
+        .key_details(acme, &"default".parse().expect("name"))
+        .expect("key");
+    let v1_record = &details.versions[0];
+    assert!(matches!(
+        v1_record.state,
+        keyfront::keystore::VersionState::Destroyed { .. }
+    ));
+    assert!(
+        v1_record.kek.is_empty() && v1_record.bulk_key.is_empty(),
+        "blobs erased"
+    );
+    let err = kms
+        .decrypt(acme, &v1.ciphertext, &Default::default(), None)
+        .expect_err("destroyed after restart");
+    assert!(matches!(
+        err,
+        keyfront::Error::KeyState {
+            reason: "VERSION_DESTROYED",
+            ..
+        }
+    ));
+}
+
+/// A forward jump of the wall clock pauses scheduled destructions (issue 5, story 4): the
+/// version stays scheduled though its date has passed, and the pause is exported.
+#[cfg(feature = "test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_jump_pauses_destruction() {
+    let harness = Harness::start_with(false, |_, kms| {
+        kms.scheduler_interval = Duration::from_millis(50);
+    })
+    .await;
+    let mut admin = harness.admin().await;
+    let version = |version: u32| pb::KeyVersionRequest {
+        tenant: "acme".into(),
+        name: "default".into(),
+        version,
+        request_id: String::new(),
+    };
+    admin
+        .rotate_key(pb::RotateKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("rotate");
+    admin
+        .schedule_key_version_destruction(version(1))
+        .await
+        .expect("schedule");
+    // The wall clock jumps 31 days without that time passing.
+    harness.clock.jump(Duration::from_secs(31 * 86_400));
+    let mut paused = false;
+    for _ in 0..100 {
+        if scrape(harness.metrics)
+            .await
+            .contains("keyfront_scheduler_paused 1")
+        {
+            paused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(paused, "the scheduler reports the pause");
+    // Several ticks later the version is still only scheduled.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let key = admin
+        .get_key(pb::GetKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+        })
+        .await
+        .expect("get key")
+        .into_inner();
+    assert_eq!(
+        key.versions.first().map(|v| v.state),
+        Some(pb::KeyVersionState::DestroyScheduled as i32)
+    );
 }

@@ -761,3 +761,79 @@ fn a_slow_hsm_pauses_inline_calls_and_they_can_be_switched_off() {
         "Encrypt never calls the HSM inline"
     );
 }
+
+/// The scheduler's index is written before the commit that schedules a destruction, so a crash
+/// between them leaves an entry for a version that is not scheduled. The next run must drop
+/// that entry and destroy nothing.
+#[test]
+fn a_stray_destruction_entry_destroys_nothing() {
+    let (kms, _dir, _token) = common::softhsm_kms("stray");
+    let acme = tenant(&kms, "acme");
+    let key = kms.key(acme, &name("default")).expect("key");
+    kms.rotate_key(acme, &name("default")).expect("rotate");
+    let ciphertext = kms
+        .encrypt(
+            acme,
+            &name("default"),
+            &Plaintext::new(b"kept".to_vec()),
+            &context(&[]),
+        )
+        .expect("encrypt")
+        .ciphertext;
+    // As if the process died right after writing the index entry for v1 (due long ago).
+    kms.store()
+        .add_pending_destruction(&keyfront::keystore::PendingDestruction {
+            tenant: acme,
+            key_id: key.id,
+            version: KeyVersion(1),
+            at: 1,
+        })
+        .expect("index entry");
+    assert!(kms.run_due_destructions().expect("run").is_empty());
+    assert!(kms.store().pending_destructions().expect("list").is_empty());
+    let details = kms.key_details(acme, &name("default")).expect("details");
+    assert_eq!(
+        details.versions[0].state,
+        keyfront::keystore::VersionState::Enabled
+    );
+    kms.decrypt(acme, &ciphertext, &context(&[]), None)
+        .expect("still decrypts");
+}
+
+/// A scheduled destruction is not executed before its window ends, and the index keeps the
+/// real date when a scheduled version is scheduled again.
+#[test]
+fn destruction_waits_for_its_window() {
+    let (kms, _dir, _token) = common::softhsm_kms("window");
+    let acme = tenant(&kms, "acme");
+    kms.rotate_key(acme, &name("default")).expect("rotate");
+    let first = kms
+        .schedule_destruction(acme, &name("default"), KeyVersion(1))
+        .expect("schedule");
+    let again = kms
+        .schedule_destruction(acme, &name("default"), KeyVersion(1))
+        .expect("schedule again");
+    assert_eq!(first.state, again.state, "rescheduling keeps the date");
+    let entries = kms.store().pending_destructions().expect("list");
+    let keyfront::keystore::VersionState::DestroyScheduled { at, .. } = first.state else {
+        panic!("scheduled: {:?}", first.state);
+    };
+    assert_eq!(entries.iter().map(|e| e.at).collect::<Vec<_>>(), vec![at]);
+    assert!(kms.run_due_destructions().expect("run").is_empty());
+    // Cancelling removes the entry.
+    kms.cancel_destruction(acme, &name("default"), KeyVersion(1))
+        .expect("cancel");
+    assert!(kms.store().pending_destructions().expect("list").is_empty());
+    // The primary cannot be scheduled, and leaves no entry behind.
+    let err = kms
+        .schedule_destruction(acme, &name("default"), KeyVersion(2))
+        .expect_err("primary");
+    assert!(matches!(
+        err,
+        Error::KeyState {
+            reason: "PRIMARY_VERSION",
+            ..
+        }
+    ));
+    assert!(kms.store().pending_destructions().expect("list").is_empty());
+}

@@ -18,7 +18,7 @@ mod system;
 mod tenant;
 
 pub use record::{MAC_LEN, RecordMac, SCHEMA_VERSION};
-pub use system::{KeyStore, StoreOptions};
+pub use system::{KeyStore, PendingDestruction, StoreOptions};
 pub use tenant::{TenantDb, TenantHead};
 
 /// Errors of the storage layer.
@@ -67,11 +67,37 @@ pub enum Purpose {
     Secrets,
 }
 
-/// The state of a key version (more states arrive with the key lifecycle).
+/// The state of a key version. Only [`VersionState::Enabled`] versions encrypt or decrypt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VersionState {
     /// Usable for encryption (if primary) and decryption.
     Enabled,
+    /// Refused for everything until enabled again; nothing is lost.
+    Disabled,
+    /// Refused like a disabled version; destroyed at `at` (seconds since the Unix epoch)
+    /// unless the destruction is cancelled first.
+    DestroyScheduled {
+        /// When the scheduler destroys it.
+        at: u64,
+        /// Whether it was disabled before (a cancellation restores that).
+        was_disabled: bool,
+    },
+    /// Its KEK and bulk-key blobs are erased: what it protected cannot be decrypted any more.
+    Destroyed {
+        /// When it was destroyed.
+        at: u64,
+    },
+}
+
+/// What officers set on a key (UpdateKeyPolicy).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPolicy {
+    /// Versions below this refuse to decrypt (0 or 1: every version may).
+    pub min_decryption_version: u32,
+    /// Rotate when the primary is older than this many seconds (`None`: never by age).
+    pub rotation_period_secs: Option<u64>,
+    /// Pending window of a scheduled destruction in seconds (`None`: the configured default).
+    pub destruction_window_secs: Option<u64>,
 }
 
 /// A tenant, as the system database holds it.
@@ -104,6 +130,8 @@ pub struct KeyRecord {
     pub created_at: u64,
     /// Revision of this record, for compare-and-swap across nodes.
     pub generation: u64,
+    /// Its policy.
+    pub policy: KeyPolicy,
 }
 
 /// One version of a key: its KEK (wrapped under an MWK) and bulk key (encrypted by the KEK).

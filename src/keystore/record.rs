@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 use crate::crypto::SecretKey;
 
 /// Schema version of the record payloads this build writes.
-pub const SCHEMA_VERSION: u16 = 1;
+pub const SCHEMA_VERSION: u16 = 2;
 /// Length of a record MAC.
 pub const MAC_LEN: usize = 32;
 const PREFIX_LEN: usize = 2 + 8;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::record::RecordMac;
 use super::tenant::{TenantDb, TenantHead};
 use super::{Error, TenantRecord, decode, encode, now_secs, prefixed};
-use crate::ids::{ID_LEN, Name, TenantId};
+use crate::ids::{ID_LEN, KeyId, KeyVersion, Name, TenantId};
 
 const DB_ID: &[u8] = b"system";
 const META_KEY: &[u8] = b"meta";
@@ -19,6 +19,10 @@ const TENANT_PREFIX: &[u8] = b"t/";
 const NAME_PREFIX: &[u8] = b"n/";
 const HEAD_PREFIX: &[u8] = b"h/";
 const TOMBSTONE_PREFIX: &[u8] = b"x/";
+// Pending version destructions: d/ ‖ tenant id ‖ key id ‖ version (u32 BE) → when (u64).
+// A superset of the truth: written before the tenant commit that schedules, removed after the
+// one that cancels or destroys, so a crash can leave an extra entry but never lose one.
+const DESTRUCTION_PREFIX: &[u8] = b"d/";
 
 /// Tuning of the key store.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +52,29 @@ struct Meta {
 struct Tombstone {
     name: Name,
     destroyed_at: u64,
+}
+
+/// A key version scheduled for destruction, as the system database indexes it for the
+/// scheduler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingDestruction {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The key.
+    pub key_id: KeyId,
+    /// The version.
+    pub version: KeyVersion,
+    /// When it is due, seconds since the Unix epoch.
+    pub at: u64,
+}
+
+impl PendingDestruction {
+    fn record_key(&self) -> Vec<u8> {
+        let mut key = prefixed(DESTRUCTION_PREFIX, self.tenant.as_bytes());
+        key.extend_from_slice(self.key_id.as_bytes());
+        key.extend_from_slice(&self.version.0.to_be_bytes());
+        key
+    }
 }
 
 /// The system sled database: tenants, their heads, tombstones.
@@ -398,6 +425,51 @@ impl KeyStore {
             .system
             .read(&prefixed(TOMBSTONE_PREFIX, id.as_bytes()))?
             .is_some())
+    }
+
+    /// Records a pending destruction (before the tenant commit that schedules it).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn add_pending_destruction(&self, entry: &PendingDestruction) -> Result<(), Error> {
+        self.system
+            .commit(vec![(entry.record_key(), encode(&entry.at)?)], vec![])
+    }
+
+    /// Forgets a pending destruction (after the tenant commit that cancels or executes it).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn remove_pending_destruction(&self, entry: &PendingDestruction) -> Result<(), Error> {
+        self.system.commit(vec![], vec![entry.record_key()])
+    }
+
+    /// Every pending destruction, due or not.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if an entry fails its MAC.
+    pub fn pending_destructions(&self) -> Result<Vec<PendingDestruction>, Error> {
+        let mut entries = Vec::new();
+        for item in self.system.db.scan_prefix(DESTRUCTION_PREFIX) {
+            let (key, _) = item?;
+            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
+            let rest = &key[DESTRUCTION_PREFIX.len()..];
+            if rest.len() != 2 * ID_LEN + 4 {
+                return Err(Error::Encoding);
+            }
+            let tenant: [u8; ID_LEN] = rest[..ID_LEN].try_into().map_err(|_| Error::Encoding)?;
+            let key_id: [u8; ID_LEN] = rest[ID_LEN..2 * ID_LEN]
+                .try_into()
+                .map_err(|_| Error::Encoding)?;
+            let version: [u8; 4] = rest[2 * ID_LEN..].try_into().map_err(|_| Error::Encoding)?;
+            entries.push(PendingDestruction {
+                tenant: TenantId::from_bytes(tenant),
+                key_id: KeyId::from_bytes(key_id),
+                version: KeyVersion(u32::from_be_bytes(version)),
+                at: decode(&payload)?,
+            });
+        }
+        Ok(entries)
     }
 
     /// Where a tenant's database lives.

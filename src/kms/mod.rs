@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use zeroize::Zeroize;
 
+use crate::clock::{Clock, SystemClock};
 use crate::crypto::{
     self, BlobType, EncryptionContext, HEADER_LEN, Header, NONCE_LEN, Plaintext, SecretKey, TAG_LEN,
 };
@@ -19,9 +20,14 @@ use crate::error::Error;
 use crate::hsm::{HmacKey, Hsm, Kek, WrappedKek};
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 use crate::keystore::{
-    self, KeyRecord, KeyStore, Purpose, RecordMac, StoreOptions, TenantDb, TenantRecord,
+    self, KeyPolicy, KeyRecord, KeyStore, Purpose, RecordMac, StoreOptions, TenantDb, TenantRecord,
     TenantWrite, VersionRecord, VersionState,
 };
+
+mod lifecycle;
+pub mod scheduler;
+
+pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};
 
 /// The label HMAC'd inside the HSM with the storage root key to derive the storage MAC key.
 pub const STORAGE_KEY_DERIVATION_LABEL: &[u8] = b"keyfront/v1/storage-mac-key";
@@ -41,6 +47,13 @@ pub struct KmsOptions {
     /// worker). Right for an HSM that answers in microseconds (SoftHSM); turn it off for a
     /// network HSM whose calls take milliseconds.
     pub inline_hsm_calls: bool,
+    /// Default pending window of a scheduled version destruction.
+    pub destruction_window: Duration,
+    /// The shortest pending window allowed: the backup retention, so no destruction outruns
+    /// the backups that still need the version.
+    pub min_destruction_window: Duration,
+    /// How often the server's scheduler looks for due destructions.
+    pub scheduler_interval: Duration,
 }
 
 impl Default for KmsOptions {
@@ -50,6 +63,9 @@ impl Default for KmsOptions {
             bulk_key_capacity: 100_000,
             bulk_key_ttl: Duration::from_secs(300),
             inline_hsm_calls: true,
+            destruction_window: Duration::from_secs(30 * 86_400),
+            min_destruction_window: Duration::from_secs(30 * 86_400),
+            scheduler_interval: Duration::from_secs(60),
         }
     }
 }
@@ -122,14 +138,18 @@ pub struct Kms {
     inline_paused_until_ms: AtomicU64,
     opened: Instant,
     audit_key: SecretKey,
+    // Raised by every lifecycle change while it drops the key's snapshots. A reader that
+    // loaded a snapshot from the store caches it only if the epoch has not moved since it
+    // began, so a state change can never be overwritten by a stale snapshot.
+    cache_epoch: RwLock<u64>,
+    destruction_window: Duration,
+    min_destruction_window: Duration,
+    clock: Arc<dyn Clock>,
 }
 
 struct CachedBulkKey {
     key: SecretKey,
     loaded: Instant,
-    // What the Decrypt fast path must check without reading the key record.
-    name: Name,
-    purpose: Purpose,
 }
 
 /// Key snapshots per tenant, by `K` (a key name, or a key id and version).
@@ -148,6 +168,19 @@ impl Kms {
     /// HSM errors, or [`keystore::Error::StorageKeyMismatch`] if `data_dir` belongs to
     /// another token.
     pub fn open(hsm: Arc<dyn Hsm>, data_dir: &Path, options: KmsOptions) -> Result<Self, Error> {
+        Self::open_with_clock(hsm, data_dir, options, Arc::new(SystemClock::new()))
+    }
+
+    /// [`Kms::open`] with time from `clock` (tests move a test clock).
+    ///
+    /// # Errors
+    /// As [`Kms::open`].
+    pub fn open_with_clock(
+        hsm: Arc<dyn Hsm>,
+        data_dir: &Path,
+        options: KmsOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, Error> {
         let mut derived = hsm.hmac(HmacKey::StorageRoot, STORAGE_KEY_DERIVATION_LABEL)?;
         let mac = RecordMac::new(SecretKey::from_bytes(&mut derived));
         let store = KeyStore::open(data_dir, mac, options.store)?;
@@ -167,6 +200,10 @@ impl Kms {
             inline_hsm_calls: options.inline_hsm_calls,
             inline_paused_until_ms: AtomicU64::new(0),
             opened: Instant::now(),
+            cache_epoch: RwLock::new(0),
+            destruction_window: options.destruction_window,
+            min_destruction_window: options.min_destruction_window,
+            clock,
         })
     }
 
@@ -178,6 +215,11 @@ impl Kms {
             .expect("HMAC accepts any key length");
         mac.update(value);
         hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The clock this domain reads time from.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// The key store (for listing and for tests).
@@ -282,12 +324,14 @@ impl Kms {
             latest: version,
             created_at: version_record.created_at,
             generation: 1,
+            policy: KeyPolicy::default(),
         };
         db.commit(vec![
             TenantWrite::Version(id, version_record.clone()),
             TenantWrite::Key(record.clone()),
         ])?;
-        self.remember_primary(tenant, record.clone(), version_record);
+        let epoch = self.epoch();
+        self.remember_primary(tenant, record.clone(), version_record, epoch);
         Ok(record)
     }
 
@@ -336,7 +380,8 @@ impl Kms {
             TenantWrite::Version(record.id, version_record.clone()),
             TenantWrite::Key(record.clone()),
         ])?;
-        self.remember_primary(tenant, record.clone(), version_record);
+        let epoch = self.epoch();
+        self.remember_primary(tenant, record.clone(), version_record, epoch);
         Ok(record)
     }
 
@@ -370,7 +415,9 @@ impl Kms {
     ) -> Option<Result<Encrypted, Error>> {
         let tenant = self.tenant_ids.get(tenant)?;
         let snapshot = self.cached_primary(tenant, key)?;
-        if let Err(error) = Self::check_purpose(&snapshot.record, Purpose::Data) {
+        if let Err(error) = Self::check_purpose(&snapshot.record, Purpose::Data)
+            .and_then(|()| Self::check_encrypt(&snapshot))
+        {
             return Some(Err(error));
         }
         let bulk = self.cached_bulk_key(tenant, snapshot.record.id, snapshot.primary.version)?;
@@ -393,9 +440,12 @@ impl Kms {
             Err(error) => return Some(Err(error.into())),
         };
         let (key_id, version) = (blob.header.key_id, blob.header.version);
+        let snapshot = self.cached_version(tenant, &blob.header)?;
         let bulk = self.cached_bulk_key(tenant, key_id, version)?;
         let result = (|| {
-            Self::check_blob_key(&bulk.name, bulk.purpose, Purpose::Data, key, allowed)?;
+            let record = &snapshot.record;
+            Self::check_blob_key(&record.name, record.purpose, Purpose::Data, key, allowed)?;
+            Self::check_decrypt(&snapshot)?;
             let aad = crypto::aad(BlobType::Ciphertext, &tenant, &key_id, version, context)?;
             let plaintext = crypto::open(&bulk.key, &aad, &ciphertext[HEADER_LEN..])?;
             Ok(Decrypted {
@@ -517,11 +567,16 @@ impl Kms {
         tenant: TenantId,
         record: KeyRecord,
         version: VersionRecord,
+        epoch: u64,
     ) -> Arc<KeySnapshot> {
         let snapshot = Arc::new(KeySnapshot {
             record,
             primary: version,
         });
+        let current = self.cache_epoch.read().expect("cache epoch lock poisoned");
+        if *current != epoch {
+            return snapshot;
+        }
         let mut versions = self.versions.write().expect("versions lock poisoned");
         if versions.len() >= self.primaries_capacity {
             versions.clear();
@@ -573,27 +628,37 @@ impl Kms {
         let snapshot = match self.cached_primary(tenant, name) {
             Some(snapshot) => snapshot,
             None => {
+                let epoch = self.epoch();
                 let db = self.store.tenant(tenant)?;
                 let record = db
                     .key_by_name(name)?
                     .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
                 let primary = self.version(&db, &record, record.primary)?;
-                self.remember_primary(tenant, record, primary)
+                self.remember_primary(tenant, record, primary, epoch)
             }
         };
         Self::check_purpose(&snapshot.record, purpose)?;
+        Self::check_encrypt(&snapshot)?;
         Ok(snapshot)
     }
 
     /// Caches a key's primary unless a newer revision of it is cached already: a reader that
     /// fetched the record before a rotation's commit cannot put the old primary back.
+    /// The primary is also remembered as a version, so Decrypt of what Encrypt just produced
+    /// runs from memory too.
     fn remember_primary(
         &self,
         tenant: TenantId,
         record: KeyRecord,
         primary: VersionRecord,
+        epoch: u64,
     ) -> Arc<KeySnapshot> {
+        self.remember_version(tenant, record.clone(), primary.clone(), epoch);
         let snapshot = Arc::new(KeySnapshot { record, primary });
+        let current = self.cache_epoch.read().expect("cache epoch lock poisoned");
+        if *current != epoch {
+            return snapshot;
+        }
         let mut primaries = self.primaries.write().expect("primaries lock poisoned");
         if let Some(existing) = primaries
             .get(&tenant)
@@ -679,6 +744,7 @@ impl Kms {
         let snapshot = self.version_snapshot(tenant, &blob.header)?;
         let (record, version) = (&snapshot.record, &snapshot.primary);
         Self::check_blob_key(&record.name, record.purpose, Purpose::Data, key, allowed)?;
+        Self::check_decrypt(&snapshot)?;
         let bulk = self.bulk_key(tenant, record, version)?;
         let aad = crypto::aad(
             BlobType::Ciphertext,
@@ -762,6 +828,61 @@ impl Kms {
             return Err(Error::Decrypt);
         }
         Ok(decrypted)
+    }
+
+    /// Decrypts a CIPHERTEXT and encrypts its plaintext again under the same key's primary
+    /// version; the plaintext stays in (zeroizing) memory here. Returns the new ciphertext and
+    /// the version it came from.
+    ///
+    /// # Errors
+    /// As [`Kms::decrypt_scoped`] and [`Kms::encrypt`].
+    pub fn re_encrypt(
+        &self,
+        tenant: TenantId,
+        ciphertext: &[u8],
+        context: &EncryptionContext,
+        key: Option<&Name>,
+        allowed: Option<&[Name]>,
+    ) -> Result<(Encrypted, KeyVersion), Error> {
+        let decrypted = self.decrypt_scoped(tenant, ciphertext, context, key, allowed)?;
+        let header = crypto::parse_blob(ciphertext, BlobType::Ciphertext)?.header;
+        let name = self.version_snapshot(tenant, &header)?.record.name.clone();
+        let encrypted = self.encrypt(tenant, &name, &decrypted.plaintext, context)?;
+        Ok((encrypted, decrypted.version))
+    }
+
+    /// Decrypts a DATA_KEY blob and wraps the same data key under its key's primary version,
+    /// inside the HSM both ways. Returns the new blob and the version it came from.
+    ///
+    /// # Errors
+    /// As [`Kms::decrypt_data_key_scoped`] and [`Kms::generate_data_key`].
+    pub fn re_encrypt_data_key(
+        &self,
+        tenant: TenantId,
+        wrapped: &[u8],
+        context: &EncryptionContext,
+        allowed: Option<&[Name]>,
+    ) -> Result<(DataKey, KeyVersion), Error> {
+        let decrypted = self.decrypt_data_key_scoped(tenant, wrapped, context, allowed)?;
+        let header = crypto::parse_blob(wrapped, BlobType::DataKey)?.header;
+        let name = self.version_snapshot(tenant, &header)?.record.name.clone();
+        let (wrapped, key_id, version) = self.seal_with_kek(
+            tenant,
+            &name,
+            Purpose::Data,
+            BlobType::DataKey,
+            &decrypted.plaintext,
+            context,
+        )?;
+        Ok((
+            DataKey {
+                wrapped,
+                plaintext: decrypted.plaintext,
+                key_id,
+                version,
+            },
+            decrypted.version,
+        ))
     }
 
     /// Encrypts a secret (password, API token) under the primary version's KEK in the HSM.
@@ -878,6 +999,7 @@ impl Kms {
     ) -> Result<Decrypted, Error> {
         let (record, version) = (&snapshot.record, &snapshot.primary);
         Self::check_blob_key(&record.name, record.purpose, purpose, None, allowed)?;
+        Self::check_decrypt(snapshot)?;
         let blob_type = parsed.header.blob_type;
         let kek = self.unwrap_stored_kek(tenant, &version.kek)?;
         let aad = crypto::aad(blob_type, &tenant, &record.id, version.version, context)?;
@@ -917,12 +1039,13 @@ impl Kms {
         if let Some(snapshot) = self.cached_version(tenant, header) {
             return Ok(snapshot);
         }
+        let epoch = self.epoch();
         let db = self.store.tenant(tenant)?;
         let record = db.key(&header.key_id)?.ok_or(Error::Decrypt)?;
         let version = db
             .version(&record.id, header.version)?
             .ok_or(Error::Decrypt)?;
-        Ok(self.remember_version(tenant, record, version))
+        Ok(self.remember_version(tenant, record, version, epoch))
     }
 
     /// Whether a blob's key may serve this request: another purpose, or not the key the request
@@ -956,9 +1079,36 @@ impl Kms {
                 database: db.id().to_string(),
                 reason: "key names a version that does not exist",
             })?;
-        match found.state {
-            VersionState::Enabled => Ok(found),
+        Ok(found)
+    }
+
+    /// The cache epoch now (see `cache_epoch`).
+    fn epoch(&self) -> u64 {
+        *self.cache_epoch.read().expect("cache epoch lock poisoned")
+    }
+
+    /// Drops every in-memory snapshot and bulk key of a key after a lifecycle commit.
+    fn invalidate_key(&self, tenant: TenantId, record: &KeyRecord) {
+        let mut epoch = self.cache_epoch.write().expect("cache epoch lock poisoned");
+        *epoch += 1;
+        if let Some(keys) = self
+            .primaries
+            .write()
+            .expect("primaries lock poisoned")
+            .get_mut(&tenant)
+        {
+            keys.remove(&record.name);
         }
+        if let Some(versions) = self
+            .versions
+            .write()
+            .expect("versions lock poisoned")
+            .get_mut(&tenant)
+        {
+            versions.retain(|(key_id, _), _| *key_id != record.id);
+        }
+        self.bulk_keys
+            .retain(|(t, key_id, _), _| !(*t == tenant && *key_id == record.id));
     }
 
     /// Unwraps a KEK blob read from storage; a blob that fails to unwrap while the HSM passes
@@ -1009,9 +1159,7 @@ impl Kms {
             state: VersionState::Enabled,
             kek: wrapped.to_bytes(),
             bulk_key: crypto::encode_blob(&header, &sealed.iv, &sealed.sealed),
-            created_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created_at: self.clock.now_secs(),
         })
     }
 
@@ -1024,6 +1172,7 @@ impl Kms {
     ) -> Result<Arc<CachedBulkKey>, Error> {
         let key_id = record.id;
         let cache_key = (tenant, key_id, version.version);
+        let epoch = self.epoch();
         if let Some(cached) = self.bulk_keys.get(&cache_key) {
             if cached.loaded.elapsed() < self.bulk_key_ttl {
                 crate::metrics::global().cache("bulk_key", true);
@@ -1074,10 +1223,13 @@ impl Kms {
         let cached = Arc::new(CachedBulkKey {
             key,
             loaded: Instant::now(),
-            name: record.name.clone(),
-            purpose: record.purpose,
         });
-        self.bulk_keys.insert(cache_key, Arc::clone(&cached));
+        // Not cached if a lifecycle change of this key happened meanwhile: a destroyed
+        // version's key must not linger in memory.
+        let current = self.cache_epoch.read().expect("cache epoch lock poisoned");
+        if *current == epoch {
+            self.bulk_keys.insert(cache_key, Arc::clone(&cached));
+        }
         Ok(cached)
     }
 }

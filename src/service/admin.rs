@@ -9,7 +9,9 @@ use tonic::{Request, Response, Status};
 use super::auth::{Rpc, parse_name};
 use super::{Shared, pb};
 use crate::config::TenantScope;
-use crate::keystore::{KeyRecord, Purpose, TenantRecord};
+use crate::ids::KeyVersion;
+use crate::keystore::{KeyRecord, Purpose, TenantRecord, VersionRecord, VersionState};
+use crate::kms::{Kms, PolicyUpdate};
 
 /// Default and largest page sizes of List calls.
 const DEFAULT_PAGE: usize = 100;
@@ -35,7 +37,14 @@ fn tenant_message(record: &TenantRecord) -> pb::Tenant {
 }
 
 fn key_message(tenant: &str, record: &KeyRecord) -> pb::Key {
+    let secs = |s: Option<u64>| s.map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
     pb::Key {
+        policy: Some(pb::KeyPolicy {
+            min_decryption_version: record.policy.min_decryption_version,
+            rotation_period_seconds: secs(record.policy.rotation_period_secs),
+            destruction_window_seconds: secs(record.policy.destruction_window_secs),
+        }),
+        versions: Vec::new(),
         tenant: tenant.to_owned(),
         name: record.name.to_string(),
         id: record.id.to_string(),
@@ -46,6 +55,24 @@ fn key_message(tenant: &str, record: &KeyRecord) -> pb::Key {
         primary_version: record.primary.0,
         latest_version: record.latest.0,
         create_time: i64::try_from(record.created_at).unwrap_or(i64::MAX),
+    }
+}
+
+fn version_message(version: &VersionRecord) -> pb::KeyVersion {
+    let time = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+    let (state, destroy_time) = match version.state {
+        VersionState::Enabled => (pb::KeyVersionState::Enabled, 0),
+        VersionState::Disabled => (pb::KeyVersionState::Disabled, 0),
+        VersionState::DestroyScheduled { at, .. } => {
+            (pb::KeyVersionState::DestroyScheduled, time(at))
+        }
+        VersionState::Destroyed { at } => (pb::KeyVersionState::Destroyed, time(at)),
+    };
+    pb::KeyVersion {
+        version: version.version.0,
+        state: state as i32,
+        create_time: time(version.created_at),
+        destroy_time,
     }
 }
 
@@ -180,8 +207,12 @@ impl pb::admin_service_server::AdminService for AdminService {
             .begin(&request, Rpc::GetKey, &r.tenant, Some(&r.name))?;
         let r = request.into_inner();
         let name = parse_name(&r.name, "name")?;
-        let record = call.run(move |kms, tenant| kms.key(tenant, &name)).await?;
-        Ok(Response::new(key_message(&r.tenant, &record)))
+        let details = call
+            .run(move |kms, tenant| kms.key_details(tenant, &name))
+            .await?;
+        let mut message = key_message(&r.tenant, &details.record);
+        message.versions = details.versions.iter().map(version_message).collect();
+        Ok(Response::new(message))
     }
 
     async fn list_keys(
@@ -223,6 +254,128 @@ impl pb::admin_service_server::AdminService for AdminService {
         let message = key_message(&r.tenant, &record);
         self.shared
             .remember(&call, Rpc::RotateKey, &r.request_id, &message);
+        Ok(Response::new(message))
+    }
+
+    async fn update_key_policy(
+        &self,
+        request: Request<pb::UpdateKeyPolicyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::UpdateKeyPolicy, &r.tenant, Some(&r.name))?;
+        let r = request.into_inner();
+        call.client_request_id(&r.request_id);
+        if let Some(done) = self
+            .shared
+            .replay(&call, Rpc::UpdateKeyPolicy, &r.request_id)?
+        {
+            return Ok(Response::new(done));
+        }
+        let name = parse_name(&r.name, "name")?;
+        let seconds = |value: Option<i64>, field: &str| {
+            value
+                .map(|v| {
+                    u64::try_from(v).map_err(|_| {
+                        Status::invalid_argument(format!("{field} must not be negative"))
+                    })
+                })
+                .transpose()
+        };
+        let update = PolicyUpdate {
+            min_decryption_version: r.min_decryption_version,
+            rotation_period_secs: seconds(r.rotation_period_seconds, "rotation_period_seconds")?,
+            destruction_window_secs: seconds(
+                r.destruction_window_seconds,
+                "destruction_window_seconds",
+            )?,
+        };
+        let record = call
+            .run(move |kms, tenant| kms.update_policy(tenant, &name, &update))
+            .await?;
+        let message = key_message(&r.tenant, &record);
+        self.shared
+            .remember(&call, Rpc::UpdateKeyPolicy, &r.request_id, &message);
+        Ok(Response::new(message))
+    }
+
+    async fn disable_key_version(
+        &self,
+        request: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::KeyVersion>, Status> {
+        self.change_version(request, Rpc::DisableKeyVersion, Kms::disable_version)
+            .await
+    }
+
+    async fn enable_key_version(
+        &self,
+        request: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::KeyVersion>, Status> {
+        self.change_version(request, Rpc::EnableKeyVersion, Kms::enable_version)
+            .await
+    }
+
+    async fn schedule_key_version_destruction(
+        &self,
+        request: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::KeyVersion>, Status> {
+        self.change_version(
+            request,
+            Rpc::ScheduleKeyVersionDestruction,
+            Kms::schedule_destruction,
+        )
+        .await
+    }
+
+    async fn cancel_key_version_destruction(
+        &self,
+        request: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::KeyVersion>, Status> {
+        self.change_version(
+            request,
+            Rpc::CancelKeyVersionDestruction,
+            Kms::cancel_destruction,
+        )
+        .await
+    }
+}
+
+/// A version state change as the domain offers it.
+type VersionChange = fn(
+    &Kms,
+    crate::ids::TenantId,
+    &crate::ids::Name,
+    KeyVersion,
+) -> Result<VersionRecord, crate::Error>;
+
+impl AdminService {
+    /// The four version state changes: authorize, replay a retried request_id, change, audit
+    /// the version.
+    async fn change_version(
+        &self,
+        request: Request<pb::KeyVersionRequest>,
+        rpc: Rpc,
+        change: VersionChange,
+    ) -> Result<Response<pb::KeyVersion>, Status> {
+        let r = request.get_ref();
+        let call = self.shared.begin(&request, rpc, &r.tenant, Some(&r.name))?;
+        let r = request.into_inner();
+        call.client_request_id(&r.request_id);
+        call.version(r.version);
+        if let Some(done) = self.shared.replay(&call, rpc, &r.request_id)? {
+            return Ok(Response::new(done));
+        }
+        let name = parse_name(&r.name, "name")?;
+        if r.version == 0 {
+            return Err(Status::invalid_argument("version: versions start at 1"));
+        }
+        let version = KeyVersion(r.version);
+        let record = call
+            .run(move |kms, tenant| change(kms, tenant, &name, version))
+            .await?;
+        let message = version_message(&record);
+        self.shared.remember(&call, rpc, &r.request_id, &message);
         Ok(Response::new(message))
     }
 }

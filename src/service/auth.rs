@@ -118,6 +118,10 @@ pub enum Rpc {
     SealSecret,
     /// KeyService/UnsealSecret
     UnsealSecret,
+    /// KeyService/ReEncrypt
+    ReEncrypt,
+    /// KeyService/ReEncryptDataKey
+    ReEncryptDataKey,
     /// AdminService/CreateTenant
     CreateTenant,
     /// AdminService/ListTenants
@@ -130,21 +134,40 @@ pub enum Rpc {
     ListKeys,
     /// AdminService/RotateKey
     RotateKey,
+    /// AdminService/UpdateKeyPolicy
+    UpdateKeyPolicy,
+    /// AdminService/DisableKeyVersion
+    DisableKeyVersion,
+    /// AdminService/EnableKeyVersion
+    EnableKeyVersion,
+    /// AdminService/ScheduleKeyVersionDestruction
+    ScheduleKeyVersionDestruction,
+    /// AdminService/CancelKeyVersionDestruction
+    CancelKeyVersionDestruction,
 }
 
 impl Rpc {
     /// The one role that may call it (roles are disjoint by design: officers never see data).
     pub fn role(self) -> Role {
         match self {
-            Self::Encrypt | Self::Decrypt | Self::BatchEncrypt | Self::BatchDecrypt => Role::App,
-            Self::GenerateDataKey | Self::DecryptDataKey => Role::Backup,
+            Self::Encrypt
+            | Self::Decrypt
+            | Self::BatchEncrypt
+            | Self::BatchDecrypt
+            | Self::ReEncrypt => Role::App,
+            Self::GenerateDataKey | Self::DecryptDataKey | Self::ReEncryptDataKey => Role::Backup,
             Self::SealSecret | Self::UnsealSecret => Role::Secrets,
             Self::CreateTenant
             | Self::ListTenants
             | Self::CreateKey
             | Self::GetKey
             | Self::ListKeys
-            | Self::RotateKey => Role::Officer,
+            | Self::RotateKey
+            | Self::UpdateKeyPolicy
+            | Self::DisableKeyVersion
+            | Self::EnableKeyVersion
+            | Self::ScheduleKeyVersionDestruction
+            | Self::CancelKeyVersionDestruction => Role::Officer,
         }
     }
 }

@@ -368,4 +368,70 @@ impl pb::key_service_server::KeyService for KeyService {
             verified_sealed_crc32c: verified,
         }))
     }
+
+    async fn re_encrypt(
+        &self,
+        request: Request<pb::ReEncryptRequest>,
+    ) -> Result<Response<pb::ReEncryptResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::ReEncrypt, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = optional_key(&r.key)?;
+        let context = call.context(r.context, &self.shared.limits)?;
+        let verified = verify_crc(&r.ciphertext, r.ciphertext_crc32c, "ciphertext_crc32c")?;
+        let allowed = call.allowed_keys();
+        let (out, source) = call
+            .run(move |kms, tenant| {
+                kms.re_encrypt(
+                    tenant,
+                    &r.ciphertext,
+                    &context,
+                    key.as_ref(),
+                    allowed.as_deref(),
+                )
+            })
+            .await?;
+        call.key_id(&out.key_id.to_string());
+        call.version(out.version.0);
+        Ok(Response::new(pb::ReEncryptResponse {
+            ciphertext_crc32c: crc(&out.ciphertext),
+            ciphertext: out.ciphertext,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            source_key_version: source.0,
+            verified_ciphertext_crc32c: verified,
+        }))
+    }
+
+    async fn re_encrypt_data_key(
+        &self,
+        request: Request<pb::ReEncryptDataKeyRequest>,
+    ) -> Result<Response<pb::ReEncryptDataKeyResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::ReEncryptDataKey, &r.tenant, None)?;
+        let r = request.into_inner();
+        let context = call.context(r.context, &self.shared.limits)?;
+        let verified = verify_crc(&r.wrapped_key, r.wrapped_key_crc32c, "wrapped_key_crc32c")?;
+        let allowed = call.allowed_keys();
+        let (out, source) = call
+            .run(move |kms, tenant| {
+                kms.re_encrypt_data_key(tenant, &r.wrapped_key, &context, allowed.as_deref())
+            })
+            .await?;
+        call.key_id(&out.key_id.to_string());
+        call.version(out.version.0);
+        // The plaintext data key is dropped (zeroized) here; only the new blob leaves.
+        Ok(Response::new(pb::ReEncryptDataKeyResponse {
+            wrapped_key_crc32c: crc(&out.wrapped),
+            wrapped_key: out.wrapped,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            source_key_version: source.0,
+            verified_wrapped_key_crc32c: verified,
+        }))
+    }
 }

@@ -211,6 +211,12 @@ impl Call {
         self.slot.update(|d| d.version = Some(version));
     }
 
+    fn key_id(&self, key_id: &str) {
+        self.slot.update(|d| {
+            d.key.get_or_insert_with(|| key_id.to_owned());
+        });
+    }
+
     fn decrypted(&self, out: &Decrypted) {
         let key_id = out.key_id.to_string();
         self.slot.update(|d| {
@@ -288,6 +294,7 @@ pub struct Server {
     connect: HsmConnector,
     reset: Option<crate::hsm::reconnect::Reset>,
     metrics: Option<TcpListener>,
+    clock: Arc<dyn crate::clock::Clock>,
 }
 
 impl Server {
@@ -302,12 +309,20 @@ impl Server {
                 crate::hsm::pkcs11::reinitialize(&module, Duration::from_secs(10))
             })),
             metrics: None,
+            clock: Arc::new(crate::clock::SystemClock::new()),
         }
     }
 
     /// Serves `/metrics` on this listener (the CLI binds `[metrics] listen`).
     pub fn with_metrics_listener(mut self, listener: TcpListener) -> Self {
         self.metrics = Some(listener);
+        self
+    }
+
+    /// Replaces the clock (tests: pending windows and expiries).
+    #[cfg(feature = "test-hooks")]
+    pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -351,9 +366,11 @@ impl Server {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(connect_hsm(
+        // Stopped when serving ends, so the domain (and its databases) close with the server.
+        let hsm_task = tokio::spawn(connect_hsm(
             self.connect,
             self.reset,
+            self.clock,
             self.config.clone(),
             Arc::clone(&shared),
             health.clone(),
@@ -392,10 +409,12 @@ impl Server {
             .add_service(keys)
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, shutdown);
-        tokio::select! {
-            result = serving => Ok(result?),
+        let result = tokio::select! {
+            result = serving => result.map_err(ServeError::from),
             Ok(error) = fatal_rx => Err(ServeError::Fatal(error)),
-        }
+        };
+        hsm_task.abort();
+        result
     }
 }
 
@@ -410,6 +429,7 @@ async fn set_health(health: &tonic_health::server::HealthReporter, status: Servi
 async fn connect_hsm(
     connect: HsmConnector,
     reset: Option<crate::hsm::reconnect::Reset>,
+    clock: Arc<dyn crate::clock::Clock>,
     config: Config,
     shared: Arc<Shared>,
     health: tonic_health::server::HealthReporter,
@@ -423,6 +443,7 @@ async fn connect_hsm(
         let data_dir = config.data_dir.clone();
         let options = config.kms;
         let reset = reset.clone();
+        let clock = Arc::clone(&clock);
         let attempt = tokio::task::spawn_blocking(move || {
             // A token that appears after C_Initialize stays invisible to SoftHSM until the
             // library is initialized again; nothing is open yet, so resetting is safe.
@@ -437,7 +458,7 @@ async fn connect_hsm(
             }
             let hsm = Arc::new(hsm);
             let metered = MeteredHsm::new(Arc::clone(&hsm) as Arc<dyn Hsm>);
-            let kms = Kms::open(Arc::new(metered), &data_dir, options)?;
+            let kms = Kms::open_with_clock(Arc::new(metered), &data_dir, options, clock)?;
             Ok::<_, Error>((kms, hsm))
         })
         .await;
@@ -456,6 +477,11 @@ async fn connect_hsm(
         tokio::time::sleep(retry).await;
     };
     let _ = shared.kms.set(Arc::clone(&kms));
+    // The scheduler holds the domain only during a tick, and ends once it is gone.
+    tokio::spawn(crate::kms::scheduler::run(
+        Arc::downgrade(&kms),
+        config.kms.scheduler_interval,
+    ));
     tracing::info!("HSM reachable; serving");
     set_health(&health, ServingStatus::Serving).await;
     let mut serving = true;

@@ -1,0 +1,424 @@
+//! Key version states and key policies: the changes officers make, and the checks every use of
+//! a version passes.
+//!
+//! Every change is one tenant commit that rewrites the key record (its generation rises) and,
+//! for a state change, the version record. The in-memory snapshots of the key are then dropped
+//! under the cache epoch lock (`Kms::invalidate_key`), so the next request reads the new state.
+//! A request that took its snapshot before the commit may still finish under the old state.
+
+use super::{KeySnapshot, Kms};
+use crate::error::Error;
+use crate::ids::{KeyVersion, Name, TenantId};
+use crate::keystore::{
+    KeyPolicy, KeyRecord, PendingDestruction, TenantWrite, VersionRecord, VersionState,
+};
+
+/// What UpdateKeyPolicy changes; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyUpdate {
+    /// New minimum version that may decrypt.
+    pub min_decryption_version: Option<u32>,
+    /// New rotation period in seconds (`Some(0)` turns rotation by age off).
+    pub rotation_period_secs: Option<u64>,
+    /// New pending window for scheduled destructions, in seconds (`Some(0)`: the default).
+    pub destruction_window_secs: Option<u64>,
+}
+
+/// A key with all its versions, for GetKey and `keyfront admin`.
+#[derive(Clone, Debug)]
+pub struct KeyDetails {
+    /// The key record.
+    pub record: KeyRecord,
+    /// Every version, oldest first (blobs included; callers must not return them).
+    pub versions: Vec<VersionRecord>,
+}
+
+impl Kms {
+    /// The key and every version of it.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`], storage errors.
+    pub fn key_details(&self, tenant: TenantId, name: &Name) -> Result<KeyDetails, Error> {
+        let db = self.store.tenant(tenant)?;
+        let record = db
+            .key_by_name(name)?
+            .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+        let mut versions = Vec::new();
+        for v in 1..=record.latest.0 {
+            if let Some(version) = db.version(&record.id, KeyVersion(v))? {
+                versions.push(version);
+            }
+        }
+        Ok(KeyDetails { record, versions })
+    }
+
+    /// Disables a version (the primary too: encrypting then fails until it is enabled again or
+    /// the key is rotated). Disabling a disabled version changes nothing.
+    ///
+    /// # Errors
+    /// [`Error::KeyState`] for a version scheduled for destruction or destroyed.
+    pub fn disable_version(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        version: KeyVersion,
+    ) -> Result<VersionRecord, Error> {
+        self.change_version(tenant, name, version, |record, v| match v.state {
+            VersionState::Enabled | VersionState::Disabled => {
+                v.state = VersionState::Disabled;
+                Ok(())
+            }
+            other => Err(not_now(record, v.version, other, "disabled")),
+        })
+    }
+
+    /// Enables a disabled version. Enabling an enabled version changes nothing.
+    ///
+    /// # Errors
+    /// [`Error::KeyState`] for a version scheduled for destruction (cancel it first) or
+    /// destroyed.
+    pub fn enable_version(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        version: KeyVersion,
+    ) -> Result<VersionRecord, Error> {
+        self.change_version(tenant, name, version, |record, v| match v.state {
+            VersionState::Enabled | VersionState::Disabled => {
+                v.state = VersionState::Enabled;
+                Ok(())
+            }
+            other => Err(not_now(record, v.version, other, "enabled")),
+        })
+    }
+
+    /// Schedules a version's destruction after the key's pending window (or the default),
+    /// never sooner than the minimum window (the backup retention). The version is refused
+    /// at once; [`Kms::cancel_destruction`] restores it until the window ends. Scheduling a
+    /// scheduled version keeps its date.
+    ///
+    /// # Errors
+    /// [`Error::KeyState`] for the primary version (rotate first) or a destroyed version.
+    pub fn schedule_destruction(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        version: KeyVersion,
+    ) -> Result<VersionRecord, Error> {
+        let record = self.key(tenant, name)?;
+        let window = record
+            .policy
+            .destruction_window_secs
+            .unwrap_or(self.destruction_window.as_secs())
+            .max(self.min_destruction_window.as_secs());
+        let at = self.clock.now_secs().saturating_add(window);
+        let mut entry = PendingDestruction {
+            tenant,
+            key_id: record.id,
+            version,
+            at,
+        };
+        // The scheduler's index first: a crash after it leaves an entry the scheduler drops,
+        // never a scheduled version it does not know.
+        self.store.add_pending_destruction(&entry)?;
+        let changed = self.change_version(tenant, name, version, |record, v| {
+            if record.primary == v.version {
+                return Err(Error::KeyState {
+                    reason: "PRIMARY_VERSION",
+                    message: format!(
+                        "version {} is the primary of key {}; rotate the key first",
+                        v.version.0, record.name
+                    ),
+                });
+            }
+            match v.state {
+                VersionState::Enabled | VersionState::Disabled => {
+                    v.state = VersionState::DestroyScheduled {
+                        at,
+                        was_disabled: v.state == VersionState::Disabled,
+                    };
+                    Ok(())
+                }
+                VersionState::DestroyScheduled { .. } => Ok(()),
+                other @ VersionState::Destroyed { .. } => Err(not_now(
+                    record,
+                    v.version,
+                    other,
+                    "scheduled for destruction",
+                )),
+            }
+        });
+        match &changed {
+            Ok(VersionRecord {
+                state: VersionState::DestroyScheduled { at: actual, .. },
+                ..
+            }) if *actual != at => {
+                entry.at = *actual;
+                self.store.add_pending_destruction(&entry)?;
+            }
+            Ok(_) => {}
+            Err(_) => self.store.remove_pending_destruction(&entry)?,
+        }
+        changed
+    }
+
+    /// Cancels a scheduled destruction: the version returns to the state it had before.
+    ///
+    /// # Errors
+    /// [`Error::KeyState`] if it is not scheduled for destruction.
+    pub fn cancel_destruction(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        version: KeyVersion,
+    ) -> Result<VersionRecord, Error> {
+        let mut key_id = None;
+        let restored = self.change_version(tenant, name, version, |record, v| {
+            key_id = Some(record.id);
+            Self::restore(record, v)
+        })?;
+        if let Some(key_id) = key_id {
+            self.store.remove_pending_destruction(&PendingDestruction {
+                tenant,
+                key_id,
+                version,
+                at: 0,
+            })?;
+        }
+        Ok(restored)
+    }
+
+    fn restore(record: &KeyRecord, v: &mut VersionRecord) -> Result<(), Error> {
+        match v.state {
+            VersionState::DestroyScheduled { was_disabled, .. } => {
+                v.state = if was_disabled {
+                    VersionState::Disabled
+                } else {
+                    VersionState::Enabled
+                };
+                Ok(())
+            }
+            other => Err(Error::KeyState {
+                reason: "NOT_SCHEDULED",
+                message: format!(
+                    "version {} of key {} is {}, not scheduled for destruction",
+                    v.version.0,
+                    record.name,
+                    state_name(other)
+                ),
+            }),
+        }
+    }
+
+    /// Destroys every version whose pending window has ended: its KEK and bulk-key blobs are
+    /// erased in one commit per version (the commit point), then its index entry goes.
+    /// Idempotent; entries that no longer match a scheduled version are dropped. Returns the
+    /// versions destroyed.
+    ///
+    /// # Errors
+    /// Storage errors (versions destroyed before the error stay destroyed).
+    pub fn run_due_destructions(&self) -> Result<Vec<(TenantId, Name, KeyVersion)>, Error> {
+        let now = self.clock.now_secs();
+        let mut destroyed = Vec::new();
+        for mut entry in self.store.pending_destructions()? {
+            if entry.at > now {
+                continue;
+            }
+            let db = match self.store.tenant(entry.tenant) {
+                Ok(db) => db,
+                Err(
+                    crate::keystore::Error::TenantDestroyed(_)
+                    | crate::keystore::Error::TenantNotFound(_),
+                ) => {
+                    self.store.remove_pending_destruction(&entry)?;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let Some(record) = db.key(&entry.key_id)? else {
+                self.store.remove_pending_destruction(&entry)?;
+                continue;
+            };
+            let result = self.change_version(entry.tenant, &record.name, entry.version, |_, v| {
+                if let VersionState::DestroyScheduled { at, .. } = v.state {
+                    if at <= now {
+                        v.state = VersionState::Destroyed { at: now };
+                        v.kek = Vec::new();
+                        v.bulk_key = Vec::new();
+                    }
+                }
+                Ok(())
+            });
+            match result {
+                Ok(VersionRecord {
+                    state: VersionState::Destroyed { .. },
+                    ..
+                }) => {
+                    tracing::info!(tenant = %entry.tenant, key = %record.name, version = entry.version.0, "key version destroyed");
+                    destroyed.push((entry.tenant, record.name.clone(), entry.version));
+                    self.store.remove_pending_destruction(&entry)?;
+                }
+                Ok(VersionRecord {
+                    state: VersionState::DestroyScheduled { at, .. },
+                    ..
+                }) => {
+                    // Rescheduled since the entry was written: keep it, with the real date.
+                    entry.at = at;
+                    self.store.add_pending_destruction(&entry)?;
+                }
+                Ok(_) | Err(Error::VersionNotFound { .. }) => {
+                    self.store.remove_pending_destruction(&entry)?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(destroyed)
+    }
+
+    /// Changes a key's policy.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a minimum decryption version above the primary, or a
+    /// pending window below the minimum (the backup retention).
+    pub fn update_policy(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        update: &PolicyUpdate,
+    ) -> Result<KeyRecord, Error> {
+        let db = self.store.tenant(tenant)?;
+        let _writes = db.lock_writes();
+        let mut record = db
+            .key_by_name(name)?
+            .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+        let mut policy: KeyPolicy = record.policy.clone();
+        if let Some(min) = update.min_decryption_version {
+            if min > record.primary.0 {
+                return Err(Error::InvalidArgument(format!(
+                    "min_decryption_version {min} is above the primary version {}: nothing could decrypt new ciphertexts",
+                    record.primary.0
+                )));
+            }
+            policy.min_decryption_version = min;
+        }
+        if let Some(period) = update.rotation_period_secs {
+            policy.rotation_period_secs = (period > 0).then_some(period);
+        }
+        if let Some(window) = update.destruction_window_secs {
+            if window > 0 && window < self.min_destruction_window.as_secs() {
+                return Err(Error::InvalidArgument(format!(
+                    "destruction_window of {window} s is below the minimum of {} s (the backup retention)",
+                    self.min_destruction_window.as_secs()
+                )));
+            }
+            policy.destruction_window_secs = (window > 0).then_some(window);
+        }
+        record.policy = policy;
+        record.generation += 1;
+        db.commit(vec![TenantWrite::Key(record.clone())])?;
+        self.invalidate_key(tenant, &record);
+        Ok(record)
+    }
+
+    /// Reads a version, applies `change` to it under the tenant's write lock, and commits the
+    /// version with its key record (generation raised) if it changed.
+    fn change_version(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        version: KeyVersion,
+        change: impl FnOnce(&KeyRecord, &mut VersionRecord) -> Result<(), Error>,
+    ) -> Result<VersionRecord, Error> {
+        let db = self.store.tenant(tenant)?;
+        let _writes = db.lock_writes();
+        let mut record = db
+            .key_by_name(name)?
+            .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+        let mut found = db
+            .version(&record.id, version)?
+            .ok_or_else(|| Error::VersionNotFound {
+                key: name.clone(),
+                version: version.0,
+            })?;
+        let before = found.clone();
+        change(&record, &mut found)?;
+        if found == before {
+            return Ok(found);
+        }
+        record.generation += 1;
+        db.commit(vec![
+            TenantWrite::Version(record.id, found.clone()),
+            TenantWrite::Key(record.clone()),
+        ])?;
+        self.invalidate_key(tenant, &record);
+        Ok(found)
+    }
+
+    /// Whether a snapshot's version may encrypt: it must be enabled.
+    pub(super) fn check_encrypt(snapshot: &KeySnapshot) -> Result<(), Error> {
+        check_enabled(&snapshot.record, &snapshot.primary, "encrypt")
+    }
+
+    /// Whether a snapshot's version may decrypt: enabled, and not below the key's minimum.
+    pub(super) fn check_decrypt(snapshot: &KeySnapshot) -> Result<(), Error> {
+        let (record, version) = (&snapshot.record, &snapshot.primary);
+        if version.version.0 < record.policy.min_decryption_version {
+            return Err(Error::KeyState {
+                reason: "BELOW_MIN_DECRYPTION_VERSION",
+                message: format!(
+                    "version {} of key {} is below its min_decryption_version {}",
+                    version.version.0, record.name, record.policy.min_decryption_version
+                ),
+            });
+        }
+        check_enabled(record, version, "decrypt")
+    }
+}
+
+fn check_enabled(record: &KeyRecord, version: &VersionRecord, what: &str) -> Result<(), Error> {
+    let reason = match version.state {
+        VersionState::Enabled => return Ok(()),
+        VersionState::Disabled => "VERSION_DISABLED",
+        VersionState::DestroyScheduled { .. } => "VERSION_DESTROY_SCHEDULED",
+        VersionState::Destroyed { .. } => "VERSION_DESTROYED",
+    };
+    let primary = if record.primary == version.version {
+        "primary "
+    } else {
+        ""
+    };
+    Err(Error::KeyState {
+        reason,
+        message: format!(
+            "cannot {what}: the {primary}version {} of key {} is {}",
+            version.version.0,
+            record.name,
+            state_name(version.state)
+        ),
+    })
+}
+
+fn not_now(record: &KeyRecord, version: KeyVersion, state: VersionState, wanted: &str) -> Error {
+    Error::KeyState {
+        reason: match state {
+            VersionState::Destroyed { .. } => "VERSION_DESTROYED",
+            _ => "VERSION_DESTROY_SCHEDULED",
+        },
+        message: format!(
+            "version {} of key {} is {} and cannot be {wanted}",
+            version.0,
+            record.name,
+            state_name(state)
+        ),
+    }
+}
+
+/// The state as the API names it.
+pub fn state_name(state: VersionState) -> &'static str {
+    match state {
+        VersionState::Enabled => "ENABLED",
+        VersionState::Disabled => "DISABLED",
+        VersionState::DestroyScheduled { .. } => "DESTROY_SCHEDULED",
+        VersionState::Destroyed { .. } => "DESTROYED",
+    }
+}

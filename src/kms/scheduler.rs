@@ -1,0 +1,55 @@
+//! The server's scheduler: at each tick it executes the version destructions whose pending
+//! window has ended.
+//!
+//! Destruction trusts the wall clock, so the scheduler watches it: if wall time moved more
+//! than an hour further than monotonic time between two ticks, the clock jumped (a wrong NTP
+//! step, a mistaken `date`). Destructions then stop until the process restarts, and an alert is
+//! logged: better a late destruction than an early one.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use super::Kms;
+
+/// A forward jump of the wall clock beyond this pauses destructive jobs.
+pub const MAX_CLOCK_JUMP: Duration = Duration::from_secs(3600);
+
+/// Runs one tick every `interval` until the domain is dropped.
+pub async fn run(kms: Weak<Kms>, interval: Duration) {
+    let Some(clock) = kms.upgrade().map(|kms| Arc::clone(kms.clock())) else {
+        return;
+    };
+    let mut last_wall = clock.now_secs();
+    let mut last_monotonic = clock.monotonic();
+    let mut paused = false;
+    loop {
+        tokio::time::sleep(interval).await;
+        let (wall, monotonic) = (clock.now_secs(), clock.monotonic());
+        let wall_passed = wall.saturating_sub(last_wall);
+        let really_passed = monotonic.saturating_sub(last_monotonic).as_secs();
+        (last_wall, last_monotonic) = (wall, monotonic);
+        if !paused && wall_passed > really_passed + MAX_CLOCK_JUMP.as_secs() {
+            paused = true;
+            crate::metrics::global().scheduler_paused(true);
+            tracing::error!(
+                alert = "clock_jump",
+                jumped_secs = wall_passed - really_passed,
+                "ALERT: the wall clock jumped forward; scheduled destructions are paused until \
+                 keyfront restarts. Check the clock before restarting."
+            );
+        }
+        if paused {
+            continue;
+        }
+        let Some(kms) = kms.upgrade() else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || kms.run_due_destructions()).await {
+            Ok(Ok(destroyed)) => crate::metrics::global().versions_destroyed(destroyed.len()),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "scheduled destructions failed; retrying next tick")
+            }
+            Err(error) => tracing::error!(%error, "scheduler task failed"),
+        }
+    }
+}
