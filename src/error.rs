@@ -102,6 +102,10 @@ impl From<Error> for tonic::Status {
                 keystore::Error::TenantNotFound(_) | keystore::Error::TenantDestroyed(_),
             )
             | Error::TenantNotFound(_) => Self::not_found("tenant not found"),
+            Error::Store(keystore::Error::NotScheduled(_)) => failed_precondition(
+                "the tenant is not scheduled for destruction",
+                "NOT_SCHEDULED",
+            ),
             Error::TooLarge => Self::resource_exhausted("input too large"),
             Error::VersionsExhausted => failed_precondition(
                 "no more versions can be created for this key",

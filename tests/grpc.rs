@@ -726,6 +726,23 @@ async fn call(h: &Harness, principal: &str, rpc: &str, blobs: &Blobs) -> Code {
                 admin.cancel_key_version_destruction(request).await
             })
         }
+        // In this order: globex is scheduled, then restored.
+        "DestroyTenant" => code(
+            admin
+                .destroy_tenant(pb::DestroyTenantRequest {
+                    name: "globex".into(),
+                    request_id: String::new(),
+                })
+                .await,
+        ),
+        "CancelTenantDestruction" => code(
+            admin
+                .cancel_tenant_destruction(pb::CancelTenantDestructionRequest {
+                    name: "globex".into(),
+                    request_id: String::new(),
+                })
+                .await,
+        ),
         other => panic!("unknown rpc {other}"),
     }
 }
@@ -779,7 +796,7 @@ async fn blobs(h: &Harness) -> Blobs {
     }
 }
 
-const RPCS: [&str; 21] = [
+const RPCS: [&str; 23] = [
     "Encrypt",
     "Decrypt",
     "BatchEncrypt",
@@ -801,6 +818,8 @@ const RPCS: [&str; 21] = [
     "EnableKeyVersion",
     "ScheduleKeyVersionDestruction",
     "CancelKeyVersionDestruction",
+    "DestroyTenant",
+    "CancelTenantDestruction",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -837,6 +856,8 @@ async fn each_role_can_call_exactly_its_rpcs() {
                 "EnableKeyVersion",
                 "ScheduleKeyVersionDestruction",
                 "CancelKeyVersionDestruction",
+                "DestroyTenant",
+                "CancelTenantDestruction",
             ],
         ),
     ];
@@ -1980,5 +2001,178 @@ async fn a_clock_jump_pauses_destruction() {
     assert_eq!(
         key.versions.first().map(|v| v.state),
         Some(pb::KeyVersionState::DestroyScheduled as i32)
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// DestroyTenant over gRPC (issue 5, story 2): refused at once, restorable until the window
+/// ends, then crypto-shredded: directory gone, its ciphertexts and data keys undecryptable even
+/// with an old copy of its database put back; other tenants untouched.
+#[cfg(feature = "test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_tenant_story() {
+    let harness = Harness::start_with(false, |_, kms| {
+        kms.scheduler_interval = Duration::from_millis(50);
+    })
+    .await;
+    let mut admin = harness.admin().await;
+    let mut globex = harness.keys("globex-app").await;
+    let mut acme = harness.keys("acme-app").await;
+    let mut backup = harness.keys("backup").await;
+    let ciphertext = encrypt(&mut globex, b"globex data").await.ciphertext;
+    let data_key = backup
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            tenant: "globex".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("data key")
+        .into_inner()
+        .wrapped_key;
+    let acme_ciphertext = encrypt(&mut acme, b"acme data").await.ciphertext;
+    let globex_id = admin
+        .list_tenants(pb::ListTenantsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .tenants
+        .into_iter()
+        .find(|t| t.name == "globex")
+        .expect("globex")
+        .id;
+    let globex_dir = harness.dir.path().join("data/tenants").join(&globex_id);
+    let old_copy = tempfile::tempdir().expect("tempdir");
+    copy_dir(&globex_dir, old_copy.path());
+
+    let destroy = || pb::DestroyTenantRequest {
+        name: "globex".into(),
+        request_id: String::new(),
+    };
+    let scheduled = admin
+        .destroy_tenant(destroy())
+        .await
+        .expect("destroy")
+        .into_inner();
+    assert!(scheduled.destroy_time > 0);
+    expect_precondition(
+        globex
+            .encrypt(pb::EncryptRequest {
+                key: "default".into(),
+                plaintext: b"x".to_vec(),
+                ..Default::default()
+            })
+            .await,
+        "TENANT_DESTROY_SCHEDULED",
+    );
+    admin
+        .cancel_tenant_destruction(pb::CancelTenantDestructionRequest {
+            name: "globex".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("cancel");
+    let back = globex
+        .decrypt(pb::DecryptRequest {
+            ciphertext: ciphertext.clone(),
+            context: ctx(&[("row", CONTEXT_MARKER)]),
+            ..Default::default()
+        })
+        .await
+        .expect("restored");
+    assert_eq!(back.into_inner().plaintext, b"globex data");
+
+    admin
+        .destroy_tenant(destroy())
+        .await
+        .expect("destroy again");
+    harness.clock.advance(Duration::from_secs(30 * 86_400 + 60));
+    for _ in 0..100 {
+        if !globex_dir.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!globex_dir.exists(), "the tenant's directory is gone");
+    // Its ciphertexts and data keys are undecryptable; the tenant no longer exists.
+    let status = globex
+        .decrypt(pb::DecryptRequest {
+            ciphertext: ciphertext.clone(),
+            context: ctx(&[("row", CONTEXT_MARKER)]),
+            ..Default::default()
+        })
+        .await
+        .expect_err("destroyed");
+    assert_eq!(status.code(), Code::NotFound);
+    let status = backup
+        .decrypt_data_key(pb::DecryptDataKeyRequest {
+            wrapped_key: data_key.clone(),
+            tenant: "globex".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("destroyed");
+    assert_eq!(status.code(), Code::NotFound);
+    // acme is untouched.
+    let acme_back = acme
+        .decrypt(pb::DecryptRequest {
+            ciphertext: acme_ciphertext,
+            context: ctx(&[("row", CONTEXT_MARKER)]),
+            ..Default::default()
+        })
+        .await
+        .expect("acme untouched");
+    assert_eq!(acme_back.into_inner().plaintext, b"acme data");
+
+    // An old copy of the database put back does not resurrect it: the tombstone is checked
+    // before anything of it is opened or unwrapped.
+    let hsm = Arc::clone(&harness.hsm) as Arc<dyn Hsm>;
+    let dir = harness.stop().await;
+    copy_dir(
+        old_copy.path(),
+        &dir.path().join("data/tenants").join(&globex_id),
+    );
+    let mut reopened = None;
+    for _ in 0..50 {
+        match keyfront::kms::Kms::open(
+            Arc::clone(&hsm),
+            &dir.path().join("data"),
+            KmsOptions::default(),
+        ) {
+            Ok(kms) => {
+                reopened = Some(kms);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let kms = reopened.expect("reopen");
+    let id: keyfront::ids::TenantId = globex_id.parse().expect("id");
+    assert!(kms.store().is_destroyed(id).expect("tombstone"));
+    let err = kms
+        .decrypt(id, &ciphertext, &Default::default(), None)
+        .expect_err("still destroyed");
+    assert!(
+        matches!(
+            err,
+            keyfront::Error::Store(keyfront::keystore::Error::TenantDestroyed(_))
+        ),
+        "{err:?}"
+    );
+    assert!(
+        !dir.path().join("data/tenants").join(&globex_id).exists(),
+        "the put-back copy is collected at start as an orphan"
     );
 }

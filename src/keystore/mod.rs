@@ -56,6 +56,9 @@ pub enum Error {
     /// No tenant with that id.
     #[error("tenant {0} not found")]
     TenantNotFound(TenantId),
+    /// The tenant's destruction is not scheduled.
+    #[error("tenant {0} is not scheduled for destruction")]
+    NotScheduled(TenantId),
 }
 
 /// What a key may be used for.
@@ -111,6 +114,9 @@ pub struct TenantRecord {
     pub created_at: u64,
     /// Revision of this record, for compare-and-swap across nodes.
     pub generation: u64,
+    /// When the tenant is destroyed (seconds since the Unix epoch), if DestroyTenant scheduled
+    /// it; until then it is refused but can be restored.
+    pub destroy_at: Option<u64>,
 }
 
 /// A key, as its tenant database holds it.

@@ -23,6 +23,8 @@ const TOMBSTONE_PREFIX: &[u8] = b"x/";
 // A superset of the truth: written before the tenant commit that schedules, removed after the
 // one that cancels or destroys, so a crash can leave an extra entry but never lose one.
 const DESTRUCTION_PREFIX: &[u8] = b"d/";
+// Pending tenant destructions: D/ ‖ tenant id → when (u64), committed with the tenant record.
+const TENANT_DESTRUCTION_PREFIX: &[u8] = b"D/";
 
 /// Tuning of the key store.
 #[derive(Clone, Copy, Debug)]
@@ -257,6 +259,7 @@ impl KeyStore {
             name: name.clone(),
             created_at: now_secs(),
             generation: 1,
+            destroy_at: None,
         };
         self.system.commit(
             vec![
@@ -401,6 +404,7 @@ impl KeyStore {
                 prefixed(TENANT_PREFIX, id.as_bytes()),
                 prefixed(NAME_PREFIX, record.name.as_str().as_bytes()),
                 prefixed(HEAD_PREFIX, id.as_bytes()),
+                prefixed(TENANT_DESTRUCTION_PREFIX, id.as_bytes()),
             ],
         )?;
         {
@@ -425,6 +429,72 @@ impl KeyStore {
             .system
             .read(&prefixed(TOMBSTONE_PREFIX, id.as_bytes()))?
             .is_some())
+    }
+
+    /// Schedules a tenant's destruction at `at`: its record and the scheduler's entry in one
+    /// system commit. A tenant already scheduled keeps its date.
+    ///
+    /// # Errors
+    /// [`Error::TenantNotFound`].
+    pub fn schedule_tenant_destruction(
+        &self,
+        id: TenantId,
+        at: u64,
+    ) -> Result<TenantRecord, Error> {
+        let _lifecycle = self.lifecycle.lock().expect("lifecycle lock poisoned");
+        let mut record = self.tenant_record(id)?.ok_or(Error::TenantNotFound(id))?;
+        if record.destroy_at.is_some() {
+            return Ok(record);
+        }
+        record.destroy_at = Some(at);
+        record.generation += 1;
+        self.system.commit(
+            vec![
+                (prefixed(TENANT_PREFIX, id.as_bytes()), encode(&record)?),
+                (
+                    prefixed(TENANT_DESTRUCTION_PREFIX, id.as_bytes()),
+                    encode(&at)?,
+                ),
+            ],
+            vec![],
+        )?;
+        Ok(record)
+    }
+
+    /// Cancels a tenant's scheduled destruction.
+    ///
+    /// # Errors
+    /// [`Error::TenantNotFound`], [`Error::NotScheduled`].
+    pub fn cancel_tenant_destruction(&self, id: TenantId) -> Result<TenantRecord, Error> {
+        let _lifecycle = self.lifecycle.lock().expect("lifecycle lock poisoned");
+        let mut record = self.tenant_record(id)?.ok_or(Error::TenantNotFound(id))?;
+        if record.destroy_at.is_none() {
+            return Err(Error::NotScheduled(id));
+        }
+        record.destroy_at = None;
+        record.generation += 1;
+        self.system.commit(
+            vec![(prefixed(TENANT_PREFIX, id.as_bytes()), encode(&record)?)],
+            vec![prefixed(TENANT_DESTRUCTION_PREFIX, id.as_bytes())],
+        )?;
+        Ok(record)
+    }
+
+    /// Every tenant whose destruction is scheduled, with its date.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if an entry fails its MAC.
+    pub fn pending_tenant_destructions(&self) -> Result<Vec<(TenantId, u64)>, Error> {
+        let mut entries = Vec::new();
+        for item in self.system.db.scan_prefix(TENANT_DESTRUCTION_PREFIX) {
+            let (key, _) = item?;
+            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
+            let id: [u8; ID_LEN] = key[TENANT_DESTRUCTION_PREFIX.len()..]
+                .try_into()
+                .map_err(|_| Error::Encoding)?;
+            entries.push((TenantId::from_bytes(id), decode(&payload)?));
+        }
+        Ok(entries)
     }
 
     /// Records a pending destruction (before the tenant commit that schedules it).

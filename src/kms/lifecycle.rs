@@ -210,8 +210,9 @@ impl Kms {
         }
     }
 
-    /// Destroys every version whose pending window has ended: its KEK and bulk-key blobs are
-    /// erased in one commit per version (the commit point), then its index entry goes.
+    /// Destroys every tenant and version whose pending window has ended. A tenant is
+    /// crypto-shredded (see [`Kms::schedule_tenant_destruction`]). A version's KEK and bulk-key
+    /// blobs are erased in one commit per version (the commit point), then its index entry goes.
     /// Idempotent; entries that no longer match a scheduled version are dropped. Returns the
     /// versions destroyed.
     ///
@@ -220,6 +221,17 @@ impl Kms {
     pub fn run_due_destructions(&self) -> Result<Vec<(TenantId, Name, KeyVersion)>, Error> {
         let now = self.clock.now_secs();
         let mut destroyed = Vec::new();
+        for (tenant, at) in self.store.pending_tenant_destructions()? {
+            if at <= now {
+                // Tombstone, records and the scheduler's entry in one system commit, then the
+                // directory; `destroy_tenant` is idempotent past the commit.
+                match self.destroy_tenant(tenant) {
+                    Ok(()) => tracing::info!(%tenant, "tenant destroyed"),
+                    Err(Error::Store(crate::keystore::Error::TenantNotFound(_))) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
         for mut entry in self.store.pending_destructions()? {
             if entry.at > now {
                 continue;

@@ -273,9 +273,21 @@ impl Kms {
         if let Some(id) = self.tenant_ids.get(name) {
             return Ok(id);
         }
-        let id = self.tenant(name)?.id;
-        self.tenant_ids.insert(name.clone(), id);
-        Ok(id)
+        let epoch = self.epoch();
+        let record = self.tenant(name)?;
+        if let Some(at) = record.destroy_at {
+            return Err(Error::KeyState {
+                reason: "TENANT_DESTROY_SCHEDULED",
+                message: format!(
+                    "tenant {name} is scheduled for destruction at {at} (seconds since the epoch); an officer can cancel it with CancelTenantDestruction"
+                ),
+            });
+        }
+        let current = self.cache_epoch.read().expect("cache epoch lock poisoned");
+        if *current == epoch {
+            self.tenant_ids.insert(name.clone(), record.id);
+        }
+        Ok(record.id)
     }
 
     /// Destroys a tenant at once (crypto-shredding): tombstone, then its database is erased.
@@ -284,7 +296,42 @@ impl Kms {
     /// [`keystore::Error::TenantNotFound`].
     pub fn destroy_tenant(&self, tenant: TenantId) -> Result<(), Error> {
         self.store.destroy_tenant(tenant)?;
-        // Nothing of it may be served from memory afterwards.
+        self.forget_tenant(tenant);
+        Ok(())
+    }
+
+    /// Schedules a tenant's destruction after the default pending window (never below the
+    /// minimum, the backup retention). The tenant is refused at once; until the window ends,
+    /// [`Kms::cancel_tenant_destruction`] restores it. Then the scheduler crypto-shreds it:
+    /// tombstone, records removed, database directory deleted.
+    ///
+    /// # Errors
+    /// [`Error::TenantNotFound`].
+    pub fn schedule_tenant_destruction(&self, name: &Name) -> Result<TenantRecord, Error> {
+        let id = self.tenant(name)?.id;
+        let window = self.destruction_window.max(self.min_destruction_window);
+        let at = self.clock.now_secs().saturating_add(window.as_secs());
+        let record = self.store.schedule_tenant_destruction(id, at)?;
+        self.forget_tenant(id);
+        Ok(record)
+    }
+
+    /// Restores a tenant scheduled for destruction.
+    ///
+    /// # Errors
+    /// [`Error::TenantNotFound`]; NOT_SCHEDULED if it is not scheduled.
+    pub fn cancel_tenant_destruction(&self, name: &Name) -> Result<TenantRecord, Error> {
+        let id = self.tenant(name)?.id;
+        let record = self.store.cancel_tenant_destruction(id)?;
+        self.forget_tenant(id);
+        Ok(record)
+    }
+
+    /// Drops everything of a tenant from memory (under the cache epoch, so no reader puts it
+    /// back from an older read).
+    fn forget_tenant(&self, tenant: TenantId) {
+        let mut epoch = self.cache_epoch.write().expect("cache epoch lock poisoned");
+        *epoch += 1;
         self.tenant_ids.retain(|_, id| *id != tenant);
         self.primaries
             .write()
@@ -295,7 +342,6 @@ impl Kms {
             .expect("versions lock poisoned")
             .remove(&tenant);
         self.bulk_keys.retain(|(id, _, _), _| *id != tenant);
-        Ok(())
     }
 
     /// Creates a key at version 1.

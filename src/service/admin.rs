@@ -33,6 +33,9 @@ fn tenant_message(record: &TenantRecord) -> pb::Tenant {
         name: record.name.to_string(),
         id: record.id.to_string(),
         create_time: i64::try_from(record.created_at).unwrap_or(i64::MAX),
+        destroy_time: record
+            .destroy_at
+            .map_or(0, |at| i64::try_from(at).unwrap_or(i64::MAX)),
     }
 }
 
@@ -254,6 +257,58 @@ impl pb::admin_service_server::AdminService for AdminService {
         let message = key_message(&r.tenant, &record);
         self.shared
             .remember(&call, Rpc::RotateKey, &r.request_id, &message);
+        Ok(Response::new(message))
+    }
+
+    async fn destroy_tenant(
+        &self,
+        request: Request<pb::DestroyTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::DestroyTenant, &r.name, None)?;
+        let r = request.into_inner();
+        call.client_request_id(&r.request_id);
+        if let Some(done) = self
+            .shared
+            .replay(&call, Rpc::DestroyTenant, &r.request_id)?
+        {
+            return Ok(Response::new(done));
+        }
+        let name = parse_name(&r.name, "name")?;
+        let record = call
+            .run_global(move |kms| kms.schedule_tenant_destruction(&name))
+            .await?;
+        let message = tenant_message(&record);
+        self.shared
+            .remember(&call, Rpc::DestroyTenant, &r.request_id, &message);
+        Ok(Response::new(message))
+    }
+
+    async fn cancel_tenant_destruction(
+        &self,
+        request: Request<pb::CancelTenantDestructionRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::CancelTenantDestruction, &r.name, None)?;
+        let r = request.into_inner();
+        call.client_request_id(&r.request_id);
+        if let Some(done) =
+            self.shared
+                .replay(&call, Rpc::CancelTenantDestruction, &r.request_id)?
+        {
+            return Ok(Response::new(done));
+        }
+        let name = parse_name(&r.name, "name")?;
+        let record = call
+            .run_global(move |kms| kms.cancel_tenant_destruction(&name))
+            .await?;
+        let message = tenant_message(&record);
+        self.shared
+            .remember(&call, Rpc::CancelTenantDestruction, &r.request_id, &message);
         Ok(Response::new(message))
     }
 

@@ -126,6 +126,10 @@ pub enum Rpc {
     CreateTenant,
     /// AdminService/ListTenants
     ListTenants,
+    /// AdminService/DestroyTenant
+    DestroyTenant,
+    /// AdminService/CancelTenantDestruction
+    CancelTenantDestruction,
     /// AdminService/CreateKey
     CreateKey,
     /// AdminService/GetKey
@@ -159,6 +163,8 @@ impl Rpc {
             Self::SealSecret | Self::UnsealSecret => Role::Secrets,
             Self::CreateTenant
             | Self::ListTenants
+            | Self::DestroyTenant
+            | Self::CancelTenantDestruction
             | Self::CreateKey
             | Self::GetKey
             | Self::ListKeys
