@@ -2004,6 +2004,7 @@ async fn a_clock_jump_pauses_destruction() {
     );
 }
 
+#[cfg(feature = "test-hooks")]
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read dir") {
