@@ -274,3 +274,70 @@ fn dev_reuses_what_exists_and_serve_with_a_wrong_pin_exits_naming_the_pin() {
         "no retry loop"
     );
 }
+
+/// `keyfront admin`: a table by default, JSON with --json, and a refusal that names the
+/// principal, the status and the next step.
+#[test]
+fn admin_commands_print_tables_json_and_clear_errors() {
+    let server = DevServer::start();
+    let admin = |args: &[&str]| {
+        let out = server.pipe(b"", "admin", args);
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, table, stderr) = admin(&["list-tenants"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(table.starts_with("TENANT"), "{table}");
+    assert!(
+        table.contains("acme") && table.contains("globex"),
+        "{table}"
+    );
+
+    let (code, _, stderr) = admin(&["rotate-key", "acme", "default"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, _, stderr) = admin(&["schedule-destruction", "acme", "default", "1"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, json, stderr) = admin(&["get-key", "acme", "default", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let key: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(key["primary_version"], 2);
+    assert_eq!(key["versions"][0]["state"], "DESTROY_SCHEDULED");
+    assert_eq!(key["versions"][1]["state"], "ENABLED");
+    let (code, _, stderr) = admin(&["cancel-destruction", "acme", "default", "1"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, table, _) = admin(&[
+        "update-key-policy",
+        "acme",
+        "default",
+        "--rotation-period",
+        "90d",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(table.contains("90d"), "{table}");
+
+    // Refusals: who, which status, what next.
+    let (code, _, stderr) = admin(&["--principal", "acme-app", "list-tenants"]);
+    assert_eq!(code, Some(1));
+    for expected in [
+        "PERMISSION_DENIED",
+        "acme-app",
+        "next:",
+        "--principal officer",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in {stderr}"
+        );
+    }
+    let (code, _, stderr) = admin(&["schedule-destruction", "acme", "default", "2"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("FAILED_PRECONDITION") && stderr.contains("PRIMARY_VERSION"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = admin(&["get-key", "acme", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("NOT_FOUND") && stderr.contains("list-keys"),
+        "{stderr}"
+    );
+}

@@ -12,27 +12,41 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use crate::service::pb;
 use crate::service::pb::key_service_client::KeyServiceClient;
 
-/// How to reach keyfront and as whom.
+/// How to reach keyfront and as whom (shared by the data and admin commands).
 #[derive(Debug, clap::Args)]
-pub struct Connection {
+pub struct Endpoint {
     /// The server.
-    #[arg(long, default_value = "https://localhost:7443")]
+    #[arg(long, global = true, default_value = "https://localhost:7443")]
     pub endpoint: String,
     /// A `keyfront dev` directory to take certificates from.
-    #[arg(long, env = "KEYFRONT_DEV_DIR", default_value = ".keyfront-dev")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYFRONT_DEV_DIR",
+        default_value = ".keyfront-dev"
+    )]
     pub dir: PathBuf,
-    /// Which dev principal's certificate to use (from DIR/certs).
-    #[arg(long, default_value = "acme-app")]
-    pub principal: String,
+    /// Which dev principal's certificate to use (from DIR/certs); default acme-app for data
+    /// commands, officer for `keyfront admin`.
+    #[arg(long, global = true)]
+    pub principal: Option<String>,
     /// Client certificate (PEM); default DIR/certs/PRINCIPAL.crt.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub cert: Option<PathBuf>,
     /// Client private key (PEM); default DIR/certs/PRINCIPAL.key.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub client_key: Option<PathBuf>,
     /// CA of the server's certificate (PEM); default DIR/certs/ca.crt.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub ca: Option<PathBuf>,
+}
+
+/// The data commands' options: where, as whom, which tenant, which context.
+#[derive(Debug, clap::Args)]
+pub struct Connection {
+    #[command(flatten)]
+    /// Server and identity.
+    pub endpoint: Endpoint,
     /// Tenant, for principals with several.
     #[arg(long, default_value = "")]
     pub tenant: String,
@@ -62,36 +76,71 @@ pub enum ClientError {
     /// stdin was not base64.
     #[error("stdin is not a base64 ciphertext")]
     Base64,
+    /// The server refused an admin request: who, why, and what to do next.
+    #[error("{code} as {who}: {message}\n  next: {next}")]
+    Refused {
+        /// The principal (or certificate file) used.
+        who: String,
+        /// The gRPC status code.
+        code: String,
+        /// The server's message and ErrorInfo reason.
+        message: String,
+        /// What to do about it.
+        next: &'static str,
+    },
 }
 
-impl Connection {
-    async fn client(&self) -> Result<KeyServiceClient<Channel>, ClientError> {
+impl Endpoint {
+    /// Who the commands act as: the certificate file, or the dev principal.
+    pub fn who(&self, default_principal: &str) -> String {
+        match &self.cert {
+            Some(cert) => cert.display().to_string(),
+            None => self
+                .principal
+                .clone()
+                .unwrap_or_else(|| default_principal.to_owned()),
+        }
+    }
+
+    /// A mutual-TLS channel to the server.
+    ///
+    /// # Errors
+    /// [`ClientError::Io`] for unreadable certificate files, [`ClientError::Connect`].
+    pub async fn channel(&self, default_principal: &str) -> Result<Channel, ClientError> {
         let certs = self.dir.join("certs");
+        let principal = self.principal.as_deref().unwrap_or(default_principal);
         let read = |path: PathBuf| {
             std::fs::read(&path).map_err(|e| ClientError::Io(path.display().to_string(), e))
         };
         let cert = read(
             self.cert
                 .clone()
-                .unwrap_or_else(|| certs.join(format!("{}.crt", self.principal))),
+                .unwrap_or_else(|| certs.join(format!("{principal}.crt"))),
         )?;
         let key = read(
             self.client_key
                 .clone()
-                .unwrap_or_else(|| certs.join(format!("{}.key", self.principal))),
+                .unwrap_or_else(|| certs.join(format!("{principal}.key"))),
         )?;
         let ca = read(self.ca.clone().unwrap_or_else(|| certs.join("ca.crt")))?;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .identity(Identity::from_pem(cert, key));
-        let channel = Channel::from_shared(self.endpoint.clone())
+        Channel::from_shared(self.endpoint.clone())
             .map_err(|e| ClientError::Io(self.endpoint.clone(), std::io::Error::other(e)))?
             .tls_config(tls)
             .map_err(|e| ClientError::Connect(self.endpoint.clone(), e))?
             .connect()
             .await
-            .map_err(|e| ClientError::Connect(self.endpoint.clone(), e))?;
-        Ok(KeyServiceClient::new(channel))
+            .map_err(|e| ClientError::Connect(self.endpoint.clone(), e))
+    }
+}
+
+impl Connection {
+    async fn client(&self) -> Result<KeyServiceClient<Channel>, ClientError> {
+        Ok(KeyServiceClient::new(
+            self.endpoint.channel("acme-app").await?,
+        ))
     }
 }
 

@@ -20,6 +20,7 @@ use crate::kms::Kms;
 /// Exit status when `init` finds the token already initialized.
 pub const EXIT_ALREADY_INITIALIZED: u8 = 3;
 
+pub mod admin;
 pub mod client;
 pub mod dev;
 
@@ -87,6 +88,8 @@ enum Command {
         #[command(flatten)]
         connection: client::Connection,
     },
+    /// Administer tenants and keys over AdminService (as an officer): one subcommand per RPC.
+    Admin(admin::AdminArgs),
     /// Decrypt a base64 ciphertext from stdin; writes the plaintext.
     Decrypt {
         /// The key's name (optional: the ciphertext names it).
@@ -121,6 +124,7 @@ pub fn main() -> ExitCode {
         Command::Decrypt { key, connection } => {
             return run_client(async move { client::decrypt(&connection, key.as_deref()).await });
         }
+        Command::Admin(args) => return run_client(admin::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

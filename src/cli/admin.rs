@@ -1,0 +1,562 @@
+//! `keyfront admin`: one subcommand per AdminService RPC, for security officers. Tables by
+//! default, `--json` for scripts; errors name the principal, the status and what to do next.
+
+use std::time::Duration;
+
+use clap::{Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use super::client::{ClientError, Endpoint};
+use crate::service::pb;
+use crate::service::pb::admin_service_client::AdminServiceClient;
+
+/// `keyfront admin` and its options.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    #[command(flatten)]
+    /// Server and identity (default principal: officer).
+    pub endpoint: Endpoint,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// A key purpose on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PurposeArg {
+    /// Encrypt, Decrypt, ReEncrypt, data keys.
+    Data,
+    /// SealSecret, UnsealSecret.
+    Secrets,
+}
+
+/// Every AdminService RPC.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create a tenant.
+    CreateTenant {
+        /// Its name.
+        name: String,
+        /// Makes a retry idempotent.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// List tenants.
+    ListTenants,
+    /// Schedule a tenant's destruction (refused at once; destroyed after the pending window).
+    DestroyTenant {
+        /// The tenant.
+        name: String,
+        /// Makes a retry idempotent.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Restore a tenant scheduled for destruction.
+    CancelTenantDestruction {
+        /// The tenant.
+        name: String,
+        /// Makes a retry idempotent.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Create a key.
+    CreateKey {
+        /// The tenant.
+        tenant: String,
+        /// The key's name.
+        name: String,
+        /// What it is for.
+        #[arg(long, value_enum, default_value_t = PurposeArg::Data)]
+        purpose: PurposeArg,
+        /// Makes a retry idempotent.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Show a key, its policy and every version's state.
+    GetKey {
+        /// The tenant.
+        tenant: String,
+        /// The key.
+        name: String,
+    },
+    /// List a tenant's keys.
+    ListKeys {
+        /// The tenant.
+        tenant: String,
+    },
+    /// Add a version and make it primary.
+    RotateKey {
+        /// The tenant.
+        tenant: String,
+        /// The key.
+        name: String,
+        /// Makes a retry idempotent.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Change a key's policy; options not given stay as they are.
+    UpdateKeyPolicy {
+        /// The tenant.
+        tenant: String,
+        /// The key.
+        name: String,
+        /// Versions below this refuse to decrypt (0: none).
+        #[arg(long)]
+        min_decryption_version: Option<u32>,
+        /// Rotate when the primary is older than this, e.g. "90d" ("0s": never).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        rotation_period: Option<Duration>,
+        /// Pending window of scheduled destructions, e.g. "45d" ("0s": the server's default).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        destruction_window: Option<Duration>,
+        /// Makes a retry idempotent.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Disable a version (the primary too: encrypting then fails until enabled).
+    DisableVersion(VersionArgs),
+    /// Enable a disabled version.
+    EnableVersion(VersionArgs),
+    /// Schedule a version's destruction after the pending window.
+    ScheduleDestruction(VersionArgs),
+    /// Cancel a scheduled destruction.
+    CancelDestruction(VersionArgs),
+}
+
+/// Which version.
+#[derive(Debug, clap::Args)]
+pub struct VersionArgs {
+    /// The tenant.
+    tenant: String,
+    /// The key.
+    name: String,
+    /// The version.
+    version: u32,
+    /// Makes a retry idempotent.
+    #[arg(long, default_value = "")]
+    request_id: String,
+}
+
+impl VersionArgs {
+    fn request(&self) -> pb::KeyVersionRequest {
+        pb::KeyVersionRequest {
+            tenant: self.tenant.clone(),
+            name: self.name.clone(),
+            version: self.version,
+            request_id: self.request_id.clone(),
+        }
+    }
+}
+
+/// Runs one admin command; prints its result.
+///
+/// # Errors
+/// [`ClientError`], with the principal and a next step for status errors.
+pub async fn run(args: AdminArgs) -> Result<(), ClientError> {
+    let who = args.endpoint.who("officer");
+    let channel = args.endpoint.channel("officer").await?;
+    let output = execute(AdminServiceClient::new(channel), args.command)
+        .await
+        .map_err(|status| explain(status, &who))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&output.json).unwrap_or_default()
+        );
+    } else {
+        print!("{}", output.table);
+    }
+    Ok(())
+}
+
+struct Output {
+    json: Value,
+    table: String,
+}
+
+async fn execute(
+    mut admin: AdminServiceClient<Channel>,
+    command: AdminCommand,
+) -> Result<Output, tonic::Status> {
+    Ok(match command {
+        AdminCommand::CreateTenant { name, request_id } => tenants(vec![
+            admin
+                .create_tenant(pb::CreateTenantRequest { name, request_id })
+                .await?
+                .into_inner(),
+        ]),
+        AdminCommand::ListTenants => {
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = admin
+                    .list_tenants(pb::ListTenantsRequest {
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(page.tenants);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            tenants(all)
+        }
+        AdminCommand::DestroyTenant { name, request_id } => tenants(vec![
+            admin
+                .destroy_tenant(pb::DestroyTenantRequest { name, request_id })
+                .await?
+                .into_inner(),
+        ]),
+        AdminCommand::CancelTenantDestruction { name, request_id } => tenants(vec![
+            admin
+                .cancel_tenant_destruction(pb::CancelTenantDestructionRequest { name, request_id })
+                .await?
+                .into_inner(),
+        ]),
+        AdminCommand::CreateKey {
+            tenant,
+            name,
+            purpose,
+            request_id,
+        } => key(admin
+            .create_key(pb::CreateKeyRequest {
+                tenant,
+                name,
+                purpose: match purpose {
+                    PurposeArg::Data => pb::KeyPurpose::Data,
+                    PurposeArg::Secrets => pb::KeyPurpose::Secrets,
+                } as i32,
+                request_id,
+            })
+            .await?
+            .into_inner()),
+        AdminCommand::GetKey { tenant, name } => key(admin
+            .get_key(pb::GetKeyRequest { tenant, name })
+            .await?
+            .into_inner()),
+        AdminCommand::ListKeys { tenant } => {
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = admin
+                    .list_keys(pb::ListKeysRequest {
+                        tenant: tenant.clone(),
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(page.keys);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            keys(all)
+        }
+        AdminCommand::RotateKey {
+            tenant,
+            name,
+            request_id,
+        } => key(admin
+            .rotate_key(pb::RotateKeyRequest {
+                tenant,
+                name,
+                request_id,
+            })
+            .await?
+            .into_inner()),
+        AdminCommand::UpdateKeyPolicy {
+            tenant,
+            name,
+            min_decryption_version,
+            rotation_period,
+            destruction_window,
+            request_id,
+        } => {
+            let seconds =
+                |d: Option<Duration>| d.map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            key(admin
+                .update_key_policy(pb::UpdateKeyPolicyRequest {
+                    tenant,
+                    name,
+                    min_decryption_version,
+                    rotation_period_seconds: seconds(rotation_period),
+                    destruction_window_seconds: seconds(destruction_window),
+                    request_id,
+                })
+                .await?
+                .into_inner())
+        }
+        AdminCommand::DisableVersion(v) => {
+            version(admin.disable_key_version(v.request()).await?.into_inner())
+        }
+        AdminCommand::EnableVersion(v) => {
+            version(admin.enable_key_version(v.request()).await?.into_inner())
+        }
+        AdminCommand::ScheduleDestruction(v) => version(
+            admin
+                .schedule_key_version_destruction(v.request())
+                .await?
+                .into_inner(),
+        ),
+        AdminCommand::CancelDestruction(v) => version(
+            admin
+                .cancel_key_version_destruction(v.request())
+                .await?
+                .into_inner(),
+        ),
+    })
+}
+
+/// Turns a status into an error that says who was refused, why, and what to do.
+fn explain(status: tonic::Status, who: &str) -> ClientError {
+    use tonic::Code;
+    use tonic_types::StatusExt;
+    let reason = status
+        .get_details_error_info()
+        .map(|info| format!(" ({})", info.reason))
+        .unwrap_or_default();
+    let next = match status.code() {
+        Code::Unauthenticated => {
+            "the server does not accept this certificate's identity: check --principal/--cert and the server's [[principals]]"
+        }
+        Code::PermissionDenied => {
+            "this principal lacks the role or tenant: AdminService needs an officer (--principal officer)"
+        }
+        Code::NotFound => {
+            "check the names: keyfront admin list-tenants, keyfront admin list-keys TENANT"
+        }
+        Code::AlreadyExists => "it exists already: pick another name, or use the existing one",
+        Code::FailedPrecondition => {
+            "the key or tenant is not in a state that allows this: keyfront admin get-key TENANT KEY shows every version's state"
+        }
+        Code::InvalidArgument | Code::OutOfRange => "correct the value and retry",
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
+            "the server or its HSM is busy or unreachable: retry (with the same --request-id)"
+        }
+        _ => "see the server's log for this request",
+    };
+    ClientError::Refused {
+        who: who.to_owned(),
+        code: screaming(&format!("{:?}", status.code())),
+        message: format!("{}{reason}", status.message()),
+        next,
+    }
+}
+
+/// `PermissionDenied` → `PERMISSION_DENIED`, as gRPC documents its codes.
+fn screaming(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+/// A period the way officers set it: "90d", "12h", "30m" or seconds.
+fn period(seconds: i64) -> String {
+    match seconds {
+        s if s <= 0 => "-".to_owned(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn time(seconds: i64) -> String {
+    match u64::try_from(seconds) {
+        Ok(s) if s > 0 => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(s))
+                .to_string()
+        }
+        _ => "-".to_owned(),
+    }
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut text = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        text.truncate(text.trim_end().len());
+        text.push('\n');
+        text
+    };
+    let mut out = line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+fn tenants(list: Vec<pb::Tenant>) -> Output {
+    let rows = list
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                t.id.clone(),
+                time(t.create_time),
+                time(t.destroy_time),
+            ]
+        })
+        .collect::<Vec<_>>();
+    Output {
+        json: Value::Array(
+            list.iter()
+                .map(|t| {
+                    json!({
+                        "name": t.name,
+                        "id": t.id,
+                        "create_time": t.create_time,
+                        "destroy_time": (t.destroy_time > 0).then_some(t.destroy_time),
+                    })
+                })
+                .collect(),
+        ),
+        table: table(&["TENANT", "ID", "CREATED", "DESTROY AT"], &rows),
+    }
+}
+
+fn purpose(value: i32) -> &'static str {
+    match pb::KeyPurpose::try_from(value) {
+        Ok(pb::KeyPurpose::Data) => "DATA",
+        Ok(pb::KeyPurpose::Secrets) => "SECRETS",
+        _ => "UNSPECIFIED",
+    }
+}
+
+fn state(value: i32) -> &'static str {
+    pb::KeyVersionState::try_from(value).map_or("UNSPECIFIED", |s| s.as_str_name())
+}
+
+fn key_json(key: &pb::Key) -> Value {
+    let policy = key.policy.unwrap_or_default();
+    json!({
+        "tenant": key.tenant,
+        "name": key.name,
+        "id": key.id,
+        "purpose": purpose(key.purpose),
+        "primary_version": key.primary_version,
+        "latest_version": key.latest_version,
+        "create_time": key.create_time,
+        "policy": {
+            "min_decryption_version": policy.min_decryption_version,
+            "rotation_period_seconds": policy.rotation_period_seconds,
+            "destruction_window_seconds": policy.destruction_window_seconds,
+        },
+        "versions": key.versions.iter().map(version_json).collect::<Vec<_>>(),
+    })
+}
+
+fn version_json(v: &pb::KeyVersion) -> Value {
+    json!({
+        "version": v.version,
+        "state": state(v.state),
+        "create_time": v.create_time,
+        "destroy_time": (v.destroy_time > 0).then_some(v.destroy_time),
+    })
+}
+
+fn key(key: pb::Key) -> Output {
+    let policy = key.policy.unwrap_or_default();
+    let seconds = period;
+    let mut text = table(
+        &[
+            "KEY",
+            "PURPOSE",
+            "PRIMARY",
+            "LATEST",
+            "MIN DECRYPT",
+            "ROTATE EVERY",
+            "DESTRUCTION WINDOW",
+        ],
+        &[vec![
+            format!("{}/{}", key.tenant, key.name),
+            purpose(key.purpose).to_owned(),
+            key.primary_version.to_string(),
+            key.latest_version.to_string(),
+            policy.min_decryption_version.to_string(),
+            seconds(policy.rotation_period_seconds),
+            seconds(policy.destruction_window_seconds),
+        ]],
+    );
+    if !key.versions.is_empty() {
+        text.push('\n');
+        text.push_str(&versions_table(&key.versions, key.primary_version));
+    }
+    Output {
+        json: key_json(&key),
+        table: text,
+    }
+}
+
+fn versions_table(versions: &[pb::KeyVersion], primary: u32) -> String {
+    let rows = versions
+        .iter()
+        .map(|v| {
+            vec![
+                format!(
+                    "{}{}",
+                    v.version,
+                    if v.version == primary {
+                        " (primary)"
+                    } else {
+                        ""
+                    }
+                ),
+                state(v.state).to_owned(),
+                time(v.create_time),
+                time(v.destroy_time),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["VERSION", "STATE", "CREATED", "DESTROY AT"], &rows)
+}
+
+fn keys(list: Vec<pb::Key>) -> Output {
+    let rows = list
+        .iter()
+        .map(|k| {
+            vec![
+                k.name.clone(),
+                purpose(k.purpose).to_owned(),
+                k.primary_version.to_string(),
+                k.latest_version.to_string(),
+                k.id.clone(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    Output {
+        json: Value::Array(list.iter().map(key_json).collect()),
+        table: table(&["KEY", "PURPOSE", "PRIMARY", "LATEST", "ID"], &rows),
+    }
+}
+
+fn version(v: pb::KeyVersion) -> Output {
+    Output {
+        json: version_json(&v),
+        table: versions_table(std::slice::from_ref(&v), 0),
+    }
+}
