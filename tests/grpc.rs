@@ -2177,3 +2177,81 @@ async fn destroy_tenant_story() {
         "the put-back copy is collected at start as an orphan"
     );
 }
+
+/// The scheduler rotates a key whose rotation period elapsed, and one whose usage neared its
+/// limit (issue 5, story 4).
+#[cfg(feature = "test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_rotates_by_age_and_by_usage() {
+    let harness = Harness::start_with(false, |_, kms| {
+        kms.scheduler_interval = Duration::from_millis(50);
+    })
+    .await;
+    let mut admin = harness.admin().await;
+    let policy = |tenant: &str| pb::UpdateKeyPolicyRequest {
+        tenant: tenant.into(),
+        name: "default".into(),
+        ..Default::default()
+    };
+    let primary = |admin: &mut AdminServiceClient<Channel>, tenant: &'static str| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get_key(pb::GetKeyRequest {
+                    tenant: tenant.into(),
+                    name: "default".into(),
+                })
+                .await
+                .expect("get key")
+                .into_inner()
+                .primary_version
+        }
+    };
+    // By age: a one-day period, then a day passes.
+    admin
+        .update_key_policy(pb::UpdateKeyPolicyRequest {
+            rotation_period_seconds: Some(86_400),
+            ..policy("acme")
+        })
+        .await
+        .expect("period");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        primary(&mut admin, "acme").await,
+        1,
+        "not before the period"
+    );
+    harness.clock.advance(Duration::from_secs(86_400 + 60));
+    let mut by_age = 0;
+    for _ in 0..100 {
+        by_age = primary(&mut admin, "acme").await;
+        if by_age == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(by_age, 2, "rotated once its period elapsed");
+
+    // By usage: a limit of 32 Encrypts; at nine tenths the scheduler rotates.
+    admin
+        .update_key_policy(pb::UpdateKeyPolicyRequest {
+            max_bulk_uses: Some(32),
+            ..policy("globex")
+        })
+        .await
+        .expect("limit");
+    let mut globex = harness.keys("globex-app").await;
+    for _ in 0..29 {
+        encrypt(&mut globex, b"counted").await;
+    }
+    let mut by_usage = 0;
+    for _ in 0..100 {
+        by_usage = primary(&mut admin, "globex").await;
+        if by_usage == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(by_usage, 2, "rotated before its usage limit");
+    assert_eq!(encrypt(&mut globex, b"fresh").await.key_version, 2);
+}

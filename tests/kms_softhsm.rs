@@ -837,3 +837,70 @@ fn destruction_waits_for_its_window() {
     ));
     assert!(kms.store().pending_destructions().expect("list").is_empty());
 }
+
+/// Usage limits: a version refuses to encrypt past its limit; the scheduler's rotation gives
+/// the key a fresh version; counts survive a reopen (reserved uses count as used).
+#[test]
+fn usage_limits_refuse_then_rotation_renews() {
+    let (kms, dir, token) = common::softhsm_kms("usage");
+    let acme = tenant(&kms, "acme");
+    let update = keyfront::kms::PolicyUpdate {
+        max_bulk_uses: Some(20),
+        ..Default::default()
+    };
+    kms.update_policy(acme, &name("default"), &update)
+        .expect("policy");
+    let plaintext = Plaintext::new(b"counted".to_vec());
+    for _ in 0..20 {
+        kms.encrypt(acme, &name("default"), &plaintext, &context(&[]))
+            .expect("within the limit");
+    }
+    let err = kms
+        .encrypt(acme, &name("default"), &plaintext, &context(&[]))
+        .expect_err("limit reached");
+    assert!(matches!(
+        err,
+        Error::KeyState {
+            reason: "USAGE_LIMIT_REACHED",
+            ..
+        }
+    ));
+    let rotated = kms.run_due_rotations().expect("rotations");
+    assert_eq!(rotated.len(), 1, "{rotated:?}");
+    assert_eq!(rotated[0].2, KeyVersion(2));
+    let fresh = kms
+        .encrypt(acme, &name("default"), &plaintext, &context(&[]))
+        .expect("v2 encrypts");
+    assert_eq!(fresh.version, KeyVersion(2));
+
+    // KEK uses (HSM encryptions) have their own counter.
+    let update = keyfront::kms::PolicyUpdate {
+        max_kek_uses: Some(3),
+        ..Default::default()
+    };
+    kms.update_policy(acme, &name("secrets"), &update)
+        .expect("policy");
+    for _ in 0..3 {
+        kms.seal_secret(acme, &name("secrets"), &plaintext, &context(&[]))
+            .expect("within the limit");
+    }
+    assert!(matches!(
+        kms.seal_secret(acme, &name("secrets"), &plaintext, &context(&[])),
+        Err(Error::KeyState {
+            reason: "USAGE_LIMIT_REACHED",
+            ..
+        })
+    ));
+
+    // After a reopen, what was reserved counts as used: v1 of secrets stays at its limit.
+    drop(kms);
+    let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&token));
+    let kms = Kms::open(hsm, dir.path(), KmsOptions::default()).expect("reopen");
+    assert!(matches!(
+        kms.seal_secret(acme, &name("secrets"), &plaintext, &context(&[])),
+        Err(Error::KeyState {
+            reason: "USAGE_LIMIT_REACHED",
+            ..
+        })
+    ));
+}

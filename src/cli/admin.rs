@@ -113,6 +113,12 @@ pub enum AdminCommand {
         /// Pending window of scheduled destructions, e.g. "45d" ("0s": the server's default).
         #[arg(long, value_parser = humantime::parse_duration)]
         destruction_window: Option<Duration>,
+        /// Most HSM encryptions per version's KEK (0: the default, 2^31).
+        #[arg(long)]
+        max_kek_uses: Option<u64>,
+        /// Most Encrypt operations per version's bulk key (0: the default, 2^48).
+        #[arg(long)]
+        max_bulk_uses: Option<u64>,
         /// Makes a retry idempotent.
         #[arg(long, default_value = "")]
         request_id: String,
@@ -279,6 +285,8 @@ async fn execute(
             min_decryption_version,
             rotation_period,
             destruction_window,
+            max_kek_uses,
+            max_bulk_uses,
             request_id,
         } => {
             let seconds =
@@ -290,6 +298,8 @@ async fn execute(
                     min_decryption_version,
                     rotation_period_seconds: seconds(rotation_period),
                     destruction_window_seconds: seconds(destruction_window),
+                    max_kek_uses,
+                    max_bulk_uses,
                     request_id,
                 })
                 .await?
@@ -465,6 +475,8 @@ fn key_json(key: &pb::Key) -> Value {
             "min_decryption_version": policy.min_decryption_version,
             "rotation_period_seconds": policy.rotation_period_seconds,
             "destruction_window_seconds": policy.destruction_window_seconds,
+            "max_kek_uses": policy.max_kek_uses,
+            "max_bulk_uses": policy.max_bulk_uses,
         },
         "versions": key.versions.iter().map(version_json).collect::<Vec<_>>(),
     })

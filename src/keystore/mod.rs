@@ -101,6 +101,10 @@ pub struct KeyPolicy {
     pub rotation_period_secs: Option<u64>,
     /// Pending window of a scheduled destruction in seconds (`None`: the configured default).
     pub destruction_window_secs: Option<u64>,
+    /// Most HSM encryptions per version's KEK (`None`: `kms::DEFAULT_MAX_KEK_USES`).
+    pub max_kek_uses: Option<u64>,
+    /// Most bulk-key encryptions per version (`None`: `kms::DEFAULT_MAX_BULK_USES`).
+    pub max_bulk_uses: Option<u64>,
 }
 
 /// A tenant, as the system database holds it.
@@ -153,6 +157,10 @@ pub struct VersionRecord {
     pub bulk_key: Vec<u8>,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: u64,
+    /// HSM encryptions under its KEK reserved so far (never fewer than were made).
+    pub reserved_kek_uses: u64,
+    /// Bulk-key encryptions reserved so far (never fewer than were made).
+    pub reserved_bulk_uses: u64,
 }
 
 /// A record to write in a tenant commit.

@@ -23,6 +23,10 @@ const TOMBSTONE_PREFIX: &[u8] = b"x/";
 // A superset of the truth: written before the tenant commit that schedules, removed after the
 // one that cancels or destroys, so a crash can leave an extra entry but never lose one.
 const DESTRUCTION_PREFIX: &[u8] = b"d/";
+// Keys with a rotation period: r/ ‖ tenant id ‖ key id → when to look at it next (u64). The
+// date is never later than the key's real due date: set to "now" when a period is set, and
+// recomputed from the key only by the scheduler; a stray entry is dropped by the scheduler.
+const ROTATION_PREFIX: &[u8] = b"r/";
 // Pending tenant destructions: D/ ‖ tenant id → when (u64), committed with the tenant record.
 const TENANT_DESTRUCTION_PREFIX: &[u8] = b"D/";
 
@@ -68,6 +72,12 @@ pub struct PendingDestruction {
     pub version: KeyVersion,
     /// When it is due, seconds since the Unix epoch.
     pub at: u64,
+}
+
+fn rotation_key(tenant: TenantId, key_id: KeyId) -> Vec<u8> {
+    let mut key = prefixed(ROTATION_PREFIX, tenant.as_bytes());
+    key.extend_from_slice(key_id.as_bytes());
+    key
 }
 
 impl PendingDestruction {
@@ -478,6 +488,56 @@ impl KeyStore {
             vec![prefixed(TENANT_DESTRUCTION_PREFIX, id.as_bytes())],
         )?;
         Ok(record)
+    }
+
+    /// Sets when the scheduler next looks at a key's rotation period.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn set_rotation_check(
+        &self,
+        tenant: TenantId,
+        key_id: KeyId,
+        at: u64,
+    ) -> Result<(), Error> {
+        self.system
+            .commit(vec![(rotation_key(tenant, key_id), encode(&at)?)], vec![])
+    }
+
+    /// Forgets a key's rotation check.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn remove_rotation_check(&self, tenant: TenantId, key_id: KeyId) -> Result<(), Error> {
+        self.system
+            .commit(vec![], vec![rotation_key(tenant, key_id)])
+    }
+
+    /// Every key with a rotation check, and when it is due.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if an entry fails its MAC.
+    pub fn rotation_checks(&self) -> Result<Vec<(TenantId, KeyId, u64)>, Error> {
+        let mut entries = Vec::new();
+        for item in self.system.db.scan_prefix(ROTATION_PREFIX) {
+            let (key, _) = item?;
+            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
+            let rest = &key[ROTATION_PREFIX.len()..];
+            let tenant: [u8; ID_LEN] = rest
+                .get(..ID_LEN)
+                .and_then(|b| b.try_into().ok())
+                .ok_or(Error::Encoding)?;
+            let key_id: [u8; ID_LEN] = rest
+                .get(ID_LEN..)
+                .and_then(|b| b.try_into().ok())
+                .ok_or(Error::Encoding)?;
+            entries.push((
+                TenantId::from_bytes(tenant),
+                KeyId::from_bytes(key_id),
+                decode(&payload)?,
+            ));
+        }
+        Ok(entries)
     }
 
     /// Every tenant whose destruction is scheduled, with its date.

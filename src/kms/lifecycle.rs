@@ -22,6 +22,10 @@ pub struct PolicyUpdate {
     pub rotation_period_secs: Option<u64>,
     /// New pending window for scheduled destructions, in seconds (`Some(0)`: the default).
     pub destruction_window_secs: Option<u64>,
+    /// New limit of HSM encryptions per KEK (`Some(0)`: the default).
+    pub max_kek_uses: Option<u64>,
+    /// New limit of bulk-key encryptions per version (`Some(0)`: the default).
+    pub max_bulk_uses: Option<u64>,
 }
 
 /// A key with all its versions, for GetKey and `keyfront admin`.
@@ -315,6 +319,11 @@ impl Kms {
         }
         if let Some(period) = update.rotation_period_secs {
             policy.rotation_period_secs = (period > 0).then_some(period);
+            if period > 0 {
+                // Before the commit, due now: the scheduler recomputes the real date.
+                self.store
+                    .set_rotation_check(tenant, record.id, self.clock.now_secs())?;
+            }
         }
         if let Some(window) = update.destruction_window_secs {
             if window > 0 && window < self.min_destruction_window.as_secs() {
@@ -325,11 +334,77 @@ impl Kms {
             }
             policy.destruction_window_secs = (window > 0).then_some(window);
         }
+        if let Some(max) = update.max_kek_uses {
+            policy.max_kek_uses = (max > 0).then_some(max.min(super::DEFAULT_MAX_KEK_USES));
+        }
+        if let Some(max) = update.max_bulk_uses {
+            policy.max_bulk_uses = (max > 0).then_some(max.min(super::DEFAULT_MAX_BULK_USES));
+        }
+        if update.max_kek_uses.is_some() || update.max_bulk_uses.is_some() {
+            // A lower limit may already be near: let the scheduler look now.
+            self.store
+                .set_rotation_check(tenant, record.id, self.clock.now_secs())?;
+        }
         record.policy = policy;
         record.generation += 1;
         db.commit(vec![TenantWrite::Key(record.clone())])?;
         self.invalidate_key(tenant, &record);
         Ok(record)
+    }
+
+    /// Rotates every key whose primary is older than its rotation period. Idempotent: a key
+    /// rotated meanwhile (by hand, or by another run) is only rescheduled. Returns the keys
+    /// rotated.
+    ///
+    /// # Errors
+    /// Storage or HSM errors (keys rotated before the error stay rotated).
+    pub fn run_due_rotations(&self) -> Result<Vec<(TenantId, Name, KeyVersion)>, Error> {
+        let now = self.clock.now_secs();
+        let mut rotated = Vec::new();
+        for (tenant, key_id, at) in self.store.rotation_checks()? {
+            if at > now {
+                continue;
+            }
+            let record = match self.store.tenant(tenant) {
+                Ok(db) => db.key(&key_id)?,
+                Err(
+                    crate::keystore::Error::TenantDestroyed(_)
+                    | crate::keystore::Error::TenantNotFound(_),
+                ) => None,
+                Err(error) => return Err(error.into()),
+            };
+            let Some(record) = record else {
+                self.store.remove_rotation_check(tenant, key_id)?;
+                continue;
+            };
+            let db = self.store.tenant(tenant)?;
+            let primary = self.version(&db, &record, record.primary)?;
+            let period = record.policy.rotation_period_secs;
+            let by_age = period.is_some_and(|p| primary.created_at.saturating_add(p) <= now);
+            let by_usage = Self::near_usage_limit(&record, &primary);
+            if by_age || by_usage {
+                let rotated_record = self.rotate_key(tenant, &record.name)?;
+                tracing::info!(
+                    %tenant,
+                    key = %record.name,
+                    version = rotated_record.primary.0,
+                    reason = if by_usage { "usage limit near" } else { "rotation period elapsed" },
+                    "key rotated by the scheduler"
+                );
+                rotated.push((tenant, record.name.clone(), rotated_record.primary));
+            }
+            let Some(period) = period else {
+                self.store.remove_rotation_check(tenant, key_id)?;
+                continue;
+            };
+            let due = if by_age || by_usage {
+                now.saturating_add(period)
+            } else {
+                primary.created_at.saturating_add(period)
+            };
+            self.store.set_rotation_check(tenant, key_id, due)?;
+        }
+        Ok(rotated)
     }
 
     /// Reads a version, applies `change` to it under the tenant's write lock, and commits the

@@ -26,8 +26,11 @@ use crate::keystore::{
 
 mod lifecycle;
 pub mod scheduler;
+mod usage;
 
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};
+pub use usage::{DEFAULT_MAX_BULK_USES, DEFAULT_MAX_KEK_USES};
+use usage::{Taken, Usage, UseKind};
 
 /// The label HMAC'd inside the HSM with the storage root key to derive the storage MAC key.
 pub const STORAGE_KEY_DERIVATION_LABEL: &[u8] = b"keyfront/v1/storage-mac-key";
@@ -145,6 +148,7 @@ pub struct Kms {
     destruction_window: Duration,
     min_destruction_window: Duration,
     clock: Arc<dyn Clock>,
+    usage: RwLock<HashMap<(TenantId, KeyId, KeyVersion), Arc<Usage>>>,
 }
 
 struct CachedBulkKey {
@@ -159,6 +163,8 @@ type PerTenant<K> = HashMap<TenantId, HashMap<K, Arc<KeySnapshot>>>;
 struct KeySnapshot {
     record: KeyRecord,
     primary: VersionRecord,
+    // The version's usage counters (shared by every snapshot of it).
+    usage: Arc<Usage>,
 }
 
 impl Kms {
@@ -204,6 +210,7 @@ impl Kms {
             destruction_window: options.destruction_window,
             min_destruction_window: options.min_destruction_window,
             clock,
+            usage: RwLock::new(HashMap::new()),
         })
     }
 
@@ -342,6 +349,10 @@ impl Kms {
             .expect("versions lock poisoned")
             .remove(&tenant);
         self.bulk_keys.retain(|(id, _, _), _| *id != tenant);
+        self.usage
+            .write()
+            .expect("usage lock poisoned")
+            .retain(|(id, _, _), _| *id != tenant);
     }
 
     /// Creates a key at version 1.
@@ -444,6 +455,13 @@ impl Kms {
     ) -> Result<Encrypted, Error> {
         let snapshot = self.primary(tenant, key, Purpose::Data)?;
         let bulk = self.bulk_key(tenant, &snapshot.record, &snapshot.primary)?;
+        self.use_blocking(
+            tenant,
+            &snapshot.record,
+            &snapshot.primary,
+            &snapshot.usage,
+            UseKind::Bulk,
+        )?;
         Ok(Self::seal_locally(
             tenant, &snapshot, &bulk, plaintext, context,
         )?)
@@ -467,6 +485,17 @@ impl Kms {
             return Some(Err(error));
         }
         let bulk = self.cached_bulk_key(tenant, snapshot.record.id, snapshot.primary.version)?;
+        match Self::take_use(
+            &snapshot.record,
+            snapshot.primary.version,
+            &snapshot.usage,
+            UseKind::Bulk,
+        ) {
+            Ok(Taken::Ok) => {}
+            // A reservation writes to the store: the blocking path does it.
+            Ok(Taken::Reserve) => return None,
+            Err(error) => return Some(Err(error)),
+        }
         Some(Self::seal_locally(tenant, &snapshot, &bulk, plaintext, context).map_err(Error::from))
     }
 
@@ -615,9 +644,11 @@ impl Kms {
         version: VersionRecord,
         epoch: u64,
     ) -> Arc<KeySnapshot> {
+        let usage = self.usage(tenant, record.id, &version);
         let snapshot = Arc::new(KeySnapshot {
             record,
             primary: version,
+            usage,
         });
         let current = self.cache_epoch.read().expect("cache epoch lock poisoned");
         if *current != epoch {
@@ -700,7 +731,12 @@ impl Kms {
         epoch: u64,
     ) -> Arc<KeySnapshot> {
         self.remember_version(tenant, record.clone(), primary.clone(), epoch);
-        let snapshot = Arc::new(KeySnapshot { record, primary });
+        let usage = self.usage(tenant, record.id, &primary);
+        let snapshot = Arc::new(KeySnapshot {
+            record,
+            primary,
+            usage,
+        });
         let current = self.cache_epoch.read().expect("cache epoch lock poisoned");
         if *current != epoch {
             return snapshot;
@@ -1002,6 +1038,7 @@ impl Kms {
     ) -> Result<(Vec<u8>, KeyId, KeyVersion), Error> {
         let snapshot = self.primary(tenant, key, purpose)?;
         let (record, version) = (&snapshot.record, &snapshot.primary);
+        self.use_blocking(tenant, record, version, &snapshot.usage, UseKind::Kek)?;
         let kek = self.unwrap_stored_kek(tenant, &version.kek)?;
         let aad = crypto::aad(blob_type, &tenant, &record.id, version.version, context)?;
         let sealed = self.hsm.encrypt(&kek, &aad, plaintext.expose_secret())?;
@@ -1206,6 +1243,8 @@ impl Kms {
             kek: wrapped.to_bytes(),
             bulk_key: crypto::encode_blob(&header, &sealed.iv, &sealed.sealed),
             created_at: self.clock.now_secs(),
+            reserved_kek_uses: 0,
+            reserved_bulk_uses: 0,
         })
     }
 

@@ -1,5 +1,5 @@
-//! The server's scheduler: at each tick it executes the version destructions whose pending
-//! window has ended.
+//! The server's scheduler: at each tick it rotates keys whose rotation period elapsed, and
+//! executes the tenant and version destructions whose pending window has ended.
 //!
 //! Destruction trusts the wall clock, so the scheduler watches it: if wall time moved more
 //! than an hour further than monotonic time between two ticks, the clock jumped (a wrong NTP
@@ -38,12 +38,21 @@ pub async fn run(kms: Weak<Kms>, interval: Duration) {
                  keyfront restarts. Check the clock before restarting."
             );
         }
-        if paused {
-            continue;
-        }
         let Some(kms) = kms.upgrade() else {
             return;
         };
+        // Rotation is not destructive: it goes on while destructions are paused.
+        let rotating = Arc::clone(&kms);
+        match tokio::task::spawn_blocking(move || rotating.run_due_rotations()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "scheduled rotations failed; retrying next tick")
+            }
+            Err(error) => tracing::error!(%error, "scheduler task failed"),
+        }
+        if paused {
+            continue;
+        }
         match tokio::task::spawn_blocking(move || kms.run_due_destructions()).await {
             Ok(Ok(destroyed)) => crate::metrics::global().versions_destroyed(destroyed.len()),
             Ok(Err(error)) => {

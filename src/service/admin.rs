@@ -46,6 +46,8 @@ fn key_message(tenant: &str, record: &KeyRecord) -> pb::Key {
             min_decryption_version: record.policy.min_decryption_version,
             rotation_period_seconds: secs(record.policy.rotation_period_secs),
             destruction_window_seconds: secs(record.policy.destruction_window_secs),
+            max_kek_uses: record.policy.max_kek_uses.unwrap_or_default(),
+            max_bulk_uses: record.policy.max_bulk_uses.unwrap_or_default(),
         }),
         versions: Vec::new(),
         tenant: tenant.to_owned(),
@@ -345,6 +347,8 @@ impl pb::admin_service_server::AdminService for AdminService {
                 r.destruction_window_seconds,
                 "destruction_window_seconds",
             )?,
+            max_kek_uses: r.max_kek_uses,
+            max_bulk_uses: r.max_bulk_uses,
         };
         let record = call
             .run(move |kms, tenant| kms.update_policy(tenant, &name, &update))
