@@ -290,6 +290,7 @@ fn main() {
             principal("officer", &["*"], Role::Officer),
         ],
         metrics_listen: None,
+        dual_control: Default::default(),
     };
 
     // The servers get their own runtime (two workers, as `keyfront serve` has on this machine);

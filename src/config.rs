@@ -36,6 +36,39 @@ pub struct Config {
     pub principals: Vec<PrincipalConfig>,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Which operations need a second officer's approval.
+    pub dual_control: DualControl,
+}
+
+/// An operation that can be put under dual control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+pub enum DualOperation {
+    /// AdminService/DestroyTenant.
+    DestroyTenant,
+    /// AdminService/ScheduleKeyVersionDestruction.
+    ScheduleKeyVersionDestruction,
+    /// AdminService/RotateMasterKey.
+    RotateMasterKey,
+    /// AdminService/UpdateKeyPolicy when it raises min_decryption_version.
+    RaiseMinDecryptionVersion,
+}
+
+/// Dual control: these operations wait for a second, different officer's approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DualControl {
+    /// The operations under dual control (none by default).
+    pub operations: BTreeSet<DualOperation>,
+    /// How long a request waits for approval before it expires.
+    pub approval_ttl: Duration,
+}
+
+impl Default for DualControl {
+    fn default() -> Self {
+        Self {
+            operations: BTreeSet::new(),
+            approval_ttl: Duration::from_secs(86_400),
+        }
+    }
 }
 
 /// The gRPC server's settings.
@@ -249,6 +282,30 @@ struct RawConfig {
     keys: RawKeys,
     #[serde(default)]
     backup: RawBackup,
+    #[serde(default)]
+    dual_control: RawDualControl,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDualControl {
+    #[serde(default)]
+    operations: Vec<DualOperation>,
+    #[serde(default = "default_approval_ttl_secs")]
+    approval_ttl_secs: u64,
+}
+
+impl Default for RawDualControl {
+    fn default() -> Self {
+        Self {
+            operations: Vec::new(),
+            approval_ttl_secs: default_approval_ttl_secs(),
+        }
+    }
+}
+
+fn default_approval_ttl_secs() -> u64 {
+    DualControl::default().approval_ttl.as_secs()
 }
 
 #[derive(Debug, Deserialize)]
@@ -504,6 +561,9 @@ impl RawConfig {
         if self.hsm.retry_secs == 0 {
             problems.push(ConfigProblem::Zero("hsm.retry_secs"));
         }
+        if self.dual_control.approval_ttl_secs == 0 {
+            problems.push(ConfigProblem::Zero("dual_control.approval_ttl_secs"));
+        }
         if self.keys.scheduler_interval_secs == 0 {
             problems.push(ConfigProblem::Zero("keys.scheduler_interval_secs"));
         }
@@ -528,6 +588,10 @@ impl RawConfig {
                 server,
                 principals,
                 metrics_listen: self.metrics.map(|m| m.listen),
+                dual_control: DualControl {
+                    operations: self.dual_control.operations.into_iter().collect(),
+                    approval_ttl: Duration::from_secs(self.dual_control.approval_ttl_secs),
+                },
                 data_dir: base.join(self.storage.data_dir),
                 kms: KmsOptions {
                     store: StoreOptions {

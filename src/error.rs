@@ -61,6 +61,12 @@ pub enum Error {
         /// For people: what is refused and what to do.
         message: String,
     },
+    /// Something named by the request does not exist (NOT_FOUND), with a message to show.
+    #[error("{0}")]
+    NotFound(String),
+    /// Refused for a reason that is safe to tell (PERMISSION_DENIED).
+    #[error("{0}")]
+    PermissionDeniedBecause(String),
     /// A request field is invalid (INVALID_ARGUMENT).
     #[error("{0}")]
     InvalidArgument(String),
@@ -116,6 +122,8 @@ impl From<Error> for tonic::Status {
             }
             Error::KeyState { reason, message } => failed_precondition(&message, reason),
             Error::InvalidArgument(message) => Self::invalid_argument(message),
+            Error::NotFound(message) => Self::not_found(message),
+            Error::PermissionDeniedBecause(message) => Self::permission_denied(message),
             error => {
                 tracing::error!(%error, "internal error");
                 Self::internal("internal error")

@@ -73,6 +73,15 @@ impl Harness {
         start_down: bool,
         adjust: impl FnOnce(&mut Limits, &mut KmsOptions),
     ) -> Self {
+        Self::start_configured(start_down, adjust, |_| {}).await
+    }
+
+    /// [`Harness::start_with`], then `configure` sees the whole config before the start.
+    async fn start_configured(
+        start_down: bool,
+        adjust: impl FnOnce(&mut Limits, &mut KmsOptions),
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
         let token = common::initialized_token("grpc");
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
@@ -88,6 +97,8 @@ impl Harness {
         let stranger = format!("{}/stranger", dev::TRUST_DOMAIN);
         dev::issue_client_certificate(&certs, "stranger", &[&stranger], "stranger").expect("cert");
         dev::issue_client_certificate(&certs, "cn-only", &[], "cn-only").expect("cert");
+        let second = format!("{}/officer-2", dev::TRUST_DOMAIN);
+        dev::issue_client_certificate(&certs, "officer-2", &[&second], "officer-2").expect("cert");
 
         let mut principals = vec![
             principal("tenant/acme/app", &["acme"], &[Role::App], None),
@@ -96,6 +107,7 @@ impl Harness {
             principal("tenant/globex/app", &["globex"], &[Role::App], None),
             principal("backup", &["acme", "globex"], &[Role::Backup], None),
             principal("officer", &["*"], &[Role::Officer], None),
+            principal("officer-2", &["*"], &[Role::Officer], None),
             principal(
                 "tenant/acme/limited",
                 &["acme"],
@@ -121,7 +133,7 @@ impl Harness {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let config = Config {
+        let mut config = Config {
             hsm: token.clone(),
             hsm_retry: Duration::from_millis(100),
             data_dir: dir.path().join("data"),
@@ -138,7 +150,9 @@ impl Harness {
             }),
             principals,
             metrics_listen: None,
+            dual_control: Default::default(),
         };
+        configure(&mut config);
         let hsm = Arc::new(FaultyHsm::new(common::open_hsm(&token)));
         let reachable = Arc::new(AtomicBool::new(!start_down));
         let connector = {
@@ -743,6 +757,11 @@ async fn call(h: &Harness, principal: &str, rpc: &str, blobs: &Blobs) -> Code {
                 })
                 .await,
         ),
+        "ListApprovals" => code(
+            admin
+                .list_approvals(pb::ListApprovalsRequest::default())
+                .await,
+        ),
         other => panic!("unknown rpc {other}"),
     }
 }
@@ -796,7 +815,7 @@ async fn blobs(h: &Harness) -> Blobs {
     }
 }
 
-const RPCS: [&str; 23] = [
+const RPCS: [&str; 24] = [
     "Encrypt",
     "Decrypt",
     "BatchEncrypt",
@@ -820,6 +839,7 @@ const RPCS: [&str; 23] = [
     "CancelKeyVersionDestruction",
     "DestroyTenant",
     "CancelTenantDestruction",
+    "ListApprovals",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -858,6 +878,7 @@ async fn each_role_can_call_exactly_its_rpcs() {
                 "CancelKeyVersionDestruction",
                 "DestroyTenant",
                 "CancelTenantDestruction",
+                "ListApprovals",
             ],
         ),
     ];
@@ -2254,4 +2275,154 @@ async fn the_scheduler_rotates_by_age_and_by_usage() {
     }
     assert_eq!(by_usage, 2, "rotated before its usage limit");
     assert_eq!(encrypt(&mut globex, b"fresh").await.key_version, 2);
+}
+
+/// Dual control (issue 5): an operation under it is recorded, not done; its requester cannot
+/// approve it; a second officer can, and then it takes effect; approvals expire.
+#[cfg(feature = "test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_control_needs_a_second_officer() {
+    use keyfront::config::DualOperation;
+    let harness = Harness::start_configured(
+        false,
+        |_, _| {},
+        |config| {
+            config.dual_control.operations = [
+                DualOperation::DestroyTenant,
+                DualOperation::ScheduleKeyVersionDestruction,
+                DualOperation::RaiseMinDecryptionVersion,
+            ]
+            .into();
+        },
+    )
+    .await;
+    let mut officer = harness.admin().await;
+    let mut second = AdminServiceClient::new(harness.channel("officer-2").await);
+    let mut globex = harness.keys("globex-app").await;
+
+    let status = officer
+        .destroy_tenant(pb::DestroyTenantRequest {
+            name: "globex".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("waits for approval");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    use tonic_types::StatusExt;
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "APPROVAL_REQUIRED");
+    let id = info
+        .metadata
+        .get("approval_id")
+        .expect("approval id")
+        .clone();
+    // Nothing happened yet.
+    encrypt(&mut globex, b"still here").await;
+    // The requester cannot approve its own request.
+    let own = officer
+        .approve_operation(pb::ApproveOperationRequest {
+            approval_id: id.clone(),
+        })
+        .await
+        .expect_err("not the requester");
+    assert_eq!(own.code(), Code::PermissionDenied);
+    let listed = second
+        .list_approvals(pb::ListApprovalsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .approvals;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].state.as_str(), listed[0].operation.as_str()),
+        ("PENDING", "DestroyTenant globex")
+    );
+    let approved = second
+        .approve_operation(pb::ApproveOperationRequest {
+            approval_id: id.clone(),
+        })
+        .await
+        .expect("second officer approves")
+        .into_inner();
+    assert_eq!(approved.state, "EXECUTED");
+    assert!(approved.approved_by.ends_with("/officer-2"));
+    expect_precondition(
+        globex
+            .encrypt(pb::EncryptRequest {
+                key: "default".into(),
+                plaintext: b"x".to_vec(),
+                ..Default::default()
+            })
+            .await,
+        "TENANT_DESTROY_SCHEDULED",
+    );
+    // Approving twice does nothing more.
+    expect_precondition(
+        second
+            .approve_operation(pb::ApproveOperationRequest { approval_id: id })
+            .await,
+        "ALREADY_EXECUTED",
+    );
+
+    // Raising min_decryption_version waits too; lowering or other fields do not.
+    officer
+        .rotate_key(pb::RotateKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("rotate");
+    let raise = pb::UpdateKeyPolicyRequest {
+        tenant: "acme".into(),
+        name: "default".into(),
+        min_decryption_version: Some(2),
+        ..Default::default()
+    };
+    let status = officer
+        .update_key_policy(raise.clone())
+        .await
+        .expect_err("waits");
+    assert_eq!(reason(&status).as_deref(), Some("APPROVAL_REQUIRED"));
+    officer
+        .update_key_policy(pb::UpdateKeyPolicyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+            rotation_period_seconds: Some(86_400),
+            ..Default::default()
+        })
+        .await
+        .expect("not under dual control");
+
+    // Approvals expire.
+    let status = officer
+        .schedule_key_version_destruction(pb::KeyVersionRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+            version: 1,
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("waits");
+    let id = status
+        .get_details_error_info()
+        .and_then(|info| info.metadata.get("approval_id").cloned())
+        .expect("approval id");
+    harness.clock.advance(Duration::from_secs(2 * 86_400));
+    expect_precondition(
+        second
+            .approve_operation(pb::ApproveOperationRequest { approval_id: id })
+            .await,
+        "APPROVAL_EXPIRED",
+    );
+    let key = officer
+        .get_key(pb::GetKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+        })
+        .await
+        .expect("key")
+        .into_inner();
+    assert_eq!(key.versions[0].state, pb::KeyVersionState::Enabled as i32);
+    assert_eq!(key.policy.map(|p| p.min_decryption_version), Some(0));
 }

@@ -131,6 +131,13 @@ pub enum AdminCommand {
     ScheduleDestruction(VersionArgs),
     /// Cancel a scheduled destruction.
     CancelDestruction(VersionArgs),
+    /// Dual control: approve (and so carry out) another officer's request.
+    Approve {
+        /// The approval id from APPROVAL_REQUIRED.
+        id: String,
+    },
+    /// Dual control: every request, pending, executed or expired.
+    ListApprovals,
 }
 
 /// Which version.
@@ -317,6 +324,31 @@ async fn execute(
                 .await?
                 .into_inner(),
         ),
+        AdminCommand::Approve { id } => approvals(vec![
+            admin
+                .approve_operation(pb::ApproveOperationRequest { approval_id: id })
+                .await?
+                .into_inner(),
+        ]),
+        AdminCommand::ListApprovals => {
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = admin
+                    .list_approvals(pb::ListApprovalsRequest {
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(page.approvals);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            approvals(all)
+        }
         AdminCommand::CancelDestruction(v) => version(
             admin
                 .cancel_key_version_destruction(v.request())
@@ -345,6 +377,9 @@ fn explain(status: tonic::Status, who: &str) -> ClientError {
             "check the names: keyfront admin list-tenants, keyfront admin list-keys TENANT"
         }
         Code::AlreadyExists => "it exists already: pick another name, or use the existing one",
+        Code::FailedPrecondition if status.message().contains("dual control") => {
+            "another officer approves it with: keyfront admin approve ID (keyfront admin list-approvals)"
+        }
         Code::FailedPrecondition => {
             "the key or tenant is not in a state that allows this: keyfront admin get-key TENANT KEY shows every version's state"
         }
@@ -563,6 +598,54 @@ fn keys(list: Vec<pb::Key>) -> Output {
     Output {
         json: Value::Array(list.iter().map(key_json).collect()),
         table: table(&["KEY", "PURPOSE", "PRIMARY", "LATEST", "ID"], &rows),
+    }
+}
+
+fn approvals(list: Vec<pb::Approval>) -> Output {
+    let rows = list
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.clone(),
+                a.state.clone(),
+                a.operation.clone(),
+                a.requested_by.clone(),
+                time(a.expire_time),
+                if a.approved_by.is_empty() {
+                    "-".to_owned()
+                } else {
+                    a.approved_by.clone()
+                },
+            ]
+        })
+        .collect::<Vec<_>>();
+    Output {
+        json: Value::Array(
+            list.iter()
+                .map(|a| {
+                    json!({
+                        "id": a.id,
+                        "state": a.state,
+                        "operation": a.operation,
+                        "requested_by": a.requested_by,
+                        "request_time": a.request_time,
+                        "expire_time": a.expire_time,
+                        "approved_by": (!a.approved_by.is_empty()).then_some(&a.approved_by),
+                    })
+                })
+                .collect(),
+        ),
+        table: table(
+            &[
+                "APPROVAL",
+                "STATE",
+                "OPERATION",
+                "REQUESTED BY",
+                "EXPIRES",
+                "APPROVED BY",
+            ],
+            &rows,
+        ),
     }
 }
 

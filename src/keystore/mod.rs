@@ -163,6 +163,73 @@ pub struct VersionRecord {
     pub reserved_bulk_uses: u64,
 }
 
+/// An operation waiting for a second officer (dual control), as the system database holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    /// Random id (hex), what the approver names.
+    pub id: String,
+    /// What will be done once approved.
+    pub operation: PendingOperation,
+    /// The officer who asked.
+    pub requested_by: String,
+    /// When, seconds since the Unix epoch.
+    pub requested_at: u64,
+    /// After this, it can no longer be approved.
+    pub expires_at: u64,
+    /// Whether it was carried out.
+    pub state: ApprovalState,
+}
+
+/// An operation under dual control, with its parameters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PendingOperation {
+    /// DestroyTenant.
+    DestroyTenant {
+        /// The tenant.
+        tenant: Name,
+    },
+    /// ScheduleKeyVersionDestruction.
+    ScheduleKeyVersionDestruction {
+        /// The tenant.
+        tenant: Name,
+        /// The key.
+        key: Name,
+        /// The version.
+        version: u32,
+    },
+    /// UpdateKeyPolicy that raises min_decryption_version (the whole update waits).
+    UpdateKeyPolicy {
+        /// The tenant.
+        tenant: Name,
+        /// The key.
+        key: Name,
+        /// The update's fields, as in `kms::PolicyUpdate`.
+        min_decryption_version: Option<u32>,
+        /// Rotation period, seconds.
+        rotation_period_secs: Option<u64>,
+        /// Destruction window, seconds.
+        destruction_window_secs: Option<u64>,
+        /// KEK use limit.
+        max_kek_uses: Option<u64>,
+        /// Bulk-key use limit.
+        max_bulk_uses: Option<u64>,
+    },
+}
+
+/// Where an approval stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApprovalState {
+    /// Waiting for a second officer.
+    Pending,
+    /// Approved and carried out.
+    Executed {
+        /// The approving officer.
+        approved_by: String,
+        /// When, seconds since the Unix epoch.
+        at: u64,
+    },
+}
+
 /// A record to write in a tenant commit.
 #[derive(Debug)]
 pub enum TenantWrite {

@@ -27,6 +27,8 @@ const DESTRUCTION_PREFIX: &[u8] = b"d/";
 // date is never later than the key's real due date: set to "now" when a period is set, and
 // recomputed from the key only by the scheduler; a stray entry is dropped by the scheduler.
 const ROTATION_PREFIX: &[u8] = b"r/";
+// Dual control: a/ ‖ approval id → ApprovalRecord.
+const APPROVAL_PREFIX: &[u8] = b"a/";
 // Pending tenant destructions: D/ ‖ tenant id → when (u64), committed with the tenant record.
 const TENANT_DESTRUCTION_PREFIX: &[u8] = b"D/";
 
@@ -488,6 +490,45 @@ impl KeyStore {
             vec![prefixed(TENANT_DESTRUCTION_PREFIX, id.as_bytes())],
         )?;
         Ok(record)
+    }
+
+    /// Writes (creates or updates) an approval.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn put_approval(&self, approval: &super::ApprovalRecord) -> Result<(), Error> {
+        self.system.commit(
+            vec![(
+                prefixed(APPROVAL_PREFIX, approval.id.as_bytes()),
+                encode(approval)?,
+            )],
+            vec![],
+        )
+    }
+
+    /// The approval with this id.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if it fails its MAC.
+    pub fn approval(&self, id: &str) -> Result<Option<super::ApprovalRecord>, Error> {
+        self.system
+            .read(&prefixed(APPROVAL_PREFIX, id.as_bytes()))?
+            .map(|payload| decode(&payload))
+            .transpose()
+    }
+
+    /// Every approval, oldest id order.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if one fails its MAC.
+    pub fn approvals(&self) -> Result<Vec<super::ApprovalRecord>, Error> {
+        let mut all = Vec::new();
+        for item in self.system.db.scan_prefix(APPROVAL_PREFIX) {
+            let (key, _) = item?;
+            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
+            all.push(decode(&payload)?);
+        }
+        Ok(all)
     }
 
     /// Sets when the scheduler next looks at a key's rotation period.

@@ -24,6 +24,7 @@ use crate::keystore::{
     TenantWrite, VersionRecord, VersionState,
 };
 
+mod approvals;
 mod lifecycle;
 pub mod scheduler;
 mod usage;

@@ -8,8 +8,11 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Rpc, parse_name};
 use super::{Shared, pb};
+use crate::config::DualOperation;
 use crate::config::TenantScope;
 use crate::ids::KeyVersion;
+use crate::ids::Name;
+use crate::keystore::{ApprovalRecord, ApprovalState, PendingOperation};
 use crate::keystore::{KeyRecord, Purpose, TenantRecord, VersionRecord, VersionState};
 use crate::kms::{Kms, PolicyUpdate};
 
@@ -79,6 +82,69 @@ fn version_message(version: &VersionRecord) -> pb::KeyVersion {
         create_time: time(version.created_at),
         destroy_time,
     }
+}
+
+fn describe(operation: &PendingOperation) -> String {
+    match operation {
+        PendingOperation::DestroyTenant { tenant } => format!("DestroyTenant {tenant}"),
+        PendingOperation::ScheduleKeyVersionDestruction {
+            tenant,
+            key,
+            version,
+        } => format!("ScheduleKeyVersionDestruction {tenant}/{key} v{version}"),
+        PendingOperation::UpdateKeyPolicy {
+            tenant,
+            key,
+            min_decryption_version,
+            ..
+        } => format!(
+            "UpdateKeyPolicy {tenant}/{key} (min_decryption_version {})",
+            min_decryption_version.unwrap_or_default()
+        ),
+    }
+}
+
+fn operation_tenant(operation: &PendingOperation) -> &Name {
+    match operation {
+        PendingOperation::DestroyTenant { tenant }
+        | PendingOperation::ScheduleKeyVersionDestruction { tenant, .. }
+        | PendingOperation::UpdateKeyPolicy { tenant, .. } => tenant,
+    }
+}
+
+fn approval_message(approval: &ApprovalRecord, now: u64) -> pb::Approval {
+    let time = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+    let (state, approved_by) = match &approval.state {
+        ApprovalState::Executed { approved_by, .. } => ("EXECUTED", approved_by.clone()),
+        ApprovalState::Pending if now > approval.expires_at => ("EXPIRED", String::new()),
+        ApprovalState::Pending => ("PENDING", String::new()),
+    };
+    pb::Approval {
+        id: approval.id.clone(),
+        operation: describe(&approval.operation),
+        requested_by: approval.requested_by.clone(),
+        request_time: time(approval.requested_at),
+        expire_time: time(approval.expires_at),
+        state: state.to_owned(),
+        approved_by,
+    }
+}
+
+/// The answer to a call under dual control: not done yet, here is what to approve.
+fn approval_required(approval: &ApprovalRecord) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let metadata =
+        std::collections::HashMap::from([("approval_id".to_owned(), approval.id.clone())]);
+    Status::with_error_details(
+        tonic::Code::FailedPrecondition,
+        format!(
+            "{} is under dual control: approval {} waits for a second officer (keyfront admin approve {})",
+            describe(&approval.operation),
+            approval.id,
+            approval.id
+        ),
+        ErrorDetails::with_error_info("APPROVAL_REQUIRED", "keyfront", metadata),
+    )
 }
 
 /// One page of `items` (sorted by name) after `page_token`, and the next token.
@@ -279,6 +345,10 @@ impl pb::admin_service_server::AdminService for AdminService {
             return Ok(Response::new(done));
         }
         let name = parse_name(&r.name, "name")?;
+        if self.shared.under_dual_control(DualOperation::DestroyTenant) {
+            let operation = PendingOperation::DestroyTenant { tenant: name };
+            return Err(self.ask_approval(&call, operation).await);
+        }
         let record = call
             .run_global(move |kms| kms.schedule_tenant_destruction(&name))
             .await?;
@@ -350,6 +420,31 @@ impl pb::admin_service_server::AdminService for AdminService {
             max_kek_uses: r.max_kek_uses,
             max_bulk_uses: r.max_bulk_uses,
         };
+        if let Some(min) = update.min_decryption_version {
+            if self
+                .shared
+                .under_dual_control(DualOperation::RaiseMinDecryptionVersion)
+            {
+                let key = name.clone();
+                let current = call
+                    .run(move |kms, tenant| kms.key(tenant, &key))
+                    .await?
+                    .policy
+                    .min_decryption_version;
+                if min > current {
+                    let operation = PendingOperation::UpdateKeyPolicy {
+                        tenant: call.tenant()?,
+                        key: name,
+                        min_decryption_version: update.min_decryption_version,
+                        rotation_period_secs: update.rotation_period_secs,
+                        destruction_window_secs: update.destruction_window_secs,
+                        max_kek_uses: update.max_kek_uses,
+                        max_bulk_uses: update.max_bulk_uses,
+                    };
+                    return Err(self.ask_approval(&call, operation).await);
+                }
+            }
+        }
         let record = call
             .run(move |kms, tenant| kms.update_policy(tenant, &name, &update))
             .await?;
@@ -357,6 +452,65 @@ impl pb::admin_service_server::AdminService for AdminService {
         self.shared
             .remember(&call, Rpc::UpdateKeyPolicy, &r.request_id, &message);
         Ok(Response::new(message))
+    }
+
+    async fn approve_operation(
+        &self,
+        request: Request<pb::ApproveOperationRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let call = self
+            .shared
+            .begin(&request, Rpc::ApproveOperation, "", None)?;
+        let id = request.into_inner().approval_id;
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(
+                "approval_id: the hex id from APPROVAL_REQUIRED",
+            ));
+        }
+        let principal = call.principal();
+        let approver = call.identity().to_owned();
+        let approval = call
+            .run_global(move |kms| {
+                let pending = kms
+                    .store()
+                    .approval(&id)?
+                    .ok_or_else(|| crate::Error::NotFound(format!("approval {id} not found")))?;
+                if let TenantScope::Only(names) = &principal.tenants {
+                    if !names.contains(operation_tenant(&pending.operation)) {
+                        return Err(crate::Error::PermissionDenied);
+                    }
+                }
+                kms.approve(&id, &approver)
+            })
+            .await?;
+        let now = call.now_secs();
+        Ok(Response::new(approval_message(&approval, now)))
+    }
+
+    async fn list_approvals(
+        &self,
+        request: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        let call = self.shared.begin(&request, Rpc::ListApprovals, "", None)?;
+        let r = request.into_inner();
+        let principal = call.principal();
+        let mut approvals = call
+            .run_global(|kms| kms.approvals())
+            .await?
+            .into_iter()
+            .filter(|a| match &principal.tenants {
+                TenantScope::All => true,
+                TenantScope::Only(names) => names.contains(operation_tenant(&a.operation)),
+            })
+            .collect::<Vec<_>>();
+        approvals.sort_by(|a, b| a.id.cmp(&b.id));
+        let (approvals, next_page_token) =
+            page(approvals, |a| a.id.as_str(), r.page_size, &r.page_token)?;
+        let now = call.now_secs();
+        Ok(Response::new(pb::ListApprovalsResponse {
+            approvals: approvals.iter().map(|a| approval_message(a, now)).collect(),
+            next_page_token,
+        }))
     }
 
     async fn disable_key_version(
@@ -401,14 +555,23 @@ impl pb::admin_service_server::AdminService for AdminService {
 }
 
 /// A version state change as the domain offers it.
-type VersionChange = fn(
-    &Kms,
-    crate::ids::TenantId,
-    &crate::ids::Name,
-    KeyVersion,
-) -> Result<VersionRecord, crate::Error>;
+type VersionChange =
+    fn(&Kms, crate::ids::TenantId, &Name, KeyVersion) -> Result<VersionRecord, crate::Error>;
 
 impl AdminService {
+    /// Records an operation under dual control; the status to answer with.
+    async fn ask_approval(&self, call: &super::Call, operation: PendingOperation) -> Status {
+        let requester = call.identity().to_owned();
+        let ttl = self.shared.dual_control.approval_ttl;
+        match call
+            .run_global(move |kms| kms.request_approval(operation, &requester, ttl))
+            .await
+        {
+            Ok(approval) => approval_required(&approval),
+            Err(status) => status,
+        }
+    }
+
     /// The four version state changes: authorize, replay a retried request_id, change, audit
     /// the version.
     async fn change_version(
@@ -430,6 +593,18 @@ impl AdminService {
             return Err(Status::invalid_argument("version: versions start at 1"));
         }
         let version = KeyVersion(r.version);
+        if rpc == Rpc::ScheduleKeyVersionDestruction
+            && self
+                .shared
+                .under_dual_control(DualOperation::ScheduleKeyVersionDestruction)
+        {
+            let operation = PendingOperation::ScheduleKeyVersionDestruction {
+                tenant: call.tenant()?,
+                key: name,
+                version: version.0,
+            };
+            return Err(self.ask_approval(&call, operation).await);
+        }
         let record = call
             .run(move |kms, tenant| change(kms, tenant, &name, version))
             .await?;

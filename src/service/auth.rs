@@ -148,6 +148,10 @@ pub enum Rpc {
     ScheduleKeyVersionDestruction,
     /// AdminService/CancelKeyVersionDestruction
     CancelKeyVersionDestruction,
+    /// AdminService/ApproveOperation
+    ApproveOperation,
+    /// AdminService/ListApprovals
+    ListApprovals,
 }
 
 impl Rpc {
@@ -173,7 +177,9 @@ impl Rpc {
             | Self::DisableKeyVersion
             | Self::EnableKeyVersion
             | Self::ScheduleKeyVersionDestruction
-            | Self::CancelKeyVersionDestruction => Role::Officer,
+            | Self::CancelKeyVersionDestruction
+            | Self::ApproveOperation
+            | Self::ListApprovals => Role::Officer,
         }
     }
 }
@@ -239,7 +245,8 @@ impl Principals {
             )));
         }
         let tenant = match (&principal.tenants, tenant, rpc) {
-            (_, "", Rpc::ListTenants) => None,
+            // Not tied to one tenant: checked against the scope by the handler.
+            (_, "", Rpc::ListTenants | Rpc::ApproveOperation | Rpc::ListApprovals) => None,
             (TenantScope::Only(tenants), "", _) if rpc.role() != Role::Officer => {
                 match (tenants.len(), tenants.first()) {
                     (1, Some(only)) => Some(only.clone()),

@@ -72,6 +72,7 @@ pub struct Shared {
     kms: OnceLock<Arc<Kms>>,
     principals: Principals,
     limits: Limits,
+    dual_control: crate::config::DualControl,
     // Responses of mutations by (identity, request_id), so a retry is idempotent. In memory
     // for now (bounded); persisted idempotency arrives with the key lifecycle.
     done: Mutex<HashMap<RequestKey, (Rpc, Vec<u8>)>>,
@@ -83,6 +84,10 @@ type RequestKey = (String, String);
 const MAX_REMEMBERED_REQUESTS: usize = 10_000;
 
 impl Shared {
+    fn under_dual_control(&self, operation: crate::config::DualOperation) -> bool {
+        self.dual_control.operations.contains(&operation)
+    }
+
     fn begin<T>(
         &self,
         request: &Request<T>,
@@ -177,6 +182,14 @@ struct Call {
 }
 
 impl Call {
+    fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    fn now_secs(&self) -> u64 {
+        self.kms.clock().now_secs()
+    }
+
     fn tenant(&self) -> Result<Name, Status> {
         self.authorized
             .tenant
@@ -356,6 +369,7 @@ impl Server {
             kms: OnceLock::new(),
             principals: Principals::new(&self.config.principals),
             limits: server.limits,
+            dual_control: self.config.dual_control.clone(),
             done: Mutex::new(HashMap::new()),
         });
 

@@ -1,0 +1,172 @@
+//! Dual control: an operation under dual control is recorded, not done; a second, different
+//! officer approves it, and only then is it carried out, with the parameters recorded when it
+//! was asked for. Requests expire.
+//!
+//! Approving is idempotent where it matters: every operation under dual control keeps its
+//! result when repeated (a scheduled destruction keeps its date, a policy is set to the same
+//! values), so a crash between carrying it out and marking it executed is harmless.
+
+use super::{Kms, PolicyUpdate};
+use crate::error::Error;
+use crate::ids::KeyVersion;
+use crate::keystore::{ApprovalRecord, ApprovalState, PendingOperation};
+
+impl Kms {
+    /// Records an operation that waits for a second officer; returns the approval to name.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn request_approval(
+        &self,
+        operation: PendingOperation,
+        requested_by: &str,
+        ttl: std::time::Duration,
+    ) -> Result<ApprovalRecord, Error> {
+        self.validate(&operation)?;
+        let now = self.clock.now_secs();
+        let approval = ApprovalRecord {
+            id: hex::encode(rand::random::<[u8; 8]>()),
+            operation,
+            requested_by: requested_by.to_owned(),
+            requested_at: now,
+            expires_at: now.saturating_add(ttl.as_secs()),
+            state: ApprovalState::Pending,
+        };
+        self.store.put_approval(&approval)?;
+        tracing::info!(approval = %approval.id, requested_by, "operation waits for a second officer");
+        Ok(approval)
+    }
+
+    /// Approves and carries out a pending operation.
+    ///
+    /// # Errors
+    /// NOT_FOUND for an unknown id; PERMISSION_DENIED when the approver is the requester;
+    /// FAILED_PRECONDITION APPROVAL_EXPIRED or ALREADY_EXECUTED; the operation's own errors.
+    pub fn approve(&self, id: &str, approved_by: &str) -> Result<ApprovalRecord, Error> {
+        let mut approval = self
+            .store
+            .approval(id)?
+            .ok_or_else(|| Error::NotFound(format!("approval {id} not found")))?;
+        if approval.requested_by == approved_by {
+            return Err(Error::PermissionDeniedBecause(
+                "dual control: a second, different officer must approve".into(),
+            ));
+        }
+        if let ApprovalState::Executed { .. } = approval.state {
+            return Err(Error::KeyState {
+                reason: "ALREADY_EXECUTED",
+                message: format!("approval {id} was already approved and carried out"),
+            });
+        }
+        let now = self.clock.now_secs();
+        if now > approval.expires_at {
+            return Err(Error::KeyState {
+                reason: "APPROVAL_EXPIRED",
+                message: format!(
+                    "approval {id} expired at {} (seconds since the epoch); ask again",
+                    approval.expires_at
+                ),
+            });
+        }
+        self.execute(&approval.operation)?;
+        approval.state = ApprovalState::Executed {
+            approved_by: approved_by.to_owned(),
+            at: now,
+        };
+        self.store.put_approval(&approval)?;
+        tracing::info!(approval = %id, approved_by, "approved operation carried out");
+        Ok(approval)
+    }
+
+    /// Every approval, pending or done.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn approvals(&self) -> Result<Vec<ApprovalRecord>, Error> {
+        Ok(self.store.approvals()?)
+    }
+
+    /// Refuses at request time what could never be carried out, so no approval is wasted.
+    fn validate(&self, operation: &PendingOperation) -> Result<(), Error> {
+        match operation {
+            PendingOperation::DestroyTenant { tenant } => {
+                self.tenant(tenant)?;
+            }
+            PendingOperation::ScheduleKeyVersionDestruction {
+                tenant,
+                key,
+                version,
+            } => {
+                let record = self.key(self.tenant_id(tenant)?, key)?;
+                if *version == 0 || *version > record.latest.0 {
+                    return Err(Error::VersionNotFound {
+                        key: key.clone(),
+                        version: *version,
+                    });
+                }
+                if *version == record.primary.0 {
+                    return Err(Error::KeyState {
+                        reason: "PRIMARY_VERSION",
+                        message: format!(
+                            "version {version} is the primary of key {key}; rotate the key first"
+                        ),
+                    });
+                }
+            }
+            PendingOperation::UpdateKeyPolicy {
+                tenant,
+                key,
+                min_decryption_version,
+                ..
+            } => {
+                let record = self.key(self.tenant_id(tenant)?, key)?;
+                if min_decryption_version.is_some_and(|min| min > record.primary.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "min_decryption_version is above the primary version {}",
+                        record.primary.0
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn execute(&self, operation: &PendingOperation) -> Result<(), Error> {
+        match operation {
+            PendingOperation::DestroyTenant { tenant } => {
+                self.schedule_tenant_destruction(tenant)?;
+            }
+            PendingOperation::ScheduleKeyVersionDestruction {
+                tenant,
+                key,
+                version,
+            } => {
+                let id = self.tenant_id(tenant)?;
+                self.schedule_destruction(id, key, KeyVersion(*version))?;
+            }
+            PendingOperation::UpdateKeyPolicy {
+                tenant,
+                key,
+                min_decryption_version,
+                rotation_period_secs,
+                destruction_window_secs,
+                max_kek_uses,
+                max_bulk_uses,
+            } => {
+                let id = self.tenant_id(tenant)?;
+                self.update_policy(
+                    id,
+                    key,
+                    &PolicyUpdate {
+                        min_decryption_version: *min_decryption_version,
+                        rotation_period_secs: *rotation_period_secs,
+                        destruction_window_secs: *destruction_window_secs,
+                        max_kek_uses: *max_kek_uses,
+                        max_bulk_uses: *max_bulk_uses,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
