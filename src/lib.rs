@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod failpoint;
 pub mod hsm;
 pub mod ids;
 pub mod keystore;

@@ -341,3 +341,100 @@ fn admin_commands_print_tables_json_and_clear_errors() {
         "{stderr}"
     );
 }
+
+/// RotateMasterKey killed at each of its steps (an abort at a failpoint, as `kill -9` would),
+/// and once with a real SIGKILL mid-rotation, resumes on the next start and loses nothing
+/// (issue 5, story 3).
+#[cfg(feature = "test-hooks")]
+#[test]
+fn master_key_rotation_resumes_after_a_crash_at_every_step() {
+    let crashes: [(&str, bool); 6] = [
+        ("mwk:journal-written", false),
+        ("mwk:created", false),
+        ("mwk:tenant-committed", false),
+        ("mwk:cursor-moved", false),
+        ("mwk:finished", false),
+        ("pause:mwk:tenant-committed", true),
+    ];
+    for (failpoint, sigkill) in crashes {
+        let server = DevServer::start_in_with_env(
+            tempfile::tempdir().expect("tempdir"),
+            &[("KEYFRONT_FAILPOINT", failpoint)],
+        );
+        let acme = server.pipe(b"acme secret", "encrypt", &["--key", "default"]);
+        assert!(acme.status.success(), "{}", text(&acme.stderr));
+        let globex = server.pipe(
+            b"globex secret",
+            "encrypt",
+            &["--key", "default", "--principal", "globex-app"],
+        );
+        assert!(globex.status.success(), "{}", text(&globex.stderr));
+        let (dir, logs) = if sigkill {
+            // The rotation stops inside the step; the client waits, so send it off and kill.
+            let endpoint = format!("https://localhost:{}", server.port);
+            let dir_path = server.dir.path().to_path_buf();
+            let client = std::thread::spawn(move || {
+                Command::new(BIN)
+                    .args(["admin", "rotate-master-key", "--dir"])
+                    .arg(&dir_path)
+                    .args(["--endpoint", &endpoint])
+                    .output()
+                    .expect("client")
+            });
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            let killed = server.kill9();
+            let _ = client.join();
+            killed
+        } else {
+            let out = server.pipe(b"", "admin", &["rotate-master-key"]);
+            assert!(!out.status.success(), "the server died at {failpoint}");
+            let (dir, logs, _) = server.stop();
+            (dir, logs)
+        };
+        assert!(
+            logs.contains(&format!(
+                "failpoint {}",
+                failpoint.trim_start_matches("pause:")
+            )),
+            "{failpoint}: {logs}"
+        );
+
+        let server = DevServer::start_in(dir);
+        let mut status = serde_json::Value::Null;
+        for _ in 0..100 {
+            let out = server.pipe(b"", "admin", &["master-key-status", "--json"]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            status = serde_json::from_str(&text(&out.stdout)).expect("JSON");
+            if status["current_generation"] == 2 && status["rotating_to"].is_null() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if failpoint == "mwk:journal-written" && status["current_generation"] == 1 {
+            panic!("{failpoint}: the journal was not resumed: {status}");
+        }
+        assert_eq!(status["current_generation"], 2, "{failpoint}: {status}");
+        assert!(status["rotating_to"].is_null(), "{failpoint}: {status}");
+        assert_eq!(
+            status["generations"][0]["state"], "RETIRED",
+            "{failpoint}: {status}"
+        );
+        let back = server.pipe(&acme.stdout, "decrypt", &[]);
+        assert_eq!(
+            text(&back.stdout),
+            "acme secret",
+            "{failpoint}: {}",
+            text(&back.stderr)
+        );
+        let back = server.pipe(&globex.stdout, "decrypt", &["--principal", "globex-app"]);
+        assert_eq!(
+            text(&back.stdout),
+            "globex secret",
+            "{failpoint}: {}",
+            text(&back.stderr)
+        );
+        let fresh = server.pipe(b"after", "encrypt", &["--key", "default"]);
+        assert!(fresh.status.success(), "{failpoint}");
+        server.stop();
+    }
+}

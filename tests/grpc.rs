@@ -38,6 +38,8 @@ struct Harness {
     reachable: Arc<AtomicBool>,
     #[cfg(feature = "test-hooks")]
     clock: Arc<keyfront::clock::TestClock>,
+    #[cfg(feature = "test-hooks")]
+    token: keyfront::hsm::pkcs11::Pkcs11Config,
 }
 
 fn principal(
@@ -193,6 +195,8 @@ impl Harness {
             reachable,
             #[cfg(feature = "test-hooks")]
             clock,
+            #[cfg(feature = "test-hooks")]
+            token: token.clone(),
         };
         if !start_down {
             harness.wait_for(ServingStatus::Serving).await;
@@ -757,6 +761,11 @@ async fn call(h: &Harness, principal: &str, rpc: &str, blobs: &Blobs) -> Code {
                 })
                 .await,
         ),
+        "GetMasterKeyStatus" => code(
+            admin
+                .get_master_key_status(pb::GetMasterKeyStatusRequest {})
+                .await,
+        ),
         "ListApprovals" => code(
             admin
                 .list_approvals(pb::ListApprovalsRequest::default())
@@ -815,7 +824,7 @@ async fn blobs(h: &Harness) -> Blobs {
     }
 }
 
-const RPCS: [&str; 24] = [
+const RPCS: [&str; 25] = [
     "Encrypt",
     "Decrypt",
     "BatchEncrypt",
@@ -840,6 +849,7 @@ const RPCS: [&str; 24] = [
     "DestroyTenant",
     "CancelTenantDestruction",
     "ListApprovals",
+    "GetMasterKeyStatus",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -879,6 +889,7 @@ async fn each_role_can_call_exactly_its_rpcs() {
                 "DestroyTenant",
                 "CancelTenantDestruction",
                 "ListApprovals",
+                "GetMasterKeyStatus",
             ],
         ),
     ];
@@ -2425,4 +2436,165 @@ async fn dual_control_needs_a_second_officer() {
         .into_inner();
     assert_eq!(key.versions[0].state, pb::KeyVersionState::Enabled as i32);
     assert_eq!(key.policy.map(|p| p.min_decryption_version), Some(0));
+}
+
+/// RotateMasterKey (issue 5, story 3): every tenant's keys work afterwards and after a restart;
+/// every KEK blob is under the new generation; the retired MWK is destroyed after its
+/// retention (backup retention + margin), not before.
+#[cfg(feature = "test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_key_rotation_story() {
+    let harness = Harness::start_with(false, |_, kms| {
+        kms.scheduler_interval = Duration::from_millis(50);
+    })
+    .await;
+    let mut admin = harness.admin().await;
+    let mut acme = harness.keys("acme-app").await;
+    let mut globex = harness.keys("globex-app").await;
+    let mut backup = harness.keys("backup").await;
+    let acme_ct = encrypt(&mut acme, b"acme before").await.ciphertext;
+    let globex_ct = encrypt(&mut globex, b"globex before").await.ciphertext;
+    let dk = backup
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "default".into(),
+            tenant: "acme".into(),
+            include_plaintext: true,
+            ..Default::default()
+        })
+        .await
+        .expect("data key")
+        .into_inner();
+
+    let status = admin
+        .rotate_master_key(pb::RotateMasterKeyRequest::default())
+        .await
+        .expect("rotate master key")
+        .into_inner();
+    assert_eq!((status.current_generation, status.rotating_to), (2, 0));
+    let retired = status
+        .generations
+        .iter()
+        .find(|g| g.generation == 1)
+        .expect("generation 1 kept");
+    assert_eq!(retired.state, "RETIRED");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs() as i64;
+    assert!(
+        retired.destroy_time >= now + 37 * 86_400 - 5,
+        "retention + margin"
+    );
+
+    let decrypt_all = |mut acme: KeyServiceClient<Channel>,
+                       mut globex: KeyServiceClient<Channel>,
+                       mut backup: KeyServiceClient<Channel>| {
+        let (acme_ct, globex_ct, dk) = (acme_ct.clone(), globex_ct.clone(), dk.clone());
+        async move {
+            let ctx = ctx(&[("row", CONTEXT_MARKER)]);
+            let a = acme
+                .decrypt(pb::DecryptRequest {
+                    ciphertext: acme_ct,
+                    context: ctx.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("acme decrypts");
+            assert_eq!(a.into_inner().plaintext, b"acme before");
+            let g = globex
+                .decrypt(pb::DecryptRequest {
+                    ciphertext: globex_ct,
+                    context: ctx,
+                    ..Default::default()
+                })
+                .await
+                .expect("globex decrypts");
+            assert_eq!(g.into_inner().plaintext, b"globex before");
+            let d = backup
+                .decrypt_data_key(pb::DecryptDataKeyRequest {
+                    wrapped_key: dk.wrapped_key,
+                    tenant: "acme".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("data key decrypts");
+            assert_eq!(d.into_inner().plaintext_key, dk.plaintext_key);
+        }
+    };
+    decrypt_all(acme.clone(), globex.clone(), backup.clone()).await;
+    encrypt(&mut acme, b"after").await;
+
+    // Not destroyed before its date; destroyed after it; everything still works.
+    harness.clock.advance(Duration::from_secs(36 * 86_400));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let generations = |admin: &AdminServiceClient<Channel>| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get_master_key_status(pb::GetMasterKeyStatusRequest {})
+                .await
+                .expect("status")
+                .into_inner()
+                .generations
+                .iter()
+                .map(|g| g.generation)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        generations(&admin).await,
+        vec![1, 2],
+        "kept before its date"
+    );
+    harness.clock.advance(Duration::from_secs(2 * 86_400));
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = generations(&admin).await;
+        if left == [2] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, vec![2], "generation 1 destroyed after its date");
+    decrypt_all(acme.clone(), globex.clone(), backup.clone()).await;
+
+    // After a restart with a fresh HSM session (it finds generation 2 alone), every blob is
+    // under generation 2 and decrypts.
+    let token = harness.token.clone();
+    let dir = harness.stop().await;
+    let mut reopened = None;
+    for _ in 0..50 {
+        let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&token));
+        match keyfront::kms::Kms::open(hsm, &dir.path().join("data"), KmsOptions::default()) {
+            Ok(kms) => {
+                reopened = Some(kms);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let kms = reopened.expect("reopen");
+    assert_eq!(
+        kms.hsm().mwk_generations(),
+        vec![keyfront::hsm::MwkGeneration(2)]
+    );
+    for tenant in kms.store().tenants().expect("tenants") {
+        for key in kms.keys(tenant.id).expect("keys") {
+            let details = kms.key_details(tenant.id, &key.name).expect("details");
+            for version in details.versions {
+                let wrapped = keyfront::hsm::WrappedKek::from_bytes(&version.kek).expect("blob");
+                assert_eq!(wrapped.generation(), keyfront::hsm::MwkGeneration(2));
+            }
+        }
+    }
+    let acme_id = kms.tenant(&"acme".parse().expect("name")).expect("acme").id;
+    let out = kms
+        .decrypt(
+            acme_id,
+            &acme_ct,
+            &[("row", CONTEXT_MARKER)].into_iter().collect(),
+            None,
+        )
+        .expect("decrypts after restart");
+    assert_eq!(out.plaintext.expose_secret(), b"acme before");
 }

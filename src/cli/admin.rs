@@ -138,6 +138,14 @@ pub enum AdminCommand {
     },
     /// Dual control: every request, pending, executed or expired.
     ListApprovals,
+    /// A new master wrapping key generation; every KEK re-wrapped under it in the HSM.
+    RotateMasterKey {
+        /// Makes a retry idempotent.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// The master key's generations and any rotation in progress.
+    MasterKeyStatus,
 }
 
 /// Which version.
@@ -349,6 +357,18 @@ async fn execute(
             }
             approvals(all)
         }
+        AdminCommand::RotateMasterKey { request_id } => master_key(
+            admin
+                .rotate_master_key(pb::RotateMasterKeyRequest { request_id })
+                .await?
+                .into_inner(),
+        ),
+        AdminCommand::MasterKeyStatus => master_key(
+            admin
+                .get_master_key_status(pb::GetMasterKeyStatusRequest {})
+                .await?
+                .into_inner(),
+        ),
         AdminCommand::CancelDestruction(v) => version(
             admin
                 .cancel_key_version_destruction(v.request())
@@ -646,6 +666,45 @@ fn approvals(list: Vec<pb::Approval>) -> Output {
             ],
             &rows,
         ),
+    }
+}
+
+fn master_key(status: pb::MasterKeyStatus) -> Output {
+    let rows = status
+        .generations
+        .iter()
+        .map(|g| {
+            vec![
+                g.generation.to_string(),
+                g.state.clone(),
+                time(g.destroy_time),
+            ]
+        })
+        .collect::<Vec<_>>();
+    let mut text = table(&["MWK GENERATION", "STATE", "DESTROY AT"], &rows);
+    if status.rotating_to > 0 {
+        text.push_str(&format!(
+            "rotation to generation {} in progress (last tenant done: {})\n",
+            status.rotating_to,
+            if status.rotation_cursor.is_empty() {
+                "none"
+            } else {
+                &status.rotation_cursor
+            }
+        ));
+    }
+    Output {
+        json: json!({
+            "current_generation": status.current_generation,
+            "rotating_to": (status.rotating_to > 0).then_some(status.rotating_to),
+            "rotation_cursor": (!status.rotation_cursor.is_empty()).then_some(&status.rotation_cursor),
+            "generations": status.generations.iter().map(|g| json!({
+                "generation": g.generation,
+                "state": g.state,
+                "destroy_time": (g.destroy_time > 0).then_some(g.destroy_time),
+            })).collect::<Vec<_>>(),
+        }),
+        table: text,
     }
 }
 

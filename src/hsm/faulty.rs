@@ -159,6 +159,24 @@ impl<H: Hsm> Hsm for FaultyHsm<H> {
         self.enter(Op::Probe)?;
         self.inner.probe()
     }
+
+    fn create_mwk(&self) -> Result<MwkGeneration, Error> {
+        self.enter(Op::GenerateKek)?;
+        self.inner.create_mwk()
+    }
+
+    fn rewrap_kek(&self, wrapped: &WrappedKek) -> Result<WrappedKek, Error> {
+        self.enter(Op::UnwrapKek)?;
+        self.inner.rewrap_kek(wrapped)
+    }
+
+    fn destroy_mwk(&self, generation: MwkGeneration) -> Result<(), Error> {
+        self.inner.destroy_mwk(generation)
+    }
+
+    fn mwk_generations(&self) -> Vec<MwkGeneration> {
+        self.inner.mwk_generations()
+    }
 }
 
 #[cfg(test)]

@@ -67,4 +67,20 @@ impl Hsm for MeteredHsm {
     fn probe(&self) -> Result<(), Error> {
         timed("probe", || self.inner.probe())
     }
+
+    fn create_mwk(&self) -> Result<MwkGeneration, Error> {
+        timed("create_mwk", || self.inner.create_mwk())
+    }
+
+    fn rewrap_kek(&self, wrapped: &WrappedKek) -> Result<WrappedKek, Error> {
+        timed("rewrap_kek", || self.inner.rewrap_kek(wrapped))
+    }
+
+    fn destroy_mwk(&self, generation: MwkGeneration) -> Result<(), Error> {
+        timed("destroy_mwk", || self.inner.destroy_mwk(generation))
+    }
+
+    fn mwk_generations(&self) -> Vec<MwkGeneration> {
+        self.inner.mwk_generations()
+    }
 }

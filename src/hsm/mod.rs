@@ -85,6 +85,42 @@ pub trait Hsm: Send + Sync {
     /// [`Error::Unavailable`] if the HSM is gone.
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error>;
 
+    /// Creates the next MWK generation on the token (same template as the ceremony's) and makes
+    /// it current: new KEKs are wrapped under it. Older generations stay for unwrapping.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] if this HSM cannot rotate its master key.
+    fn create_mwk(&self) -> Result<MwkGeneration, Error> {
+        Err(Error::InvalidInput("this HSM cannot rotate its master key"))
+    }
+
+    /// Re-wraps a KEK blob under the current MWK inside the HSM: unwrapped under its own
+    /// generation into a sensitive session object, wrapped under the current one, destroyed.
+    /// The KEK is never in clear outside the HSM. A blob already current comes back as is.
+    ///
+    /// # Errors
+    /// [`Error::UnknownMwk`], [`Error::Integrity`] as [`Hsm::unwrap_kek`].
+    fn rewrap_kek(&self, wrapped: &WrappedKek) -> Result<WrappedKek, Error> {
+        if wrapped.generation() == self.mwk_generation() {
+            return Ok(wrapped.clone());
+        }
+        Err(Error::InvalidInput("this HSM cannot rotate its master key"))
+    }
+
+    /// Destroys a retired (not current) MWK generation on the token.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for the current generation or an HSM that cannot do it.
+    fn destroy_mwk(&self, generation: MwkGeneration) -> Result<(), Error> {
+        let _ = generation;
+        Err(Error::InvalidInput("this HSM cannot destroy a master key"))
+    }
+
+    /// The MWK generations on the token, oldest first.
+    fn mwk_generations(&self) -> Vec<MwkGeneration> {
+        vec![self.mwk_generation()]
+    }
+
     /// Checks that the HSM works end to end with a known canary: an MWK unwrap that bypasses
     /// every cache, then an AES-GCM decryption of a known value. Used before calling a failed
     /// decryption "tampered" (a sick HSM fails the same way) and by health checks.

@@ -352,6 +352,26 @@ pub fn kek_unwrap_template() -> Vec<Attribute> {
     ]
 }
 
+/// A KEK while it is re-wrapped under a new MWK: like [`kek_generate_template`], extractable
+/// (only by wrapping, as it is sensitive) and usable for nothing else.
+fn kek_rewrap_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+    ]
+}
+
 /// The label of an MWK generation.
 pub fn mwk_label(generation: MwkGeneration) -> String {
     format!("{MWK_LABEL_PREFIX}{}", generation.0)
@@ -360,13 +380,15 @@ pub fn mwk_label(generation: MwkGeneration) -> String {
 /// [`Hsm`] over a PKCS#11 token.
 pub struct Pkcs11Hsm {
     pool: Arc<SessionPool>,
-    mwks: BTreeMap<MwkGeneration, ObjectHandle>,
-    current_mwk: MwkGeneration,
+    // Changed only by create_mwk and destroy_mwk (master key rotation).
+    mwks: std::sync::RwLock<BTreeMap<MwkGeneration, ObjectHandle>>,
+    current_mwk: std::sync::atomic::AtomicU32,
     storage_root: ObjectHandle,
     pepper: ObjectHandle,
     audit_private: ObjectHandle,
     kek_cache: quick_cache::sync::Cache<Vec<u8>, Arc<KekObject>>,
-    canary: Canary,
+    // Rebuilt under the new MWK when the master key rotates.
+    canary: std::sync::RwLock<Arc<Canary>>,
 }
 
 impl Pkcs11Hsm {
@@ -379,11 +401,16 @@ impl Pkcs11Hsm {
         let ctx = context(&config.module)?;
         let anchor = open_logged_in(&ctx, config)?;
         let mut mwks = BTreeMap::new();
+        // Retired generations are destroyed oldest first, so the ones left are contiguous,
+        // possibly after a gap at the start.
         for generation in (1..=MAX_MWK_GENERATIONS).map(MwkGeneration) {
             match find_mwk(&anchor, generation)? {
-                Some(handle) => mwks.insert(generation, handle),
+                Some(handle) => {
+                    mwks.insert(generation, handle);
+                }
+                None if mwks.is_empty() => {}
                 None => break,
-            };
+            }
         }
         let current_mwk = *mwks
             .keys()
@@ -407,9 +434,9 @@ impl Pkcs11Hsm {
         let canary = Canary::new(&pool, mwks[&current_mwk], current_mwk)?;
         Ok(Self {
             pool,
-            canary,
-            mwks,
-            current_mwk,
+            canary: std::sync::RwLock::new(Arc::new(canary)),
+            mwks: std::sync::RwLock::new(mwks),
+            current_mwk: std::sync::atomic::AtomicU32::new(current_mwk.0),
             storage_root,
             pepper,
             audit_private,
@@ -425,11 +452,12 @@ impl Pkcs11Hsm {
 
 impl Hsm for Pkcs11Hsm {
     fn mwk_generation(&self) -> MwkGeneration {
-        self.current_mwk
+        MwkGeneration(self.current_mwk.load(Ordering::Acquire))
     }
 
     fn generate_kek(&self) -> Result<WrappedKek, Error> {
-        let mwk = self.mwk(self.current_mwk)?;
+        let current = self.mwk_generation();
+        let mwk = self.mwk(current)?;
         let wrapped = self
             .pool
             .with(|s| {
@@ -443,7 +471,7 @@ impl Hsm for Pkcs11Hsm {
                 Ok(wrapped)
             })
             .map_err(to_error)?;
-        Ok(WrappedKek::new(self.current_mwk, wrapped))
+        Ok(WrappedKek::new(current, wrapped))
     }
 
     fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
@@ -540,7 +568,8 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn probe(&self) -> Result<(), Error> {
-        let mwk = self.mwk(self.canary.kek.generation())?;
+        let canary = Arc::clone(&self.canary.read().expect("canary lock poisoned"));
+        let mwk = self.mwk(canary.kek.generation())?;
         let plaintext = self
             .pool
             .with(|s| {
@@ -548,13 +577,12 @@ impl Hsm for Pkcs11Hsm {
                 let kek = s.unwrap_key(
                     &Mechanism::AesKeyWrapPad,
                     mwk,
-                    self.canary.kek.wrapped(),
+                    canary.kek.wrapped(),
                     &kek_unwrap_template(),
                 )?;
-                let mut iv = self.canary.iv;
-                let result = GcmParams::new(&mut iv, CANARY_AAD, 128.into()).and_then(|params| {
-                    s.decrypt(&Mechanism::AesGcm(params), kek, &self.canary.sealed)
-                });
+                let mut iv = canary.iv;
+                let result = GcmParams::new(&mut iv, CANARY_AAD, 128.into())
+                    .and_then(|params| s.decrypt(&Mechanism::AesGcm(params), kek, &canary.sealed));
                 let destroyed = s.destroy_object(kek);
                 let plaintext = result?;
                 destroyed?;
@@ -584,11 +612,86 @@ impl Hsm for Pkcs11Hsm {
             .with(|s| s.sign(&Mechanism::Ecdsa, self.audit_private, &digest))
             .map_err(to_error)
     }
+
+    fn create_mwk(&self) -> Result<MwkGeneration, Error> {
+        let mut mwks = self.mwks.write().expect("MWK lock poisoned");
+        let current = self.mwk_generation();
+        let next = MwkGeneration(
+            current
+                .0
+                .checked_add(1)
+                .ok_or(Error::InvalidInput("no more MWK generations"))?,
+        );
+        let handle = self
+            .pool
+            .with(|s| s.generate_key(&Mechanism::AesKeyGen, &mwk_template(next)))
+            .map_err(to_error)?;
+        mwks.insert(next, handle);
+        // The canary moves to the new generation, so the old one can be destroyed later.
+        let canary = Canary::new(&self.pool, handle, next)?;
+        *self.canary.write().expect("canary lock poisoned") = Arc::new(canary);
+        self.current_mwk.store(next.0, Ordering::Release);
+        Ok(next)
+    }
+
+    fn rewrap_kek(&self, wrapped: &WrappedKek) -> Result<WrappedKek, Error> {
+        let current = self.mwk_generation();
+        if wrapped.generation() == current {
+            return Ok(wrapped.clone());
+        }
+        let old = self.mwk(wrapped.generation())?;
+        let new = self.mwk(current)?;
+        let rewrapped = self
+            .pool
+            .with(|s| {
+                // Extractable only so that it can be wrapped again, under the new MWK; a
+                // session object destroyed before this returns.
+                let kek = s.unwrap_key(
+                    &Mechanism::AesKeyWrapPad,
+                    old,
+                    wrapped.wrapped(),
+                    &kek_rewrap_template(),
+                )?;
+                let result = s.wrap_key(&Mechanism::AesKeyWrapPad, new, kek);
+                let destroyed = s.destroy_object(kek);
+                let result = result?;
+                destroyed?;
+                Ok(result)
+            })
+            .map_err(to_error)?;
+        Ok(WrappedKek::new(current, rewrapped))
+    }
+
+    fn destroy_mwk(&self, generation: MwkGeneration) -> Result<(), Error> {
+        if generation == self.mwk_generation() {
+            return Err(Error::InvalidInput("the current MWK cannot be destroyed"));
+        }
+        let mut mwks = self.mwks.write().expect("MWK lock poisoned");
+        let Some(handle) = mwks.get(&generation).copied() else {
+            return Ok(());
+        };
+        self.pool
+            .with(|s| s.destroy_object(handle))
+            .map_err(to_error)?;
+        mwks.remove(&generation);
+        Ok(())
+    }
+
+    fn mwk_generations(&self) -> Vec<MwkGeneration> {
+        self.mwks
+            .read()
+            .expect("MWK lock poisoned")
+            .keys()
+            .copied()
+            .collect()
+    }
 }
 
 impl Pkcs11Hsm {
     fn mwk(&self, generation: MwkGeneration) -> Result<ObjectHandle, Error> {
         self.mwks
+            .read()
+            .expect("MWK lock poisoned")
             .get(&generation)
             .copied()
             .ok_or(Error::UnknownMwk(generation))

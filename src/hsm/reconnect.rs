@@ -119,6 +119,22 @@ impl Hsm for ReconnectingHsm {
     fn probe(&self) -> Result<(), Error> {
         self.current().probe()
     }
+
+    fn create_mwk(&self) -> Result<MwkGeneration, Error> {
+        self.current().create_mwk()
+    }
+
+    fn rewrap_kek(&self, wrapped: &WrappedKek) -> Result<WrappedKek, Error> {
+        self.current().rewrap_kek(wrapped)
+    }
+
+    fn destroy_mwk(&self, generation: MwkGeneration) -> Result<(), Error> {
+        self.current().destroy_mwk(generation)
+    }
+
+    fn mwk_generations(&self) -> Vec<MwkGeneration> {
+        self.current().mwk_generations()
+    }
 }
 
 /// Stands in while the library is being reset: every call is unavailable.

@@ -163,6 +163,18 @@ pub struct VersionRecord {
     pub reserved_bulk_uses: u64,
 }
 
+/// The journal of a master key rotation: the generation every KEK blob moves to, and the last
+/// tenant whose blobs were re-wrapped (tenants go in id order), so a crash resumes after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MwkRotation {
+    /// The new MWK generation.
+    pub to: u32,
+    /// The last tenant done.
+    pub cursor: Option<TenantId>,
+    /// When it started, seconds since the Unix epoch.
+    pub started_at: u64,
+}
+
 /// An operation waiting for a second officer (dual control), as the system database holds it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApprovalRecord {
@@ -197,6 +209,8 @@ pub enum PendingOperation {
         /// The version.
         version: u32,
     },
+    /// RotateMasterKey.
+    RotateMasterKey,
     /// UpdateKeyPolicy that raises min_decryption_version (the whole update waits).
     UpdateKeyPolicy {
         /// The tenant.

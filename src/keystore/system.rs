@@ -27,6 +27,10 @@ const DESTRUCTION_PREFIX: &[u8] = b"d/";
 // date is never later than the key's real due date: set to "now" when a period is set, and
 // recomputed from the key only by the scheduler; a stray entry is dropped by the scheduler.
 const ROTATION_PREFIX: &[u8] = b"r/";
+// Master key rotation: the journal (m/rotation → MwkRotation) while one runs, and the retired
+// generations with their destruction dates (m/retired/ ‖ generation u32 BE → u64).
+const MWK_ROTATION_KEY: &[u8] = b"m/rotation";
+const MWK_RETIRED_PREFIX: &[u8] = b"m/retired/";
 // Dual control: a/ ‖ approval id → ApprovalRecord.
 const APPROVAL_PREFIX: &[u8] = b"a/";
 // Pending tenant destructions: D/ ‖ tenant id → when (u64), committed with the tenant record.
@@ -74,6 +78,10 @@ pub struct PendingDestruction {
     pub version: KeyVersion,
     /// When it is due, seconds since the Unix epoch.
     pub at: u64,
+}
+
+fn retired_key(generation: u32) -> Vec<u8> {
+    prefixed(MWK_RETIRED_PREFIX, &generation.to_be_bytes())
 }
 
 fn rotation_key(tenant: TenantId, key_id: KeyId) -> Vec<u8> {
@@ -490,6 +498,67 @@ impl KeyStore {
             vec![prefixed(TENANT_DESTRUCTION_PREFIX, id.as_bytes())],
         )?;
         Ok(record)
+    }
+
+    /// The master key rotation in progress, if any.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if the journal fails its MAC.
+    pub fn mwk_rotation(&self) -> Result<Option<super::MwkRotation>, Error> {
+        self.system
+            .read(MWK_ROTATION_KEY)?
+            .map(|payload| decode(&payload))
+            .transpose()
+    }
+
+    /// Writes the rotation journal (start, or the cursor after a tenant).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn set_mwk_rotation(&self, rotation: &super::MwkRotation) -> Result<(), Error> {
+        self.system
+            .commit(vec![(MWK_ROTATION_KEY.to_vec(), encode(rotation)?)], vec![])
+    }
+
+    /// Ends a rotation: the journal goes and the retired generations are recorded with their
+    /// destruction dates, in one commit. Generations already retired keep their dates.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn finish_mwk_rotation(&self, retired: &[(u32, u64)]) -> Result<(), Error> {
+        let known: Vec<u32> = self.retired_mwks()?.into_iter().map(|(g, _)| g).collect();
+        let mut inserts = Vec::new();
+        for (generation, at) in retired {
+            if !known.contains(generation) {
+                inserts.push((retired_key(*generation), encode(at)?));
+            }
+        }
+        self.system.commit(inserts, vec![MWK_ROTATION_KEY.to_vec()])
+    }
+
+    /// Retired MWK generations and when each is destroyed.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if an entry fails its MAC.
+    pub fn retired_mwks(&self) -> Result<Vec<(u32, u64)>, Error> {
+        let mut all = Vec::new();
+        for item in self.system.db.scan_prefix(MWK_RETIRED_PREFIX) {
+            let (key, _) = item?;
+            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
+            let generation: [u8; 4] = key[MWK_RETIRED_PREFIX.len()..]
+                .try_into()
+                .map_err(|_| Error::Encoding)?;
+            all.push((u32::from_be_bytes(generation), decode(&payload)?));
+        }
+        Ok(all)
+    }
+
+    /// Forgets a retired generation once it is destroyed.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn remove_retired_mwk(&self, generation: u32) -> Result<(), Error> {
+        self.system.commit(vec![], vec![retired_key(generation)])
     }
 
     /// Writes (creates or updates) an approval.

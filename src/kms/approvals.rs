@@ -89,6 +89,7 @@ impl Kms {
     /// Refuses at request time what could never be carried out, so no approval is wasted.
     fn validate(&self, operation: &PendingOperation) -> Result<(), Error> {
         match operation {
+            PendingOperation::RotateMasterKey => {}
             PendingOperation::DestroyTenant { tenant } => {
                 self.tenant(tenant)?;
             }
@@ -133,6 +134,9 @@ impl Kms {
 
     fn execute(&self, operation: &PendingOperation) -> Result<(), Error> {
         match operation {
+            PendingOperation::RotateMasterKey => {
+                self.rotate_master_key()?;
+            }
             PendingOperation::DestroyTenant { tenant } => {
                 self.schedule_tenant_destruction(tenant)?;
             }

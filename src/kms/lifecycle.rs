@@ -225,6 +225,7 @@ impl Kms {
     pub fn run_due_destructions(&self) -> Result<Vec<(TenantId, Name, KeyVersion)>, Error> {
         let now = self.clock.now_secs();
         let mut destroyed = Vec::new();
+        self.destroy_retired_master_keys()?;
         for (tenant, at) in self.store.pending_tenant_destructions()? {
             if at <= now {
                 // Tombstone, records and the scheduler's entry in one system commit, then the

@@ -26,10 +26,12 @@ use crate::keystore::{
 
 mod approvals;
 mod lifecycle;
+mod master_key;
 pub mod scheduler;
 mod usage;
 
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};
+pub use master_key::{MasterKeyStatus, RETIRED_MWK_MARGIN};
 pub use usage::{DEFAULT_MAX_BULK_USES, DEFAULT_MAX_KEK_USES};
 use usage::{Taken, Usage, UseKind};
 

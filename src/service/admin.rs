@@ -86,6 +86,7 @@ fn version_message(version: &VersionRecord) -> pb::KeyVersion {
 
 fn describe(operation: &PendingOperation) -> String {
     match operation {
+        PendingOperation::RotateMasterKey => "RotateMasterKey".to_owned(),
         PendingOperation::DestroyTenant { tenant } => format!("DestroyTenant {tenant}"),
         PendingOperation::ScheduleKeyVersionDestruction {
             tenant,
@@ -104,11 +105,52 @@ fn describe(operation: &PendingOperation) -> String {
     }
 }
 
-fn operation_tenant(operation: &PendingOperation) -> &Name {
+/// The tenant an operation acts on (`None`: every tenant).
+fn operation_tenant(operation: &PendingOperation) -> Option<&Name> {
     match operation {
+        PendingOperation::RotateMasterKey => None,
         PendingOperation::DestroyTenant { tenant }
         | PendingOperation::ScheduleKeyVersionDestruction { tenant, .. }
-        | PendingOperation::UpdateKeyPolicy { tenant, .. } => tenant,
+        | PendingOperation::UpdateKeyPolicy { tenant, .. } => Some(tenant),
+    }
+}
+
+/// Whether a principal's scope covers an operation's tenant (all tenants for global ones).
+fn in_scope(scope: &TenantScope, operation: &PendingOperation) -> bool {
+    match (scope, operation_tenant(operation)) {
+        (TenantScope::All, _) => true,
+        (TenantScope::Only(names), Some(tenant)) => names.contains(tenant),
+        (TenantScope::Only(_), None) => false,
+    }
+}
+
+fn master_key_message(status: &crate::kms::MasterKeyStatus) -> pb::MasterKeyStatus {
+    let time = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+    pb::MasterKeyStatus {
+        current_generation: status.current.0,
+        rotating_to: status.rotation.as_ref().map_or(0, |r| r.to),
+        rotation_cursor: status
+            .rotation
+            .as_ref()
+            .and_then(|r| r.cursor)
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
+        generations: status
+            .generations
+            .iter()
+            .map(|(generation, destroy_at)| pb::MasterKeyGeneration {
+                generation: generation.0,
+                state: if *generation == status.current {
+                    "CURRENT"
+                } else if destroy_at.is_some() {
+                    "RETIRED"
+                } else {
+                    "OLD"
+                }
+                .to_owned(),
+                destroy_time: destroy_at.map_or(0, time),
+            })
+            .collect(),
     }
 }
 
@@ -475,10 +517,8 @@ impl pb::admin_service_server::AdminService for AdminService {
                     .store()
                     .approval(&id)?
                     .ok_or_else(|| crate::Error::NotFound(format!("approval {id} not found")))?;
-                if let TenantScope::Only(names) = &principal.tenants {
-                    if !names.contains(operation_tenant(&pending.operation)) {
-                        return Err(crate::Error::PermissionDenied);
-                    }
+                if !in_scope(&principal.tenants, &pending.operation) {
+                    return Err(crate::Error::PermissionDenied);
                 }
                 kms.approve(&id, &approver)
             })
@@ -498,10 +538,7 @@ impl pb::admin_service_server::AdminService for AdminService {
             .run_global(|kms| kms.approvals())
             .await?
             .into_iter()
-            .filter(|a| match &principal.tenants {
-                TenantScope::All => true,
-                TenantScope::Only(names) => names.contains(operation_tenant(&a.operation)),
-            })
+            .filter(|a| in_scope(&principal.tenants, &a.operation))
             .collect::<Vec<_>>();
         approvals.sort_by(|a, b| a.id.cmp(&b.id));
         let (approvals, next_page_token) =
@@ -511,6 +548,52 @@ impl pb::admin_service_server::AdminService for AdminService {
             approvals: approvals.iter().map(|a| approval_message(a, now)).collect(),
             next_page_token,
         }))
+    }
+
+    async fn rotate_master_key(
+        &self,
+        request: Request<pb::RotateMasterKeyRequest>,
+    ) -> Result<Response<pb::MasterKeyStatus>, Status> {
+        let call = self
+            .shared
+            .begin(&request, Rpc::RotateMasterKey, "", None)?;
+        let r = request.into_inner();
+        call.client_request_id(&r.request_id);
+        if !matches!(call.principal().tenants, TenantScope::All) {
+            return Err(Status::permission_denied(
+                "RotateMasterKey touches every tenant: it needs an officer with tenants = [\"*\"]",
+            ));
+        }
+        if let Some(done) = self
+            .shared
+            .replay(&call, Rpc::RotateMasterKey, &r.request_id)?
+        {
+            return Ok(Response::new(done));
+        }
+        if self
+            .shared
+            .under_dual_control(DualOperation::RotateMasterKey)
+        {
+            return Err(self
+                .ask_approval(&call, PendingOperation::RotateMasterKey)
+                .await);
+        }
+        let status = call.run_global(|kms| kms.rotate_master_key()).await?;
+        let message = master_key_message(&status);
+        self.shared
+            .remember(&call, Rpc::RotateMasterKey, &r.request_id, &message);
+        Ok(Response::new(message))
+    }
+
+    async fn get_master_key_status(
+        &self,
+        request: Request<pb::GetMasterKeyStatusRequest>,
+    ) -> Result<Response<pb::MasterKeyStatus>, Status> {
+        let call = self
+            .shared
+            .begin(&request, Rpc::GetMasterKeyStatus, "", None)?;
+        let status = call.run_global(|kms| kms.master_key_status()).await?;
+        Ok(Response::new(master_key_message(&status)))
     }
 
     async fn disable_key_version(

@@ -150,6 +150,10 @@ pub enum Rpc {
     CancelKeyVersionDestruction,
     /// AdminService/ApproveOperation
     ApproveOperation,
+    /// AdminService/RotateMasterKey
+    RotateMasterKey,
+    /// AdminService/GetMasterKeyStatus
+    GetMasterKeyStatus,
     /// AdminService/ListApprovals
     ListApprovals,
 }
@@ -179,6 +183,8 @@ impl Rpc {
             | Self::ScheduleKeyVersionDestruction
             | Self::CancelKeyVersionDestruction
             | Self::ApproveOperation
+            | Self::RotateMasterKey
+            | Self::GetMasterKeyStatus
             | Self::ListApprovals => Role::Officer,
         }
     }
@@ -246,7 +252,15 @@ impl Principals {
         }
         let tenant = match (&principal.tenants, tenant, rpc) {
             // Not tied to one tenant: checked against the scope by the handler.
-            (_, "", Rpc::ListTenants | Rpc::ApproveOperation | Rpc::ListApprovals) => None,
+            (
+                _,
+                "",
+                Rpc::ListTenants
+                | Rpc::ApproveOperation
+                | Rpc::ListApprovals
+                | Rpc::RotateMasterKey
+                | Rpc::GetMasterKeyStatus,
+            ) => None,
             (TenantScope::Only(tenants), "", _) if rpc.role() != Role::Officer => {
                 match (tenants.len(), tenants.first()) {
                     (1, Some(only)) => Some(only.clone()),

@@ -491,6 +491,13 @@ async fn connect_hsm(
         tokio::time::sleep(retry).await;
     };
     let _ = shared.kms.set(Arc::clone(&kms));
+    // A master key rotation that a crash interrupted goes on (it holds no request up).
+    let resuming = Arc::clone(&kms);
+    tokio::task::spawn_blocking(move || {
+        if let Err(error) = resuming.resume_master_key_rotation() {
+            tracing::error!(%error, "resuming the master key rotation failed; RotateMasterKey retries it");
+        }
+    });
     // The scheduler holds the domain only during a tick, and ends once it is gone.
     tokio::spawn(crate::kms::scheduler::run(
         Arc::downgrade(&kms),

@@ -24,6 +24,11 @@ impl DevServer {
 
     /// Starts `keyfront dev` in `dir` (new or made by an earlier run).
     pub fn start_in(dir: tempfile::TempDir) -> Self {
+        Self::start_in_with_env(dir, &[])
+    }
+
+    /// [`DevServer::start_in`] with extra environment variables for the server.
+    pub fn start_in_with_env(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
             .local_addr()
@@ -35,6 +40,7 @@ impl DevServer {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env_remove("SOFTHSM2_CONF")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -78,6 +84,20 @@ impl DevServer {
             .write_all(input)
             .expect("write stdin");
         child.wait_with_output().expect("client output")
+    }
+
+    /// SIGKILL (a real `kill -9`), then the server's stdout and stderr.
+    pub fn kill9(mut self) -> (tempfile::TempDir, String) {
+        let child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-KILL", &child.id().to_string()])
+            .status();
+        let output = child.wait_with_output().expect("server exits");
+        let logs = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        (
+            std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")),
+            logs,
+        )
     }
 
     /// SIGTERM, then the server's stdout and stderr.
