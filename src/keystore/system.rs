@@ -432,6 +432,7 @@ impl KeyStore {
             open.open.remove(&id);
             open.closing.remove(&id);
         }
+        crate::failpoint::hit("destroy-tenant:committed");
         match std::fs::remove_dir_all(self.tenant_dir(id)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

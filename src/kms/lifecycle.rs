@@ -382,7 +382,7 @@ impl Kms {
             let primary = self.version(&db, &record, record.primary)?;
             let period = record.policy.rotation_period_secs;
             let by_age = period.is_some_and(|p| primary.created_at.saturating_add(p) <= now);
-            let by_usage = Self::near_usage_limit(&record, &primary);
+            let by_usage = self.near_usage_limit(tenant, &record, &primary);
             if by_age || by_usage {
                 let rotated_record = self.rotate_key(tenant, &record.name)?;
                 tracing::info!(
@@ -395,11 +395,17 @@ impl Kms {
                 rotated.push((tenant, record.name.clone(), rotated_record.primary));
             }
             let Some(period) = period else {
+                if !by_usage && Self::reserved_near_limit(&record, &primary) {
+                    // Not used enough yet, but reserved: look again at the next tick.
+                    continue;
+                }
                 self.store.remove_rotation_check(tenant, key_id)?;
                 continue;
             };
             let due = if by_age || by_usage {
                 now.saturating_add(period)
+            } else if Self::reserved_near_limit(&record, &primary) {
+                now // reserved near a limit: look again at the next tick
             } else {
                 primary.created_at.saturating_add(period)
             };

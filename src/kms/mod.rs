@@ -322,6 +322,7 @@ impl Kms {
         let window = self.destruction_window.max(self.min_destruction_window);
         let at = self.clock.now_secs().saturating_add(window.as_secs());
         let record = self.store.schedule_tenant_destruction(id, at)?;
+        crate::failpoint::hit("destroy-tenant:scheduled");
         self.forget_tenant(id);
         Ok(record)
     }
@@ -375,7 +376,7 @@ impl Kms {
         }
         let id = KeyId::random();
         let version = KeyVersion(1);
-        let version_record = self.new_version(tenant, id, version)?;
+        let version_record = self.new_version(tenant, id, version, &KeyPolicy::default())?;
         let record = KeyRecord {
             id,
             name: name.clone(),
@@ -390,6 +391,7 @@ impl Kms {
             TenantWrite::Version(id, version_record.clone()),
             TenantWrite::Key(record.clone()),
         ])?;
+        self.register_new_version(tenant, record.id, &version_record);
         let epoch = self.epoch();
         self.remember_primary(tenant, record.clone(), version_record, epoch);
         Ok(record)
@@ -432,14 +434,17 @@ impl Kms {
                 .checked_add(1)
                 .ok_or(Error::VersionsExhausted)?,
         );
-        let version_record = self.new_version(tenant, record.id, next)?;
+        let version_record = self.new_version(tenant, record.id, next, &record.policy)?;
         record.primary = next;
         record.latest = next;
         record.generation += 1;
+        crate::failpoint::hit("rotate-key:version-made");
         db.commit(vec![
             TenantWrite::Version(record.id, version_record.clone()),
             TenantWrite::Key(record.clone()),
         ])?;
+        crate::failpoint::hit("rotate-key:committed");
+        self.register_new_version(tenant, record.id, &version_record);
         let epoch = self.epoch();
         self.remember_primary(tenant, record.clone(), version_record, epoch);
         Ok(record)
@@ -1221,6 +1226,7 @@ impl Kms {
         tenant: TenantId,
         key_id: KeyId,
         version: KeyVersion,
+        policy: &KeyPolicy,
     ) -> Result<VersionRecord, Error> {
         let wrapped = self.hsm.generate_kek()?;
         let kek = self.hsm.unwrap_kek(&wrapped)?;
@@ -1246,8 +1252,10 @@ impl Kms {
             kek: wrapped.to_bytes(),
             bulk_key: crypto::encode_blob(&header, &sealed.iv, &sealed.sealed),
             created_at: self.clock.now_secs(),
-            reserved_kek_uses: 0,
-            reserved_bulk_uses: 0,
+            // The first blocks are reserved in the commit that creates the version, so its
+            // first uses need no commit of their own.
+            reserved_kek_uses: Self::first_block(policy, UseKind::Kek),
+            reserved_bulk_uses: Self::first_block(policy, UseKind::Bulk),
         })
     }
 

@@ -6,16 +6,17 @@
 //! loses at most the unused part of a block, so the persisted count can only over-count. A
 //! restart counts every reserved use as used.
 //!
-//! When a reservation reaches nine tenths of the limit, the key is queued for the scheduler,
-//! which rotates it (`Kms::run_due_rotations`). If the limit itself is reached first, the
-//! version refuses to encrypt (FAILED_PRECONDITION, USAGE_LIMIT_REACHED).
+//! When a reservation reaches three quarters of the limit, the key is queued for the scheduler,
+//! which rotates it once three quarters are used (`Kms::run_due_rotations`), leaving a quarter
+//! for the time until its tick. If the limit itself is reached first, the version refuses to
+//! encrypt (FAILED_PRECONDITION, USAGE_LIMIT_REACHED).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Kms;
 use crate::error::Error;
 use crate::ids::{KeyId, KeyVersion, TenantId};
-use crate::keystore::{KeyRecord, TenantWrite, VersionRecord};
+use crate::keystore::{KeyPolicy, KeyRecord, TenantWrite, VersionRecord};
 
 /// Which counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,13 +73,47 @@ pub(super) enum Taken {
     Reserve,
 }
 
+fn block(limit: u64) -> u64 {
+    (limit / 16).clamp(1, MAX_BLOCK)
+}
+
 impl Kms {
     /// The version's limit for this kind of use.
     pub(super) fn use_limit(record: &KeyRecord, kind: UseKind) -> u64 {
+        Self::policy_limit(&record.policy, kind)
+    }
+
+    fn policy_limit(policy: &KeyPolicy, kind: UseKind) -> u64 {
         match kind {
-            UseKind::Kek => record.policy.max_kek_uses.unwrap_or(DEFAULT_MAX_KEK_USES),
-            UseKind::Bulk => record.policy.max_bulk_uses.unwrap_or(DEFAULT_MAX_BULK_USES),
+            UseKind::Kek => policy.max_kek_uses.unwrap_or(DEFAULT_MAX_KEK_USES),
+            UseKind::Bulk => policy.max_bulk_uses.unwrap_or(DEFAULT_MAX_BULK_USES),
         }
+    }
+
+    /// What a new version reserves in the commit that creates it.
+    pub(super) fn first_block(policy: &KeyPolicy, kind: UseKind) -> u64 {
+        block(Self::policy_limit(policy, kind))
+    }
+
+    /// Counters of a version this process just created: one KEK use (its bulk key was
+    /// encrypted under it), no bulk use, the first blocks reserved.
+    pub(super) fn register_new_version(
+        &self,
+        tenant: TenantId,
+        key_id: KeyId,
+        version: &VersionRecord,
+    ) {
+        let usage = Usage {
+            used: [AtomicU64::new(1), AtomicU64::new(0)],
+            reserved: [
+                AtomicU64::new(version.reserved_kek_uses),
+                AtomicU64::new(version.reserved_bulk_uses),
+            ],
+        };
+        self.usage.write().expect("usage lock poisoned").insert(
+            (tenant, key_id, version.version),
+            std::sync::Arc::new(usage),
+        );
     }
 
     /// The in-memory counters of a version (created from its record the first time).
@@ -175,7 +210,7 @@ impl Kms {
         let Some(mut stored) = db.version(&record.id, version)? else {
             return Err(Error::Decrypt);
         };
-        let block = (limit / 16).clamp(1, MAX_BLOCK);
+        let block = block(limit);
         let field = match kind {
             UseKind::Kek => &mut stored.reserved_kek_uses,
             UseKind::Bulk => &mut stored.reserved_bulk_uses,
@@ -184,24 +219,48 @@ impl Kms {
         *field = reserved;
         db.commit(vec![TenantWrite::Version(record.id, stored)])?;
         usage.reserved[i].store(reserved, Ordering::Release);
-        if reserved.saturating_mul(10) >= limit.saturating_mul(9) {
-            // Due now: the scheduler's next tick rotates the key.
+        if reserved.saturating_mul(4) >= limit.saturating_mul(3) {
+            // Due now: the scheduler looks at every tick and rotates at three quarters used.
             self.store
                 .set_rotation_check(tenant, record.id, self.clock.now_secs())?;
         }
         Ok(())
     }
 
-    /// Whether a version's persisted reservation is close enough to a limit that the key
-    /// should rotate.
-    pub(super) fn near_usage_limit(record: &KeyRecord, version: &VersionRecord) -> bool {
+    /// Whether a version has used three quarters of a limit, counting from memory when this
+    /// process has its counters and from its persisted reservations otherwise (an over-count).
+    pub(super) fn near_usage_limit(
+        &self,
+        tenant: TenantId,
+        record: &KeyRecord,
+        version: &VersionRecord,
+    ) -> bool {
+        let usage = self
+            .usage
+            .read()
+            .expect("usage lock poisoned")
+            .get(&(tenant, record.id, version.version))
+            .cloned();
+        [UseKind::Kek, UseKind::Bulk].into_iter().any(|kind| {
+            let used = match (&usage, kind) {
+                (Some(usage), kind) => usage.used[index(kind)].load(Ordering::Relaxed),
+                (None, UseKind::Kek) => version.reserved_kek_uses,
+                (None, UseKind::Bulk) => version.reserved_bulk_uses,
+            };
+            used.saturating_mul(4) >= Self::use_limit(record, kind).saturating_mul(3)
+        })
+    }
+
+    /// Whether a version has reserved three quarters of a limit: the scheduler keeps
+    /// looking at it every tick until it rotates.
+    pub(super) fn reserved_near_limit(record: &KeyRecord, version: &VersionRecord) -> bool {
         [
             (version.reserved_kek_uses, UseKind::Kek),
             (version.reserved_bulk_uses, UseKind::Bulk),
         ]
         .into_iter()
         .any(|(reserved, kind)| {
-            reserved.saturating_mul(10) >= Self::use_limit(record, kind).saturating_mul(9)
+            reserved.saturating_mul(4) >= Self::use_limit(record, kind).saturating_mul(3)
         })
     }
 }
