@@ -28,7 +28,6 @@ use keyfront::kms::{Kms, KmsOptions};
 use keyfront::service::pb;
 use keyfront::service::pb::key_service_client::KeyServiceClient;
 use rand::seq::SliceRandom;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const TOKEN_LABEL: &str = "keyfront-bench";
 const APP_IDENTITY: &str = "spiffe://keyfront.dev/scale/app";
@@ -368,24 +367,6 @@ fn write_config(
     path
 }
 
-async fn try_channel(certs: &Path, port: u16, principal: &str) -> Option<Channel> {
-    let read = |f: String| std::fs::read(certs.join(f)).expect("cert");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.crt".into())))
-        .identity(Identity::from_pem(
-            read(format!("{principal}.crt")),
-            read(format!("{principal}.key")),
-        ))
-        .domain_name("localhost");
-    Channel::from_shared(format!("https://127.0.0.1:{port}"))
-        .ok()?
-        .tls_config(tls)
-        .ok()?
-        .connect()
-        .await
-        .ok()
-}
-
 /// Polls health every 5 ms until SERVING; the time since `started`.
 async fn wait_until_serving(
     certs: &Path,
@@ -403,7 +384,7 @@ async fn wait_until_serving(
             started.elapsed() < Duration::from_secs(300),
             "keyfront serve did not become SERVING in 300 s"
         );
-        if let Some(channel) = try_channel(certs, port, "officer").await {
+        if let Some(channel) = common::try_channel(certs, port, "officer").await {
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
             let status = health
                 .check(tonic_health::pb::HealthCheckRequest::default())

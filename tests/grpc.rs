@@ -1681,6 +1681,19 @@ async fn metrics_show_requests_latencies_hsm_and_caches() {
     h.stop().await;
 }
 
+/// The domain on a stopped server's data directory. The server's last references go
+/// asynchronously and sled locks its files, so this retries for a few seconds.
+#[cfg(feature = "test-hooks")]
+async fn reopen(hsm: Arc<dyn Hsm>, dir: &std::path::Path) -> keyfront::kms::Kms {
+    for _ in 0..50 {
+        match keyfront::kms::Kms::open(Arc::clone(&hsm), &dir.join("data"), KmsOptions::default()) {
+            Ok(kms) => return kms,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("cannot reopen the data directory");
+}
+
 #[cfg(feature = "test-hooks")]
 fn reason(status: &tonic::Status) -> Option<String> {
     use tonic_types::StatusExt;
@@ -1937,22 +1950,7 @@ async fn key_lifecycle_story() {
     // After a restart on the same data directory, v1 stays destroyed and its blobs are gone.
     let hsm = Arc::clone(&harness.hsm) as Arc<dyn Hsm>;
     let dir = harness.stop().await;
-    let mut reopened = None;
-    for _ in 0..50 {
-        // The stopped server's last references go asynchronously; sled locks its files.
-        match keyfront::kms::Kms::open(
-            Arc::clone(&hsm),
-            &dir.path().join("data"),
-            KmsOptions::default(),
-        ) {
-            Ok(kms) => {
-                reopened = Some(kms);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let kms = reopened.expect("reopen the data directory");
+    let kms = reopen(hsm, dir.path()).await;
     let acme = kms.tenant(&"acme".parse().expect("name")).expect("acme").id;
     let details = kms
         .key_details(acme, &"default".parse().expect("name"))
@@ -2177,21 +2175,7 @@ async fn destroy_tenant_story() {
         old_copy.path(),
         &dir.path().join("data/tenants").join(&globex_id),
     );
-    let mut reopened = None;
-    for _ in 0..50 {
-        match keyfront::kms::Kms::open(
-            Arc::clone(&hsm),
-            &dir.path().join("data"),
-            KmsOptions::default(),
-        ) {
-            Ok(kms) => {
-                reopened = Some(kms);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let kms = reopened.expect("reopen");
+    let kms = reopen(hsm, dir.path()).await;
     let id: keyfront::ids::TenantId = globex_id.parse().expect("id");
     assert!(kms.store().is_destroyed(id).expect("tombstone"));
     let err = kms
@@ -2562,18 +2546,7 @@ async fn master_key_rotation_story() {
     // under generation 2 and decrypts.
     let token = harness.token.clone();
     let dir = harness.stop().await;
-    let mut reopened = None;
-    for _ in 0..50 {
-        let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&token));
-        match keyfront::kms::Kms::open(hsm, &dir.path().join("data"), KmsOptions::default()) {
-            Ok(kms) => {
-                reopened = Some(kms);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let kms = reopened.expect("reopen");
+    let kms = reopen(Arc::new(common::open_hsm(&token)), dir.path()).await;
     assert_eq!(
         kms.hsm().mwk_generations(),
         vec![keyfront::hsm::MwkGeneration(2)]

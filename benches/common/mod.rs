@@ -15,6 +15,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 /// A channel over mutual TLS to `127.0.0.1:port` as the principal whose certificate and key
 /// are `certs/{principal}.crt|key`.
 pub(crate) async fn channel(certs: &Path, port: u16, principal: &str) -> Channel {
+    try_channel(certs, port, principal).await.expect("connect")
+}
+
+/// [`channel`], or `None` while the server is not listening yet.
+pub(crate) async fn try_channel(certs: &Path, port: u16, principal: &str) -> Option<Channel> {
     let read = |f: String| std::fs::read(certs.join(f)).expect("cert");
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("ca.crt".into())))
@@ -29,7 +34,7 @@ pub(crate) async fn channel(certs: &Path, port: u16, principal: &str) -> Channel
         .expect("tls")
         .connect()
         .await
-        .expect("connect")
+        .ok()
 }
 
 /// CPU model, cores, memory and the time, for the report.
