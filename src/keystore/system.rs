@@ -112,7 +112,7 @@ impl SystemDb {
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(None)
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(16 * 1024 * 1024)
             .open()?;
         let integrity = |reason| Error::Integrity {
             database: "system".into(),

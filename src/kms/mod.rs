@@ -658,9 +658,15 @@ impl Kms {
             primary: version,
             usage,
         });
+        self.insert_version(tenant, &snapshot, epoch);
+        snapshot
+    }
+
+    /// Caches a version snapshot, unless a lifecycle change happened since `epoch`.
+    fn insert_version(&self, tenant: TenantId, snapshot: &Arc<KeySnapshot>, epoch: u64) {
         let current = self.cache_epoch.read().expect("cache epoch lock poisoned");
         if *current != epoch {
-            return snapshot;
+            return;
         }
         let mut versions = self.versions.write().expect("versions lock poisoned");
         if versions.len() >= self.primaries_capacity {
@@ -668,9 +674,8 @@ impl Kms {
         }
         versions.entry(tenant).or_default().insert(
             (snapshot.record.id, snapshot.primary.version),
-            Arc::clone(&snapshot),
+            Arc::clone(snapshot),
         );
-        snapshot
     }
 
     fn seal_locally(
@@ -738,13 +743,14 @@ impl Kms {
         primary: VersionRecord,
         epoch: u64,
     ) -> Arc<KeySnapshot> {
-        self.remember_version(tenant, record.clone(), primary.clone(), epoch);
         let usage = self.usage(tenant, record.id, &primary);
         let snapshot = Arc::new(KeySnapshot {
             record,
             primary,
             usage,
         });
+        // One snapshot serves both maps.
+        self.insert_version(tenant, &snapshot, epoch);
         let current = self.cache_epoch.read().expect("cache epoch lock poisoned");
         if *current != epoch {
             return snapshot;
