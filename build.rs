@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyfront.v1.DecryptDataKeyResponse",
             "keyfront.v1.SealSecretRequest",
             "keyfront.v1.UnsealSecretResponse",
+            "keyfront.v1.HashPasswordRequest",
+            "keyfront.v1.VerifyPasswordRequest",
         ])
         .compile_with_config(
             config,

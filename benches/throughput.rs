@@ -134,6 +134,18 @@ impl KeyService for Echo {
     ) -> Result<Response<pb::ReEncryptDataKeyResponse>, Status> {
         Ok(Response::new(pb::ReEncryptDataKeyResponse::default()))
     }
+    async fn hash_password(
+        &self,
+        _: Request<pb::HashPasswordRequest>,
+    ) -> Result<Response<pb::HashPasswordResponse>, Status> {
+        Ok(Response::new(pb::HashPasswordResponse::default()))
+    }
+    async fn verify_password(
+        &self,
+        _: Request<pb::VerifyPasswordRequest>,
+    ) -> Result<Response<pb::VerifyPasswordResponse>, Status> {
+        Ok(Response::new(pb::VerifyPasswordResponse::default()))
+    }
 }
 
 fn principal(path: &str, tenants: &[&str], role: Role) -> PrincipalConfig {

@@ -107,6 +107,9 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// Longest a request may take before DEADLINE_EXCEEDED.
     pub request_timeout: Duration,
+    /// Most HashPassword/VerifyPassword computations at once; more are refused with
+    /// RESOURCE_EXHAUSTED, so a flood of logins cannot starve the other RPCs.
+    pub max_concurrent_password_hashes: usize,
 }
 
 impl Default for Limits {
@@ -118,6 +121,7 @@ impl Default for Limits {
             max_context_bytes: 8 * 1024,
             max_concurrent_requests: 1024,
             request_timeout: Duration::from_secs(10),
+            max_concurrent_password_hashes: 2,
         }
     }
 }
@@ -257,6 +261,9 @@ pub enum ConfigProblem {
     /// A tenant or key name in a principal is not a valid name.
     #[error("principals: {0:?} names an invalid tenant or key {1:?}")]
     PrincipalName(String, String),
+    /// Argon2id costs outside what VerifyPassword accepts.
+    #[error("passwords: memory_kib must be 8 to 1048576, iterations and parallelism 1 to 16")]
+    PasswordParams,
     /// A destruction window shorter than the backup retention.
     #[error(
         "keys.destruction_window_days ({0}) must be at least backup.retention_days ({1}): a destroyed version must outlive the backups that need it"
@@ -284,6 +291,39 @@ struct RawConfig {
     backup: RawBackup,
     #[serde(default)]
     dual_control: RawDualControl,
+    #[serde(default)]
+    passwords: RawPasswords,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPasswords {
+    #[serde(default = "default_password_memory_kib")]
+    memory_kib: u32,
+    #[serde(default = "default_password_iterations")]
+    iterations: u32,
+    #[serde(default = "default_password_parallelism")]
+    parallelism: u32,
+}
+
+impl Default for RawPasswords {
+    fn default() -> Self {
+        Self {
+            memory_kib: default_password_memory_kib(),
+            iterations: default_password_iterations(),
+            parallelism: default_password_parallelism(),
+        }
+    }
+}
+
+fn default_password_memory_kib() -> u32 {
+    crate::kms::PasswordParams::default().memory_kib
+}
+fn default_password_iterations() -> u32 {
+    crate::kms::PasswordParams::default().iterations
+}
+fn default_password_parallelism() -> u32 {
+    crate::kms::PasswordParams::default().parallelism
 }
 
 #[derive(Debug, Deserialize)]
@@ -380,6 +420,8 @@ struct RawServer {
     max_context_bytes: usize,
     #[serde(default = "default_max_concurrent_requests")]
     max_concurrent_requests: usize,
+    #[serde(default = "default_max_concurrent_password_hashes")]
+    max_concurrent_password_hashes: usize,
     #[serde(default = "default_request_timeout_ms")]
     request_timeout_ms: u64,
 }
@@ -484,6 +526,9 @@ fn default_max_context_pairs() -> usize {
 fn default_max_context_bytes() -> usize {
     Limits::default().max_context_bytes
 }
+fn default_max_concurrent_password_hashes() -> usize {
+    Limits::default().max_concurrent_password_hashes
+}
 fn default_max_concurrent_requests() -> usize {
     Limits::default().max_concurrent_requests
 }
@@ -561,6 +606,13 @@ impl RawConfig {
         if self.hsm.retry_secs == 0 {
             problems.push(ConfigProblem::Zero("hsm.retry_secs"));
         }
+        let p = &self.passwords;
+        if !(8..=1 << 20).contains(&p.memory_kib)
+            || !(1..=16).contains(&p.iterations)
+            || !(1..=16).contains(&p.parallelism)
+        {
+            problems.push(ConfigProblem::PasswordParams);
+        }
         if self.dual_control.approval_ttl_secs == 0 {
             problems.push(ConfigProblem::Zero("dual_control.approval_ttl_secs"));
         }
@@ -608,6 +660,11 @@ impl RawConfig {
                         self.backup.retention_days.saturating_mul(86_400),
                     ),
                     scheduler_interval: Duration::from_secs(self.keys.scheduler_interval_secs),
+                    password_params: crate::kms::PasswordParams {
+                        memory_kib: self.passwords.memory_kib,
+                        iterations: self.passwords.iterations,
+                        parallelism: self.passwords.parallelism,
+                    },
                 },
             }),
             _ => Err(problems),
@@ -634,6 +691,10 @@ impl RawServer {
                 self.max_concurrent_requests,
                 "server.max_concurrent_requests",
             ),
+            (
+                self.max_concurrent_password_hashes,
+                "server.max_concurrent_password_hashes",
+            ),
         ] {
             if value == 0 {
                 problems.push(ConfigProblem::Zero(name));
@@ -657,6 +718,7 @@ impl RawServer {
                 max_context_bytes: self.max_context_bytes,
                 max_concurrent_requests: self.max_concurrent_requests,
                 request_timeout: Duration::from_millis(self.request_timeout_ms),
+                max_concurrent_password_hashes: self.max_concurrent_password_hashes,
             },
         }
     }

@@ -128,6 +128,7 @@ impl Harness {
             max_context_bytes: 512,
             max_concurrent_requests: 64,
             request_timeout: Duration::from_secs(10),
+            max_concurrent_password_hashes: 2,
         };
         let mut kms = KmsOptions::default();
         adjust(&mut limits, &mut kms);
@@ -2570,4 +2571,96 @@ async fn master_key_rotation_story() {
         )
         .expect("decrypts after restart");
     assert_eq!(out.plaintext.expose_secret(), b"acme before");
+}
+
+/// HashPassword/VerifyPassword over gRPC; a flood of hashing is refused with
+/// RESOURCE_EXHAUSTED while Encrypt keeps being served (issue 6, story 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_hashing_is_bounded_and_encrypt_keeps_going() {
+    let harness = Harness::start_configured(
+        false,
+        |limits, kms| {
+            limits.max_concurrent_password_hashes = 1;
+            kms.password_params = keyfront::kms::PasswordParams {
+                memory_kib: 8 * 1024,
+                iterations: 2,
+                parallelism: 1,
+            };
+        },
+        |_| {},
+    )
+    .await;
+    let mut secrets = harness.keys("acme-secrets").await;
+    let hash = secrets
+        .hash_password(pb::HashPasswordRequest {
+            key: "secrets".into(),
+            password: b"hunter2".to_vec(),
+            tenant: String::new(),
+        })
+        .await
+        .expect("hash")
+        .into_inner()
+        .hash;
+    let verify = |password: &[u8]| pb::VerifyPasswordRequest {
+        key: "secrets".into(),
+        password: password.to_vec(),
+        hash: hash.clone(),
+        tenant: String::new(),
+    };
+    let ok = secrets
+        .verify_password(verify(b"hunter2"))
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(ok.matches && !ok.rehash_needed);
+    let no = secrets
+        .verify_password(verify(b"hunter3"))
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(!no.matches);
+    // The app role cannot hash passwords.
+    let denied = harness
+        .keys("acme-app")
+        .await
+        .hash_password(pb::HashPasswordRequest {
+            key: "secrets".into(),
+            password: b"x".to_vec(),
+            tenant: String::new(),
+        })
+        .await
+        .expect_err("role");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    // A flood: 16 hashes at once with one slot.
+    let flood: Vec<_> = (0..16)
+        .map(|_| {
+            let mut client = secrets.clone();
+            tokio::spawn(async move {
+                client
+                    .hash_password(pb::HashPasswordRequest {
+                        key: "secrets".into(),
+                        password: b"flood".to_vec(),
+                        tenant: String::new(),
+                    })
+                    .await
+                    .map(drop)
+            })
+        })
+        .collect();
+    let mut app = harness.keys("acme-app").await;
+    for _ in 0..20 {
+        encrypt(&mut app, b"still served").await;
+    }
+    let mut exhausted = 0;
+    for task in flood {
+        match task.await.expect("task") {
+            Ok(()) => {}
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                exhausted += 1;
+            }
+        }
+    }
+    assert!(exhausted > 0, "some of the flood was refused");
 }

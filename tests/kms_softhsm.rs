@@ -905,3 +905,94 @@ fn usage_limits_refuse_then_rotation_renews() {
         })
     ));
 }
+
+fn fast_passwords() -> KmsOptions {
+    KmsOptions {
+        // Small Argon2 costs: these tests run in a debug build.
+        password_params: keyfront::kms::PasswordParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        },
+        ..KmsOptions::default()
+    }
+}
+
+/// HashPassword/VerifyPassword (issue 6, story 1): the right password verifies, a wrong one does
+/// not; a hash made for acme does not verify for globex; another token's pepper differs;
+/// raised parameters ask for a rehash; malformed hashes and DATA keys are refused.
+#[test]
+fn passwords_verify_only_where_they_were_made() {
+    let token = common::initialized_token("passwords");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&token));
+    let kms = Kms::open(Arc::clone(&hsm), dir.path(), fast_passwords()).expect("kms");
+    let acme = tenant(&kms, "acme");
+    let globex = tenant(&kms, "globex");
+    let secrets = name("secrets");
+    let right = Plaintext::new(b"correct horse battery staple".to_vec());
+    let wrong = Plaintext::new(b"correct horse battery stapler".to_vec());
+    let hash = kms.hash_password(acme, &secrets, &right).expect("hash");
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=64,t=1,p=1,pv=1$"),
+        "{hash}"
+    );
+    assert!(!hash.contains("correct"), "no password in the hash");
+    let other = kms.hash_password(acme, &secrets, &right).expect("hash");
+    assert_ne!(hash, other, "salted");
+
+    let ok = kms
+        .verify_password(acme, &secrets, &right, &hash)
+        .expect("verify");
+    assert!(ok.matches && !ok.rehash_needed);
+    assert!(
+        !kms.verify_password(acme, &secrets, &wrong, &hash)
+            .expect("verify")
+            .matches
+    );
+    assert!(
+        !kms.verify_password(globex, &secrets, &right, &hash)
+            .expect("verify")
+            .matches,
+        "a hash made for acme does not verify for globex"
+    );
+    assert!(matches!(
+        kms.hash_password(acme, &name("default"), &right),
+        Err(Error::PurposeMismatch { .. })
+    ));
+    for bad in [
+        "",
+        "$argon2id$v=19$m=64",
+        "plain text",
+        &hash.replace("pv=1", "pv=1,x=2"),
+    ] {
+        assert!(
+            matches!(
+                kms.verify_password(acme, &secrets, &right, bad),
+                Err(Error::InvalidArgument(_))
+            ),
+            "{bad}"
+        );
+    }
+
+    // Raised costs: old hashes still verify and ask for a rehash.
+    drop(kms);
+    let mut stronger = fast_passwords();
+    stronger.password_params.iterations = 2;
+    let kms = Kms::open(Arc::clone(&hsm), dir.path(), stronger).expect("kms");
+    let raised = kms
+        .verify_password(acme, &secrets, &right, &hash)
+        .expect("verify");
+    assert!(raised.matches && raised.rehash_needed);
+
+    // Another token has another pepper: the same input gives another HMAC there.
+    let other_token = common::initialized_token("passwords-other");
+    let other_hsm = common::open_hsm(&other_token);
+    assert_ne!(
+        hsm.hmac(keyfront::hsm::HmacKey::Pepper, b"same input")
+            .expect("hmac"),
+        other_hsm
+            .hmac(keyfront::hsm::HmacKey::Pepper, b"same input")
+            .expect("hmac")
+    );
+}

@@ -27,11 +27,13 @@ use crate::keystore::{
 mod approvals;
 mod lifecycle;
 mod master_key;
+mod passwords;
 pub mod scheduler;
 mod usage;
 
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};
 pub use master_key::{MasterKeyStatus, RETIRED_MWK_MARGIN};
+pub use passwords::{MAX_PASSWORD_LEN, PEPPER_VERSION, PasswordParams, Verified};
 pub use usage::{DEFAULT_MAX_BULK_USES, DEFAULT_MAX_KEK_USES};
 use usage::{Taken, Usage, UseKind};
 
@@ -60,6 +62,8 @@ pub struct KmsOptions {
     pub min_destruction_window: Duration,
     /// How often the server's scheduler looks for due destructions.
     pub scheduler_interval: Duration,
+    /// Argon2id costs for HashPassword.
+    pub password_params: PasswordParams,
 }
 
 impl Default for KmsOptions {
@@ -72,6 +76,7 @@ impl Default for KmsOptions {
             destruction_window: Duration::from_secs(30 * 86_400),
             min_destruction_window: Duration::from_secs(30 * 86_400),
             scheduler_interval: Duration::from_secs(60),
+            password_params: PasswordParams::default(),
         }
     }
 }
@@ -152,6 +157,7 @@ pub struct Kms {
     min_destruction_window: Duration,
     clock: Arc<dyn Clock>,
     usage: RwLock<HashMap<(TenantId, KeyId, KeyVersion), Arc<Usage>>>,
+    password_params: PasswordParams,
 }
 
 struct CachedBulkKey {
@@ -214,6 +220,7 @@ impl Kms {
             min_destruction_window: options.min_destruction_window,
             clock,
             usage: RwLock::new(HashMap::new()),
+            password_params: options.password_params,
         })
     }
 

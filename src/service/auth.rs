@@ -120,6 +120,10 @@ pub enum Rpc {
     UnsealSecret,
     /// KeyService/ReEncrypt
     ReEncrypt,
+    /// KeyService/HashPassword
+    HashPassword,
+    /// KeyService/VerifyPassword
+    VerifyPassword,
     /// KeyService/ReEncryptDataKey
     ReEncryptDataKey,
     /// AdminService/CreateTenant
@@ -168,7 +172,9 @@ impl Rpc {
             | Self::BatchDecrypt
             | Self::ReEncrypt => Role::App,
             Self::GenerateDataKey | Self::DecryptDataKey | Self::ReEncryptDataKey => Role::Backup,
-            Self::SealSecret | Self::UnsealSecret => Role::Secrets,
+            Self::SealSecret | Self::UnsealSecret | Self::HashPassword | Self::VerifyPassword => {
+                Role::Secrets
+            }
             Self::CreateTenant
             | Self::ListTenants
             | Self::DestroyTenant

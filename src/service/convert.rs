@@ -142,6 +142,27 @@ impl fmt::Debug for pb::SealSecretRequest {
     }
 }
 
+impl fmt::Debug for pb::HashPasswordRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HashPasswordRequest")
+            .field("key", &self.key)
+            .field("password", &Redacted(self.password.len()))
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+impl fmt::Debug for pb::VerifyPasswordRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyPasswordRequest")
+            .field("key", &self.key)
+            .field("password", &Redacted(self.password.len()))
+            .field("hash", &Redacted(self.hash.len()))
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
 impl fmt::Debug for pb::UnsealSecretResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UnsealSecretResponse")
@@ -160,7 +181,7 @@ mod tests {
     fn messages_with_secrets_print_no_secret() {
         let context: HashMap<_, _> = [("order".to_owned(), "value-4711".to_owned())].into();
         let shown = format!(
-            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             pb::EncryptRequest {
                 plaintext: b"plain-4711".to_vec(),
                 context: context.clone(),
@@ -195,10 +216,19 @@ mod tests {
                 secret: b"plain-4711".to_vec(),
                 ..Default::default()
             },
+            pb::HashPasswordRequest {
+                password: b"plain-4711".to_vec(),
+                ..Default::default()
+            },
+            pb::VerifyPasswordRequest {
+                password: b"plain-4711".to_vec(),
+                hash: "$argon2id$4711".into(),
+                ..Default::default()
+            },
         );
         assert!(!shown.contains("4711"), "{shown}");
         assert!(!shown.contains("112, 108"), "{shown}");
-        assert_eq!(shown.matches("REDACTED").count(), 8);
+        assert_eq!(shown.matches("REDACTED").count(), 11);
     }
 
     #[test]

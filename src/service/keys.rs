@@ -434,4 +434,50 @@ impl pb::key_service_server::KeyService for KeyService {
             verified_wrapped_key_crc32c: verified,
         }))
     }
+
+    async fn hash_password(
+        &self,
+        request: Request<pb::HashPasswordRequest>,
+    ) -> Result<Response<pb::HashPasswordResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::HashPassword, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        let slot = self.shared.password_slot()?;
+        let password = Plaintext::new(r.password);
+        let hash = call
+            .run(move |kms, tenant| {
+                let _slot = slot;
+                kms.hash_password(tenant, &key, &password)
+            })
+            .await?;
+        Ok(Response::new(pb::HashPasswordResponse { hash }))
+    }
+
+    async fn verify_password(
+        &self,
+        request: Request<pb::VerifyPasswordRequest>,
+    ) -> Result<Response<pb::VerifyPasswordResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::VerifyPassword, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        let slot = self.shared.password_slot()?;
+        let password = Plaintext::new(r.password);
+        let stored = r.hash;
+        let verified = call
+            .run(move |kms, tenant| {
+                let _slot = slot;
+                kms.verify_password(tenant, &key, &password, &stored)
+            })
+            .await?;
+        Ok(Response::new(pb::VerifyPasswordResponse {
+            matches: verified.matches,
+            rehash_needed: verified.rehash_needed,
+        }))
+    }
 }

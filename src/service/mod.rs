@@ -73,6 +73,9 @@ pub struct Shared {
     principals: Principals,
     limits: Limits,
     dual_control: crate::config::DualControl,
+    // Slots for Argon2 computations (HashPassword, VerifyPassword): when none is free the call
+    // is refused at once instead of queueing behind a flood of logins.
+    password_slots: Arc<tokio::sync::Semaphore>,
     // Responses of mutations by (identity, request_id), so a retry is idempotent. In memory
     // for now (bounded); persisted idempotency arrives with the key lifecycle.
     done: Mutex<HashMap<RequestKey, (Rpc, Vec<u8>)>>,
@@ -84,6 +87,17 @@ type RequestKey = (String, String);
 const MAX_REMEMBERED_REQUESTS: usize = 10_000;
 
 impl Shared {
+    /// A slot for one Argon2 computation, or RESOURCE_EXHAUSTED when all are taken.
+    fn password_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.password_slots)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(
+                    "password hashing is at capacity (server.max_concurrent_password_hashes); retry with backoff",
+                )
+            })
+    }
+
     fn under_dual_control(&self, operation: crate::config::DualOperation) -> bool {
         self.dual_control.operations.contains(&operation)
     }
@@ -370,6 +384,9 @@ impl Server {
             principals: Principals::new(&self.config.principals),
             limits: server.limits,
             dual_control: self.config.dual_control.clone(),
+            password_slots: Arc::new(tokio::sync::Semaphore::new(
+                server.limits.max_concurrent_password_hashes,
+            )),
             done: Mutex::new(HashMap::new()),
         });
 
