@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyfront.v1.UnsealSecretResponse",
             "keyfront.v1.HashPasswordRequest",
             "keyfront.v1.VerifyPasswordRequest",
+            "keyfront.v1.LookupDigestRequest",
         ])
         .compile_with_config(
             config,

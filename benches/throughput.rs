@@ -146,6 +146,12 @@ impl KeyService for Echo {
     ) -> Result<Response<pb::VerifyPasswordResponse>, Status> {
         Ok(Response::new(pb::VerifyPasswordResponse::default()))
     }
+    async fn lookup_digest(
+        &self,
+        _: Request<pb::LookupDigestRequest>,
+    ) -> Result<Response<pb::LookupDigestResponse>, Status> {
+        Ok(Response::new(pb::LookupDigestResponse::default()))
+    }
 }
 
 fn principal(path: &str, tenants: &[&str], role: Role) -> PrincipalConfig {

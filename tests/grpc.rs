@@ -458,10 +458,31 @@ async fn every_rpc_round_trips() {
             context: HashMap::new(),
             secret_crc32c: None,
             tenant: String::new(),
+            include_lookup_digest: true,
         })
         .await
         .expect("seal")
         .into_inner();
+    // The lookup digest finds the sealed token again from what a client presents.
+    assert_eq!(sealed.lookup_digest.len(), 32);
+    let lookup = |secret: &[u8]| pb::LookupDigestRequest {
+        secret: secret.to_vec(),
+        tenant: String::new(),
+    };
+    let again = secrets
+        .lookup_digest(lookup(SECRET_MARKER))
+        .await
+        .expect("lookup digest")
+        .into_inner()
+        .lookup_digest;
+    assert_eq!(again, sealed.lookup_digest);
+    let other = secrets
+        .lookup_digest(lookup(b"another token"))
+        .await
+        .expect("lookup digest")
+        .into_inner()
+        .lookup_digest;
+    assert_ne!(other, sealed.lookup_digest);
     let unsealed = secrets
         .unseal_secret(pb::UnsealSecretRequest {
             sealed: sealed.sealed,

@@ -235,8 +235,8 @@ fn mwk_and_ceremony_keys_have_the_documented_attributes() {
         .expect("find");
     assert_eq!(
         token_objects.len(),
-        5,
-        "MWK, storage root, pepper, audit private + public"
+        6,
+        "MWK, storage root, pepper, lookup, audit private + public"
     );
 }
 

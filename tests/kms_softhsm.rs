@@ -975,6 +975,24 @@ fn passwords_verify_only_where_they_were_made() {
         );
     }
 
+    // Lookup digests are stable for a tenant and differ between tenants.
+    let token_secret = Plaintext::new(b"api-token-123".to_vec());
+    let digest = kms.lookup_digest(acme, &token_secret).expect("digest");
+    assert_eq!(
+        digest,
+        kms.lookup_digest(acme, &token_secret).expect("digest")
+    );
+    assert_ne!(
+        digest,
+        kms.lookup_digest(globex, &token_secret).expect("digest")
+    );
+    kms.rotate_key(acme, &secrets).expect("rotate");
+    assert_eq!(
+        digest,
+        kms.lookup_digest(acme, &token_secret).expect("digest"),
+        "rotation does not change it"
+    );
+
     // Raised costs: old hashes still verify and ask for a rehash.
     drop(kms);
     let mut stronger = fast_passwords();

@@ -51,7 +51,7 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create keyfront's keys (MWK, storage MAC, pepper, audit signing) on a token; runs once
+    /// Create keyfront's keys (MWK, storage MAC, pepper, lookup, audit signing) on a token; runs once
     /// per token.
     Init {
         /// The config file naming the module, token and PIN source.

@@ -18,6 +18,7 @@ pub struct MemoryHsm {
     mwk: SecretKey,
     storage_root: SecretKey,
     pepper: SecretKey,
+    lookup: SecretKey,
     audit: SecretKey,
 }
 
@@ -31,6 +32,7 @@ impl MemoryHsm {
             mwk: SecretKey::random(),
             storage_root: SecretKey::random(),
             pepper: SecretKey::random(),
+            lookup: SecretKey::random(),
             audit: SecretKey::random(),
         }
     }
@@ -111,6 +113,7 @@ impl Hsm for MemoryHsm {
         let key = match key {
             HmacKey::StorageRoot => &self.storage_root,
             HmacKey::Pepper => &self.pepper,
+            HmacKey::Lookup => &self.lookup,
         };
         Ok(hmac_sha256(key, data))
     }

@@ -137,6 +137,8 @@ pub enum HmacKey {
     StorageRoot,
     /// Password pepper; password HMACs are computed inside the HSM with it.
     Pepper,
+    /// Lookup digests of API tokens (SealSecret, LookupDigest).
+    Lookup,
 }
 
 /// A generation of the master wrapping key; also its CKA_ID (u32 big-endian) on the token.

@@ -34,6 +34,8 @@ pub const MWK_LABEL_PREFIX: &str = "keyfront-mwk-";
 pub const STORAGE_ROOT_LABEL: &str = "keyfront-storage-mac";
 /// Label (and CKA_ID) of the password pepper key.
 pub const PEPPER_LABEL: &str = "keyfront-pepper-1";
+/// Label (and CKA_ID) of the key that makes lookup digests of API tokens.
+pub const LOOKUP_LABEL: &str = "keyfront-lookup-1";
 /// Label (and CKA_ID) of the audit signing key pair.
 pub const AUDIT_LABEL: &str = "keyfront-audit-1";
 
@@ -180,6 +182,7 @@ pub fn init_token(config: &Pkcs11Config) -> Result<InitReport, Error> {
         mwk_label(generation),
         STORAGE_ROOT_LABEL.to_owned(),
         PEPPER_LABEL.to_owned(),
+        LOOKUP_LABEL.to_owned(),
         AUDIT_LABEL.to_owned(),
     ];
     for label in &labels {
@@ -217,7 +220,7 @@ fn create_ceremony_keys(
         .generate_key(&Mechanism::AesKeyGen, &mwk_template(generation))
         .map_err(to_error)?;
     created.push(mwk);
-    for label in [STORAGE_ROOT_LABEL, PEPPER_LABEL] {
+    for label in [STORAGE_ROOT_LABEL, PEPPER_LABEL, LOOKUP_LABEL] {
         let key = session
             .generate_key(&Mechanism::GenericSecretKeyGen, &hmac_key_template(label))
             .map_err(to_error)?;
@@ -385,6 +388,7 @@ pub struct Pkcs11Hsm {
     current_mwk: std::sync::atomic::AtomicU32,
     storage_root: ObjectHandle,
     pepper: ObjectHandle,
+    lookup: ObjectHandle,
     audit_private: ObjectHandle,
     kek_cache: quick_cache::sync::Cache<Vec<u8>, Arc<KekObject>>,
     // Rebuilt under the new MWK when the master key rotates.
@@ -420,6 +424,23 @@ impl Pkcs11Hsm {
             .ok_or(Error::NotInitialized("storage MAC key"))?;
         let pepper = find_one(&anchor, PEPPER_LABEL, ObjectClass::SECRET_KEY)?
             .ok_or(Error::NotInitialized("pepper key"))?;
+        // Tokens initialized before lookup digests existed get their lookup key now: an HMAC
+        // key like the pepper, made inside the HSM and never extractable.
+        let lookup = match find_one(&anchor, LOOKUP_LABEL, ObjectClass::SECRET_KEY)? {
+            Some(handle) => handle,
+            None => {
+                tracing::info!(
+                    label = LOOKUP_LABEL,
+                    "creating the lookup-digest key on this token"
+                );
+                anchor
+                    .generate_key(
+                        &Mechanism::GenericSecretKeyGen,
+                        &hmac_key_template(LOOKUP_LABEL),
+                    )
+                    .map_err(to_error)?
+            }
+        };
         let audit_private = find_one(&anchor, AUDIT_LABEL, ObjectClass::PRIVATE_KEY)?
             .ok_or(Error::NotInitialized("audit signing key"))?;
 
@@ -439,6 +460,7 @@ impl Pkcs11Hsm {
             current_mwk: std::sync::atomic::AtomicU32::new(current_mwk.0),
             storage_root,
             pepper,
+            lookup,
             audit_private,
             kek_cache: quick_cache::sync::Cache::new(config.kek_cache_capacity.get()),
         })
@@ -556,6 +578,7 @@ impl Hsm for Pkcs11Hsm {
         let handle = match key {
             HmacKey::StorageRoot => self.storage_root,
             HmacKey::Pepper => self.pepper,
+            HmacKey::Lookup => self.lookup,
         };
         let mac = self
             .pool

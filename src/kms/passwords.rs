@@ -23,6 +23,7 @@ use crate::keystore::{KeyRecord, Purpose};
 /// The pepper key generation the HSM holds (`keyfront-pepper-1`).
 pub const PEPPER_VERSION: u32 = 1;
 const DOMAIN: &[u8] = b"keyfront/v1/password";
+const LOOKUP_DOMAIN: &[u8] = b"keyfront/v1/lookup";
 const SALT_LEN: usize = 16;
 const HASH_LEN: usize = 32;
 /// Longest password accepted (bytes): Argon2 takes any length, but a bound stops abuse.
@@ -123,6 +124,23 @@ impl Kms {
             matches,
             rehash_needed: matches && parsed.params != self.password_params,
         })
+    }
+
+    /// The lookup digest of an API token: HMAC-SHA256 inside the HSM under the lookup key, of
+    /// `"keyfront/v1/lookup" ‖ tenant id ‖ secret`. Bound to the tenant, not to a key, so key
+    /// rotation does not change it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an empty secret; HSM errors.
+    pub fn lookup_digest(&self, tenant: TenantId, secret: &Plaintext) -> Result<[u8; 32], Error> {
+        if secret.is_empty() {
+            return Err(Error::InvalidArgument("secret: must not be empty".into()));
+        }
+        let mut input = Zeroizing::new(Vec::with_capacity(LOOKUP_DOMAIN.len() + 16 + secret.len()));
+        input.extend_from_slice(LOOKUP_DOMAIN);
+        input.extend_from_slice(tenant.as_bytes());
+        input.extend_from_slice(secret.expose_secret());
+        Ok(self.hsm.hmac(HmacKey::Lookup, &input)?)
     }
 
     fn argon2(

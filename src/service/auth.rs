@@ -122,6 +122,8 @@ pub enum Rpc {
     ReEncrypt,
     /// KeyService/HashPassword
     HashPassword,
+    /// KeyService/LookupDigest
+    LookupDigest,
     /// KeyService/VerifyPassword
     VerifyPassword,
     /// KeyService/ReEncryptDataKey
@@ -172,9 +174,11 @@ impl Rpc {
             | Self::BatchDecrypt
             | Self::ReEncrypt => Role::App,
             Self::GenerateDataKey | Self::DecryptDataKey | Self::ReEncryptDataKey => Role::Backup,
-            Self::SealSecret | Self::UnsealSecret | Self::HashPassword | Self::VerifyPassword => {
-                Role::Secrets
-            }
+            Self::SealSecret
+            | Self::UnsealSecret
+            | Self::HashPassword
+            | Self::VerifyPassword
+            | Self::LookupDigest => Role::Secrets,
             Self::CreateTenant
             | Self::ListTenants
             | Self::DestroyTenant

@@ -163,6 +163,15 @@ impl fmt::Debug for pb::VerifyPasswordRequest {
     }
 }
 
+impl fmt::Debug for pb::LookupDigestRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LookupDigestRequest")
+            .field("secret", &Redacted(self.secret.len()))
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
 impl fmt::Debug for pb::UnsealSecretResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UnsealSecretResponse")
@@ -181,7 +190,7 @@ mod tests {
     fn messages_with_secrets_print_no_secret() {
         let context: HashMap<_, _> = [("order".to_owned(), "value-4711".to_owned())].into();
         let shown = format!(
-            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             pb::EncryptRequest {
                 plaintext: b"plain-4711".to_vec(),
                 context: context.clone(),
@@ -225,10 +234,14 @@ mod tests {
                 hash: "$argon2id$4711".into(),
                 ..Default::default()
             },
+            pb::LookupDigestRequest {
+                secret: b"plain-4711".to_vec(),
+                ..Default::default()
+            },
         );
         assert!(!shown.contains("4711"), "{shown}");
         assert!(!shown.contains("112, 108"), "{shown}");
-        assert_eq!(shown.matches("REDACTED").count(), 11);
+        assert_eq!(shown.matches("REDACTED").count(), 12);
     }
 
     #[test]

@@ -314,6 +314,14 @@ impl pb::key_service_server::KeyService for KeyService {
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.secret, r.secret_crc32c, "secret_crc32c")?;
         let secret = Plaintext::new(r.secret);
+        let lookup_digest = if r.include_lookup_digest {
+            let copy = Plaintext::copy_from(secret.expose_secret());
+            call.run(move |kms, tenant| kms.lookup_digest(tenant, &copy))
+                .await?
+                .to_vec()
+        } else {
+            Vec::new()
+        };
         let out = call
             .run_cached(
                 (key, secret, context),
@@ -332,6 +340,24 @@ impl pb::key_service_server::KeyService for KeyService {
             key_id: out.key_id.to_string(),
             key_version: out.version.0,
             verified_secret_crc32c: verified,
+            lookup_digest,
+        }))
+    }
+
+    async fn lookup_digest(
+        &self,
+        request: Request<pb::LookupDigestRequest>,
+    ) -> Result<Response<pb::LookupDigestResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::LookupDigest, &r.tenant, None)?;
+        let secret = Plaintext::new(request.into_inner().secret);
+        let digest = call
+            .run(move |kms, tenant| kms.lookup_digest(tenant, &secret))
+            .await?;
+        Ok(Response::new(pb::LookupDigestResponse {
+            lookup_digest: digest.to_vec(),
         }))
     }
 
