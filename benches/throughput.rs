@@ -309,6 +309,7 @@ fn main() {
         ],
         metrics_listen: None,
         dual_control: Default::default(),
+        revocations: Default::default(),
     };
 
     // The servers get their own runtime (two workers, as `keyfront serve` has on this machine);

@@ -38,6 +38,18 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Which operations need a second officer's approval.
     pub dual_control: DualControl,
+    /// Client certificates refused although they chain to the CA.
+    pub revocations: Revocations,
+}
+
+/// Revoked client certificates, by serial number or SHA-256 fingerprint (lowercase hex, no
+/// separators). Reloaded with the principals on SIGHUP.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revocations {
+    /// Serial numbers.
+    pub serials: BTreeSet<String>,
+    /// SHA-256 fingerprints of the DER certificate.
+    pub fingerprints: BTreeSet<String>,
 }
 
 /// An operation that can be put under dual control.
@@ -261,6 +273,9 @@ pub enum ConfigProblem {
     /// A tenant or key name in a principal is not a valid name.
     #[error("principals: {0:?} names an invalid tenant or key {1:?}")]
     PrincipalName(String, String),
+    /// A revocation entry that is not hex.
+    #[error("{0}: {1:?} is not a hex serial or fingerprint")]
+    Revocation(&'static str, String),
     /// Argon2id costs outside what VerifyPassword accepts.
     #[error("passwords: memory_kib must be 8 to 1048576, iterations and parallelism 1 to 16")]
     PasswordParams,
@@ -293,6 +308,27 @@ struct RawConfig {
     dual_control: RawDualControl,
     #[serde(default)]
     passwords: RawPasswords,
+    #[serde(default)]
+    revocations: RawRevocations,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevocations {
+    #[serde(default)]
+    serials: Vec<String>,
+    #[serde(default)]
+    fingerprints: Vec<String>,
+}
+
+/// Lowercase hex without separators (`AB:CD` and `abcd` name the same serial).
+fn normalize_hex(value: &str) -> Option<String> {
+    let hex: String = value
+        .chars()
+        .filter(|c| !matches!(c, ':' | ' '))
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    (!hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
 }
 
 #[derive(Debug, Deserialize)]
@@ -606,6 +642,22 @@ impl RawConfig {
         if self.hsm.retry_secs == 0 {
             problems.push(ConfigProblem::Zero("hsm.retry_secs"));
         }
+        let mut revoked = |values: Vec<String>, field: &'static str| {
+            values
+                .into_iter()
+                .filter_map(|v| {
+                    let normalized = normalize_hex(&v);
+                    if normalized.is_none() {
+                        problems.push(ConfigProblem::Revocation(field, v));
+                    }
+                    normalized
+                })
+                .collect::<BTreeSet<_>>()
+        };
+        let revocations = Revocations {
+            serials: revoked(self.revocations.serials, "revocations.serials"),
+            fingerprints: revoked(self.revocations.fingerprints, "revocations.fingerprints"),
+        };
         let p = &self.passwords;
         if !(8..=1 << 20).contains(&p.memory_kib)
             || !(1..=16).contains(&p.iterations)
@@ -640,6 +692,7 @@ impl RawConfig {
                 server,
                 principals,
                 metrics_listen: self.metrics.map(|m| m.listen),
+                revocations,
                 dual_control: DualControl {
                     operations: self.dual_control.operations.into_iter().collect(),
                     approval_ttl: Duration::from_secs(self.dual_control.approval_ttl_secs),

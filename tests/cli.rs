@@ -543,3 +543,81 @@ fn rotate_key_and_destroy_tenant_survive_a_crash_at_every_step() {
         server.stop();
     }
 }
+
+/// SIGHUP reloads principals and revocations: the next request on a connection that is
+/// already open is judged by the new rules; an invalid file changes nothing (issue 6).
+#[test]
+fn sighup_revokes_a_certificate_for_open_connections() {
+    use base64::Engine;
+    use sha2::Digest;
+    let server = DevServer::start();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let encrypt = |client: &mut keyfront::service::pb::key_service_client::KeyServiceClient<
+        tonic::transport::Channel,
+    >| {
+        runtime.block_on(client.encrypt(keyfront::service::pb::EncryptRequest {
+            key: "default".into(),
+            plaintext: b"x".to_vec(),
+            ..Default::default()
+        }))
+    };
+    let mut globex = keyfront::service::pb::key_service_client::KeyServiceClient::new(
+        runtime.block_on(server.channel("globex-app")),
+    );
+    let mut acme = keyfront::service::pb::key_service_client::KeyServiceClient::new(
+        runtime.block_on(server.channel("acme-app")),
+    );
+    encrypt(&mut globex).expect("before the reload");
+
+    let pem = std::fs::read_to_string(server.dir.path().join("certs/globex-app.crt")).expect("pem");
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("der");
+    let fingerprint = hex::encode(sha2::Sha256::digest(&der));
+    let config = server.dir.path().join("keyfront.toml");
+    let original = std::fs::read_to_string(&config).expect("config");
+    let hup = || {
+        Command::new("kill")
+            .args(["-HUP", &server.pid().to_string()])
+            .status()
+            .expect("kill -HUP");
+    };
+
+    // An invalid file first: nothing changes.
+    std::fs::write(
+        &config,
+        format!("{original}\n[revocations]\nfingerprints = [\"not hex\"]\n"),
+    )
+    .expect("write");
+    hup();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    encrypt(&mut globex).expect("an invalid config changes nothing");
+
+    std::fs::write(
+        &config,
+        format!("{original}\n[revocations]\nfingerprints = [\"{fingerprint}\"]\n"),
+    )
+    .expect("write");
+    hup();
+    let mut refused = None;
+    for _ in 0..50 {
+        match encrypt(&mut globex) {
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let status = refused.expect("the open connection is judged by the new rules");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
+    encrypt(&mut acme).expect("others are untouched");
+    let (_, logs, _) = server.stop();
+    assert!(
+        logs.contains("SIGHUP: principals and revocations reloaded"),
+        "{logs}"
+    );
+    assert!(logs.contains("SIGHUP: the config is invalid"), "{logs}");
+}

@@ -154,6 +154,7 @@ impl Harness {
             principals,
             metrics_listen: None,
             dual_control: Default::default(),
+            revocations: Default::default(),
         };
         configure(&mut config);
         let hsm = Arc::new(FaultyHsm::new(common::open_hsm(&token)));

@@ -183,10 +183,10 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    serve_config(config, None)
+    serve_config(config, None, path)
 }
 
-fn serve_config(config: Config, listen: Option<std::net::SocketAddr>) -> ExitCode {
+fn serve_config(config: Config, listen: Option<std::net::SocketAddr>, path: &Path) -> ExitCode {
     let Some(server) = &config.server else {
         eprintln!("keyfront: the config has no [server] section");
         return ExitCode::FAILURE;
@@ -196,7 +196,8 @@ fn serve_config(config: Config, listen: Option<std::net::SocketAddr>) -> ExitCod
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        let mut server = crate::service::Server::new(config.clone());
+        let mut server =
+            crate::service::Server::new(config.clone()).with_config_path(path.to_path_buf());
         if let Some(metrics) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(metrics)
                 .await
@@ -223,7 +224,7 @@ fn serve_config(config: Config, listen: Option<std::net::SocketAddr>) -> ExitCod
 }
 
 fn run_dev(dir: &Path, listen: std::net::SocketAddr) -> ExitCode {
-    let prepared = (|| -> Result<Config, dev::DevError> {
+    let prepared = (|| -> Result<(Config, PathBuf), dev::DevError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| dev::DevError::Io(dir.display().to_string(), e))?;
         let dir = std::fs::canonicalize(dir)
@@ -243,11 +244,11 @@ fn run_dev(dir: &Path, listen: std::net::SocketAddr) -> ExitCode {
             "  as:    --principal acme-app | acme-backup | acme-secrets | globex-app | backup | officer"
         );
         println!("  audit: {}/audit/audit.log", dir.display());
-        println!("  stop:  Ctrl-C (in-flight requests finish)");
-        Ok(config)
+        println!("  stop:  Ctrl-C (in-flight requests finish); reload principals: kill -HUP");
+        Ok((config, path))
     })();
     match prepared {
-        Ok(config) => serve_config(config, Some(listen)),
+        Ok((config, path)) => serve_config(config, Some(listen), &path),
         Err(error) => {
             eprintln!("keyfront dev: {error}");
             ExitCode::FAILURE

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tonic::Status;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::config::{PrincipalConfig, Role, TenantScope};
+use crate::config::{PrincipalConfig, Revocations, Role, TenantScope};
 use crate::ids::Name;
 
 /// What the TLS layer learned about the peer of a connection.
@@ -210,6 +210,7 @@ impl fmt::Display for Rpc {
 #[derive(Debug, Default)]
 pub struct Principals {
     by_identity: HashMap<String, Arc<PrincipalConfig>>,
+    revocations: Revocations,
 }
 
 /// What an authorized request may act on.
@@ -223,13 +224,14 @@ pub struct Authorized {
 }
 
 impl Principals {
-    /// Indexes the configured principals.
-    pub fn new(principals: &[PrincipalConfig]) -> Self {
+    /// Indexes the configured principals, with the revoked certificates.
+    pub fn new(principals: &[PrincipalConfig], revocations: &Revocations) -> Self {
         Self {
             by_identity: principals
                 .iter()
                 .map(|p| (p.identity.clone(), Arc::new(p.clone())))
                 .collect(),
+            revocations: revocations.clone(),
         }
     }
 
@@ -246,6 +248,14 @@ impl Principals {
         tenant: &str,
         key: Option<&str>,
     ) -> Result<Authorized, Status> {
+        let revoked = |value: &Option<String>, set: &std::collections::BTreeSet<String>| {
+            value.as_ref().is_some_and(|v| set.contains(v))
+        };
+        if revoked(&peer.serial, &self.revocations.serials)
+            || revoked(&peer.fingerprint, &self.revocations.fingerprints)
+        {
+            return Err(Status::unauthenticated("the client certificate is revoked"));
+        }
         let identity = peer
             .identity
             .as_ref()

@@ -70,7 +70,8 @@ pub enum ServeError {
 /// State shared by all handlers.
 pub struct Shared {
     kms: OnceLock<Arc<Kms>>,
-    principals: Principals,
+    // Replaced whole on SIGHUP; each request reads the current rules once.
+    principals: std::sync::RwLock<Arc<Principals>>,
     limits: Limits,
     dual_control: crate::config::DualControl,
     // Slots for Argon2 computations (HashPassword, VerifyPassword): when none is free the call
@@ -98,6 +99,13 @@ impl Shared {
             })
     }
 
+    /// Installs new principals and revocations; requests from now on, on new and open
+    /// connections alike, are judged by them. Requests in flight keep the rules they began with.
+    pub(crate) fn reload(&self, config: &Config) {
+        let principals = Arc::new(Principals::new(&config.principals, &config.revocations));
+        *self.principals.write().expect("principals lock poisoned") = principals;
+    }
+
     fn under_dual_control(&self, operation: crate::config::DualOperation) -> bool {
         self.dual_control.operations.contains(&operation)
     }
@@ -122,7 +130,8 @@ impl Shared {
             .extensions()
             .get::<PeerInfo>()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let authorized = self.principals.authorize(peer, rpc, tenant, key)?;
+        let principals = Arc::clone(&self.principals.read().expect("principals lock poisoned"));
+        let authorized = principals.authorize(peer, rpc, tenant, key)?;
         if let Some(tenant) = &authorized.tenant {
             slot.update(|d| d.tenant = Some(tenant.to_string()));
         }
@@ -322,6 +331,7 @@ pub struct Server {
     reset: Option<crate::hsm::reconnect::Reset>,
     metrics: Option<TcpListener>,
     clock: Arc<dyn crate::clock::Clock>,
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl Server {
@@ -337,6 +347,7 @@ impl Server {
             })),
             metrics: None,
             clock: Arc::new(crate::clock::SystemClock::new()),
+            config_path: None,
         }
     }
 
@@ -350,6 +361,12 @@ impl Server {
     #[cfg(feature = "test-hooks")]
     pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Reloads principals and revocations from this file on SIGHUP (`keyfront serve`).
+    pub fn with_config_path(mut self, path: std::path::PathBuf) -> Self {
+        self.config_path = Some(path);
         self
     }
 
@@ -381,7 +398,10 @@ impl Server {
         let tls = tls::server_config(&server)?;
         let shared = Arc::new(Shared {
             kms: OnceLock::new(),
-            principals: Principals::new(&self.config.principals),
+            principals: std::sync::RwLock::new(Arc::new(Principals::new(
+                &self.config.principals,
+                &self.config.revocations,
+            ))),
             limits: server.limits,
             dual_control: self.config.dual_control.clone(),
             password_slots: Arc::new(tokio::sync::Semaphore::new(
@@ -389,6 +409,10 @@ impl Server {
             )),
             done: Mutex::new(HashMap::new()),
         });
+
+        if let Some(path) = self.config_path.clone() {
+            tokio::spawn(reload_on_sighup(path, Arc::clone(&shared)));
+        }
 
         if let Some(listener) = self.metrics {
             tracing::info!(listen = ?listener.local_addr().ok(), "serving /metrics");
@@ -446,6 +470,37 @@ impl Server {
         };
         hsm_task.abort();
         result
+    }
+}
+
+/// On each SIGHUP, reads the config again and installs its principals and revocations. An
+/// invalid file changes nothing: the running rules stay and the problems are logged.
+async fn reload_on_sighup(path: std::path::PathBuf, shared: Arc<Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; principals reload only with a restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let file = path.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || Config::load(&file, &crate::config::ProcessEnv))
+                .await;
+        match loaded {
+            Ok(Ok(config)) => {
+                shared.reload(&config);
+                tracing::info!(
+                    principals = config.principals.len(),
+                    revoked_serials = config.revocations.serials.len(),
+                    revoked_fingerprints = config.revocations.fingerprints.len(),
+                    "SIGHUP: principals and revocations reloaded"
+                );
+            }
+            Ok(Err(error)) => {
+                tracing::error!(%error, "SIGHUP: the config is invalid; keeping the running principals")
+            }
+            Err(error) => tracing::error!(%error, "SIGHUP: reload task failed"),
+        }
     }
 }
 

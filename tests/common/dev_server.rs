@@ -86,6 +86,11 @@ impl DevServer {
         child.wait_with_output().expect("client output")
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// SIGKILL (a real `kill -9`), then the server's stdout and stderr.
     pub fn kill9(mut self) -> (tempfile::TempDir, String) {
         let child = self.child.take().expect("running");
