@@ -1717,7 +1717,6 @@ async fn reopen(hsm: Arc<dyn Hsm>, dir: &std::path::Path) -> keyfront::kms::Kms 
     panic!("cannot reopen the data directory");
 }
 
-#[cfg(feature = "test-hooks")]
 fn reason(status: &tonic::Status) -> Option<String> {
     use tonic_types::StatusExt;
     status.get_details_error_info().map(|info| info.reason)
@@ -2685,4 +2684,140 @@ async fn password_hashing_is_bounded_and_encrypt_keeps_going() {
         }
     }
     assert!(exhausted > 0, "some of the flood was refused");
+}
+
+/// Malformed and impossible lifecycle, approval and password requests get a clear status and
+/// change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_and_password_bad_input_gets_clear_statuses() {
+    let h = Harness::start(false).await;
+    let mut admin = h.admin().await;
+    let version = |version: u32| pb::KeyVersionRequest {
+        tenant: "acme".into(),
+        name: "default".into(),
+        version,
+        request_id: String::new(),
+    };
+    let code_of = |result: Result<tonic::Response<pb::KeyVersion>, tonic::Status>| {
+        result.expect_err("refused").code()
+    };
+    assert_eq!(
+        code_of(admin.disable_key_version(version(0)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(admin.disable_key_version(version(9)).await),
+        Code::NotFound
+    );
+    let not_scheduled = admin
+        .cancel_key_version_destruction(version(1))
+        .await
+        .expect_err("not scheduled");
+    assert_eq!(reason(&not_scheduled).as_deref(), Some("NOT_SCHEDULED"));
+    let not_scheduled = admin
+        .cancel_tenant_destruction(pb::CancelTenantDestructionRequest {
+            name: "acme".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("not scheduled");
+    assert_eq!(reason(&not_scheduled).as_deref(), Some("NOT_SCHEDULED"));
+    let policy = |request: pb::UpdateKeyPolicyRequest| pb::UpdateKeyPolicyRequest {
+        tenant: "acme".into(),
+        name: "default".into(),
+        ..request
+    };
+    for bad in [
+        pb::UpdateKeyPolicyRequest {
+            rotation_period_seconds: Some(-1),
+            ..Default::default()
+        },
+        pb::UpdateKeyPolicyRequest {
+            destruction_window_seconds: Some(86_400),
+            ..Default::default()
+        },
+        pb::UpdateKeyPolicyRequest {
+            min_decryption_version: Some(2),
+            ..Default::default()
+        },
+    ] {
+        let status = admin
+            .update_key_policy(policy(bad.clone()))
+            .await
+            .expect_err("invalid policy");
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
+    }
+    for (id, code) in [
+        ("", Code::InvalidArgument),
+        ("not-hex", Code::InvalidArgument),
+        ("00ff", Code::NotFound),
+    ] {
+        let status = admin
+            .approve_operation(pb::ApproveOperationRequest {
+                approval_id: id.into(),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), code, "{id:?}: {status:?}");
+    }
+    let key = admin
+        .get_key(pb::GetKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+        })
+        .await
+        .expect("key")
+        .into_inner();
+    assert_eq!(key.versions[0].state, pb::KeyVersionState::Enabled as i32);
+    assert_eq!(
+        key.policy
+            .map(|p| (p.min_decryption_version, p.rotation_period_seconds)),
+        Some((0, 0))
+    );
+
+    let mut secrets = h.keys("acme-secrets").await;
+    let status = secrets
+        .hash_password(pb::HashPasswordRequest {
+            key: "secrets".into(),
+            password: Vec::new(),
+            tenant: String::new(),
+        })
+        .await
+        .expect_err("empty password");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = secrets
+        .verify_password(pb::VerifyPasswordRequest {
+            key: "secrets".into(),
+            password: b"x".to_vec(),
+            hash: "$argon2id$v=19$m=4194304,t=1,p=1,pv=1$AAAA$AAAA".into(),
+            tenant: String::new(),
+        })
+        .await
+        .expect_err("crafted hash");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = secrets
+        .lookup_digest(pb::LookupDigestRequest {
+            secret: Vec::new(),
+            tenant: String::new(),
+        })
+        .await
+        .expect_err("empty secret");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let mut app = h.keys("acme-app").await;
+    let mut ciphertext = encrypt(&mut app, b"x").await.ciphertext;
+    let last = ciphertext.len() - 1;
+    ciphertext[last] ^= 1;
+    let status = app
+        .re_encrypt(pb::ReEncryptRequest {
+            ciphertext,
+            context: ctx(&[("row", CONTEXT_MARKER)]),
+            ..Default::default()
+        })
+        .await
+        .expect_err("tampered");
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::InvalidArgument, "decryption failed")
+    );
+    h.stop().await;
 }

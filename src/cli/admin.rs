@@ -210,25 +210,22 @@ async fn execute(
                 .await?
                 .into_inner(),
         ]),
-        AdminCommand::ListTenants => {
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = admin
-                    .list_tenants(pb::ListTenantsRequest {
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(page.tenants);
-                if page.next_page_token.is_empty() {
-                    break;
+        AdminCommand::ListTenants => tenants(
+            all_pages(|page_token| {
+                let mut admin = admin.clone();
+                async move {
+                    let page = admin
+                        .list_tenants(pb::ListTenantsRequest {
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.tenants, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
-            tenants(all)
-        }
+            })
+            .await?,
+        ),
         AdminCommand::DestroyTenant { name, request_id } => tenants(vec![
             admin
                 .destroy_tenant(pb::DestroyTenantRequest { name, request_id })
@@ -262,26 +259,23 @@ async fn execute(
             .get_key(pb::GetKeyRequest { tenant, name })
             .await?
             .into_inner()),
-        AdminCommand::ListKeys { tenant } => {
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = admin
-                    .list_keys(pb::ListKeysRequest {
-                        tenant: tenant.clone(),
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(page.keys);
-                if page.next_page_token.is_empty() {
-                    break;
+        AdminCommand::ListKeys { tenant } => keys(
+            all_pages(|page_token| {
+                let (mut admin, tenant) = (admin.clone(), tenant.clone());
+                async move {
+                    let page = admin
+                        .list_keys(pb::ListKeysRequest {
+                            tenant,
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.keys, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
-            keys(all)
-        }
+            })
+            .await?,
+        ),
         AdminCommand::RotateKey {
             tenant,
             name,
@@ -338,25 +332,22 @@ async fn execute(
                 .await?
                 .into_inner(),
         ]),
-        AdminCommand::ListApprovals => {
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = admin
-                    .list_approvals(pb::ListApprovalsRequest {
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(page.approvals);
-                if page.next_page_token.is_empty() {
-                    break;
+        AdminCommand::ListApprovals => approvals(
+            all_pages(|page_token| {
+                let mut admin = admin.clone();
+                async move {
+                    let page = admin
+                        .list_approvals(pb::ListApprovalsRequest {
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.approvals, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
-            approvals(all)
-        }
+            })
+            .await?,
+        ),
         AdminCommand::RotateMasterKey { request_id } => master_key(
             admin
                 .rotate_master_key(pb::RotateMasterKeyRequest { request_id })
@@ -376,6 +367,25 @@ async fn execute(
                 .into_inner(),
         ),
     })
+}
+
+/// Every item of a paginated List: `fetch(page_token)` returns a page and the next token
+/// (empty on the last page).
+async fn all_pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>, tonic::Status>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let (items, next) = fetch(page_token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        page_token = next;
+    }
 }
 
 /// Turns a status into an error that says who was refused, why, and what to do.

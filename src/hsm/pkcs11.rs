@@ -355,24 +355,14 @@ pub fn kek_unwrap_template() -> Vec<Attribute> {
     ]
 }
 
-/// A KEK while it is re-wrapped under a new MWK: like [`kek_generate_template`], extractable
-/// (only by wrapping, as it is sensitive) and usable for nothing else.
+/// A KEK while it is re-wrapped under a new MWK: the generation template (sensitive,
+/// extractable only by wrapping, usable for nothing else) without the length, which an unwrap
+/// takes from the blob.
 fn kek_rewrap_template() -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(true),
-        Attribute::Encrypt(false),
-        Attribute::Decrypt(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Derive(false),
-    ]
+    kek_generate_template()
+        .into_iter()
+        .filter(|a| !matches!(a, Attribute::ValueLen(_)))
+        .collect()
 }
 
 /// The label of an MWK generation.

@@ -394,6 +394,19 @@ impl KeyStore {
         Ok(db)
     }
 
+    /// The tenant's database, or `None` if the tenant was destroyed or never existed: for
+    /// background jobs whose index may name a tenant that is gone.
+    ///
+    /// # Errors
+    /// Integrity and storage errors.
+    pub fn live_tenant(&self, id: TenantId) -> Result<Option<Arc<TenantDb>>, Error> {
+        match self.tenant(id) {
+            Ok(db) => Ok(Some(db)),
+            Err(Error::TenantDestroyed(_) | Error::TenantNotFound(_)) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     /// How many tenant databases are open now.
     pub fn open_tenants(&self) -> usize {
         self.open

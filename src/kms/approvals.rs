@@ -6,6 +6,7 @@
 //! result when repeated (a scheduled destruction keeps its date, a policy is set to the same
 //! values), so a crash between carrying it out and marking it executed is harmless.
 
+use super::lifecycle::{min_refusal, primary_refusal};
 use super::{Kms, PolicyUpdate};
 use crate::error::Error;
 use crate::ids::KeyVersion;
@@ -40,13 +41,22 @@ impl Kms {
     /// Approves and carries out a pending operation.
     ///
     /// # Errors
-    /// NOT_FOUND for an unknown id; PERMISSION_DENIED when the approver is the requester;
-    /// FAILED_PRECONDITION APPROVAL_EXPIRED or ALREADY_EXECUTED; the operation's own errors.
-    pub fn approve(&self, id: &str, approved_by: &str) -> Result<ApprovalRecord, Error> {
+    /// NOT_FOUND for an unknown id; PERMISSION_DENIED when the approver is the requester or
+    /// `in_scope` refuses the operation's tenant; FAILED_PRECONDITION APPROVAL_EXPIRED or
+    /// ALREADY_EXECUTED; the operation's own errors.
+    pub fn approve(
+        &self,
+        id: &str,
+        approved_by: &str,
+        in_scope: impl FnOnce(&PendingOperation) -> bool,
+    ) -> Result<ApprovalRecord, Error> {
         let mut approval = self
             .store
             .approval(id)?
             .ok_or_else(|| Error::NotFound(format!("approval {id} not found")))?;
+        if !in_scope(&approval.operation) {
+            return Err(Error::PermissionDenied);
+        }
         if approval.requested_by == approved_by {
             return Err(Error::PermissionDeniedBecause(
                 "dual control: a second, different officer must approve".into(),
@@ -105,13 +115,8 @@ impl Kms {
                         version: *version,
                     });
                 }
-                if *version == record.primary.0 {
-                    return Err(Error::KeyState {
-                        reason: "PRIMARY_VERSION",
-                        message: format!(
-                            "version {version} is the primary of key {key}; rotate the key first"
-                        ),
-                    });
+                if let Some(refusal) = primary_refusal(&record, KeyVersion(*version)) {
+                    return Err(refusal);
                 }
             }
             PendingOperation::UpdateKeyPolicy {
@@ -121,11 +126,10 @@ impl Kms {
                 ..
             } => {
                 let record = self.key(self.tenant_id(tenant)?, key)?;
-                if min_decryption_version.is_some_and(|min| min > record.primary.0) {
-                    return Err(Error::InvalidArgument(format!(
-                        "min_decryption_version is above the primary version {}",
-                        record.primary.0
-                    )));
+                if let Some(refusal) =
+                    min_decryption_version.and_then(|min| min_refusal(&record, min))
+                {
+                    return Err(refusal);
                 }
             }
         }

@@ -67,13 +67,7 @@ impl Kms {
         name: &Name,
         version: KeyVersion,
     ) -> Result<VersionRecord, Error> {
-        self.change_version(tenant, name, version, |record, v| match v.state {
-            VersionState::Enabled | VersionState::Disabled => {
-                v.state = VersionState::Disabled;
-                Ok(())
-            }
-            other => Err(not_now(record, v.version, other, "disabled")),
-        })
+        self.set_enabled(tenant, name, version, false)
     }
 
     /// Enables a disabled version. Enabling an enabled version changes nothing.
@@ -87,12 +81,31 @@ impl Kms {
         name: &Name,
         version: KeyVersion,
     ) -> Result<VersionRecord, Error> {
+        self.set_enabled(tenant, name, version, true)
+    }
+
+    fn set_enabled(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        version: KeyVersion,
+        enabled: bool,
+    ) -> Result<VersionRecord, Error> {
         self.change_version(tenant, name, version, |record, v| match v.state {
             VersionState::Enabled | VersionState::Disabled => {
-                v.state = VersionState::Enabled;
+                v.state = if enabled {
+                    VersionState::Enabled
+                } else {
+                    VersionState::Disabled
+                };
                 Ok(())
             }
-            other => Err(not_now(record, v.version, other, "enabled")),
+            other => Err(not_now(
+                record,
+                v.version,
+                other,
+                if enabled { "enabled" } else { "disabled" },
+            )),
         })
     }
 
@@ -126,14 +139,8 @@ impl Kms {
         // never a scheduled version it does not know.
         self.store.add_pending_destruction(&entry)?;
         let changed = self.change_version(tenant, name, version, |record, v| {
-            if record.primary == v.version {
-                return Err(Error::KeyState {
-                    reason: "PRIMARY_VERSION",
-                    message: format!(
-                        "version {} is the primary of key {}; rotate the key first",
-                        v.version.0, record.name
-                    ),
-                });
+            if let Some(refusal) = primary_refusal(record, v.version) {
+                return Err(refusal);
             }
             match v.state {
                 VersionState::Enabled | VersionState::Disabled => {
@@ -241,18 +248,11 @@ impl Kms {
             if entry.at > now {
                 continue;
             }
-            let db = match self.store.tenant(entry.tenant) {
-                Ok(db) => db,
-                Err(
-                    crate::keystore::Error::TenantDestroyed(_)
-                    | crate::keystore::Error::TenantNotFound(_),
-                ) => {
-                    self.store.remove_pending_destruction(&entry)?;
-                    continue;
-                }
-                Err(error) => return Err(error.into()),
+            let record = match self.store.live_tenant(entry.tenant)? {
+                Some(db) => db.key(&entry.key_id)?,
+                None => None,
             };
-            let Some(record) = db.key(&entry.key_id)? else {
+            let Some(record) = record else {
                 self.store.remove_pending_destruction(&entry)?;
                 continue;
             };
@@ -310,11 +310,8 @@ impl Kms {
             .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
         let mut policy: KeyPolicy = record.policy.clone();
         if let Some(min) = update.min_decryption_version {
-            if min > record.primary.0 {
-                return Err(Error::InvalidArgument(format!(
-                    "min_decryption_version {min} is above the primary version {}: nothing could decrypt new ciphertexts",
-                    record.primary.0
-                )));
+            if let Some(refusal) = min_refusal(&record, min) {
+                return Err(refusal);
             }
             policy.min_decryption_version = min;
         }
@@ -366,24 +363,20 @@ impl Kms {
             if at > now {
                 continue;
             }
-            let record = match self.store.tenant(tenant) {
-                Ok(db) => db.key(&key_id)?,
-                Err(
-                    crate::keystore::Error::TenantDestroyed(_)
-                    | crate::keystore::Error::TenantNotFound(_),
-                ) => None,
-                Err(error) => return Err(error.into()),
-            };
-            let Some(record) = record else {
+            let Some(db) = self.store.live_tenant(tenant)? else {
                 self.store.remove_rotation_check(tenant, key_id)?;
                 continue;
             };
-            let db = self.store.tenant(tenant)?;
+            let Some(record) = db.key(&key_id)? else {
+                self.store.remove_rotation_check(tenant, key_id)?;
+                continue;
+            };
             let primary = self.version(&db, &record, record.primary)?;
             let period = record.policy.rotation_period_secs;
             let by_age = period.is_some_and(|p| primary.created_at.saturating_add(p) <= now);
             let by_usage = self.near_usage_limit(tenant, &record, &primary);
-            if by_age || by_usage {
+            let rotated_now = by_age || by_usage;
+            if rotated_now {
                 let rotated_record = self.rotate_key(tenant, &record.name)?;
                 tracing::info!(
                     %tenant,
@@ -394,20 +387,18 @@ impl Kms {
                 );
                 rotated.push((tenant, record.name.clone(), rotated_record.primary));
             }
-            let Some(period) = period else {
-                if !by_usage && Self::reserved_near_limit(&record, &primary) {
-                    // Not used enough yet, but reserved: look again at the next tick.
-                    continue;
-                }
+            // When to look again: a new primary's period from now; the next tick while a
+            // reservation is near a limit but the uses are not; the period's end; or never.
+            let next = if rotated_now {
+                period.map(|p| now.saturating_add(p))
+            } else if Self::reserved_near_limit(&record, &primary) {
+                Some(now)
+            } else {
+                period.map(|p| primary.created_at.saturating_add(p))
+            };
+            let Some(due) = next else {
                 self.store.remove_rotation_check(tenant, key_id)?;
                 continue;
-            };
-            let due = if by_age || by_usage {
-                now.saturating_add(period)
-            } else if Self::reserved_near_limit(&record, &primary) {
-                now // reserved near a limit: look again at the next tick
-            } else {
-                primary.created_at.saturating_add(period)
             };
             self.store.set_rotation_check(tenant, key_id, due)?;
         }
@@ -467,6 +458,27 @@ impl Kms {
         }
         check_enabled(record, version, "decrypt")
     }
+}
+
+/// Why a version cannot be scheduled for destruction because it is the primary, if it is.
+pub(super) fn primary_refusal(record: &KeyRecord, version: KeyVersion) -> Option<Error> {
+    (record.primary == version).then(|| Error::KeyState {
+        reason: "PRIMARY_VERSION",
+        message: format!(
+            "version {} is the primary of key {}; rotate the key first",
+            version.0, record.name
+        ),
+    })
+}
+
+/// Why `min` cannot be the key's min_decryption_version, if it cannot.
+pub(super) fn min_refusal(record: &KeyRecord, min: u32) -> Option<Error> {
+    (min > record.primary.0).then(|| {
+        Error::InvalidArgument(format!(
+            "min_decryption_version {min} is above the primary version {}: nothing could decrypt new ciphertexts",
+            record.primary.0
+        ))
+    })
 }
 
 fn check_enabled(record: &KeyRecord, version: &VersionRecord, what: &str) -> Result<(), Error> {

@@ -150,12 +150,8 @@ impl Kms {
 
     /// Re-wraps every KEK blob of one tenant under `to`, in one tenant commit.
     fn rewrap_tenant(&self, tenant: TenantId, to: MwkGeneration) -> Result<(), Error> {
-        let db = match self.store.tenant(tenant) {
-            Ok(db) => db,
-            Err(keystore::Error::TenantDestroyed(_) | keystore::Error::TenantNotFound(_)) => {
-                return Ok(());
-            }
-            Err(error) => return Err(error.into()),
+        let Some(db) = self.store.live_tenant(tenant)? else {
+            return Ok(());
         };
         let _writes = db.lock_writes();
         let mut writes = Vec::new();

@@ -582,13 +582,9 @@ impl Kms {
         context: &EncryptionContext,
         allowed: Option<&[Name]>,
     ) -> Option<Result<Decrypted, Error>> {
-        let tenant = self.inline_tenant(tenant)?;
-        let parsed = match crypto::parse_blob(wrapped, BlobType::DataKey) {
-            Ok(parsed) => parsed,
-            Err(error) => return Some(Err(error.into())),
-        };
-        self.cached_version(tenant, &parsed.header)?;
-        Some(self.timed_inline(|| self.decrypt_data_key_scoped(tenant, wrapped, context, allowed)))
+        self.open_cached(tenant, wrapped, BlobType::DataKey, |tenant| {
+            self.decrypt_data_key_scoped(tenant, wrapped, context, allowed)
+        })
     }
 
     /// UnsealSecret with the HSM called on this thread; see [`Kms::decrypt_data_key_cached`].
@@ -599,13 +595,26 @@ impl Kms {
         context: &EncryptionContext,
         allowed: Option<&[Name]>,
     ) -> Option<Result<Decrypted, Error>> {
+        self.open_cached(tenant, sealed, BlobType::Secret, |tenant| {
+            self.unseal_secret_scoped(tenant, sealed, context, allowed)
+        })
+    }
+
+    /// Runs `open` inline when the tenant id and the version the blob names are in memory.
+    fn open_cached(
+        &self,
+        tenant: &Name,
+        blob: &[u8],
+        blob_type: BlobType,
+        open: impl FnOnce(TenantId) -> Result<Decrypted, Error>,
+    ) -> Option<Result<Decrypted, Error>> {
         let tenant = self.inline_tenant(tenant)?;
-        let parsed = match crypto::parse_blob(sealed, BlobType::Secret) {
+        let parsed = match crypto::parse_blob(blob, blob_type) {
             Ok(parsed) => parsed,
             Err(error) => return Some(Err(error.into())),
         };
         self.cached_version(tenant, &parsed.header)?;
-        Some(self.timed_inline(|| self.unseal_secret_scoped(tenant, sealed, context, allowed)))
+        Some(self.timed_inline(|| open(tenant)))
     }
 
     /// The tenant's id, if inline HSM calls are allowed now and the id is in memory.

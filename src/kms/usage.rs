@@ -207,9 +207,12 @@ impl Kms {
         if usage.used[i].load(Ordering::Relaxed) < reserved_now {
             return Ok(()); // another thread reserved meanwhile
         }
-        let Some(mut stored) = db.version(&record.id, version)? else {
-            return Err(Error::Decrypt);
-        };
+        let mut stored =
+            db.version(&record.id, version)?
+                .ok_or_else(|| crate::keystore::Error::Integrity {
+                    database: tenant.to_string(),
+                    reason: "a key in use names a version that does not exist",
+                })?;
         let block = block(limit);
         let field = match kind {
             UseKind::Kek => &mut stored.reserved_kek_uses,

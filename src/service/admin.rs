@@ -513,14 +513,9 @@ impl pb::admin_service_server::AdminService for AdminService {
         let approver = call.identity().to_owned();
         let approval = call
             .run_global(move |kms| {
-                let pending = kms
-                    .store()
-                    .approval(&id)?
-                    .ok_or_else(|| crate::Error::NotFound(format!("approval {id} not found")))?;
-                if !in_scope(&principal.tenants, &pending.operation) {
-                    return Err(crate::Error::PermissionDenied);
-                }
-                kms.approve(&id, &approver)
+                kms.approve(&id, &approver, |operation| {
+                    in_scope(&principal.tenants, operation)
+                })
             })
             .await?;
         let now = call.now_secs();
