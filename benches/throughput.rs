@@ -290,6 +290,7 @@ fn main() {
         allow_cn_identity: false,
         node_id: "bench".into(),
         audit_path: dir.path().join(audit),
+        audit_checkpoints: keyfront::audit::CheckpointPolicy::default(),
         limits,
     };
     let config = Config {
@@ -310,6 +311,7 @@ fn main() {
         metrics_listen: None,
         dual_control: Default::default(),
         revocations: Default::default(),
+        access: Default::default(),
     };
 
     // The servers get their own runtime (two workers, as `keyfront serve` has on this machine);
@@ -331,7 +333,13 @@ fn main() {
         let echo_port = echo_listener.local_addr().expect("addr").port();
         let echo_server = server_config("127.0.0.1:0".parse().expect("addr"), "echo-audit.log");
         let audit = Arc::new(
-            keyfront::audit::AuditLog::open(&echo_server.audit_path, "echo").expect("audit"),
+            keyfront::audit::AuditLog::open(
+                &echo_server.audit_path,
+                "echo",
+                Arc::new(keyfront::clock::SystemClock::new()),
+                keyfront::audit::CheckpointPolicy::default(),
+            )
+            .expect("audit"),
         );
         let tls = keyfront::service::tls::server_config(&echo_server).expect("tls");
         let incoming = keyfront::service::tls::incoming(echo_listener, tls, audit, false);
@@ -427,7 +435,7 @@ fn main() {
                 boxed(move || {
                     let mut client = client.clone();
                     let items = (0..100).map(|_| pb::BatchEncryptItem { plaintext: kib.clone(), ..Default::default() }).collect();
-                    async move { client.batch_encrypt(pb::BatchEncryptRequest { key: "default".into(), items, tenant: String::new() }).await.map(drop) }
+                    async move { client.batch_encrypt(pb::BatchEncryptRequest { key: "default".into(), items, tenant: String::new(), grant_id: String::new() }).await.map(drop) }
                 })
             }),
             ("GenerateDataKey", 1, Some(("HSM", hsm_rate)), {

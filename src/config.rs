@@ -40,6 +40,26 @@ pub struct Config {
     pub dual_control: DualControl,
     /// Client certificates refused although they chain to the CA.
     pub revocations: Revocations,
+    /// Support access grants.
+    pub access: Access,
+}
+
+/// Support access grants (`[access]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// The longest a grant may last once approved.
+    pub max_grant: Duration,
+    /// How long a request waits for a tenant-admin before it expires.
+    pub request_ttl: Duration,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Self {
+            max_grant: Duration::from_secs(8 * 3600),
+            request_ttl: Duration::from_secs(86_400),
+        }
+    }
 }
 
 /// Revoked client certificates, by serial number or SHA-256 fingerprint (lowercase hex, no
@@ -100,6 +120,8 @@ pub struct ServerConfig {
     pub node_id: String,
     /// The audit log file (JSON lines).
     pub audit_path: PathBuf,
+    /// When audit checkpoints are signed.
+    pub audit_checkpoints: crate::audit::CheckpointPolicy,
     /// Request limits.
     pub limits: Limits,
 }
@@ -150,12 +172,39 @@ pub enum Role {
     Secrets,
     /// AdminService; never data.
     Officer,
+    /// RequestSupportAccess; KeyService calls only under an approved grant of a tenant-admin.
+    Support,
+    /// ApproveSupportAccess and DenySupportAccess for its own tenants; never data.
+    TenantAdmin,
+    /// ReviewAccess and ListGrants; never data.
+    Auditor,
+}
+
+impl Role {
+    /// The name the config uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::App => "app",
+            Self::Backup => "backup",
+            Self::Secrets => "secrets",
+            Self::Officer => "officer",
+            Self::Support => "support",
+            Self::TenantAdmin => "tenant-admin",
+            Self::Auditor => "auditor",
+        }
+    }
+
+    /// Whether `tenants = ["*"]` is allowed with it: roles that never touch data directly.
+    fn may_have_every_tenant(self) -> bool {
+        matches!(self, Self::Officer | Self::Support | Self::Auditor)
+    }
 }
 
 /// Which tenants a principal may act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TenantScope {
-    /// Every tenant (`tenants = ["*"]`); only for principals whose roles are all `officer`.
+    /// Every tenant (`tenants = ["*"]`); only for principals whose roles are all officer,
+    /// support or auditor (support reaches data only under a grant for one tenant).
     All,
     /// Exactly these (a set: a principal of a multi-tenant service may list many thousands).
     Only(BTreeSet<Name>),
@@ -285,7 +334,9 @@ pub enum ConfigProblem {
     )]
     WindowBelowRetention(u64, u64),
     /// `tenants = ["*"]` on a principal that can touch data.
-    #[error("principals: {0:?} may use tenants = [\"*\"] only if all its roles are officer")]
+    #[error(
+        "principals: {0:?} may use tenants = [\"*\"] only if all its roles are officer, support or auditor"
+    )]
     PrincipalWildcard(String),
 }
 
@@ -310,6 +361,34 @@ struct RawConfig {
     passwords: RawPasswords,
     #[serde(default)]
     revocations: RawRevocations,
+    #[serde(default)]
+    access: RawAccess,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    #[serde(default = "default_max_grant_secs")]
+    max_grant_secs: u64,
+    #[serde(default = "default_request_ttl_secs")]
+    request_ttl_secs: u64,
+}
+
+impl Default for RawAccess {
+    fn default() -> Self {
+        Self {
+            max_grant_secs: default_max_grant_secs(),
+            request_ttl_secs: default_request_ttl_secs(),
+        }
+    }
+}
+
+fn default_max_grant_secs() -> u64 {
+    Access::default().max_grant.as_secs()
+}
+
+fn default_request_ttl_secs() -> u64 {
+    Access::default().request_ttl.as_secs()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -446,6 +525,10 @@ struct RawServer {
     node_id: Option<String>,
     #[serde(default = "default_audit_path")]
     audit_path: PathBuf,
+    #[serde(default = "default_audit_checkpoint_lines")]
+    audit_checkpoint_lines: u64,
+    #[serde(default = "default_audit_checkpoint_interval_secs")]
+    audit_checkpoint_interval_secs: u64,
     #[serde(default = "default_max_message_bytes")]
     max_message_bytes: usize,
     #[serde(default = "default_max_batch_items")]
@@ -546,6 +629,12 @@ fn default_inline_calls() -> bool {
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7443))
+}
+fn default_audit_checkpoint_lines() -> u64 {
+    crate::audit::CheckpointPolicy::default().lines
+}
+fn default_audit_checkpoint_interval_secs() -> u64 {
+    crate::audit::CheckpointPolicy::default().interval.as_secs()
 }
 fn default_audit_path() -> PathBuf {
     PathBuf::from("audit/audit.log")
@@ -665,6 +754,12 @@ impl RawConfig {
         {
             problems.push(ConfigProblem::PasswordParams);
         }
+        if self.access.max_grant_secs == 0 {
+            problems.push(ConfigProblem::Zero("access.max_grant_secs"));
+        }
+        if self.access.request_ttl_secs == 0 {
+            problems.push(ConfigProblem::Zero("access.request_ttl_secs"));
+        }
         if self.dual_control.approval_ttl_secs == 0 {
             problems.push(ConfigProblem::Zero("dual_control.approval_ttl_secs"));
         }
@@ -693,6 +788,10 @@ impl RawConfig {
                 principals,
                 metrics_listen: self.metrics.map(|m| m.listen),
                 revocations,
+                access: Access {
+                    max_grant: Duration::from_secs(self.access.max_grant_secs),
+                    request_ttl: Duration::from_secs(self.access.request_ttl_secs),
+                },
                 dual_control: DualControl {
                     operations: self.dual_control.operations.into_iter().collect(),
                     approval_ttl: Duration::from_secs(self.dual_control.approval_ttl_secs),
@@ -756,6 +855,12 @@ impl RawServer {
         if self.request_timeout_ms == 0 {
             problems.push(ConfigProblem::Zero("server.request_timeout_ms"));
         }
+        if self.audit_checkpoint_lines == 0 {
+            problems.push(ConfigProblem::Zero("server.audit_checkpoint_lines"));
+        }
+        if self.audit_checkpoint_interval_secs == 0 {
+            problems.push(ConfigProblem::Zero("server.audit_checkpoint_interval_secs"));
+        }
         ServerConfig {
             listen: self.listen,
             cert,
@@ -764,6 +869,10 @@ impl RawServer {
             allow_cn_identity: self.allow_cn_identity,
             node_id: self.node_id.unwrap_or_else(default_node_id),
             audit_path: base.join(self.audit_path),
+            audit_checkpoints: crate::audit::CheckpointPolicy {
+                lines: self.audit_checkpoint_lines,
+                interval: Duration::from_secs(self.audit_checkpoint_interval_secs),
+            },
             limits: Limits {
                 max_message_bytes: self.max_message_bytes,
                 max_batch_items: self.max_batch_items,
@@ -801,7 +910,7 @@ fn validate_principals(
             continue;
         }
         let tenants = if principal.tenants == ["*"] {
-            if principal.roles.iter().any(|r| *r != Role::Officer) {
+            if !principal.roles.iter().all(|r| r.may_have_every_tenant()) {
                 problems.push(ConfigProblem::PrincipalWildcard(identity.clone()));
             }
             TenantScope::All

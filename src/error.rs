@@ -70,6 +70,9 @@ pub enum Error {
     /// A request field is invalid (INVALID_ARGUMENT).
     #[error("{0}")]
     InvalidArgument(String),
+    /// The audit log cannot take a line: nothing is done (UNAVAILABLE).
+    #[error("audit log unavailable")]
+    AuditUnavailable,
 }
 
 impl From<crypto::Error> for Error {
@@ -122,6 +125,7 @@ impl From<Error> for tonic::Status {
             }
             Error::KeyState { reason, message } => failed_precondition(&message, reason),
             Error::InvalidArgument(message) => Self::invalid_argument(message),
+            Error::AuditUnavailable => Self::unavailable("audit log unavailable; nothing was done"),
             Error::NotFound(message) => Self::not_found(message),
             Error::PermissionDeniedBecause(message) => Self::permission_denied(message),
             error => {

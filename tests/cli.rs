@@ -621,3 +621,106 @@ fn sighup_revokes_a_certificate_for_open_connections() {
     );
     assert!(logs.contains("SIGHUP: the config is invalid"), "{logs}");
 }
+
+/// `keyfront dev` makes the governance principals; support gets access to acme only through
+/// acme-admin; `keyfront admin access-review` lists every principal with its last use; the
+/// dev server's audit log verifies with the public key `keyfront dev` wrote.
+#[test]
+fn dev_consent_review_and_audit_verify_through_the_cli() {
+    let server = DevServer::start();
+    let run = |args: &[&str], input: &[u8], command: &str| {
+        let out = server.pipe(input, command, args);
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, ciphertext, stderr) = run(&["--key", "default"], b"for support", "encrypt");
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, _, stderr) = run(
+        &["--principal", "support"],
+        ciphertext.as_bytes(),
+        "decrypt",
+    );
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("grant"), "{stderr}");
+    let (code, json, stderr) = run(
+        &[
+            "--principal",
+            "support",
+            "--json",
+            "request-access",
+            "acme",
+            "--reason",
+            "ticket 4711",
+            "--operation",
+            "Decrypt",
+            "--key",
+            "default",
+            "--duration",
+            "30m",
+        ],
+        b"",
+        "admin",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let grant: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let id = grant[0]["id"].as_str().expect("id").to_owned();
+    assert_eq!(grant[0]["state"], "PENDING");
+    let (code, _, stderr) = run(
+        &["--principal", "globex-admin", "approve-access", &id],
+        b"",
+        "admin",
+    );
+    assert_eq!(code, Some(1), "globex-admin cannot approve acme's grant");
+    assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
+    let (code, table, stderr) = run(
+        &["--principal", "acme-admin", "approve-access", &id],
+        b"",
+        "admin",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(table.contains("APPROVED"), "{table}");
+    let (code, plain, stderr) = run(
+        &["--principal", "support", "--grant", &id],
+        ciphertext.as_bytes(),
+        "decrypt",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(plain, "for support");
+
+    let (code, review, stderr) = run(&["access-review"], b"", "admin");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(review.starts_with("PRINCIPAL"), "{review}");
+    for (name, path, _, _) in keyfront::cli::dev::PRINCIPALS {
+        let line = review
+            .lines()
+            .find(|l| l.starts_with(&format!("{}/{path} ", keyfront::cli::dev::TRUST_DOMAIN)))
+            .unwrap_or_else(|| panic!("{name} is in the review: {review}"));
+        let used = [
+            "acme-app",
+            "support",
+            "acme-admin",
+            "globex-admin",
+            "officer",
+        ]
+        .contains(name);
+        assert_eq!(!line.contains("never"), used, "{name}'s last use: {line}");
+    }
+    assert!(
+        review.contains(&id),
+        "support's active grant is listed: {review}"
+    );
+
+    let (dir, _, _) = server.stop();
+    let key = format!("@{}", dir.path().join("audit-public-key.hex").display());
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--public-key", &key])
+        .arg(dir.path().join("audit/audit.log"))
+        .output()
+        .expect("verify runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).starts_with("OK"), "{}", text(&out.stdout));
+}

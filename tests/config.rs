@@ -170,6 +170,48 @@ fn a_data_principal_cannot_have_every_tenant() {
 }
 
 #[test]
+fn governance_roles_parse_and_only_non_data_roles_have_every_tenant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("keyfront.toml");
+    std::fs::write(
+        &path,
+        "[hsm]\ntoken_label = \"t\"\npin_env = \"P\"\n[storage]\ndata_dir = \"d\"\n\
+         [access]\nmax_grant_secs = 3600\n\
+         [[principals]]\nidentity = \"spiffe://x/support\"\ntenants = [\"*\"]\nroles = [\"support\"]\n\
+         [[principals]]\nidentity = \"spiffe://x/auditor\"\ntenants = [\"*\"]\nroles = [\"auditor\"]\n\
+         [[principals]]\nidentity = \"spiffe://x/acme-admin\"\ntenants = [\"acme\"]\nroles = [\"tenant-admin\"]\n",
+    )
+    .expect("write");
+    let config = Config::load(&path, &env(&[("P", "1")])).expect("valid");
+    assert_eq!(
+        config.access.max_grant,
+        std::time::Duration::from_secs(3600)
+    );
+    assert_eq!(
+        config.access.request_ttl,
+        std::time::Duration::from_secs(86_400)
+    );
+    assert_eq!(
+        config.principals[2].roles,
+        [keyfront::config::Role::TenantAdmin]
+    );
+    std::fs::write(
+        &path,
+        "[hsm]\ntoken_label = \"t\"\npin_env = \"P\"\n[storage]\ndata_dir = \"d\"\n\
+         [access]\nmax_grant_secs = 0\n\
+         [[principals]]\nidentity = \"spiffe://x/admin\"\ntenants = [\"*\"]\nroles = [\"tenant-admin\"]\n",
+    )
+    .expect("write");
+    assert_eq!(
+        problems(Config::load(&path, &env(&[("P", "1")]))),
+        vec![
+            ConfigProblem::Zero("access.max_grant_secs"),
+            ConfigProblem::PrincipalWildcard("spiffe://x/admin".into()),
+        ]
+    );
+}
+
+#[test]
 fn a_destruction_window_below_the_backup_retention_is_refused() {
     assert_eq!(
         problems(Config::load(

@@ -16,6 +16,7 @@ use keyfront::hsm::Hsm;
 use keyfront::hsm::faulty::FaultyHsm;
 use keyfront::hsm::pkcs11::Pkcs11Hsm;
 use keyfront::kms::KmsOptions;
+use keyfront::service::pb::access_service_client::AccessServiceClient;
 use keyfront::service::pb::admin_service_client::AdminServiceClient;
 use keyfront::service::pb::key_service_client::KeyServiceClient;
 use keyfront::service::{Server, pb};
@@ -40,6 +41,8 @@ struct Harness {
     clock: Arc<keyfront::clock::TestClock>,
     #[cfg(feature = "test-hooks")]
     token: keyfront::hsm::pkcs11::Pkcs11Config,
+    #[cfg(feature = "test-hooks")]
+    audit_failure: Arc<AtomicBool>,
 }
 
 fn principal(
@@ -110,6 +113,15 @@ impl Harness {
             principal("backup", &["acme", "globex"], &[Role::Backup], None),
             principal("officer", &["*"], &[Role::Officer], None),
             principal("officer-2", &["*"], &[Role::Officer], None),
+            principal("tenant/acme/admin", &["acme"], &[Role::TenantAdmin], None),
+            principal(
+                "tenant/globex/admin",
+                &["globex"],
+                &[Role::TenantAdmin],
+                None,
+            ),
+            principal("support", &["*"], &[Role::Support], None),
+            principal("auditor", &["*"], &[Role::Auditor], None),
             principal(
                 "tenant/acme/limited",
                 &["acme"],
@@ -149,14 +161,24 @@ impl Harness {
                 allow_cn_identity: false,
                 node_id: "test".into(),
                 audit_path: dir.path().join("audit/audit.log"),
+                // Small, so a test run's log holds several signed checkpoints.
+                audit_checkpoints: keyfront::audit::CheckpointPolicy {
+                    lines: 25,
+                    interval: Duration::from_secs(60),
+                },
                 limits,
             }),
             principals,
             metrics_listen: None,
             dual_control: Default::default(),
             revocations: Default::default(),
+            access: Default::default(),
         };
         configure(&mut config);
+        let audit_on_full_device = config
+            .server
+            .as_ref()
+            .is_some_and(|s| s.audit_path == std::path::Path::new("/dev/full"));
         let hsm = Arc::new(FaultyHsm::new(common::open_hsm(&token)));
         let reachable = Arc::new(AtomicBool::new(!start_down));
         let connector = {
@@ -184,6 +206,10 @@ impl Harness {
         let clock = Arc::new(keyfront::clock::TestClock::default());
         #[cfg(feature = "test-hooks")]
         let server = server.with_clock(Arc::clone(&clock) as Arc<dyn keyfront::clock::Clock>);
+        #[cfg(feature = "test-hooks")]
+        let audit_failure = Arc::new(AtomicBool::new(false));
+        #[cfg(feature = "test-hooks")]
+        let server = server.with_audit_failure(Arc::clone(&audit_failure));
         let server = tokio::spawn(server.run(listener, async move {
             let _ = rx.await;
         }));
@@ -199,8 +225,11 @@ impl Harness {
             clock,
             #[cfg(feature = "test-hooks")]
             token: token.clone(),
+            #[cfg(feature = "test-hooks")]
+            audit_failure,
         };
-        if !start_down {
+        // An audit log on a full device refuses everything, the setup requests too.
+        if !start_down && !audit_on_full_device {
             harness.wait_for(ServingStatus::Serving).await;
             harness.create_tenants().await;
         }
@@ -240,6 +269,10 @@ impl Harness {
 
     async fn keys(&self, name: &str) -> KeyServiceClient<Channel> {
         KeyServiceClient::new(self.channel(name).await)
+    }
+
+    async fn access(&self, name: &str) -> AccessServiceClient<Channel> {
+        AccessServiceClient::new(self.channel(name).await)
     }
 
     async fn admin(&self) -> AdminServiceClient<Channel> {
@@ -298,11 +331,17 @@ impl Harness {
         }
     }
 
+    /// Every audit line, across rotated files (a test clock may cross midnight).
     fn audit_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("audit/audit.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+        audit_files(&self.dir.path().join("audit"))
+            .iter()
+            .flat_map(|file| {
+                std::fs::read_to_string(file)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+                    .collect::<Vec<serde_json::Value>>()
+            })
             .collect()
     }
 
@@ -317,6 +356,26 @@ impl Harness {
             .expect("clean shutdown");
         self.dir
     }
+}
+
+/// The audit files in `dir`, oldest first: rotated `audit.log.DAY[.n]`, then the live file.
+fn audit_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("audit.log."))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    rotated.sort();
+    rotated.push(dir.join("audit.log"));
+    rotated
 }
 
 fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -341,6 +400,7 @@ async fn encrypt(client: &mut KeyServiceClient<Channel>, plaintext: &[u8]) -> pb
             context: ctx(&[("row", CONTEXT_MARKER)]),
             plaintext_crc32c: Some(crc32c::crc32c(plaintext)),
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect("encrypt")
@@ -364,6 +424,7 @@ async fn every_rpc_round_trips() {
             key: "default".into(),
             ciphertext_crc32c: Some(encrypted.ciphertext_crc32c),
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect("decrypt")
@@ -384,6 +445,7 @@ async fn every_rpc_round_trips() {
             key: "default".into(),
             items,
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect("batch encrypt")
@@ -409,6 +471,7 @@ async fn every_rpc_round_trips() {
             key: String::new(),
             items: decrypt_items,
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect("batch decrypt")
@@ -424,6 +487,7 @@ async fn every_rpc_round_trips() {
             context: ctx(&[("night", "2026-11-24")]),
             include_plaintext: true,
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect("generate data key")
@@ -435,6 +499,7 @@ async fn every_rpc_round_trips() {
             context: ctx(&[("night", "2026-11-24")]),
             wrapped_key_crc32c: Some(data_key.wrapped_key_crc32c),
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect("decrypt data key")
@@ -460,6 +525,7 @@ async fn every_rpc_round_trips() {
             secret_crc32c: None,
             tenant: String::new(),
             include_lookup_digest: true,
+            grant_id: String::new(),
         })
         .await
         .expect("seal")
@@ -469,6 +535,7 @@ async fn every_rpc_round_trips() {
     let lookup = |secret: &[u8]| pb::LookupDigestRequest {
         secret: secret.to_vec(),
         tenant: String::new(),
+        grant_id: String::new(),
     };
     let again = secrets
         .lookup_digest(lookup(SECRET_MARKER))
@@ -631,6 +698,7 @@ async fn call(h: &Harness, principal: &str, rpc: &str, blobs: &Blobs) -> Code {
                 key,
                 items: vec![],
                 tenant,
+                grant_id: String::new(),
             })
             .await,
         ),
@@ -639,6 +707,7 @@ async fn call(h: &Harness, principal: &str, rpc: &str, blobs: &Blobs) -> Code {
                 key: String::new(),
                 items: vec![],
                 tenant,
+                grant_id: String::new(),
             })
             .await,
         ),
@@ -879,7 +948,11 @@ const RPCS: [&str; 25] = [
 async fn each_role_can_call_exactly_its_rpcs() {
     let h = Harness::start(false).await;
     let blobs = blobs(&h).await;
-    let allowed: [(&str, &[&str]); 4] = [
+    // Support reaches data only under a grant; tenant-admins and auditors never.
+    let allowed: [(&str, &[&str]); 7] = [
+        ("support", &[]),
+        ("acme-admin", &[]),
+        ("auditor", &[]),
         (
             "acme-app",
             &[
@@ -1240,7 +1313,8 @@ async fn bad_input_gets_the_documented_status() {
             app.batch_encrypt(pb::BatchEncryptRequest {
                 key: "default".into(),
                 items: over,
-                tenant: String::new()
+                tenant: String::new(),
+                grant_id: String::new()
             })
             .await
         ),
@@ -1290,6 +1364,7 @@ async fn bad_input_gets_the_documented_status() {
             key: String::new(),
             items,
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect("batch answers")
@@ -2292,6 +2367,20 @@ async fn the_scheduler_rotates_by_age_and_by_usage() {
     }
     assert_eq!(by_usage, 2, "rotated before its usage limit");
     assert_eq!(encrypt(&mut globex, b"fresh").await.key_version, 2);
+    // The scheduler's actions are in the audit log as system:scheduler, intent then outcome.
+    let scheduled: Vec<String> = harness
+        .audit_lines()
+        .iter()
+        .filter(|l| {
+            l["kind"] == "system" && l["actor"] == "system:scheduler" && l["action"] == "rotate_key"
+        })
+        .map(|l| l["outcome"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        scheduled,
+        ["intent", "OK", "intent", "OK"],
+        "two rotations, each logged"
+    );
 }
 
 /// Dual control (issue 5): an operation under it is recorded, not done; its requester cannot
@@ -2617,6 +2706,7 @@ async fn password_hashing_is_bounded_and_encrypt_keeps_going() {
             key: "secrets".into(),
             password: b"hunter2".to_vec(),
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect("hash")
@@ -2627,6 +2717,7 @@ async fn password_hashing_is_bounded_and_encrypt_keeps_going() {
         password: password.to_vec(),
         hash: hash.clone(),
         tenant: String::new(),
+        grant_id: String::new(),
     };
     let ok = secrets
         .verify_password(verify(b"hunter2"))
@@ -2648,6 +2739,7 @@ async fn password_hashing_is_bounded_and_encrypt_keeps_going() {
             key: "secrets".into(),
             password: b"x".to_vec(),
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect_err("role");
@@ -2663,6 +2755,7 @@ async fn password_hashing_is_bounded_and_encrypt_keeps_going() {
                         key: "secrets".into(),
                         password: b"flood".to_vec(),
                         tenant: String::new(),
+                        grant_id: String::new(),
                     })
                     .await
                     .map(drop)
@@ -2781,6 +2874,7 @@ async fn lifecycle_and_password_bad_input_gets_clear_statuses() {
             key: "secrets".into(),
             password: Vec::new(),
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect_err("empty password");
@@ -2791,6 +2885,7 @@ async fn lifecycle_and_password_bad_input_gets_clear_statuses() {
             password: b"x".to_vec(),
             hash: "$argon2id$v=19$m=4194304,t=1,p=1,pv=1$AAAA$AAAA".into(),
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect_err("crafted hash");
@@ -2799,6 +2894,7 @@ async fn lifecycle_and_password_bad_input_gets_clear_statuses() {
         .lookup_digest(pb::LookupDigestRequest {
             secret: Vec::new(),
             tenant: String::new(),
+            grant_id: String::new(),
         })
         .await
         .expect_err("empty secret");
@@ -2820,4 +2916,645 @@ async fn lifecycle_and_password_bad_input_gets_clear_statuses() {
         (Code::InvalidArgument, "decryption failed")
     );
     h.stop().await;
+}
+
+#[cfg(feature = "test-hooks")]
+fn grant_lines(h: &Harness, grant: &str) -> Vec<(String, String, String)> {
+    h.audit_lines()
+        .iter()
+        .filter(|l| l["grant_id"] == grant)
+        .map(|l| {
+            let field = |name: &str| l[name].as_str().unwrap_or_default().to_owned();
+            (
+                field("kind"),
+                field("rpc")
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+                field("outcome"),
+            )
+        })
+        .collect()
+}
+
+/// The consent story (issue 6): support is refused without a grant; it asks; the wrong
+/// tenant's admin and the requester cannot approve; acme's admin approves; support decrypts
+/// under the grant, exactly what it names; expiry and revocation end it; each step is audited
+/// with the grant id.
+#[cfg(feature = "test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn support_reaches_a_tenant_only_with_its_admins_consent() {
+    let h = Harness::start(false).await;
+    let mut app = h.keys("acme-app").await;
+    let customer = encrypt(&mut app, b"customer row").await;
+    let mut globex_app = h.keys("globex-app").await;
+    let other = encrypt(&mut globex_app, b"globex row").await;
+    let decrypt = |ciphertext: &[u8], grant: &str| pb::DecryptRequest {
+        ciphertext: ciphertext.to_vec(),
+        context: ctx(&[("row", CONTEXT_MARKER)]),
+        grant_id: grant.into(),
+        ..Default::default()
+    };
+    let mut support_data = h.keys("support").await;
+    let mut support = h.access("support").await;
+    let mut acme_admin = h.access("acme-admin").await;
+    let mut globex_admin = h.access("globex-admin").await;
+
+    // Without a grant: nothing, whatever tenant it names.
+    for tenant in ["", "acme"] {
+        let refused = support_data
+            .decrypt(pb::DecryptRequest {
+                tenant: tenant.into(),
+                ..decrypt(&customer.ciphertext, "")
+            })
+            .await
+            .expect_err("no grant");
+        assert_eq!(refused.code(), Code::PermissionDenied);
+        assert!(refused.message().contains("grant"), "{}", refused.message());
+    }
+
+    // Bad requests are refused with what to fix.
+    for bad in [
+        pb::RequestSupportAccessRequest {
+            duration_secs: 8 * 3600 + 1,
+            ..Default::default()
+        },
+        pb::RequestSupportAccessRequest {
+            operations: vec!["CreateKey".into()],
+            ..Default::default()
+        },
+        pb::RequestSupportAccessRequest {
+            reason: "   ".into(),
+            ..Default::default()
+        },
+    ] {
+        let request = pb::RequestSupportAccessRequest {
+            tenant: "acme".into(),
+            reason: if bad.reason.is_empty() {
+                "ticket 4711".into()
+            } else {
+                bad.reason.clone()
+            },
+            operations: if bad.operations.is_empty() {
+                vec!["Decrypt".into()]
+            } else {
+                bad.operations.clone()
+            },
+            keys: vec!["default".into()],
+            duration_secs: if bad.duration_secs == 0 {
+                3600
+            } else {
+                bad.duration_secs
+            },
+        };
+        let refused = support
+            .request_support_access(request)
+            .await
+            .expect_err("bad request");
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{}",
+            refused.message()
+        );
+    }
+    let ask = || pb::RequestSupportAccessRequest {
+        tenant: "acme".into(),
+        reason: "ticket 4711: customer cannot read its export".into(),
+        operations: vec!["Decrypt".into()],
+        keys: vec!["default".into()],
+        duration_secs: 3600,
+    };
+    let grant = support
+        .request_support_access(ask())
+        .await
+        .expect("request access")
+        .into_inner();
+    assert_eq!(grant.state, "PENDING");
+    assert_eq!(grant.tenant, "acme");
+    let pending = support_data
+        .decrypt(decrypt(&customer.ciphertext, &grant.id))
+        .await
+        .expect_err("pending");
+    assert_eq!(pending.code(), Code::PermissionDenied);
+
+    let decide = |id: &str| pb::DecideSupportAccessRequest {
+        grant_id: id.into(),
+    };
+    let wrong_tenant = globex_admin
+        .approve_support_access(decide(&grant.id))
+        .await
+        .expect_err("globex's admin");
+    assert_eq!(wrong_tenant.code(), Code::PermissionDenied);
+    let own = support
+        .approve_support_access(decide(&grant.id))
+        .await
+        .expect_err("the requester");
+    assert_eq!(own.code(), Code::PermissionDenied);
+    let officer = AccessServiceClient::new(h.channel("officer").await)
+        .approve_support_access(decide(&grant.id))
+        .await
+        .expect_err("an officer is not the customer");
+    assert_eq!(officer.code(), Code::PermissionDenied);
+    let unknown = acme_admin
+        .approve_support_access(decide("00112233445566778899aabb"))
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let approved = acme_admin
+        .approve_support_access(decide(&grant.id))
+        .await
+        .expect("acme's admin approves")
+        .into_inner();
+    assert_eq!(approved.state, "APPROVED");
+    assert!(approved.decided_by.ends_with("/tenant/acme/admin"));
+    assert_eq!(approved.expire_time, approved.decide_time + 3600);
+    let again = acme_admin
+        .approve_support_access(decide(&grant.id))
+        .await
+        .expect_err("decided already");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+
+    let plain = support_data
+        .decrypt(decrypt(&customer.ciphertext, &grant.id))
+        .await
+        .expect("decrypt under the grant")
+        .into_inner();
+    assert_eq!(plain.plaintext, b"customer row");
+    // Exactly what it names: not another RPC, key or tenant.
+    let encrypt_refused = support_data
+        .encrypt(pb::EncryptRequest {
+            key: "default".into(),
+            plaintext: b"x".to_vec(),
+            grant_id: grant.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("Encrypt is not granted");
+    assert_eq!(encrypt_refused.code(), Code::PermissionDenied);
+    let other_key = support_data
+        .decrypt(pb::DecryptRequest {
+            key: "secrets".into(),
+            ..decrypt(&customer.ciphertext, &grant.id)
+        })
+        .await
+        .expect_err("key not granted");
+    assert_eq!(other_key.code(), Code::PermissionDenied);
+    let other_tenant = support_data
+        .decrypt(pb::DecryptRequest {
+            tenant: "globex".into(),
+            ..decrypt(&other.ciphertext, &grant.id)
+        })
+        .await
+        .expect_err("tenant not granted");
+    assert_eq!(other_tenant.code(), Code::PermissionDenied);
+    let globex_under_acme = support_data
+        .decrypt(decrypt(&other.ciphertext, &grant.id))
+        .await
+        .expect_err("globex's ciphertext is not acme's");
+    assert_ne!(globex_under_acme.code(), Code::Ok);
+    // A grant is its requester's alone.
+    let stolen = h
+        .keys("acme-app")
+        .await
+        .decrypt(decrypt(&customer.ciphertext, &grant.id))
+        .await
+        .expect_err("not a support principal");
+    assert_eq!(stolen.code(), Code::PermissionDenied);
+
+    // Expiry (test clock): refused again.
+    h.clock.advance(Duration::from_secs(3601));
+    let expired = support_data
+        .decrypt(decrypt(&customer.ciphertext, &grant.id))
+        .await
+        .expect_err("expired");
+    assert_eq!(expired.code(), Code::PermissionDenied);
+    let listed = acme_admin
+        .list_grants(pb::ListGrantsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.grants.len(), 1);
+    assert_eq!(listed.grants[0].state, "EXPIRED");
+    let globex_list = globex_admin
+        .list_grants(pb::ListGrantsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        globex_list.grants.is_empty(),
+        "globex sees none of acme's grants"
+    );
+
+    // Revocation ends a live grant at once.
+    let second = support
+        .request_support_access(ask())
+        .await
+        .expect("ask again")
+        .into_inner();
+    acme_admin
+        .approve_support_access(decide(&second.id))
+        .await
+        .expect("approve");
+    support_data
+        .decrypt(decrypt(&customer.ciphertext, &second.id))
+        .await
+        .expect("live grant");
+    let revoked = acme_admin
+        .revoke_grant(pb::RevokeGrantRequest {
+            grant_id: second.id.clone(),
+        })
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert_eq!(revoked.state, "REVOKED");
+    let after = support_data
+        .decrypt(decrypt(&customer.ciphertext, &second.id))
+        .await
+        .expect_err("revoked");
+    assert_eq!(after.code(), Code::PermissionDenied);
+
+    // Denied stays denied.
+    let third = support
+        .request_support_access(ask())
+        .await
+        .expect("ask a third time")
+        .into_inner();
+    let denied = acme_admin
+        .deny_support_access(decide(&third.id))
+        .await
+        .expect("deny")
+        .into_inner();
+    assert_eq!(denied.state, "DENIED");
+    assert_eq!(
+        support_data
+            .decrypt(decrypt(&customer.ciphertext, &third.id))
+            .await
+            .expect_err("denied")
+            .code(),
+        Code::PermissionDenied
+    );
+
+    // Every step, with its grant id.
+    let first = grant_lines(&h, &grant.id);
+    let expected = [
+        ("request", "RequestSupportAccess", "OK"),
+        ("request", "Decrypt", "PERMISSION_DENIED"),
+        ("request", "ApproveSupportAccess", "PERMISSION_DENIED"),
+        ("intent", "ApproveSupportAccess", ""),
+        ("request", "ApproveSupportAccess", "OK"),
+        ("request", "Decrypt", "OK"),
+    ];
+    for (kind, rpc, outcome) in expected {
+        assert!(
+            first
+                .iter()
+                .any(|(k, r, o)| k == kind && r == rpc && (outcome.is_empty() || o == outcome)),
+            "audit has {kind} {rpc} {outcome} for the grant: {first:?}"
+        );
+    }
+    let approvals_refused = first
+        .iter()
+        .filter(|(k, r, o)| {
+            k == "request" && r == "ApproveSupportAccess" && o == "PERMISSION_DENIED"
+        })
+        .count();
+    assert_eq!(
+        approvals_refused, 3,
+        "globex's admin, the requester, the officer"
+    );
+    assert!(
+        first
+            .iter()
+            .filter(|(k, r, o)| k == "request" && r == "Decrypt" && o == "PERMISSION_DENIED")
+            .count()
+            >= 2,
+        "pending and expired refusals: {first:?}"
+    );
+    let second_lines = grant_lines(&h, &second.id);
+    assert!(second_lines.contains(&("request".into(), "RevokeGrant".into(), "OK".into())));
+    assert!(second_lines.contains(&("intent".into(), "RevokeGrant".into(), String::new())));
+    let third_lines = grant_lines(&h, &third.id);
+    assert!(third_lines.contains(&("request".into(), "DenySupportAccess".into(), "OK".into())));
+    h.stop().await;
+}
+
+/// The access review (issue 6): every configured principal with its scope, last use and
+/// certificate expiry, for officers and auditors only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_review_lists_every_principal_with_its_last_use() {
+    let h = Harness::start(false).await;
+    let mut app = h.keys("acme-app").await;
+    encrypt(&mut app, b"used").await;
+    let refused = AccessServiceClient::new(h.channel("acme-app").await)
+        .review_access(pb::ReviewAccessRequest::default())
+        .await
+        .expect_err("apps do not review");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let mut auditor = h.access("auditor").await;
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = auditor
+            .review_access(pb::ReviewAccessRequest {
+                page_size: 4,
+                page_token,
+            })
+            .await
+            .expect("review")
+            .into_inner();
+        all.extend(page.principals);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let find = |suffix: &str| {
+        all.iter()
+            .find(|p| p.identity.ends_with(suffix))
+            .unwrap_or_else(|| panic!("{suffix} is in the review"))
+    };
+    assert_eq!(all.len(), 13, "every configured principal once: {all:?}");
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_secs(),
+    )
+    .expect("time");
+    let used = find("/tenant/acme/app");
+    assert_eq!(used.roles, ["app"]);
+    assert_eq!(used.tenants, ["acme"]);
+    assert!(
+        (now - 300..=now + 300).contains(&used.last_use_time),
+        "{used:?}"
+    );
+    assert!(used.certificate_expire_time > now, "{used:?}");
+    let never = find("/tenant/globex/app");
+    assert_eq!(never.last_use_time, 0, "never used: {never:?}");
+    let officer = find("/officer");
+    assert_eq!(officer.tenants, ["*"]);
+    assert!(officer.last_use_time > 0);
+    let auditor_entry = find("/auditor");
+    assert!(auditor_entry.last_use_time > 0, "the review itself counts");
+    assert_eq!(find("/tenant/acme/limited").keys, ["other"]);
+    h.stop().await;
+}
+
+fn verify(args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keyfront"))
+        .arg("audit")
+        .arg("verify")
+        .args(args)
+        .output()
+        .expect("keyfront audit verify runs");
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+/// Audit integrity (issue 6): a test run's log verifies with the HSM's public key alone; a
+/// modified byte, a deleted line, two swapped lines and (with --expect-head) a cut tail fail,
+/// naming the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_verifies_and_names_the_first_tampered_line() {
+    let h = Harness::start(false).await;
+    let mut app = h.keys("acme-app").await;
+    for _ in 0..60 {
+        encrypt(&mut app, b"line").await;
+    }
+    for _ in 0..100 {
+        if h.audit_lines()
+            .iter()
+            .filter(|l| l["kind"] == "checkpoint")
+            .count()
+            >= 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let public_key = hex::encode(h.hsm.inner().audit_public_key());
+    let dir = h.stop().await;
+    let log = dir.path().join("audit/audit.log");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.contains("\"kind\":\"checkpoint\""),
+        "checkpoints were signed"
+    );
+    let log_arg = log.to_str().expect("path");
+    let (ok, out) = verify(&["--public-key", &public_key, log_arg]);
+    assert!(ok, "a clean log verifies: {out}");
+    let head = out
+        .lines()
+        .find_map(|l| l.strip_prefix("head: "))
+        .expect("prints the head")
+        .to_owned();
+    let wrong_key = hex::encode(keyfront::hsm::memory::MemoryHsm::new().audit_public_key());
+    let (ok, out) = verify(&["--public-key", &wrong_key, log_arg]);
+    assert!(!ok, "another key's checkpoints fail: {out}");
+
+    let lines: Vec<&str> = text.lines().collect();
+    let tampered = dir.path().join("tampered.log");
+    let tampered_arg = tampered.to_str().expect("path");
+    let check = |lines: Vec<String>, extra: &[&str], wanted_line: usize, what: &str| {
+        std::fs::write(&tampered, lines.join("\n") + "\n").expect("write");
+        let mut args = vec!["--public-key", public_key.as_str()];
+        args.extend_from_slice(extra);
+        args.push(tampered_arg);
+        let (ok, out) = verify(&args);
+        assert!(!ok, "{what} is found: {out}");
+        assert!(
+            out.contains(&format!("tampered.log:{wanted_line}:")),
+            "{what} names line {wanted_line}: {out}"
+        );
+    };
+    let owned = || {
+        lines
+            .iter()
+            .map(|l| (*l).to_owned())
+            .collect::<Vec<String>>()
+    };
+    // A modified byte in line 10: one letter of the node id.
+    let mut modified = owned();
+    modified[9] = modified[9].replacen("\"node\":\"test\"", "\"node\":\"tesT\"", 1);
+    assert_ne!(modified[9], lines[9], "line 10 names the node");
+    check(modified, &[], 10, "a modified byte");
+    let mut deleted = owned();
+    deleted.remove(9);
+    check(deleted, &[], 10, "a deleted line");
+    let mut swapped = owned();
+    swapped.swap(9, 10);
+    check(swapped, &[], 10, "two swapped lines");
+    let mut cut = owned();
+    cut.truncate(lines.len() - 3);
+    std::fs::write(&tampered, cut.join("\n") + "\n").expect("write");
+    let (ok, out) = verify(&["--public-key", &public_key, tampered_arg]);
+    assert!(
+        ok,
+        "a cut tail looks whole without the expected head: {out}"
+    );
+    check(
+        cut,
+        &["--expect-head", &head],
+        lines.len() - 3,
+        "a truncated tail",
+    );
+}
+
+/// Fail closed (issue 6): while the audit sink fails, requests are refused with UNAVAILABLE
+/// before they act: no key operation reaches the HSM and nothing is created.
+#[cfg(feature = "test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_audit_sink_refuses_requests_before_they_act() {
+    use keyfront::hsm::faulty::Op;
+    let h = Harness::start(false).await;
+    let mut admin = h.admin().await;
+    let mut app = h.keys("acme-app").await;
+    encrypt(&mut app, b"warm").await;
+    let key_ops = |h: &Harness| {
+        [
+            Op::GenerateKek,
+            Op::UnwrapKek,
+            Op::Encrypt,
+            Op::Decrypt,
+            Op::Random,
+            Op::Hmac,
+        ]
+        .iter()
+        .map(|op| h.hsm.calls(*op))
+        .sum::<u64>()
+    };
+    let before = key_ops(&h);
+    h.audit_failure.store(true, Ordering::SeqCst);
+    let create = admin
+        .create_key(pb::CreateKeyRequest {
+            tenant: "acme".into(),
+            name: "made-while-broken".into(),
+            purpose: pb::KeyPurpose::Data as i32,
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("no audit, no key");
+    assert_eq!(create.code(), Code::Unavailable);
+    assert!(create.message().contains("audit"), "{}", create.message());
+    let rotate = admin
+        .rotate_key(pb::RotateKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("no audit, no rotation");
+    assert_eq!(rotate.code(), Code::Unavailable);
+    for _ in 0..3 {
+        let refused = app
+            .encrypt(pb::EncryptRequest {
+                key: "default".into(),
+                plaintext: b"x".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("no audit, no encryption");
+        assert_eq!(refused.code(), Code::Unavailable);
+    }
+    assert_eq!(
+        key_ops(&h),
+        before,
+        "no key operation while the log is broken"
+    );
+
+    h.audit_failure.store(false, Ordering::SeqCst);
+    let mut answer = Code::Unavailable;
+    for _ in 0..10 {
+        answer = code(
+            admin
+                .get_key(pb::GetKeyRequest {
+                    tenant: "acme".into(),
+                    name: "made-while-broken".into(),
+                })
+                .await,
+        );
+        if answer != Code::Unavailable {
+            break;
+        }
+    }
+    assert_eq!(
+        answer,
+        Code::NotFound,
+        "the refused CreateKey created nothing"
+    );
+    let key = admin
+        .get_key(pb::GetKeyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        key.primary_version, 1,
+        "the refused rotation did not happen"
+    );
+    h.stop().await;
+}
+
+/// Fail closed on a full device (issue 6): every request is refused with UNAVAILABLE and no
+/// key operation happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_log_on_a_full_device_refuses_every_request() {
+    let h = Harness::start_configured(
+        false,
+        |_, _| {},
+        |config| {
+            if let Some(server) = config.server.as_mut() {
+                server.audit_path = "/dev/full".into();
+            }
+        },
+    )
+    .await;
+    // Wait for the HSM to be open (health answers UNAVAILABLE too, so watch the domain).
+    for _ in 0..100 {
+        if h.hsm.calls(keyfront::hsm::faulty::Op::Probe) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let baseline = h.hsm.total_calls() - h.hsm.calls(keyfront::hsm::faulty::Op::Probe);
+    let mut admin = h.admin().await;
+    let created = admin
+        .create_tenant(pb::CreateTenantRequest {
+            name: "acme".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(created.code(), Code::Unavailable, "{}", created.message());
+    let mut app = h.keys("acme-app").await;
+    let encrypted = app
+        .encrypt(pb::EncryptRequest {
+            key: "default".into(),
+            plaintext: b"x".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(encrypted.code(), Code::Unavailable);
+    assert!(
+        encrypted.message().contains("audit"),
+        "{}",
+        encrypted.message()
+    );
+    assert_eq!(
+        h.hsm.total_calls() - h.hsm.calls(keyfront::hsm::faulty::Op::Probe),
+        baseline,
+        "no key operation"
+    );
 }

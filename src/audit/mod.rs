@@ -1,24 +1,142 @@
-//! The audit log: one JSON line per request (allowed or refused) and per TLS connection
-//! (accepted or rejected).
+//! The audit log: one JSON line per request (allowed or refused), per TLS connection
+//! (accepted or rejected), per mutation's intent, and per action of keyfront's own (`system:*`).
 //!
 //! Lines never hold plaintext, keys or secrets; context values appear only as HMACs under a key
 //! derived in the HSM. Each line is handed to the operating system (`write(2)`) before the
-//! response it describes is released; if that fails, the request fails (fail closed).
-//! Hash-chaining, signed checkpoints and daily rotation come with the audit-integrity work, and
-//! the `prev` field is reserved for the chain.
+//! response it describes is released; if that fails, the request fails (fail closed) and, until
+//! a line can be written again, new requests are refused before they act.
+//!
+//! Integrity (`chain.rs`, `verify.rs`): every line carries its sequence number and the SHA-256
+//! of the line before it; every `checkpoint_lines` lines or `checkpoint_interval` a checkpoint
+//! line carries the HSM's ECDSA P-256 signature over a chain position, and that position is
+//! stored in the system database. The live file rotates at the first line of each UTC day to
+//! `<file>.<YYYY-MM-DD>`; the chain runs on across files and restarts.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::Path;
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
 
 use serde::Serialize;
+
+use crate::clock::Clock;
+
+pub mod chain;
+pub mod verify;
+
+pub use chain::ChainHead;
+
+/// What the audit log needs from the HSM and the system database: checkpoint signatures and a
+/// durable copy of the chain head. Implemented by the domain once the HSM is reachable.
+pub trait Anchor: Send + Sync {
+    /// Signs a checkpoint message with the HSM's audit key (ECDSA P-256, r ‖ s).
+    ///
+    /// # Errors
+    /// The HSM's, as text.
+    fn sign_checkpoint(&self, message: &[u8]) -> Result<Vec<u8>, String>;
+    /// The audit public key (SEC1 point).
+    fn audit_public_key(&self) -> Vec<u8>;
+    /// The chain head last stored.
+    ///
+    /// # Errors
+    /// Storage errors, as text.
+    fn stored_head(&self) -> Result<Option<ChainHead>, String>;
+    /// Stores the chain head (flushed).
+    ///
+    /// # Errors
+    /// Storage errors, as text.
+    fn store_head(&self, head: &ChainHead) -> Result<(), String>;
+}
+
+/// When checkpoints are signed.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    /// After this many lines.
+    pub lines: u64,
+    /// Or after this long, if any line was written since the last one.
+    pub interval: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        Self {
+            lines: 1000,
+            interval: Duration::from_secs(60),
+        }
+    }
+}
 
 /// Where audit lines go.
 pub struct AuditLog {
     node: String,
-    file: Mutex<File>,
+    path: PathBuf,
+    clock: Arc<dyn Clock>,
+    policy: CheckpointPolicy,
+    writer: Mutex<Writer>,
+    // False from a failed write until the next successful one: requests are refused before
+    // they act while the log cannot take their lines.
+    healthy: AtomicBool,
+    // Tests: every write fails, as a broken disk would make it.
+    fault: Arc<AtomicBool>,
+    wake: Arc<(Mutex<bool>, Condvar)>,
+}
+
+struct Writer {
+    file: File,
+    // Regular files rotate and are truncated back after a partial write; devices do not.
+    regular: bool,
+    len: u64,
+    day: String,
+    head: ChainHead,
+    since_checkpoint: u64,
+    last_checkpoint: Duration,
+}
+
+/// A mutation about to be carried out, logged before it acts.
+#[derive(Debug, Default, Serialize)]
+pub struct IntentRecord {
+    /// The id its outcome line will carry.
+    pub request_id: String,
+    /// The caller.
+    pub identity: String,
+    /// The RPC.
+    pub rpc: String,
+    /// Tenant name, if any.
+    pub tenant: Option<String>,
+    /// Key name, if any.
+    pub key: Option<String>,
+    /// The support grant used, if any.
+    pub grant_id: Option<String>,
+}
+
+/// An action keyfront takes on its own (scheduler, reload, audit housekeeping).
+#[derive(Debug, Default, Serialize)]
+pub struct SystemRecord {
+    /// `system:scheduler`, `system:reload`, `system:audit`.
+    pub actor: &'static str,
+    /// What it does, e.g. `destroy_key_version`.
+    pub action: &'static str,
+    /// `intent` before acting, then `OK` or the failure.
+    pub outcome: String,
+    /// Tenant (id or name), if any.
+    pub tenant: Option<String>,
+    /// Key name, if any.
+    pub key: Option<String>,
+    /// Key version, if any.
+    pub version: Option<u32>,
+    /// Free detail for people; never secret.
+    pub detail: Option<String>,
+}
+
+/// A signed checkpoint.
+#[derive(Debug, Serialize)]
+struct CheckpointRecord {
+    signed_seq: u64,
+    signed_hash: String,
+    signature: String,
+    key_id: String,
 }
 
 /// One request, as the audit log records it.
@@ -71,6 +189,8 @@ pub struct ConnectionRecord {
 
 #[derive(Serialize)]
 struct Line<'a, T: Serialize> {
+    seq: u64,
+    prev: &'a str,
     time: String,
     node: &'a str,
     kind: &'static str,
@@ -78,28 +198,144 @@ struct Line<'a, T: Serialize> {
     record: &'a T,
 }
 
+/// The parts of a line that the writer reads back when it reopens a log.
+#[derive(serde::Deserialize)]
+struct LineHead {
+    seq: u64,
+    time: String,
+}
+
 impl AuditLog {
-    /// Opens (creating if needed) the audit file for appending; the directory is created too.
+    /// Opens (creating if needed) the live audit file for appending, and finds where the chain
+    /// stands: the last line of the live file, else of the newest rotated file, else the start.
+    /// A torn last line (a crash in the middle of a write) is cut off.
     ///
     /// # Errors
-    /// I/O errors.
-    pub fn open(path: &Path, node: &str) -> std::io::Result<Self> {
+    /// I/O errors, or a last line that is not an audit line.
+    pub fn open(
+        path: &Path,
+        node: &str,
+        clock: Arc<dyn Clock>,
+        policy: CheckpointPolicy,
+    ) -> std::io::Result<Self> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(path)?;
+        let metadata = file.metadata()?;
+        let regular = metadata.is_file();
+        let today = utc_day(&clock.now());
+        let (mut head, mut day, mut len) = (ChainHead::START, today, 0);
+        if regular {
+            len = cut_torn_tail(&mut file, metadata.len())?;
+            match last_line(&mut file, len)? {
+                Some(line) => {
+                    let (found, found_day) = parse_head(&line)?;
+                    (head, day) = (found, found_day);
+                }
+                None => {
+                    if let Some(line) = newest_rotated_line(path)? {
+                        head = parse_head(&line)?.0;
+                    }
+                }
+            }
+        }
         Ok(Self {
             node: node.to_owned(),
-            file: Mutex::new(file),
+            path: path.to_owned(),
+            policy,
+            writer: Mutex::new(Writer {
+                file,
+                regular,
+                len,
+                day,
+                head,
+                since_checkpoint: head.seq.min(1),
+                last_checkpoint: clock.monotonic(),
+            }),
+            clock,
+            healthy: AtomicBool::new(true),
+            fault: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new((Mutex::new(false), Condvar::new())),
         })
     }
 
-    /// Writes a request line.
+    /// Connects the log to the HSM and the system database: reports a log that ends before the
+    /// stored chain head (truncated or replaced), then signs checkpoints on a thread of its own
+    /// until the log or the anchor is dropped.
+    pub fn attach(self: &Arc<Self>, anchor: Weak<dyn Anchor>) {
+        if let Some(strong) = anchor.upgrade() {
+            let head = self.head();
+            match strong.stored_head() {
+                Ok(Some(stored)) if stored.seq > head.seq => {
+                    tracing::error!(
+                        alert = "audit_truncated",
+                        stored_seq = stored.seq,
+                        log_seq = head.seq,
+                        "ALERT: the audit log ends before the chain head stored in the system database; it was truncated or replaced"
+                    );
+                    let _ = self.system(&SystemRecord {
+                        actor: "system:audit",
+                        action: "check_chain_head",
+                        outcome: "LOG_BEHIND_STORED_HEAD".into(),
+                        detail: Some(format!(
+                            "stored head seq {} hash {}; the log ended at seq {}",
+                            stored.seq,
+                            hex::encode(stored.hash),
+                            head.seq
+                        )),
+                        ..SystemRecord::default()
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot read the stored audit chain head"),
+            }
+        }
+        let log = Arc::downgrade(self);
+        let wake = Arc::clone(&self.wake);
+        let spawned = std::thread::Builder::new()
+            .name("audit-checkpoints".into())
+            .spawn(move || checkpoint_loop(&log, &anchor, &wake));
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the audit checkpoint thread");
+        }
+    }
+
+    /// Whether the last write succeeded. When it did not, requests are refused before acting.
+    pub fn writable(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Every write fails while `switch` is on (tests: an audit sink that breaks).
+    #[cfg(feature = "test-hooks")]
+    pub fn with_failure_switch(mut self, switch: Arc<AtomicBool>) -> Self {
+        self.fault = switch;
+        self
+    }
+
+    /// The chain's current head.
+    pub fn head(&self) -> ChainHead {
+        self.writer.lock().expect("audit writer lock poisoned").head
+    }
+
+    /// Writes a request's outcome line.
     ///
     /// # Errors
     /// I/O errors; the caller fails the request.
     pub fn request(&self, record: &RequestRecord) -> std::io::Result<()> {
-        self.write("request", record)
+        self.write("request", record, false).map(drop)
+    }
+
+    /// Writes a mutation's intent line, before it acts.
+    ///
+    /// # Errors
+    /// I/O errors; the caller refuses the mutation.
+    pub fn intent(&self, record: &IntentRecord) -> std::io::Result<()> {
+        self.write("intent", record, false).map(drop)
     }
 
     /// Writes a connection line.
@@ -107,23 +343,280 @@ impl AuditLog {
     /// # Errors
     /// I/O errors.
     pub fn connection(&self, record: &ConnectionRecord) -> std::io::Result<()> {
-        self.write("connection", record)
+        self.write("connection", record, false).map(drop)
     }
 
-    fn write<T: Serialize>(&self, kind: &'static str, record: &T) -> std::io::Result<()> {
+    /// Writes a line about an action of keyfront's own.
+    ///
+    /// # Errors
+    /// I/O errors; an intent that cannot be logged is not carried out.
+    pub fn system(&self, record: &SystemRecord) -> std::io::Result<()> {
+        self.write("system", record, false).map(drop)
+    }
+
+    /// Signs the current chain head with the HSM and writes the checkpoint line, then stores
+    /// the checkpoint line's position in the system database. Nothing to do if no line was
+    /// written since the last checkpoint.
+    ///
+    /// # Errors
+    /// The HSM's or the disk's, as text.
+    pub fn checkpoint(&self, anchor: &dyn Anchor) -> Result<Option<ChainHead>, String> {
+        let head = {
+            let writer = self.writer.lock().expect("audit writer lock poisoned");
+            if writer.since_checkpoint == 0 {
+                return Ok(None);
+            }
+            writer.head
+        };
+        // Signed outside the lock: lines keep flowing while the HSM works; the checkpoint
+        // names the position it signs.
+        let message = chain::checkpoint_message(&self.node, &head);
+        let signature = anchor.sign_checkpoint(&message)?;
+        let record = CheckpointRecord {
+            signed_seq: head.seq,
+            signed_hash: hex::encode(head.hash),
+            signature: hex::encode(signature),
+            key_id: chain::key_id(&anchor.audit_public_key()),
+        };
+        let written = self
+            .write("checkpoint", &record, true)
+            .map_err(|e| e.to_string())?;
+        anchor.store_head(&written)?;
+        Ok(Some(written))
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        let writer = self.writer.lock().expect("audit writer lock poisoned");
+        writer.since_checkpoint >= self.policy.lines
+            || (writer.since_checkpoint > 0
+                && self
+                    .clock
+                    .monotonic()
+                    .saturating_sub(writer.last_checkpoint)
+                    >= self.policy.interval)
+    }
+
+    fn write<T: Serialize>(
+        &self,
+        kind: &'static str,
+        record: &T,
+        checkpoint: bool,
+    ) -> std::io::Result<ChainHead> {
+        let result = self.append(kind, record, checkpoint);
+        self.healthy.store(result.is_ok(), Ordering::Release);
+        result
+    }
+
+    fn append<T: Serialize>(
+        &self,
+        kind: &'static str,
+        record: &T,
+        checkpoint: bool,
+    ) -> std::io::Result<ChainHead> {
+        let now = self.clock.now();
+        let mut writer = self.writer.lock().expect("audit writer lock poisoned");
+        let day = utc_day(&now);
+        if writer.regular && day != writer.day {
+            self.rotate(&mut writer, day)?;
+        }
+        let prev = hex::encode(writer.head.hash);
         let line = Line {
-            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            seq: writer.head.seq + 1,
+            prev: &prev,
+            time: humantime::format_rfc3339_micros(now).to_string(),
             node: &self.node,
             kind,
             record,
         };
         let mut bytes = serde_json::to_vec(&line)?;
+        let head = ChainHead {
+            seq: line.seq,
+            hash: chain::line_hash(&bytes),
+        };
         bytes.push(b'\n');
-        // One write per line on an O_APPEND file: lines never interleave, and the line is in
-        // the kernel before the response is released.
-        self.file
-            .lock()
-            .expect("audit file lock poisoned")
-            .write_all(&bytes)
+        if self.fault.load(Ordering::Acquire) {
+            return Err(std::io::Error::other("injected audit failure"));
+        }
+        // One write per line on an O_APPEND file: the line is in the kernel before the
+        // response is released. A partial write is cut off again so the chain stays whole.
+        if let Err(error) = writer.file.write_all(&bytes) {
+            if writer.regular {
+                let len = writer.len;
+                let _ = writer.file.set_len(len);
+            }
+            return Err(error);
+        }
+        writer.len += bytes.len() as u64;
+        writer.head = head;
+        if checkpoint {
+            writer.since_checkpoint = 0;
+            writer.last_checkpoint = self.clock.monotonic();
+        } else {
+            writer.since_checkpoint += 1;
+            if writer.since_checkpoint == self.policy.lines {
+                let (flag, condvar) = &*self.wake;
+                *flag.lock().expect("audit wake lock poisoned") = true;
+                condvar.notify_one();
+            }
+        }
+        Ok(head)
     }
+
+    /// Renames the live file to `<file>.<day it holds>` and starts a new one; the chain goes on.
+    fn rotate(&self, writer: &mut Writer, day: String) -> std::io::Result<()> {
+        if writer.len > 0 {
+            let mut target = rotated_name(&self.path, &writer.day, 0);
+            let mut n = 0;
+            while target.exists() {
+                n += 1;
+                target = rotated_name(&self.path, &writer.day, n);
+            }
+            writer.file.sync_all()?;
+            std::fs::rename(&self.path, &target)?;
+            writer.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .open(&self.path)?;
+            writer.len = 0;
+            tracing::info!(rotated = %target.display(), "audit log rotated");
+        }
+        writer.day = day;
+        Ok(())
+    }
+}
+
+fn checkpoint_loop(log: &Weak<AuditLog>, anchor: &Weak<dyn Anchor>, wake: &(Mutex<bool>, Condvar)) {
+    let (flag, condvar) = wake;
+    loop {
+        {
+            let woken = flag.lock().expect("audit wake lock poisoned");
+            let (mut woken, _) = condvar
+                .wait_timeout(woken, Duration::from_secs(1))
+                .expect("audit wake lock poisoned");
+            *woken = false;
+        }
+        let (Some(log), Some(anchor)) = (log.upgrade(), anchor.upgrade()) else {
+            return;
+        };
+        if log.checkpoint_due() {
+            if let Err(error) = log.checkpoint(anchor.as_ref()) {
+                tracing::warn!(%error, "audit checkpoint failed; retrying");
+            }
+        }
+    }
+}
+
+fn rotated_name(path: &Path, day: &str, n: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{day}"));
+    if n > 0 {
+        name.push(format!(".{n}"));
+    }
+    PathBuf::from(name)
+}
+
+/// `YYYY-MM-DD` in UTC.
+fn utc_day(time: &std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(*time).to_string()[..10].to_owned()
+}
+
+fn parse_head(line: &[u8]) -> std::io::Result<(ChainHead, String)> {
+    let parsed: LineHead = serde_json::from_slice(line).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the audit log's last line is not an audit line: {e}"),
+        )
+    })?;
+    let day = parsed.time.get(..10).unwrap_or_default().to_owned();
+    Ok((
+        ChainHead {
+            seq: parsed.seq,
+            hash: chain::line_hash(line),
+        },
+        day,
+    ))
+}
+
+/// Cuts a last line without its newline (a write torn by a crash); returns the new length.
+fn cut_torn_tail(file: &mut File, len: u64) -> std::io::Result<u64> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let keep = match last_newline(file, len)? {
+        Some(at) => at + 1,
+        None => 0,
+    };
+    if keep < len {
+        tracing::warn!(
+            cut_bytes = len - keep,
+            "the audit log ended in a torn line (a crash mid-write); cutting it off"
+        );
+        file.set_len(keep)?;
+    }
+    Ok(keep)
+}
+
+/// The offset of the last `\n` before `end`.
+fn last_newline(file: &mut File, end: u64) -> std::io::Result<Option<u64>> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut high = end;
+    let mut buffer = vec![0; CHUNK as usize];
+    while high > 0 {
+        let low = high.saturating_sub(CHUNK);
+        let chunk = &mut buffer[..(high - low) as usize];
+        file.seek(SeekFrom::Start(low))?;
+        file.read_exact(chunk)?;
+        if let Some(at) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(Some(low + at as u64));
+        }
+        high = low;
+    }
+    Ok(None)
+}
+
+/// The last complete line of a file that ends in `\n` (`len` bytes), without its newline.
+fn last_line(file: &mut File, len: u64) -> std::io::Result<Option<Vec<u8>>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    let start = last_newline(file, len - 1)?.map_or(0, |at| at + 1);
+    let mut line = vec![0; (len - 1 - start) as usize];
+    file.seek(SeekFrom::Start(start))?;
+    file.read_exact(&mut line)?;
+    Ok(Some(line))
+}
+
+/// The last line of the newest `<file>.<day>[.<n>]` beside `path`.
+fn newest_rotated_line(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    let Some(dir) = path.parent() else {
+        return Ok(None);
+    };
+    let Some(stem) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(None);
+    };
+    let prefix = format!("{stem}.");
+    let mut rotated: Vec<(String, u32, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(rest) = name.strip_prefix(&prefix) {
+            let (day, n) = match rest.split_once('.') {
+                Some((day, n)) => (day.to_owned(), n.parse().unwrap_or(0)),
+                None => (rest.to_owned(), 0),
+            };
+            rotated.push((day, n, entry.path()));
+        }
+    }
+    rotated.sort();
+    let Some((_, _, newest)) = rotated.pop() else {
+        return Ok(None);
+    };
+    let mut file = File::open(newest)?;
+    let len = file.metadata()?.len();
+    let len = match last_newline(&mut file, len)? {
+        Some(at) => at + 1,
+        None => return Ok(None),
+    };
+    last_line(&mut file, len)
 }

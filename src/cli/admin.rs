@@ -1,5 +1,6 @@
-//! `keyfront admin`: one subcommand per AdminService RPC, for security officers. Tables by
-//! default, `--json` for scripts; errors name the principal, the status and what to do next.
+//! `keyfront admin`: one subcommand per AdminService and AccessService RPC, for security
+//! officers (and, with `--principal`, support, tenant-admins and auditors). Tables by default,
+//! `--json` for scripts; errors name the principal, the status and what to do next.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use tonic::transport::Channel;
 
 use super::client::{ClientError, Endpoint};
 use crate::service::pb;
+use crate::service::pb::access_service_client::AccessServiceClient;
 use crate::service::pb::admin_service_client::AdminServiceClient;
 
 /// `keyfront admin` and its options.
@@ -146,6 +148,47 @@ pub enum AdminCommand {
     },
     /// The master key's generations and any rotation in progress.
     MasterKeyStatus,
+    /// Access review (officer, auditor): every principal, its scope, last use and
+    /// certificate expiry.
+    AccessReview,
+    /// Support (`--principal support`): ask a tenant-admin for access to a tenant.
+    RequestAccess {
+        /// The tenant.
+        tenant: String,
+        /// Why (the approver reads it).
+        #[arg(long)]
+        reason: String,
+        /// KeyService RPCs wanted, e.g. Decrypt (repeatable).
+        #[arg(long = "operation", required = true)]
+        operations: Vec<String>,
+        /// Keys wanted (repeatable).
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+        /// How long once approved, e.g. "2h".
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        duration: Duration,
+    },
+    /// Tenant-admin: approve a support request.
+    ApproveAccess {
+        /// The grant id.
+        id: String,
+    },
+    /// Tenant-admin: deny a support request.
+    DenyAccess {
+        /// The grant id.
+        id: String,
+    },
+    /// End a grant now (tenant-admin, officer, or the support principal that asked).
+    RevokeGrant {
+        /// The grant id.
+        id: String,
+    },
+    /// Support grants, newest first.
+    ListGrants {
+        /// Only this tenant.
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
 }
 
 /// Which version.
@@ -180,7 +223,7 @@ impl VersionArgs {
 pub async fn run(args: AdminArgs) -> Result<(), ClientError> {
     let who = args.endpoint.who("officer");
     let channel = args.endpoint.channel("officer").await?;
-    let output = execute(AdminServiceClient::new(channel), args.command)
+    let output = execute(channel, args.command)
         .await
         .map_err(|status| explain(status, &who))?;
     if args.json {
@@ -199,11 +242,79 @@ struct Output {
     table: String,
 }
 
-async fn execute(
-    mut admin: AdminServiceClient<Channel>,
-    command: AdminCommand,
-) -> Result<Output, tonic::Status> {
+async fn execute(channel: Channel, command: AdminCommand) -> Result<Output, tonic::Status> {
+    let mut admin = AdminServiceClient::new(channel.clone());
+    let mut access = AccessServiceClient::new(channel);
     Ok(match command {
+        AdminCommand::AccessReview => review(
+            all_pages(|page_token| {
+                let mut access = access.clone();
+                async move {
+                    let page = access
+                        .review_access(pb::ReviewAccessRequest {
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.principals, page.next_page_token))
+                }
+            })
+            .await?,
+        ),
+        AdminCommand::ListGrants { tenant } => grants(
+            all_pages(|page_token| {
+                let (mut access, tenant) = (access.clone(), tenant.clone());
+                async move {
+                    let page = access
+                        .list_grants(pb::ListGrantsRequest {
+                            tenant,
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.grants, page.next_page_token))
+                }
+            })
+            .await?,
+        ),
+        AdminCommand::RequestAccess {
+            tenant,
+            reason,
+            operations,
+            keys,
+            duration,
+        } => grants(vec![
+            access
+                .request_support_access(pb::RequestSupportAccessRequest {
+                    tenant,
+                    reason,
+                    operations,
+                    keys,
+                    duration_secs: duration.as_secs(),
+                })
+                .await?
+                .into_inner(),
+        ]),
+        AdminCommand::ApproveAccess { id } => grants(vec![
+            access
+                .approve_support_access(pb::DecideSupportAccessRequest { grant_id: id })
+                .await?
+                .into_inner(),
+        ]),
+        AdminCommand::DenyAccess { id } => grants(vec![
+            access
+                .deny_support_access(pb::DecideSupportAccessRequest { grant_id: id })
+                .await?
+                .into_inner(),
+        ]),
+        AdminCommand::RevokeGrant { id } => grants(vec![
+            access
+                .revoke_grant(pb::RevokeGrantRequest { grant_id: id })
+                .await?
+                .into_inner(),
+        ]),
         AdminCommand::CreateTenant { name, request_id } => tenants(vec![
             admin
                 .create_tenant(pb::CreateTenantRequest { name, request_id })
@@ -401,7 +512,7 @@ fn explain(status: tonic::Status, who: &str) -> ClientError {
             "the server does not accept this certificate's identity: check --principal/--cert and the server's [[principals]]"
         }
         Code::PermissionDenied => {
-            "this principal lacks the role or tenant: AdminService needs an officer (--principal officer)"
+            "this principal lacks the role, tenant or grant: AdminService needs an officer (--principal officer), grants a support or tenant-admin principal"
         }
         Code::NotFound => {
             "check the names: keyfront admin list-tenants, keyfront admin list-keys TENANT"
@@ -715,6 +826,124 @@ fn master_key(status: pb::MasterKeyStatus) -> Output {
             })).collect::<Vec<_>>(),
         }),
         table: text,
+    }
+}
+
+fn dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
+fn review(list: Vec<pb::PrincipalReview>) -> Output {
+    let rows = list
+        .iter()
+        .map(|p| {
+            vec![
+                p.identity.clone(),
+                p.roles.join(","),
+                p.tenants.join(","),
+                if p.keys.is_empty() {
+                    "*".to_owned()
+                } else {
+                    p.keys.join(",")
+                },
+                if p.last_use_time > 0 {
+                    time(p.last_use_time)
+                } else {
+                    "never".to_owned()
+                },
+                time(p.certificate_expire_time),
+                dash(&p.active_grants.join(",")),
+            ]
+        })
+        .collect::<Vec<_>>();
+    let never = |t: i64| (t > 0).then_some(t);
+    Output {
+        json: Value::Array(
+            list.iter()
+                .map(|p| {
+                    json!({
+                        "identity": p.identity,
+                        "roles": p.roles,
+                        "tenants": p.tenants,
+                        "keys": p.keys,
+                        "last_use_time": never(p.last_use_time),
+                        "certificate_expire_time": never(p.certificate_expire_time),
+                        "active_grants": p.active_grants,
+                    })
+                })
+                .collect(),
+        ),
+        table: table(
+            &[
+                "PRINCIPAL",
+                "ROLES",
+                "TENANTS",
+                "KEYS",
+                "LAST USED",
+                "CERT EXPIRES",
+                "ACTIVE GRANTS",
+            ],
+            &rows,
+        ),
+    }
+}
+
+fn grants(list: Vec<pb::Grant>) -> Output {
+    let rows = list
+        .iter()
+        .map(|g| {
+            vec![
+                g.id.clone(),
+                g.state.clone(),
+                g.tenant.clone(),
+                g.requested_by.clone(),
+                g.operations.join(","),
+                g.keys.join(","),
+                dash(&g.decided_by),
+                time(g.expire_time),
+            ]
+        })
+        .collect::<Vec<_>>();
+    Output {
+        json: Value::Array(
+            list.iter()
+                .map(|g| {
+                    json!({
+                        "id": g.id,
+                        "state": g.state,
+                        "tenant": g.tenant,
+                        "requested_by": g.requested_by,
+                        "reason": g.reason,
+                        "operations": g.operations,
+                        "keys": g.keys,
+                        "duration_secs": g.duration_secs,
+                        "request_time": g.request_time,
+                        "decided_by": (!g.decided_by.is_empty()).then_some(&g.decided_by),
+                        "decide_time": (g.decide_time > 0).then_some(g.decide_time),
+                        "expire_time": (g.expire_time > 0).then_some(g.expire_time),
+                        "revoked_by": (!g.revoked_by.is_empty()).then_some(&g.revoked_by),
+                        "revoke_time": (g.revoke_time > 0).then_some(g.revoke_time),
+                    })
+                })
+                .collect(),
+        ),
+        table: table(
+            &[
+                "GRANT",
+                "STATE",
+                "TENANT",
+                "REQUESTED BY",
+                "OPERATIONS",
+                "KEYS",
+                "DECIDED BY",
+                "EXPIRES",
+            ],
+            &rows,
+        ),
     }
 }
 

@@ -53,6 +53,9 @@ pub struct Connection {
     /// Context pairs NAME=VALUE bound to the ciphertext (repeatable).
     #[arg(long = "context", value_parser = parse_pair)]
     pub context: Vec<(String, String)>,
+    /// Support principals: the approved grant to act under (the tenant comes from it).
+    #[arg(long = "grant", default_value = "")]
+    pub grant_id: String,
 }
 
 fn parse_pair(text: &str) -> Result<(String, String), String> {
@@ -166,6 +169,7 @@ pub async fn encrypt(connection: &Connection, key: &str) -> Result<(), ClientErr
             plaintext: plaintext.to_vec(),
             context: connection.context.iter().cloned().collect(),
             tenant: connection.tenant.clone(),
+            grant_id: connection.grant_id.clone(),
         })
         .await?
         .into_inner();
@@ -191,6 +195,7 @@ pub async fn decrypt(connection: &Connection, key: Option<&str>) -> Result<(), C
             context: connection.context.iter().cloned().collect(),
             key: key.unwrap_or_default().to_owned(),
             tenant: connection.tenant.clone(),
+            grant_id: connection.grant_id.clone(),
         })
         .await?
         .into_inner();

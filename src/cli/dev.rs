@@ -41,6 +41,20 @@ pub const PRINCIPALS: &[(&str, &str, &[&str], &[&str])] = &[
     ("globex-app", "tenant/globex/app", &["globex"], &["app"]),
     ("backup", "backup", &["acme", "globex"], &["backup"]),
     ("officer", "officer", &["*"], &["officer"]),
+    (
+        "acme-admin",
+        "tenant/acme/admin",
+        &["acme"],
+        &["tenant-admin"],
+    ),
+    (
+        "globex-admin",
+        "tenant/globex/admin",
+        &["globex"],
+        &["tenant-admin"],
+    ),
+    ("support", "support", &["*"], &["support"]),
+    ("auditor", "auditor", &["*"], &["auditor"]),
 ];
 
 /// Why `keyfront dev` failed.
@@ -318,6 +332,12 @@ pub fn ensure_tenants(config: &Config) -> Result<(), DevError> {
         }
         other => other.map_err(crate::Error::from)?,
     };
+    // For `keyfront audit verify --public-key @DIR/audit-public-key.hex`.
+    let public_key = config.data_dir.with_file_name("audit-public-key.hex");
+    write(
+        &public_key,
+        &format!("{}\n", hex::encode(hsm.audit_public_key())),
+    )?;
     let kms = Kms::open(Arc::new(hsm) as Arc<dyn Hsm>, &config.data_dir, config.kms)?;
     for tenant in ["acme", "globex"] {
         let name = tenant.parse().map_err(|_| crate::Error::TooLarge)?;

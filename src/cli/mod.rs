@@ -1,6 +1,7 @@
 //! The `keyfront` command: `init` (the key ceremony), `serve`, `dev` (a complete local
 //! keyfront), `encrypt`/`decrypt` (a client), and `selfcheck` (a round trip of every operation
-//! without the network). `admin`, `audit` and `backup` arrive with later work.
+//! without the network), `admin` (AdminService and AccessService as a client), and `audit
+//! verify` (offline). `backup` arrives with later work.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use crate::kms::Kms;
 pub const EXIT_ALREADY_INITIALIZED: u8 = 3;
 
 pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod dev;
 
@@ -90,6 +92,8 @@ enum Command {
     },
     /// Administer tenants and keys over AdminService (as an officer): one subcommand per RPC.
     Admin(admin::AdminArgs),
+    /// Check audit logs offline.
+    Audit(audit::AuditArgs),
     /// Decrypt a base64 ciphertext from stdin; writes the plaintext.
     Decrypt {
         /// The key's name (optional: the ciphertext names it).
@@ -125,6 +129,7 @@ pub fn main() -> ExitCode {
             return run_client(async move { client::decrypt(&connection, key.as_deref()).await });
         }
         Command::Admin(args) => return run_client(admin::run(args)),
+        Command::Audit(args) => return audit::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -240,10 +245,16 @@ fn run_dev(dir: &Path, listen: std::net::SocketAddr) -> ExitCode {
             dir.display()
         );
         println!("  try:   echo hi | keyfront encrypt --key default | keyfront decrypt");
-        println!(
-            "  as:    --principal acme-app | acme-backup | acme-secrets | globex-app | backup | officer"
-        );
+        let names = dev::PRINCIPALS
+            .iter()
+            .map(|(name, ..)| *name)
+            .collect::<Vec<_>>();
+        println!("  as:    --principal {}", names.join(" | "));
         println!("  audit: {}/audit/audit.log", dir.display());
+        println!(
+            "  verify the audit log: keyfront audit verify --public-key @{0}/audit-public-key.hex {0}/audit/audit.log*",
+            dir.display()
+        );
         println!("  stop:  Ctrl-C (in-flight requests finish); reload principals: kill -HUP");
         Ok((config, path))
     })();
@@ -267,7 +278,7 @@ fn init(config: &Path) -> Result<(), crate::Error> {
         println!("  created {label}");
     }
     println!(
-        "  audit public key (CKA_EC_POINT): {}",
+        "  audit public key (pass to `keyfront audit verify --public-key`): {}",
         hex::encode(&report.audit_public_key)
     );
     Ok(())

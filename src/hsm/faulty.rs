@@ -155,6 +155,10 @@ impl<H: Hsm> Hsm for FaultyHsm<H> {
         self.inner.sign(data)
     }
 
+    fn audit_public_key(&self) -> Vec<u8> {
+        self.inner.audit_public_key()
+    }
+
     fn probe(&self) -> Result<(), Error> {
         self.enter(Op::Probe)?;
         self.inner.probe()

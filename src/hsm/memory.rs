@@ -1,8 +1,8 @@
 //! An in-memory fake of [`Hsm`] for fast unit tests. Not an HSM: keys live in process memory.
 //!
 //! It keeps the contract's observable behaviour (integrity failures, MWK generations, opaque
-//! handles) but uses AES-256-GCM-SIV where the real HSM uses KWP and GCM, and its `sign` is an
-//! HMAC stand-in, not ECDSA. Everything that touches a real HSM is also tested on SoftHSM.
+//! handles) but uses AES-256-GCM-SIV where the real HSM uses KWP and GCM; its audit signatures
+//! are real ECDSA P-256, so the audit log it signs verifies like SoftHSM's. Everything that touches a real HSM is also tested on SoftHSM.
 
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ pub struct MemoryHsm {
     storage_root: SecretKey,
     pepper: SecretKey,
     lookup: SecretKey,
-    audit: SecretKey,
+    audit: p256::ecdsa::SigningKey,
 }
 
 struct MemoryKek(SecretKey);
@@ -33,7 +33,7 @@ impl MemoryHsm {
             storage_root: SecretKey::random(),
             pepper: SecretKey::random(),
             lookup: SecretKey::random(),
-            audit: SecretKey::random(),
+            audit: random_signing_key(),
         }
     }
 }
@@ -123,9 +123,27 @@ impl Hsm for MemoryHsm {
     }
 
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error> {
-        let first = hmac_sha256(&self.audit, data);
-        let second = hmac_sha256(&self.audit, &first);
-        Ok([first, second].concat())
+        use p256::ecdsa::signature::Signer;
+        let signature: p256::ecdsa::Signature = self.audit.sign(data);
+        Ok(signature.to_bytes().to_vec())
+    }
+
+    fn audit_public_key(&self) -> Vec<u8> {
+        self.audit
+            .verifying_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .to_vec()
+    }
+}
+
+fn random_signing_key() -> p256::ecdsa::SigningKey {
+    // A random 32-byte string is a valid scalar except with negligible probability.
+    loop {
+        let bytes = zeroize::Zeroizing::new(rand::random::<[u8; 32]>());
+        if let Ok(key) = p256::ecdsa::SigningKey::from_slice(bytes.as_slice()) {
+            return key;
+        }
     }
 }
 

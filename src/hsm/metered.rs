@@ -64,6 +64,10 @@ impl Hsm for MeteredHsm {
         timed("sign", || self.inner.sign(data))
     }
 
+    fn audit_public_key(&self) -> Vec<u8> {
+        self.inner.audit_public_key()
+    }
+
     fn probe(&self) -> Result<(), Error> {
         timed("probe", || self.inner.probe())
     }

@@ -85,6 +85,10 @@ pub trait Hsm: Send + Sync {
     /// [`Error::Unavailable`] if the HSM is gone.
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error>;
 
+    /// The audit signing key's public half: a SEC1 uncompressed P-256 point (65 bytes), read
+    /// once when the HSM is opened. Empty when the HSM cannot be reached at all.
+    fn audit_public_key(&self) -> Vec<u8>;
+
     /// Creates the next MWK generation on the token (same template as the ceremony's) and makes
     /// it current: new KEKs are wrapped under it. Older generations stay for unwrapping.
     ///

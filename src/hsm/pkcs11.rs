@@ -66,7 +66,7 @@ pub struct InitReport {
     pub mwk_generation: MwkGeneration,
     /// Labels of the token objects created.
     pub labels: Vec<String>,
-    /// The audit public key's CKA_EC_POINT (DER OCTET STRING of the uncompressed point).
+    /// The audit public key: the SEC1 uncompressed P-256 point (what `audit verify` takes).
     pub audit_public_key: Vec<u8>,
 }
 
@@ -251,16 +251,25 @@ fn create_ceremony_keys(
         .map_err(to_error)?;
     created.push(public);
     created.push(private);
+    ec_point(session, public)
+}
+
+/// The public key's point as SEC1 uncompressed bytes. PKCS#11 v2.40 stores CKA_EC_POINT as a
+/// DER OCTET STRING around them (SoftHSM does); a bare point is accepted too.
+fn ec_point(session: &Session, public: ObjectHandle) -> Result<Vec<u8>, Error> {
     let point = session
         .get_attributes(public, &[AttributeType::EcPoint])
-        .map_err(to_error)?;
-    Ok(point
+        .map_err(to_error)?
         .into_iter()
         .find_map(|a| match a {
             Attribute::EcPoint(p) => Some(p),
             _ => None,
         })
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok(match point.as_slice() {
+        [0x04, 65, rest @ ..] if rest.len() == 65 => rest.to_vec(),
+        _ => point,
+    })
 }
 
 /// The MWK: a token AES-256 key that can only wrap and unwrap with AES-KWP and never leaves
@@ -380,6 +389,7 @@ pub struct Pkcs11Hsm {
     pepper: ObjectHandle,
     lookup: ObjectHandle,
     audit_private: ObjectHandle,
+    audit_public: Vec<u8>,
     kek_cache: quick_cache::sync::Cache<Vec<u8>, Arc<KekObject>>,
     // Rebuilt under the new MWK when the master key rotates.
     canary: std::sync::RwLock<Arc<Canary>>,
@@ -433,6 +443,10 @@ impl Pkcs11Hsm {
         };
         let audit_private = find_one(&anchor, AUDIT_LABEL, ObjectClass::PRIVATE_KEY)?
             .ok_or(Error::NotInitialized("audit signing key"))?;
+        let audit_public = match find_one(&anchor, AUDIT_LABEL, ObjectClass::PUBLIC_KEY)? {
+            Some(handle) => ec_point(&anchor, handle)?,
+            None => return Err(Error::NotInitialized("audit public key")),
+        };
 
         let slot = find_token(&ctx, &config.token_label)?;
         let mut sessions = Vec::with_capacity(config.sessions.get());
@@ -452,6 +466,7 @@ impl Pkcs11Hsm {
             pepper,
             lookup,
             audit_private,
+            audit_public,
             kek_cache: quick_cache::sync::Cache::new(config.kek_cache_capacity.get()),
         })
     }
@@ -624,6 +639,10 @@ impl Hsm for Pkcs11Hsm {
         self.pool
             .with(|s| s.sign(&Mechanism::Ecdsa, self.audit_private, &digest))
             .map_err(to_error)
+    }
+
+    fn audit_public_key(&self) -> Vec<u8> {
+        self.audit_public.clone()
     }
 
     fn create_mwk(&self) -> Result<MwkGeneration, Error> {

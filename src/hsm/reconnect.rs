@@ -116,6 +116,10 @@ impl Hsm for ReconnectingHsm {
         self.current().sign(data)
     }
 
+    fn audit_public_key(&self) -> Vec<u8> {
+        self.current().audit_public_key()
+    }
+
     fn probe(&self) -> Result<(), Error> {
         self.current().probe()
     }
@@ -171,6 +175,9 @@ impl Hsm for Unreachable {
     }
     fn sign(&self, _: &[u8]) -> Result<Vec<u8>, Error> {
         Err(unreachable())
+    }
+    fn audit_public_key(&self) -> Vec<u8> {
+        Vec::new()
     }
     fn probe(&self) -> Result<(), Error> {
         Err(unreachable())

@@ -175,6 +175,66 @@ pub struct MwkRotation {
     pub started_at: u64,
 }
 
+/// A support principal's request for access to one tenant, and what became of it, as the
+/// system database holds it. Times are seconds since the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    /// Random id (hex), what the support principal passes as `grant_id`.
+    pub id: String,
+    /// The tenant's name, as asked.
+    pub tenant: Name,
+    /// The tenant's id: a tenant re-created under the name is not covered.
+    pub tenant_id: TenantId,
+    /// The support principal that asked; the only one that may act under it.
+    pub requested_by: String,
+    /// Why, in the requester's words.
+    pub reason: String,
+    /// KeyService RPC names it allows.
+    pub operations: Vec<String>,
+    /// Key names it allows.
+    pub keys: Vec<Name>,
+    /// How long it lasts once approved.
+    pub duration_secs: u64,
+    /// When it was asked for.
+    pub requested_at: u64,
+    /// After this a pending request can no longer be approved.
+    pub request_expires_at: u64,
+    /// Where it stands.
+    pub state: GrantState,
+    /// The tenant-admin that approved or denied it.
+    pub decided_by: Option<String>,
+    /// When.
+    pub decided_at: Option<u64>,
+    /// Set on approval: the grant ends then.
+    pub expires_at: Option<u64>,
+    /// Who revoked it.
+    pub revoked_by: Option<String>,
+    /// When.
+    pub revoked_at: Option<u64>,
+}
+
+/// Where a support grant stands (expiry is judged against the clock, not stored).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GrantState {
+    /// Waits for a tenant-admin.
+    Pending,
+    /// Approved: active until `expires_at`.
+    Approved,
+    /// Denied by a tenant-admin.
+    Denied,
+    /// Ended before its time.
+    Revoked,
+}
+
+/// When a principal was last authorized, and the expiry of the certificate it used then.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastUse {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// The certificate's notAfter, seconds since the Unix epoch (0: unknown).
+    pub certificate_not_after: u64,
+}
+
 /// An operation waiting for a second officer (dual control), as the system database holds it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApprovalRecord {

@@ -35,6 +35,13 @@ const MWK_RETIRED_PREFIX: &[u8] = b"m/retired/";
 const APPROVAL_PREFIX: &[u8] = b"a/";
 // Pending tenant destructions: D/ ‖ tenant id → when (u64), committed with the tenant record.
 const TENANT_DESTRUCTION_PREFIX: &[u8] = b"D/";
+/// The audit chain head, as of the last signed checkpoint.
+const AUDIT_HEAD_KEY: &[u8] = b"audit/head";
+// g/<grant id> -> GrantRecord: support access grants.
+const GRANT_PREFIX: &[u8] = b"g/";
+// u/<identity> -> LastUse: when each principal was last authorized (written at most once a
+// minute per principal).
+const LAST_USE_PREFIX: &[u8] = b"u/";
 
 /// Tuning of the key store.
 #[derive(Clone, Copy, Debug)]
@@ -573,6 +580,94 @@ impl KeyStore {
     /// Storage errors.
     pub fn remove_retired_mwk(&self, generation: u32) -> Result<(), Error> {
         self.system.commit(vec![], vec![retired_key(generation)])
+    }
+
+    /// The audit chain head stored at the last checkpoint.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if it fails its MAC.
+    pub fn audit_head(&self) -> Result<Option<crate::audit::ChainHead>, Error> {
+        self.system
+            .read(AUDIT_HEAD_KEY)?
+            .map(|payload| decode(&payload))
+            .transpose()
+    }
+
+    /// Stores the audit chain head (flushed).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn set_audit_head(&self, head: &crate::audit::ChainHead) -> Result<(), Error> {
+        self.system
+            .commit(vec![(AUDIT_HEAD_KEY.to_vec(), encode(head)?)], vec![])
+    }
+
+    /// Writes (creates or updates) a support grant (flushed).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn put_grant(&self, grant: &super::GrantRecord) -> Result<(), Error> {
+        self.system.commit(
+            vec![(prefixed(GRANT_PREFIX, grant.id.as_bytes()), encode(grant)?)],
+            vec![],
+        )
+    }
+
+    /// The support grant with this id.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if it fails its MAC.
+    pub fn grant(&self, id: &str) -> Result<Option<super::GrantRecord>, Error> {
+        self.system
+            .read(&prefixed(GRANT_PREFIX, id.as_bytes()))?
+            .map(|payload| decode(&payload))
+            .transpose()
+    }
+
+    /// Every support grant, in id order.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if one fails its MAC.
+    pub fn grants(&self) -> Result<Vec<super::GrantRecord>, Error> {
+        let mut all = Vec::new();
+        for item in self.system.db.scan_prefix(GRANT_PREFIX) {
+            let (key, _) = item?;
+            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
+            all.push(decode(&payload)?);
+        }
+        Ok(all)
+    }
+
+    /// Stores principals' last use (one flushed commit).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn set_last_uses(&self, uses: &[(String, super::LastUse)]) -> Result<(), Error> {
+        let puts = uses
+            .iter()
+            .map(|(identity, last)| {
+                Ok((
+                    prefixed(LAST_USE_PREFIX, identity.as_bytes()),
+                    encode(last)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.system.commit(puts, vec![])
+    }
+
+    /// Every principal's stored last use, by identity.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if one fails its MAC.
+    pub fn last_uses(&self) -> Result<HashMap<String, super::LastUse>, Error> {
+        let mut all = HashMap::new();
+        for item in self.system.db.scan_prefix(LAST_USE_PREFIX) {
+            let (key, _) = item?;
+            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
+            let identity = String::from_utf8_lossy(&key[LAST_USE_PREFIX.len()..]).into_owned();
+            all.insert(identity, decode(&payload)?);
+        }
+        Ok(all)
     }
 
     /// Writes (creates or updates) an approval.

@@ -237,7 +237,13 @@ impl Kms {
             if at <= now {
                 // Tombstone, records and the scheduler's entry in one system commit, then the
                 // directory; `destroy_tenant` is idempotent past the commit.
-                match self.destroy_tenant(tenant) {
+                match self.scheduled(
+                    "destroy_tenant",
+                    Some(tenant.to_string()),
+                    None,
+                    None,
+                    || self.destroy_tenant(tenant),
+                ) {
                     Ok(()) => tracing::info!(%tenant, "tenant destroyed"),
                     Err(Error::Store(crate::keystore::Error::TenantNotFound(_))) => {}
                     Err(error) => return Err(error),
@@ -256,16 +262,24 @@ impl Kms {
                 self.store.remove_pending_destruction(&entry)?;
                 continue;
             };
-            let result = self.change_version(entry.tenant, &record.name, entry.version, |_, v| {
-                if let VersionState::DestroyScheduled { at, .. } = v.state {
-                    if at <= now {
-                        v.state = VersionState::Destroyed { at: now };
-                        v.kek = Vec::new();
-                        v.bulk_key = Vec::new();
-                    }
-                }
-                Ok(())
-            });
+            let result = self.scheduled(
+                "destroy_key_version",
+                Some(entry.tenant.to_string()),
+                Some(&record.name),
+                Some(entry.version),
+                || {
+                    self.change_version(entry.tenant, &record.name, entry.version, |_, v| {
+                        if let VersionState::DestroyScheduled { at, .. } = v.state {
+                            if at <= now {
+                                v.state = VersionState::Destroyed { at: now };
+                                v.kek = Vec::new();
+                                v.bulk_key = Vec::new();
+                            }
+                        }
+                        Ok(())
+                    })
+                },
+            );
             match result {
                 Ok(VersionRecord {
                     state: VersionState::Destroyed { .. },
@@ -377,7 +391,13 @@ impl Kms {
             let by_usage = self.near_usage_limit(tenant, &record, &primary);
             let rotated_now = by_age || by_usage;
             if rotated_now {
-                let rotated_record = self.rotate_key(tenant, &record.name)?;
+                let rotated_record = self.scheduled(
+                    "rotate_key",
+                    Some(tenant.to_string()),
+                    Some(&record.name),
+                    None,
+                    || self.rotate_key(tenant, &record.name),
+                )?;
                 tracing::info!(
                     %tenant,
                     key = %record.name,

@@ -139,8 +139,16 @@ impl Kms {
         let mut destroyed = Vec::new();
         for (generation, at) in self.store.retired_mwks()? {
             if at <= now {
-                self.hsm.destroy_mwk(MwkGeneration(generation))?;
-                self.store.remove_retired_mwk(generation)?;
+                self.scheduled(
+                    "destroy_retired_master_key",
+                    None,
+                    None,
+                    Some(KeyVersion(generation)),
+                    || {
+                        self.hsm.destroy_mwk(MwkGeneration(generation))?;
+                        Ok(self.store.remove_retired_mwk(generation)?)
+                    },
+                )?;
                 tracing::info!(generation, "retired master wrapping key destroyed");
                 destroyed.push(MwkGeneration(generation));
             }

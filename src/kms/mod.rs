@@ -24,6 +24,7 @@ use crate::keystore::{
     TenantWrite, VersionRecord, VersionState,
 };
 
+mod access;
 mod approvals;
 mod lifecycle;
 mod master_key;
@@ -31,6 +32,7 @@ mod passwords;
 pub mod scheduler;
 mod usage;
 
+pub use access::{GrantRequest, grant_state};
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};
 pub use master_key::{MasterKeyStatus, RETIRED_MWK_MARGIN};
 pub use passwords::{MAX_PASSWORD_LEN, PEPPER_VERSION, PasswordParams, Verified};
@@ -158,6 +160,8 @@ pub struct Kms {
     clock: Arc<dyn Clock>,
     usage: RwLock<HashMap<(TenantId, KeyId, KeyVersion), Arc<Usage>>>,
     password_params: PasswordParams,
+    // Where the scheduler's actions are logged (`system:*`); unset in offline commands.
+    audit: std::sync::OnceLock<Arc<crate::audit::AuditLog>>,
 }
 
 struct CachedBulkKey {
@@ -221,6 +225,7 @@ impl Kms {
             clock,
             usage: RwLock::new(HashMap::new()),
             password_params: options.password_params,
+            audit: std::sync::OnceLock::new(),
         })
     }
 
@@ -232,6 +237,70 @@ impl Kms {
             .expect("HMAC accepts any key length");
         mac.update(value);
         hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Logs this domain's own actions (the scheduler's) to `audit`, and lets it sign the
+    /// audit log's checkpoints and keep its chain head.
+    pub fn attach_audit(self: &Arc<Self>, audit: &Arc<crate::audit::AuditLog>) {
+        let _ = self.audit.set(Arc::clone(audit));
+        let anchor: std::sync::Weak<dyn crate::audit::Anchor> = Arc::downgrade(self) as _;
+        audit.attach(anchor);
+    }
+
+    /// Logs an action of keyfront's own. An intent that cannot be logged is not carried out.
+    ///
+    /// # Errors
+    /// [`Error::AuditUnavailable`] when the line cannot be written.
+    pub(crate) fn system_event(
+        &self,
+        action: &'static str,
+        outcome: &str,
+        tenant: Option<String>,
+        key: Option<&Name>,
+        version: Option<KeyVersion>,
+    ) -> Result<(), Error> {
+        let Some(audit) = self.audit.get() else {
+            return Ok(());
+        };
+        audit
+            .system(&crate::audit::SystemRecord {
+                actor: "system:scheduler",
+                action,
+                outcome: outcome.to_owned(),
+                tenant,
+                key: key.map(ToString::to_string),
+                version: version.map(|v| v.0),
+                detail: None,
+            })
+            .map_err(|error| {
+                tracing::error!(%error, action, "audit write failed; the scheduled action waits");
+                Error::AuditUnavailable
+            })
+    }
+
+    /// Runs one scheduled action between an intent line and an outcome line; nothing is done
+    /// when the intent cannot be logged.
+    ///
+    /// # Errors
+    /// [`Error::AuditUnavailable`], or the action's own.
+    pub(crate) fn scheduled<T>(
+        &self,
+        action: &'static str,
+        tenant: Option<String>,
+        key: Option<&Name>,
+        version: Option<KeyVersion>,
+        run: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.system_event(action, "intent", tenant.clone(), key, version)?;
+        let result = run();
+        let outcome = match &result {
+            Ok(_) => "OK".to_owned(),
+            // Error texts name rules and ids, never key material.
+            Err(error) => format!("FAILED: {error}"),
+        };
+        // The action is done (or failed); a lost outcome line is logged, not undone.
+        let _ = self.system_event(action, &outcome, tenant, key, version);
+        result
     }
 
     /// The clock this domain reads time from.
@@ -1349,5 +1418,23 @@ impl Kms {
             self.bulk_keys.insert(cache_key, Arc::clone(&cached));
         }
         Ok(cached)
+    }
+}
+
+impl crate::audit::Anchor for Kms {
+    fn sign_checkpoint(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        self.hsm.sign(message).map_err(|e| e.to_string())
+    }
+
+    fn audit_public_key(&self) -> Vec<u8> {
+        self.hsm.audit_public_key()
+    }
+
+    fn stored_head(&self) -> Result<Option<crate::audit::ChainHead>, String> {
+        self.store.audit_head().map_err(|e| e.to_string())
+    }
+
+    fn store_head(&self, head: &crate::audit::ChainHead) -> Result<(), String> {
+        self.store.set_audit_head(head).map_err(|e| e.to_string())
     }
 }

@@ -190,7 +190,7 @@ fn approval_required(approval: &ApprovalRecord) -> Status {
 }
 
 /// One page of `items` (sorted by name) after `page_token`, and the next token.
-fn page<T>(
+pub(super) fn page<T>(
     items: Vec<T>,
     name: impl Fn(&T) -> &str,
     page_size: i32,

@@ -16,6 +16,7 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::config::{PrincipalConfig, Revocations, Role, TenantScope};
 use crate::ids::Name;
+use crate::keystore::GrantRecord;
 
 /// What the TLS layer learned about the peer of a connection.
 #[derive(Clone, Debug)]
@@ -28,6 +29,10 @@ pub struct PeerInfo {
     pub fingerprint: Option<String>,
     /// The leaf certificate's serial number (hex).
     pub serial: Option<String>,
+    /// The leaf certificate's notAfter, seconds since the Unix epoch (0: unknown).
+    pub not_after: u64,
+    /// The connection's audit line could not be written: every request on it is refused.
+    pub unaudited: bool,
 }
 
 /// Why a verified certificate yields no identity.
@@ -56,6 +61,8 @@ impl PeerInfo {
                 identity: Err(IdentityError::NoCertificate),
                 fingerprint: None,
                 serial: None,
+                not_after: 0,
+                unaudited: false,
             };
         };
         let fingerprint = Some(hex::encode(Sha256::digest(der)));
@@ -65,6 +72,8 @@ impl PeerInfo {
                 identity: Err(IdentityError::Unparsable),
                 fingerprint,
                 serial: None,
+                not_after: 0,
+                unaudited: false,
             };
         };
         Self {
@@ -72,6 +81,8 @@ impl PeerInfo {
             identity: identity(&cert, allow_cn),
             fingerprint,
             serial: Some(cert.raw_serial_as_string().replace(':', "")),
+            not_after: u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
+            unaudited: false,
         }
     }
 }
@@ -162,23 +173,56 @@ pub enum Rpc {
     GetMasterKeyStatus,
     /// AdminService/ListApprovals
     ListApprovals,
+    /// AccessService/RequestSupportAccess
+    RequestSupportAccess,
+    /// AccessService/ApproveSupportAccess
+    ApproveSupportAccess,
+    /// AccessService/DenySupportAccess
+    DenySupportAccess,
+    /// AccessService/RevokeGrant
+    RevokeGrant,
+    /// AccessService/ListGrants
+    ListGrants,
+    /// AccessService/ReviewAccess
+    ReviewAccess,
 }
 
+/// The KeyService RPCs, which a support grant may name.
+pub const DATA_PLANE: [Rpc; 13] = [
+    Rpc::Encrypt,
+    Rpc::Decrypt,
+    Rpc::BatchEncrypt,
+    Rpc::BatchDecrypt,
+    Rpc::GenerateDataKey,
+    Rpc::DecryptDataKey,
+    Rpc::SealSecret,
+    Rpc::UnsealSecret,
+    Rpc::ReEncrypt,
+    Rpc::HashPassword,
+    Rpc::LookupDigest,
+    Rpc::VerifyPassword,
+    Rpc::ReEncryptDataKey,
+];
+
 impl Rpc {
-    /// The one role that may call it (roles are disjoint by design: officers never see data).
-    pub fn role(self) -> Role {
+    /// The roles that may call it. Data-plane roles are disjoint from the rest: officers,
+    /// tenant-admins and auditors never see data, and support reaches it only under a grant
+    /// (judged by [`Principals::authorize_grant`], not by this table).
+    pub fn roles(self) -> &'static [Role] {
         match self {
             Self::Encrypt
             | Self::Decrypt
             | Self::BatchEncrypt
             | Self::BatchDecrypt
-            | Self::ReEncrypt => Role::App,
-            Self::GenerateDataKey | Self::DecryptDataKey | Self::ReEncryptDataKey => Role::Backup,
+            | Self::ReEncrypt => &[Role::App],
+            Self::GenerateDataKey | Self::DecryptDataKey | Self::ReEncryptDataKey => {
+                &[Role::Backup]
+            }
             Self::SealSecret
             | Self::UnsealSecret
             | Self::HashPassword
             | Self::VerifyPassword
-            | Self::LookupDigest => Role::Secrets,
+            | Self::LookupDigest => &[Role::Secrets],
             Self::CreateTenant
             | Self::ListTenants
             | Self::DestroyTenant
@@ -195,8 +239,58 @@ impl Rpc {
             | Self::ApproveOperation
             | Self::RotateMasterKey
             | Self::GetMasterKeyStatus
-            | Self::ListApprovals => Role::Officer,
+            | Self::ListApprovals => &[Role::Officer],
+            Self::RequestSupportAccess => &[Role::Support],
+            Self::ApproveSupportAccess | Self::DenySupportAccess => &[Role::TenantAdmin],
+            Self::RevokeGrant => &[Role::TenantAdmin, Role::Officer, Role::Support],
+            Self::ListGrants => &[
+                Role::TenantAdmin,
+                Role::Support,
+                Role::Officer,
+                Role::Auditor,
+            ],
+            Self::ReviewAccess => &[Role::Officer, Role::Auditor],
         }
+    }
+
+    /// Whether it is a KeyService RPC.
+    pub fn is_data_plane(self) -> bool {
+        DATA_PLANE.contains(&self)
+    }
+
+    /// The KeyService RPC with this name (as a grant names it).
+    pub fn data_plane(name: &str) -> Option<Self> {
+        DATA_PLANE.into_iter().find(|rpc| rpc.to_string() == name)
+    }
+
+    /// Whether an empty tenant field means the principal's only tenant.
+    fn defaults_to_only_tenant(self) -> bool {
+        self.is_data_plane() || self == Self::ListGrants
+    }
+}
+
+impl Rpc {
+    /// Whether it changes state: such calls log an intent line before they act.
+    pub fn mutates(self) -> bool {
+        matches!(
+            self,
+            Self::CreateTenant
+                | Self::DestroyTenant
+                | Self::CancelTenantDestruction
+                | Self::CreateKey
+                | Self::RotateKey
+                | Self::UpdateKeyPolicy
+                | Self::DisableKeyVersion
+                | Self::EnableKeyVersion
+                | Self::ScheduleKeyVersionDestruction
+                | Self::CancelKeyVersionDestruction
+                | Self::ApproveOperation
+                | Self::RotateMasterKey
+                | Self::RequestSupportAccess
+                | Self::ApproveSupportAccess
+                | Self::DenySupportAccess
+                | Self::RevokeGrant
+        )
     }
 }
 
@@ -248,26 +342,20 @@ impl Principals {
         tenant: &str,
         key: Option<&str>,
     ) -> Result<Authorized, Status> {
-        let revoked = |value: &Option<String>, set: &std::collections::BTreeSet<String>| {
-            value.as_ref().is_some_and(|v| set.contains(v))
-        };
-        if revoked(&peer.serial, &self.revocations.serials)
-            || revoked(&peer.fingerprint, &self.revocations.fingerprints)
+        let principal = self.principal(peer)?;
+        if !rpc
+            .roles()
+            .iter()
+            .any(|role| principal.roles.contains(role))
         {
-            return Err(Status::unauthenticated("the client certificate is revoked"));
-        }
-        let identity = peer
-            .identity
-            .as_ref()
-            .map_err(|e| Status::unauthenticated(format!("no usable identity: {e}")))?;
-        let principal = self
-            .by_identity
-            .get(identity)
-            .ok_or_else(|| Status::unauthenticated("identity is not a configured principal"))?;
-        if !principal.roles.contains(&rpc.role()) {
+            if rpc.is_data_plane() && principal.roles.contains(&Role::Support) {
+                return Err(Status::permission_denied(
+                    "support acts on tenant data only under an approved grant (grant_id)",
+                ));
+            }
             return Err(Status::permission_denied(format!(
-                "{rpc} needs role {:?}, which this principal does not have",
-                rpc.role()
+                "{rpc} needs role {}, which this principal does not have",
+                role_names(rpc.roles())
             )));
         }
         let tenant = match (&principal.tenants, tenant, rpc) {
@@ -279,9 +367,14 @@ impl Principals {
                 | Rpc::ApproveOperation
                 | Rpc::ListApprovals
                 | Rpc::RotateMasterKey
-                | Rpc::GetMasterKeyStatus,
-            ) => None,
-            (TenantScope::Only(tenants), "", _) if rpc.role() != Role::Officer => {
+                | Rpc::GetMasterKeyStatus
+                | Rpc::ApproveSupportAccess
+                | Rpc::DenySupportAccess
+                | Rpc::RevokeGrant
+                | Rpc::ReviewAccess,
+            )
+            | (TenantScope::All, "", Rpc::ListGrants) => None,
+            (TenantScope::Only(tenants), "", _) if rpc.defaults_to_only_tenant() => {
                 match (tenants.len(), tenants.first()) {
                     (1, Some(only)) => Some(only.clone()),
                     _ => {
@@ -316,6 +409,95 @@ impl Principals {
             principal: Arc::clone(principal),
         })
     }
+
+    /// The configured principal behind `peer`, if its certificate is not revoked.
+    ///
+    /// # Errors
+    /// UNAUTHENTICATED for a revoked certificate or a missing or unknown identity.
+    pub fn principal(&self, peer: &PeerInfo) -> Result<&Arc<PrincipalConfig>, Status> {
+        let revoked = |value: &Option<String>, set: &std::collections::BTreeSet<String>| {
+            value.as_ref().is_some_and(|v| set.contains(v))
+        };
+        if revoked(&peer.serial, &self.revocations.serials)
+            || revoked(&peer.fingerprint, &self.revocations.fingerprints)
+        {
+            return Err(Status::unauthenticated("the client certificate is revoked"));
+        }
+        let identity = peer
+            .identity
+            .as_ref()
+            .map_err(|e| Status::unauthenticated(format!("no usable identity: {e}")))?;
+        self.by_identity
+            .get(identity)
+            .ok_or_else(|| Status::unauthenticated("identity is not a configured principal"))
+    }
+
+    /// Every configured principal, in identity order.
+    pub fn all(&self) -> Vec<Arc<PrincipalConfig>> {
+        let mut all: Vec<_> = self.by_identity.values().cloned().collect();
+        all.sort_by(|a, b| a.identity.cmp(&b.identity));
+        all
+    }
+
+    /// Decides whether the support principal behind `peer` may call the data-plane `rpc` under
+    /// `grant` (already found active for this identity by the domain): the RPC must be one the
+    /// grant names, the request's tenant empty or the grant's, and the key one it names.
+    /// What it may act on is then exactly the grant: its tenant and its keys.
+    ///
+    /// # Errors
+    /// UNAUTHENTICATED as for [`Principals::authorize`]; PERMISSION_DENIED otherwise.
+    pub fn authorize_grant(
+        &self,
+        peer: &PeerInfo,
+        rpc: Rpc,
+        grant: &GrantRecord,
+        tenant: &str,
+        key: Option<&str>,
+    ) -> Result<Authorized, Status> {
+        let principal = self.principal(peer)?;
+        if !principal.roles.contains(&Role::Support) || principal.identity != grant.requested_by {
+            return Err(Status::permission_denied(GRANT_REFUSED));
+        }
+        if !grant.operations.iter().any(|op| *op == rpc.to_string()) {
+            return Err(Status::permission_denied(format!(
+                "the grant does not cover {rpc}"
+            )));
+        }
+        if !tenant.is_empty() && tenant != grant.tenant.as_str() {
+            return Err(Status::permission_denied(
+                "tenant: leave it empty or name the grant's tenant",
+            ));
+        }
+        if let Some(key) = key.filter(|k| !k.is_empty()) {
+            if !grant.keys.iter().any(|k| k.as_str() == key) {
+                return Err(Status::permission_denied(
+                    "the grant does not cover this key",
+                ));
+            }
+        }
+        let scoped = PrincipalConfig {
+            identity: principal.identity.clone(),
+            tenants: TenantScope::Only(std::iter::once(grant.tenant.clone()).collect()),
+            roles: principal.roles.clone(),
+            keys: Some(grant.keys.clone()),
+        };
+        Ok(Authorized {
+            tenant: Some(grant.tenant.clone()),
+            principal: Arc::new(scoped),
+        })
+    }
+}
+
+/// The one answer for a grant that is unknown, not this principal's, or not active (pending,
+/// denied, revoked or expired): the caller learns nothing about other grants.
+pub const GRANT_REFUSED: &str = "grant_id does not name an active grant of this principal (unknown, pending, denied, revoked or expired)";
+
+fn role_names(roles: &[Role]) -> String {
+    roles
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 /// Parses a name from a request field.

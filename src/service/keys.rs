@@ -55,9 +55,13 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::Encrypt, &r.tenant, Some(&r.key))?;
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::Encrypt,
+            &r.tenant,
+            Some(&r.key),
+        )?;
         let r = request.into_inner();
         let key = parse_name(&r.key, "key")?;
         let context = call.context(r.context, &self.shared.limits)?;
@@ -89,9 +93,13 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::Decrypt, &r.tenant, Some(&r.key))?;
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::Decrypt,
+            &r.tenant,
+            Some(&r.key),
+        )?;
         let r = request.into_inner();
         let key = optional_key(&r.key)?;
         let context = call.context(r.context, &self.shared.limits)?;
@@ -136,9 +144,13 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::BatchEncryptRequest>,
     ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::BatchEncrypt, &r.tenant, Some(&r.key))?;
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::BatchEncrypt,
+            &r.tenant,
+            Some(&r.key),
+        )?;
         let r = request.into_inner();
         let key = parse_name(&r.key, "key")?;
         self.shared.check_batch(r.items.len())?;
@@ -182,9 +194,13 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::BatchDecryptRequest>,
     ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::BatchDecrypt, &r.tenant, Some(&r.key))?;
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::BatchDecrypt,
+            &r.tenant,
+            Some(&r.key),
+        )?;
         let r = request.into_inner();
         let key = optional_key(&r.key)?;
         self.shared.check_batch(r.items.len())?;
@@ -234,9 +250,13 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::GenerateDataKey, &r.tenant, Some(&r.key))?;
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::GenerateDataKey,
+            &r.tenant,
+            Some(&r.key),
+        )?;
         let r = request.into_inner();
         let key = parse_name(&r.key, "key")?;
         let context = call.context(r.context, &self.shared.limits)?;
@@ -272,9 +292,9 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::DecryptDataKeyRequest>,
     ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::DecryptDataKey, &r.tenant, None)?;
+        let call =
+            self.shared
+                .begin_under(&request, &r.grant_id, Rpc::DecryptDataKey, &r.tenant, None)?;
         let r = request.into_inner();
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.wrapped_key, r.wrapped_key_crc32c, "wrapped_key_crc32c")?;
@@ -306,9 +326,13 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::SealSecretRequest>,
     ) -> Result<Response<pb::SealSecretResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::SealSecret, &r.tenant, Some(&r.key))?;
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::SealSecret,
+            &r.tenant,
+            Some(&r.key),
+        )?;
         let r = request.into_inner();
         let key = parse_name(&r.key, "key")?;
         let context = call.context(r.context, &self.shared.limits)?;
@@ -349,9 +373,9 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::LookupDigestRequest>,
     ) -> Result<Response<pb::LookupDigestResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::LookupDigest, &r.tenant, None)?;
+        let call =
+            self.shared
+                .begin_under(&request, &r.grant_id, Rpc::LookupDigest, &r.tenant, None)?;
         let secret = Plaintext::new(request.into_inner().secret);
         let digest = call
             .run(move |kms, tenant| kms.lookup_digest(tenant, &secret))
@@ -366,9 +390,9 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::UnsealSecretRequest>,
     ) -> Result<Response<pb::UnsealSecretResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::UnsealSecret, &r.tenant, None)?;
+        let call =
+            self.shared
+                .begin_under(&request, &r.grant_id, Rpc::UnsealSecret, &r.tenant, None)?;
         let r = request.into_inner();
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.sealed, r.sealed_crc32c, "sealed_crc32c")?;
@@ -400,9 +424,13 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::ReEncryptRequest>,
     ) -> Result<Response<pb::ReEncryptResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::ReEncrypt, &r.tenant, Some(&r.key))?;
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::ReEncrypt,
+            &r.tenant,
+            Some(&r.key),
+        )?;
         let r = request.into_inner();
         let key = optional_key(&r.key)?;
         let context = call.context(r.context, &self.shared.limits)?;
@@ -436,9 +464,13 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::ReEncryptDataKeyRequest>,
     ) -> Result<Response<pb::ReEncryptDataKeyResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::ReEncryptDataKey, &r.tenant, None)?;
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::ReEncryptDataKey,
+            &r.tenant,
+            None,
+        )?;
         let r = request.into_inner();
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.wrapped_key, r.wrapped_key_crc32c, "wrapped_key_crc32c")?;
@@ -466,9 +498,13 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::HashPasswordRequest>,
     ) -> Result<Response<pb::HashPasswordResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::HashPassword, &r.tenant, Some(&r.key))?;
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::HashPassword,
+            &r.tenant,
+            Some(&r.key),
+        )?;
         let r = request.into_inner();
         let key = parse_name(&r.key, "key")?;
         let slot = self.shared.password_slot()?;
@@ -487,9 +523,13 @@ impl pb::key_service_server::KeyService for KeyService {
         request: Request<pb::VerifyPasswordRequest>,
     ) -> Result<Response<pb::VerifyPasswordResponse>, Status> {
         let r = request.get_ref();
-        let call = self
-            .shared
-            .begin(&request, Rpc::VerifyPassword, &r.tenant, Some(&r.key))?;
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::VerifyPassword,
+            &r.tenant,
+            Some(&r.key),
+        )?;
         let r = request.into_inner();
         let key = parse_name(&r.key, "key")?;
         let slot = self.shared.password_slot()?;

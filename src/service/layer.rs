@@ -33,6 +33,10 @@ pub struct AuditDetails {
     pub context: Option<std::collections::BTreeMap<String, String>>,
     /// The caller's request_id on mutations.
     pub client_request_id: Option<String>,
+    /// keyfront's id of this request: on its intent line and its outcome line.
+    pub request_id: String,
+    /// The support grant the request acts under.
+    pub grant_id: Option<String>,
 }
 
 /// Shared between the pipeline and the handler of one request.
@@ -43,6 +47,24 @@ impl AuditSlot {
     /// Records details for the audit line.
     pub fn update(&self, f: impl FnOnce(&mut AuditDetails)) {
         f(&mut self.0.lock().expect("audit slot lock poisoned"));
+    }
+
+    /// keyfront's id of this request.
+    pub fn request_id(&self) -> String {
+        self.0
+            .lock()
+            .expect("audit slot lock poisoned")
+            .request_id
+            .clone()
+    }
+
+    /// The support grant the request names, if any.
+    pub fn grant_id(&self) -> Option<String> {
+        self.0
+            .lock()
+            .expect("audit slot lock poisoned")
+            .grant_id
+            .clone()
     }
 
     fn take(&self) -> AuditDetails {
@@ -107,6 +129,8 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let started = Instant::now();
         let slot = AuditSlot::default();
+        let request_id = hex::encode(rand::random::<[u8; 8]>());
+        slot.update(|d| d.request_id.clone_from(&request_id));
         request.extensions_mut().insert(slot.clone());
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let rpc = request.uri().path().trim_start_matches('/').to_owned();
@@ -116,6 +140,11 @@ where
         let layer = self.layer.clone();
         Box::pin(async move {
             let response = match Arc::clone(&layer.permits).try_acquire_owned() {
+                // Fail closed before acting: the last line could not be written. This
+                // request's own line below tells whether the log works again.
+                _ if !layer.audit.writable() || peer.as_ref().is_some_and(|p| p.unaudited) => {
+                    Status::unavailable("audit log unavailable; nothing was done").into_http()
+                }
                 Err(_) => Status::resource_exhausted("too many requests in progress; retry later")
                     .into_http(),
                 Ok(_permit) => match tokio::time::timeout(layer.timeout, inner.call(request)).await
@@ -132,7 +161,6 @@ where
                 .and_then(|v| v.parse::<i32>().ok())
                 .map_or(Code::Ok, Code::from_i32);
             let details = slot.take();
-            let request_id = hex::encode(rand::random::<[u8; 8]>());
             let record = RequestRecord {
                 request_id: request_id.clone(),
                 peer: peer
@@ -149,7 +177,7 @@ where
                 version: details.version,
                 outcome: code_name(code).to_owned(),
                 latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                grant_id: None,
+                grant_id: details.grant_id,
                 items: details.items,
                 context: details.context,
                 client_request_id: details.client_request_id,

@@ -30,6 +30,7 @@ use crate::hsm::reconnect::ReconnectingHsm;
 use crate::ids::{Name, TenantId};
 use crate::kms::{Decrypted, Kms};
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod convert;
@@ -70,10 +71,14 @@ pub enum ServeError {
 /// State shared by all handlers.
 pub struct Shared {
     kms: OnceLock<Arc<Kms>>,
+    audit: Arc<AuditLog>,
     // Replaced whole on SIGHUP; each request reads the current rules once.
     principals: std::sync::RwLock<Arc<Principals>>,
     limits: Limits,
     dual_control: crate::config::DualControl,
+    access: crate::config::Access,
+    // When each principal was last authorized, for ReviewAccess; saved every minute.
+    last_uses: access::LastUses,
     // Slots for Argon2 computations (HashPassword, VerifyPassword): when none is free the call
     // is refused at once instead of queueing behind a flood of logins.
     password_slots: Arc<tokio::sync::Semaphore>,
@@ -104,12 +109,29 @@ impl Shared {
     pub(crate) fn reload(&self, config: &Config) {
         let principals = Arc::new(Principals::new(&config.principals, &config.revocations));
         *self.principals.write().expect("principals lock poisoned") = principals;
+        let logged = self.audit.system(&crate::audit::SystemRecord {
+            actor: "system:reload",
+            action: "reload_principals",
+            outcome: "OK".into(),
+            detail: Some(format!(
+                "{} principals, {} revoked serials, {} revoked fingerprints",
+                config.principals.len(),
+                config.revocations.serials.len(),
+                config.revocations.fingerprints.len()
+            )),
+            ..crate::audit::SystemRecord::default()
+        });
+        if let Err(error) = logged {
+            tracing::error!(%error, "audit write failed for the reload (the new rules are in force)");
+        }
     }
 
     fn under_dual_control(&self, operation: crate::config::DualOperation) -> bool {
         self.dual_control.operations.contains(&operation)
     }
 
+    /// Authorizes a request and, for a mutation, logs its intent line. `tenant` is the
+    /// request's tenant field (empty if unset), `key` its key name if it names one.
     fn begin<T>(
         &self,
         request: &Request<T>,
@@ -117,36 +139,95 @@ impl Shared {
         tenant: &str,
         key: Option<&str>,
     ) -> Result<Call, Status> {
-        let slot = request
-            .extensions()
-            .get::<AuditSlot>()
-            .cloned()
-            .unwrap_or_default();
+        self.begin_under(request, "", rpc, tenant, key)
+    }
+
+    /// [`Shared::begin`] for a KeyService call, which a support principal makes under the
+    /// grant `grant_id` names (empty: no grant).
+    fn begin_under<T>(
+        &self,
+        request: &Request<T>,
+        grant_id: &str,
+        rpc: Rpc,
+        tenant: &str,
+        key: Option<&str>,
+    ) -> Result<Call, Status> {
+        let slot = Self::slot(request);
         slot.update(|d| {
             d.tenant = (!tenant.is_empty()).then(|| tenant.to_owned());
             d.key = key.filter(|k| !k.is_empty()).map(str::to_owned);
+            if !grant_id.is_empty() {
+                d.grant_id = Some(grant_id.to_owned());
+            }
         });
         let peer = request
             .extensions()
             .get::<PeerInfo>()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let principals = Arc::clone(&self.principals.read().expect("principals lock poisoned"));
-        let authorized = principals.authorize(peer, rpc, tenant, key)?;
+        let kms = || {
+            self.kms
+                .get()
+                .cloned()
+                .ok_or_else(|| Status::unavailable("the HSM is not reachable yet; retry"))
+        };
+        let authorized = if grant_id.is_empty() {
+            principals.authorize(peer, rpc, tenant, key)?
+        } else {
+            // Who may name a grant at all is decided before the grant is looked up.
+            let principal = principals.principal(peer)?;
+            if !principal.roles.contains(&crate::config::Role::Support) {
+                return Err(Status::permission_denied(
+                    "grant_id is only for support principals",
+                ));
+            }
+            if grant_id.len() > 64 {
+                return Err(Status::invalid_argument("grant_id is too long"));
+            }
+            let grant = kms()?
+                .active_grant(grant_id, &principal.identity)
+                .map_err(Status::from)?
+                .ok_or_else(|| Status::permission_denied(auth::GRANT_REFUSED))?;
+            principals.authorize_grant(peer, rpc, &grant, tenant, key)?
+        };
         if let Some(tenant) = &authorized.tenant {
             slot.update(|d| d.tenant = Some(tenant.to_string()));
         }
-        let kms = self
-            .kms
-            .get()
-            .cloned()
-            .ok_or_else(|| Status::unavailable("the HSM is not reachable yet; retry"))?;
+        let kms = kms()?;
         let identity = peer.identity.clone().unwrap_or_default();
+        self.last_uses
+            .touch(&identity, kms.clock().now_secs(), peer.not_after);
+        if rpc.mutates() {
+            // Logged before it acts: a mutation the log cannot take is not carried out.
+            self.audit
+                .intent(&crate::audit::IntentRecord {
+                    request_id: slot.request_id(),
+                    identity: identity.clone(),
+                    rpc: rpc.to_string(),
+                    tenant: authorized.tenant.as_ref().map(ToString::to_string),
+                    key: key.filter(|k| !k.is_empty()).map(str::to_owned),
+                    grant_id: slot.grant_id(),
+                })
+                .map_err(|error| {
+                    tracing::error!(%error, "audit write failed; refusing the mutation");
+                    Status::unavailable("audit log unavailable; nothing was done")
+                })?;
+        }
         Ok(Call {
             slot,
             authorized,
             kms,
             identity,
         })
+    }
+
+    /// The request's audit slot (shared with the pipeline that writes its line).
+    fn slot<T>(request: &Request<T>) -> AuditSlot {
+        request
+            .extensions()
+            .get::<AuditSlot>()
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn check_batch(&self, items: usize) -> Result<(), Status> {
@@ -332,6 +413,8 @@ pub struct Server {
     metrics: Option<TcpListener>,
     clock: Arc<dyn crate::clock::Clock>,
     config_path: Option<std::path::PathBuf>,
+    #[cfg(feature = "test-hooks")]
+    audit_failure: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Server {
@@ -348,6 +431,8 @@ impl Server {
             metrics: None,
             clock: Arc::new(crate::clock::SystemClock::new()),
             config_path: None,
+            #[cfg(feature = "test-hooks")]
+            audit_failure: None,
         }
     }
 
@@ -361,6 +446,13 @@ impl Server {
     #[cfg(feature = "test-hooks")]
     pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Makes every audit write fail while `switch` is on (tests: a broken audit sink).
+    #[cfg(feature = "test-hooks")]
+    pub fn with_audit_failure(mut self, switch: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.audit_failure = Some(switch);
         self
     }
 
@@ -392,18 +484,31 @@ impl Server {
             .server
             .clone()
             .ok_or(ServeError::NoServerSection)?;
-        let audit = Arc::new(
-            AuditLog::open(&server.audit_path, &server.node_id).map_err(ServeError::Audit)?,
-        );
+        let audit = AuditLog::open(
+            &server.audit_path,
+            &server.node_id,
+            Arc::clone(&self.clock),
+            server.audit_checkpoints,
+        )
+        .map_err(ServeError::Audit)?;
+        #[cfg(feature = "test-hooks")]
+        let audit = match self.audit_failure.clone() {
+            Some(switch) => audit.with_failure_switch(switch),
+            None => audit,
+        };
+        let audit = Arc::new(audit);
         let tls = tls::server_config(&server)?;
         let shared = Arc::new(Shared {
             kms: OnceLock::new(),
+            audit: Arc::clone(&audit),
             principals: std::sync::RwLock::new(Arc::new(Principals::new(
                 &self.config.principals,
                 &self.config.revocations,
             ))),
             limits: server.limits,
             dual_control: self.config.dual_control.clone(),
+            access: self.config.access,
+            last_uses: access::LastUses::default(),
             password_slots: Arc::new(tokio::sync::Semaphore::new(
                 server.limits.max_concurrent_password_hashes,
             )),
@@ -450,6 +555,10 @@ impl Server {
             Arc::clone(&shared),
         ))
         .max_decoding_message_size(limits.max_message_bytes);
+        let access = pb::access_service_server::AccessServiceServer::new(
+            access::AccessService::new(Arc::clone(&shared)),
+        )
+        .max_decoding_message_size(limits.max_message_bytes);
         let incoming = tls::incoming(listener, tls, Arc::clone(&audit), server.allow_cn_identity);
         tracing::info!(listen = %server.listen, "keyfront serving (TLS 1.3, client certificates required)");
         let serving = tonic::transport::Server::builder()
@@ -463,6 +572,7 @@ impl Server {
             .add_service(reflection_v1alpha)
             .add_service(keys)
             .add_service(admin)
+            .add_service(access)
             .serve_with_incoming_shutdown(incoming, shutdown);
         let result = tokio::select! {
             result = serving => result.map_err(ServeError::from),
@@ -505,7 +615,12 @@ async fn reload_on_sighup(path: std::path::PathBuf, shared: Arc<Shared>) {
 }
 
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
-    for service in ["", "keyfront.v1.KeyService", "keyfront.v1.AdminService"] {
+    for service in [
+        "",
+        "keyfront.v1.KeyService",
+        "keyfront.v1.AdminService",
+        "keyfront.v1.AccessService",
+    ] {
         health.set_service_status(service, status).await;
     }
 }
@@ -563,6 +678,7 @@ async fn connect_hsm(
         tokio::time::sleep(retry).await;
     };
     let _ = shared.kms.set(Arc::clone(&kms));
+    kms.attach_audit(&shared.audit);
     // A master key rotation that a crash interrupted goes on (it holds no request up).
     let resuming = Arc::clone(&kms);
     tokio::task::spawn_blocking(move || {
@@ -574,6 +690,10 @@ async fn connect_hsm(
     tokio::spawn(crate::kms::scheduler::run(
         Arc::downgrade(&kms),
         config.kms.scheduler_interval,
+    ));
+    tokio::spawn(access::save_last_uses(
+        Arc::downgrade(&shared),
+        Arc::downgrade(&kms),
     ));
     tracing::info!("HSM reachable; serving");
     set_health(&health, ServingStatus::Serving).await;

@@ -136,7 +136,8 @@ pub fn incoming(
                     .peer_certificates()
                     .and_then(|certs| certs.first())
                     .map(|c| c.as_ref().to_vec());
-                let info = PeerInfo::from_certificate(remote, leaf.as_deref(), allow_cn_identity);
+                let mut info =
+                    PeerInfo::from_certificate(remote, leaf.as_deref(), allow_cn_identity);
                 let record = ConnectionRecord {
                     peer: remote.to_string(),
                     outcome: "accepted",
@@ -145,9 +146,10 @@ pub fn incoming(
                     reason: info.identity.as_ref().err().map(ToString::to_string),
                 };
                 if let Err(error) = audit.connection(&record) {
-                    // Fail closed: a connection that cannot be audited is not served.
-                    tracing::error!(%error, "audit write failed; dropping connection");
-                    return;
+                    // Fail closed: a connection that cannot be audited serves nothing, but it
+                    // is kept so its requests get a clear UNAVAILABLE instead of a reset.
+                    tracing::error!(%error, "audit write failed; the connection serves nothing");
+                    info.unaudited = true;
                 }
                 let _ = sender.send(Ok(TlsConnection { stream, info })).await;
             });

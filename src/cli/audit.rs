@@ -1,0 +1,122 @@
+//! `keyfront audit verify`: checks audit files offline, with the audit public key alone.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use crate::audit::chain::PublicKey;
+use crate::audit::verify::{self, Options};
+
+/// `keyfront audit …`
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain and the signed checkpoints of audit files (any order: they are
+    /// put in chain order). Exits 1 naming the first altered, dropped, reordered or cut line.
+    Verify {
+        /// The audit public key (hex SEC1 point, as `keyfront init` prints it), or @FILE
+        /// holding it. Without it signatures are counted but not checked.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// A chain head (hex) recorded earlier, e.g. by a previous verify: it must be in the
+        /// chain, so a log cut after it is caught.
+        #[arg(long)]
+        expect_head: Option<String>,
+        /// Audit files: audit.log and its rotated audit.log.YYYY-MM-DD.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Runs `keyfront audit`.
+pub fn run(args: AuditArgs) -> ExitCode {
+    let AuditCommand::Verify {
+        public_key,
+        expect_head,
+        paths,
+    } = args.command;
+    let options = match options(public_key, expect_head) {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("keyfront: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let checked_signatures = options.public_key.is_some();
+    match verify::verify(&paths, &options) {
+        Ok(report) => {
+            let Some(head) = report.head else {
+                println!("OK: no audit lines in {} file(s)", paths.len());
+                return ExitCode::SUCCESS;
+            };
+            println!(
+                "OK: {} lines in {} file(s), seq {}..{}{}",
+                report.lines,
+                report.files,
+                report.first_seq,
+                head.seq,
+                if report.first_seq == 1 {
+                    " (from the start of the chain)"
+                } else {
+                    " (earlier files not given: the first line's prev is not checked)"
+                }
+            );
+            if checked_signatures {
+                println!(
+                    "checkpoints: {} signatures verified",
+                    report.checkpoints_verified
+                );
+            } else {
+                println!(
+                    "checkpoints: {} found, signatures NOT checked (give --public-key)",
+                    report.checkpoints_unchecked
+                );
+            }
+            println!(
+                "lines after the last signed checkpoint: {}",
+                report.unsigned_tail
+            );
+            println!("head: {}", hex::encode(head.hash));
+            println!("(record the head; pass it as --expect-head next time to catch a cut tail)");
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            println!("FAILED: {failure}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn options(public_key: Option<String>, expect_head: Option<String>) -> Result<Options, String> {
+    let public_key = match public_key {
+        None => None,
+        Some(value) => {
+            let text = match value.strip_prefix('@') {
+                Some(file) => std::fs::read_to_string(file)
+                    .map_err(|e| format!("--public-key: cannot read {file}: {e}"))?,
+                None => value,
+            };
+            let bytes = hex::decode(text.trim()).map_err(|_| "--public-key: not hex".to_owned())?;
+            Some(PublicKey::from_bytes(&bytes).map_err(|e| format!("--public-key: {e}"))?)
+        }
+    };
+    let expect_head = match expect_head {
+        None => None,
+        Some(text) => Some(
+            hex::decode(text.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or("--expect-head: not a 64-digit hex hash")?,
+        ),
+    };
+    Ok(Options {
+        public_key,
+        expect_head,
+    })
+}
