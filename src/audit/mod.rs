@@ -354,8 +354,8 @@ impl AuditLog {
         self.write("system", record, false).map(drop)
     }
 
-    /// Signs the current chain head with the HSM and writes the checkpoint line, then stores
-    /// the checkpoint line's position in the system database. Nothing to do if no line was
+    /// Signs the current chain head with the HSM and writes the checkpoint line, syncs the
+    /// file, then stores the checkpoint line's position in the system database. Nothing to do if no line was
     /// written since the last checkpoint.
     ///
     /// # Errors
@@ -381,6 +381,19 @@ impl AuditLog {
         let written = self
             .write("checkpoint", &record, true)
             .map_err(|e| e.to_string())?;
+        // On disk before the system database says the chain reached it: a power cut must not
+        // leave the stored head ahead of the log. Synced outside the lock, on a second handle.
+        let file = {
+            let writer = self.writer.lock().expect("audit writer lock poisoned");
+            writer
+                .regular
+                .then(|| writer.file.try_clone())
+                .transpose()
+                .map_err(|e| e.to_string())?
+        };
+        if let Some(file) = file {
+            file.sync_data().map_err(|e| e.to_string())?;
+        }
         anchor.store_head(&written)?;
         Ok(Some(written))
     }
