@@ -624,18 +624,30 @@ impl KeyStore {
             .transpose()
     }
 
+    /// Every record under `prefix`, MAC-checked and decoded, with the rest of its key.
+    fn scan<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, T)>, Error> {
+        let mut all = Vec::new();
+        for item in self.system.db.scan_prefix(prefix) {
+            let (key, _) = item?;
+            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
+            all.push((key[prefix.len()..].to_vec(), decode(&payload)?));
+        }
+        Ok(all)
+    }
+
     /// Every support grant, in id order.
     ///
     /// # Errors
     /// [`Error::Integrity`] if one fails its MAC.
     pub fn grants(&self) -> Result<Vec<super::GrantRecord>, Error> {
-        let mut all = Vec::new();
-        for item in self.system.db.scan_prefix(GRANT_PREFIX) {
-            let (key, _) = item?;
-            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
-            all.push(decode(&payload)?);
-        }
-        Ok(all)
+        Ok(self
+            .scan(GRANT_PREFIX)?
+            .into_iter()
+            .map(|(_, grant)| grant)
+            .collect())
     }
 
     /// Stores principals' last use (one flushed commit).
@@ -660,14 +672,11 @@ impl KeyStore {
     /// # Errors
     /// [`Error::Integrity`] if one fails its MAC.
     pub fn last_uses(&self) -> Result<HashMap<String, super::LastUse>, Error> {
-        let mut all = HashMap::new();
-        for item in self.system.db.scan_prefix(LAST_USE_PREFIX) {
-            let (key, _) = item?;
-            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
-            let identity = String::from_utf8_lossy(&key[LAST_USE_PREFIX.len()..]).into_owned();
-            all.insert(identity, decode(&payload)?);
-        }
-        Ok(all)
+        Ok(self
+            .scan(LAST_USE_PREFIX)?
+            .into_iter()
+            .map(|(identity, last)| (String::from_utf8_lossy(&identity).into_owned(), last))
+            .collect())
     }
 
     /// Writes (creates or updates) an approval.
@@ -700,13 +709,11 @@ impl KeyStore {
     /// # Errors
     /// [`Error::Integrity`] if one fails its MAC.
     pub fn approvals(&self) -> Result<Vec<super::ApprovalRecord>, Error> {
-        let mut all = Vec::new();
-        for item in self.system.db.scan_prefix(APPROVAL_PREFIX) {
-            let (key, _) = item?;
-            let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
-            all.push(decode(&payload)?);
-        }
-        Ok(all)
+        Ok(self
+            .scan(APPROVAL_PREFIX)?
+            .into_iter()
+            .map(|(_, approval)| approval)
+            .collect())
     }
 
     /// Sets when the scheduler next looks at a key's rotation period.
