@@ -3061,6 +3061,16 @@ async fn support_reaches_a_tenant_only_with_its_admins_consent() {
         .await
         .expect_err("an officer is not the customer");
     assert_eq!(officer.code(), Code::PermissionDenied);
+    let malformed = acme_admin
+        .approve_support_access(decide("not-a-grant"))
+        .await
+        .expect_err("not hex");
+    assert_eq!(malformed.code(), Code::InvalidArgument);
+    let oversized = support_data
+        .decrypt(decrypt(&customer.ciphertext, &"a".repeat(65)))
+        .await
+        .expect_err("too long");
+    assert_eq!(oversized.code(), Code::InvalidArgument);
     let unknown = acme_admin
         .approve_support_access(decide("00112233445566778899aabb"))
         .await
