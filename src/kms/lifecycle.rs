@@ -409,6 +409,16 @@ impl Kms {
             }
             // When to look again: a new primary's period from now; the next tick while a
             // reservation is near a limit but the uses are not; the period's end; or never.
+            // Decided under the tenant's write lock from records read again under it: a policy
+            // update or a reservation sets the check under that lock, so a decision from the
+            // records read above could remove a check set since (a lost update).
+            let _writes = db.lock_writes();
+            let Some(record) = db.key(&key_id)? else {
+                self.store.remove_rotation_check(tenant, key_id)?;
+                continue;
+            };
+            let primary = self.version(&db, &record, record.primary)?;
+            let period = record.policy.rotation_period_secs;
             let next = if rotated_now {
                 period.map(|p| now.saturating_add(p))
             } else if Self::reserved_near_limit(&record, &primary) {
