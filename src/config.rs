@@ -42,6 +42,32 @@ pub struct Config {
     pub revocations: Revocations,
     /// Support access grants.
     pub access: Access,
+    /// Nightly snapshots of keyfront's own state.
+    pub backup: Backup,
+}
+
+/// Nightly snapshots (`[backup]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backup {
+    /// Where snapshots are written and pruned (`None`: not configured).
+    pub dir: Option<PathBuf>,
+    /// Whether the server takes one every night.
+    pub nightly: bool,
+    /// Time of day (UTC, seconds after midnight) of the nightly snapshot.
+    pub at_secs: u64,
+    /// Snapshots older than this many days are deleted (the newest this many are always kept).
+    pub retention_days: u64,
+}
+
+impl Default for Backup {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            nightly: false,
+            at_secs: 2 * 3600,
+            retention_days: 30,
+        }
+    }
 }
 
 /// Support access grants (`[access]`).
@@ -307,6 +333,9 @@ pub enum ConfigProblem {
     /// A PKCS#11 token label is 1 to 32 bytes.
     #[error("hsm.token_label: must be 1 to 32 bytes")]
     TokenLabel,
+    /// `backup.time` is not `HH:MM`.
+    #[error("backup.time: {0:?} is not a time of day HH:MM (UTC)")]
+    BackupTime(String),
     /// A count that must be at least 1 is 0.
     #[error("{0}: must be at least 1")]
     Zero(&'static str),
@@ -486,14 +515,46 @@ impl Default for RawKeys {
 struct RawBackup {
     #[serde(default = "default_retention_days")]
     retention_days: u64,
+    #[serde(default = "default_backup_dir")]
+    dir: PathBuf,
+    #[serde(default = "default_journal_dir")]
+    journal_dir: PathBuf,
+    #[serde(default = "default_backup_time")]
+    time: String,
+    #[serde(default = "default_true")]
+    nightly: bool,
 }
 
 impl Default for RawBackup {
     fn default() -> Self {
         Self {
             retention_days: default_retention_days(),
+            dir: default_backup_dir(),
+            journal_dir: default_journal_dir(),
+            time: default_backup_time(),
+            nightly: true,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_backup_dir() -> PathBuf {
+    PathBuf::from("backups")
+}
+fn default_journal_dir() -> PathBuf {
+    PathBuf::from("journal")
+}
+fn default_backup_time() -> String {
+    "02:00".into()
+}
+
+/// `HH:MM` to seconds after midnight.
+fn parse_time_of_day(text: &str) -> Option<u64> {
+    let (h, m) = text.split_once(':')?;
+    let (h, m): (u64, u64) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 3600 + m * 60)
 }
 
 fn default_destruction_window_days() -> u64 {
@@ -766,6 +827,10 @@ impl RawConfig {
         if self.keys.scheduler_interval_secs == 0 {
             problems.push(ConfigProblem::Zero("keys.scheduler_interval_secs"));
         }
+        let backup_at = parse_time_of_day(&self.backup.time);
+        if backup_at.is_none() {
+            problems.push(ConfigProblem::BackupTime(self.backup.time.clone()));
+        }
         if self.keys.destruction_window_days < self.backup.retention_days {
             problems.push(ConfigProblem::WindowBelowRetention(
                 self.keys.destruction_window_days,
@@ -797,10 +862,17 @@ impl RawConfig {
                     approval_ttl: Duration::from_secs(self.dual_control.approval_ttl_secs),
                 },
                 data_dir: base.join(self.storage.data_dir),
+                backup: Backup {
+                    dir: Some(base.join(&self.backup.dir)),
+                    nightly: self.backup.nightly,
+                    at_secs: backup_at.unwrap_or(7200),
+                    retention_days: self.backup.retention_days,
+                },
                 kms: KmsOptions {
                     store: StoreOptions {
                         max_open_tenants,
                         tenant_cache_bytes: self.storage.tenant_cache_bytes,
+                        journal_dir: Some(base.join(self.backup.journal_dir)),
                     },
                     bulk_key_capacity: bulk_key_capacity.get(),
                     bulk_key_ttl: Duration::from_secs(self.cache.bulk_key_ttl_secs),

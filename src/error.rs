@@ -70,6 +70,9 @@ pub enum Error {
     /// A request field is invalid (INVALID_ARGUMENT).
     #[error("{0}")]
     InvalidArgument(String),
+    /// A backup failed or was refused.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::Error),
     /// The audit log cannot take a line: nothing is done (UNAVAILABLE).
     #[error("audit log unavailable")]
     AuditUnavailable,
@@ -126,6 +129,12 @@ impl From<Error> for tonic::Status {
             Error::KeyState { reason, message } => failed_precondition(&message, reason),
             Error::InvalidArgument(message) => Self::invalid_argument(message),
             Error::AuditUnavailable => Self::unavailable("audit log unavailable; nothing was done"),
+            Error::Backup(crate::backup::Error::Refused(message)) => {
+                failed_precondition(&message, "BACKUP_REFUSED")
+            }
+            Error::Backup(crate::backup::Error::Hsm(e)) if e.is_unavailable() => {
+                Self::unavailable("HSM unavailable; retry")
+            }
             Error::NotFound(message) => Self::not_found(message),
             Error::PermissionDeniedBecause(message) => Self::permission_denied(message),
             error => {

@@ -4,6 +4,7 @@
 //! AEAD, blob formats), [`keystore`] (MAC'd sled databases), [`kms`] (the domain API), and
 //! [`cli`] (the `keyfront` command). See `docs/DESIGN.md` for why it is shaped this way.
 
+pub mod backup;
 pub mod cli;
 pub mod clock;
 pub mod config;

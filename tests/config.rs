@@ -236,3 +236,40 @@ fn lifecycle_defaults_are_thirty_days() {
     assert_eq!(config.kms.min_destruction_window.as_secs(), 30 * 86_400);
     assert_eq!(config.kms.scheduler_interval.as_secs(), 60);
 }
+
+#[test]
+fn backups_default_to_two_in_the_morning_thirty_days_and_a_journal_next_to_the_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("keyfront.toml");
+    let base = "[hsm]\ntoken_label = \"t\"\npin_env = \"P\"\n[storage]\ndata_dir = \"d\"\n";
+    std::fs::write(&path, base).expect("write");
+    let config = Config::load(&path, &env(&[("P", "1")])).expect("valid");
+    assert_eq!(config.backup.dir, Some(dir.path().join("backups")));
+    assert!(config.backup.nightly);
+    assert_eq!(config.backup.at_secs, 2 * 3600);
+    assert_eq!(config.backup.retention_days, 30);
+    assert_eq!(
+        config.kms.store.journal_dir,
+        Some(dir.path().join("journal"))
+    );
+    std::fs::write(
+        &path,
+        format!(
+            "{base}[backup]\ntime = \"23:45\"\ndir = \"/srv/kf\"\njournal_dir = \"/mnt/j\"\nnightly = false\n"
+        ),
+    )
+    .expect("write");
+    let config = Config::load(&path, &env(&[("P", "1")])).expect("valid");
+    assert_eq!(config.backup.at_secs, 23 * 3600 + 45 * 60);
+    assert_eq!(config.backup.dir, Some("/srv/kf".into()));
+    assert!(!config.backup.nightly);
+    assert_eq!(config.kms.store.journal_dir, Some("/mnt/j".into()));
+    for bad in ["24:00", "2", "02:60", "two"] {
+        std::fs::write(&path, format!("{base}[backup]\ntime = \"{bad}\"\n")).expect("write");
+        assert_eq!(
+            problems(Config::load(&path, &env(&[("P", "1")]))),
+            vec![ConfigProblem::BackupTime(bad.into())],
+            "{bad}"
+        );
+    }
+}

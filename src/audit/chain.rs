@@ -71,6 +71,15 @@ impl PublicKey {
         self.0.to_encoded_point(false).as_bytes().to_vec()
     }
 
+    /// Whether `signature` (r ‖ s) signs `message` (ECDSA P-256 over its SHA-256).
+    pub fn verifies_message(&self, message: &[u8], signature: &[u8]) -> bool {
+        use p256::ecdsa::signature::Verifier;
+        let Ok(signature) = p256::ecdsa::Signature::from_slice(signature) else {
+            return false;
+        };
+        self.0.verify(message, &signature).is_ok()
+    }
+
     /// Whether `signature` (r ‖ s) signs the checkpoint of `head` on `node`.
     pub fn verifies(&self, node: &str, head: &ChainHead, signature: &[u8]) -> bool {
         use p256::ecdsa::signature::Verifier;

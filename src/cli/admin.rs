@@ -148,6 +148,17 @@ pub enum AdminCommand {
     },
     /// The master key's generations and any rotation in progress.
     MasterKeyStatus,
+    /// The newest snapshot (its age, size and verification result) and the schedule.
+    BackupStatus,
+    /// Take a snapshot now (what `keyfront backup create` does).
+    BackupCreate {
+        /// A directory on the server's host (absolute; default: the configured one).
+        #[arg(long, default_value = "")]
+        out: String,
+        /// Makes a retry idempotent.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
     /// Access review (officer, auditor): every principal, its scope, last use and
     /// certificate expiry.
     AccessReview,
@@ -462,6 +473,21 @@ async fn execute(channel: Channel, command: AdminCommand) -> Result<Output, toni
         AdminCommand::RotateMasterKey { request_id } => master_key(
             admin
                 .rotate_master_key(pb::RotateMasterKeyRequest { request_id })
+                .await?
+                .into_inner(),
+        ),
+        AdminCommand::BackupStatus => backup_status(
+            admin
+                .get_backup_status(pb::GetBackupStatusRequest {})
+                .await?
+                .into_inner(),
+        ),
+        AdminCommand::BackupCreate { out, request_id } => backup_archive(
+            admin
+                .create_backup(pb::CreateBackupRequest {
+                    out_dir: out,
+                    request_id,
+                })
                 .await?
                 .into_inner(),
         ),
@@ -787,6 +813,85 @@ fn approvals(list: Vec<pb::Approval>) -> Output {
             ],
             &rows,
         ),
+    }
+}
+
+fn backup_archive(archive: pb::BackupArchive) -> Output {
+    let row = vec![
+        archive.path.clone(),
+        time(archive.create_time),
+        archive.size_bytes.to_string(),
+        archive.tenants.to_string(),
+        if archive.verified { "yes" } else { "NO" }.to_owned(),
+    ];
+    Output {
+        json: json!({
+            "path": archive.path,
+            "create_time": archive.create_time,
+            "size_bytes": archive.size_bytes,
+            "tenants": archive.tenants,
+            "verified": archive.verified,
+        }),
+        table: table(
+            &["ARCHIVE", "TAKEN", "BYTES", "TENANTS", "VERIFIED"],
+            &[row],
+        ),
+    }
+}
+
+fn backup_status(status: pb::BackupStatus) -> Output {
+    let verified = status.verification_error.is_empty() && status.newest.is_some();
+    let mut text = match &status.newest {
+        Some(newest) => table(
+            &["NEWEST SNAPSHOT", "TAKEN", "AGE", "BYTES", "VERIFIED"],
+            &[vec![
+                newest.path.clone(),
+                time(newest.create_time),
+                humantime::format_duration(Duration::from_secs(
+                    u64::try_from(status.age_seconds).unwrap_or(0),
+                ))
+                .to_string(),
+                newest.size_bytes.to_string(),
+                if verified {
+                    "yes".to_owned()
+                } else {
+                    format!("NO: {}", status.verification_error)
+                },
+            ]],
+        ),
+        None => format!("no snapshot in {} yet\n", status.dir),
+    };
+    text.push_str(&format!(
+        "{} snapshot(s) in {}, kept {} days; next nightly snapshot: {}\n",
+        status.archives,
+        status.dir,
+        status.retention_days,
+        if status.next_due_time > 0 {
+            time(status.next_due_time)
+        } else {
+            "off".to_owned()
+        }
+    ));
+    if !status.last_failure.is_empty() {
+        text.push_str(&format!("LAST ATTEMPT FAILED: {}\n", status.last_failure));
+    }
+    Output {
+        json: json!({
+            "dir": status.dir,
+            "newest": status.newest.as_ref().map(|n| json!({
+                "path": n.path,
+                "create_time": n.create_time,
+                "size_bytes": n.size_bytes,
+            })),
+            "age_seconds": status.newest.as_ref().map(|_| status.age_seconds),
+            "verified": verified,
+            "verification_error": (!status.verification_error.is_empty()).then_some(&status.verification_error),
+            "archives": status.archives,
+            "retention_days": status.retention_days,
+            "next_due_time": (status.next_due_time > 0).then_some(status.next_due_time),
+            "last_failure": (!status.last_failure.is_empty()).then_some(&status.last_failure),
+        }),
+        table: text,
     }
 }
 

@@ -93,19 +93,22 @@ pub fn run(args: AuditArgs) -> ExitCode {
     }
 }
 
-fn options(public_key: Option<String>, expect_head: Option<String>) -> Result<Options, String> {
-    let public_key = match public_key {
-        None => None,
-        Some(value) => {
-            let text = match value.strip_prefix('@') {
-                Some(file) => std::fs::read_to_string(file)
-                    .map_err(|e| format!("--public-key: cannot read {file}: {e}"))?,
-                None => value,
-            };
-            let bytes = hex::decode(text.trim()).map_err(|_| "--public-key: not hex".to_owned())?;
-            Some(PublicKey::from_bytes(&bytes).map_err(|e| format!("--public-key: {e}"))?)
-        }
+/// An audit public key given as hex or as @FILE holding the hex.
+///
+/// # Errors
+/// A message naming `--public-key` and what is wrong.
+pub(super) fn parse_public_key(value: &str) -> Result<PublicKey, String> {
+    let text = match value.strip_prefix('@') {
+        Some(file) => std::fs::read_to_string(file)
+            .map_err(|e| format!("--public-key: cannot read {file}: {e}"))?,
+        None => value.to_owned(),
     };
+    let bytes = hex::decode(text.trim()).map_err(|_| "--public-key: not hex".to_owned())?;
+    PublicKey::from_bytes(&bytes).map_err(|e| format!("--public-key: {e}"))
+}
+
+fn options(public_key: Option<String>, expect_head: Option<String>) -> Result<Options, String> {
+    let public_key = public_key.as_deref().map(parse_public_key).transpose()?;
     let expect_head = match expect_head {
         None => None,
         Some(text) => Some(

@@ -338,7 +338,11 @@ pub fn ensure_tenants(config: &Config) -> Result<(), DevError> {
         &public_key,
         &format!("{}\n", hex::encode(hsm.audit_public_key())),
     )?;
-    let kms = Kms::open(Arc::new(hsm) as Arc<dyn Hsm>, &config.data_dir, config.kms)?;
+    let kms = Kms::open(
+        Arc::new(hsm) as Arc<dyn Hsm>,
+        &config.data_dir,
+        config.kms.clone(),
+    )?;
     for tenant in ["acme", "globex"] {
         let name = tenant.parse().map_err(|_| crate::Error::TooLarge)?;
         let id = match kms

@@ -1,7 +1,7 @@
 //! The `keyfront` command: `init` (the key ceremony), `serve`, `dev` (a complete local
 //! keyfront), `encrypt`/`decrypt` (a client), and `selfcheck` (a round trip of every operation
 //! without the network), `admin` (AdminService and AccessService as a client), and `audit
-//! verify` (offline). `backup` arrives with later work.
+//! verify` (offline), and `backup` (create, verify, restore).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,7 @@ pub const EXIT_ALREADY_INITIALIZED: u8 = 3;
 
 pub mod admin;
 pub mod audit;
+pub mod backup;
 pub mod client;
 pub mod dev;
 
@@ -94,6 +95,8 @@ enum Command {
     Admin(admin::AdminArgs),
     /// Check audit logs offline.
     Audit(audit::AuditArgs),
+    /// Snapshots: create (through the server), verify and restore (offline).
+    Backup(backup::BackupArgs),
     /// Decrypt a base64 ciphertext from stdin; writes the plaintext.
     Decrypt {
         /// The key's name (optional: the ciphertext names it).
@@ -130,6 +133,7 @@ pub fn main() -> ExitCode {
         }
         Command::Admin(args) => return run_client(admin::run(args)),
         Command::Audit(args) => return audit::run(args),
+        Command::Backup(args) => return backup::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

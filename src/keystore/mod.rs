@@ -13,10 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 
+pub mod backup;
+pub mod journal;
 mod record;
 mod system;
 mod tenant;
 
+pub use journal::{Journal, JournalEntry};
 pub use record::{MAC_LEN, RecordMac, SCHEMA_VERSION};
 pub use system::{KeyStore, PendingDestruction, StoreOptions};
 pub use tenant::{TenantDb, TenantHead};
@@ -305,7 +308,7 @@ pub enum ApprovalState {
 }
 
 /// A record to write in a tenant commit.
-#[derive(Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum TenantWrite {
     /// Insert or replace a key record (and its name index).
     Key(KeyRecord),

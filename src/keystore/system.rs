@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
 
+use super::journal::{Journal, JournalEntry};
 use super::record::RecordMac;
 use super::tenant::{TenantDb, TenantHead};
 use super::{Error, TenantRecord, decode, encode, now_secs, prefixed};
@@ -15,10 +16,10 @@ use crate::ids::{ID_LEN, KeyId, KeyVersion, Name, TenantId};
 const DB_ID: &[u8] = b"system";
 const META_KEY: &[u8] = b"meta";
 const SEQ_KEY: &[u8] = b"seq";
-const TENANT_PREFIX: &[u8] = b"t/";
-const NAME_PREFIX: &[u8] = b"n/";
-const HEAD_PREFIX: &[u8] = b"h/";
-const TOMBSTONE_PREFIX: &[u8] = b"x/";
+pub(super) const TENANT_PREFIX: &[u8] = b"t/";
+pub(super) const NAME_PREFIX: &[u8] = b"n/";
+pub(super) const HEAD_PREFIX: &[u8] = b"h/";
+pub(super) const TOMBSTONE_PREFIX: &[u8] = b"x/";
 // Pending version destructions: d/ ‖ tenant id ‖ key id ‖ version (u32 BE) → when (u64).
 // A superset of the truth: written before the tenant commit that schedules, removed after the
 // one that cancels or destroys, so a crash can leave an extra entry but never lose one.
@@ -30,13 +31,13 @@ const ROTATION_PREFIX: &[u8] = b"r/";
 // Master key rotation: the journal (m/rotation → MwkRotation) while one runs, and the retired
 // generations with their destruction dates (m/retired/ ‖ generation u32 BE → u64).
 const MWK_ROTATION_KEY: &[u8] = b"m/rotation";
-const MWK_RETIRED_PREFIX: &[u8] = b"m/retired/";
+pub(super) const MWK_RETIRED_PREFIX: &[u8] = b"m/retired/";
 // Dual control: a/ ‖ approval id → ApprovalRecord.
 const APPROVAL_PREFIX: &[u8] = b"a/";
 // Pending tenant destructions: D/ ‖ tenant id → when (u64), committed with the tenant record.
-const TENANT_DESTRUCTION_PREFIX: &[u8] = b"D/";
+pub(super) const TENANT_DESTRUCTION_PREFIX: &[u8] = b"D/";
 /// The audit chain head, as of the last signed checkpoint.
-const AUDIT_HEAD_KEY: &[u8] = b"audit/head";
+pub(super) const AUDIT_HEAD_KEY: &[u8] = b"audit/head";
 // g/<grant id> -> GrantRecord: support access grants.
 const GRANT_PREFIX: &[u8] = b"g/";
 // u/<identity> -> LastUse: when each principal was last authorized (written at most once a
@@ -44,12 +45,14 @@ const GRANT_PREFIX: &[u8] = b"g/";
 const LAST_USE_PREFIX: &[u8] = b"u/";
 
 /// Tuning of the key store.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct StoreOptions {
     /// How many tenant databases may be open at once (least recently used are closed).
     pub max_open_tenants: NonZeroUsize,
     /// sled page cache per tenant database, in bytes.
     pub tenant_cache_bytes: u64,
+    /// Where the key journal lives (`None`: no journal).
+    pub journal_dir: Option<PathBuf>,
 }
 
 impl Default for StoreOptions {
@@ -57,6 +60,7 @@ impl Default for StoreOptions {
         Self {
             max_open_tenants: NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN),
             tenant_cache_bytes: 256 * 1024,
+            journal_dir: None,
         }
     }
 }
@@ -68,9 +72,9 @@ struct Meta {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Tombstone {
-    name: Name,
-    destroyed_at: u64,
+pub(super) struct Tombstone {
+    pub(super) name: Name,
+    pub(super) destroyed_at: u64,
 }
 
 /// A key version scheduled for destruction, as the system database indexes it for the
@@ -108,10 +112,10 @@ impl PendingDestruction {
 
 /// The system sled database: tenants, their heads, tombstones.
 pub(crate) struct SystemDb {
-    db: sled::Db,
+    pub(super) db: sled::Db,
     mac: Arc<RecordMac>,
     // Sequence of the last system commit; the lock serializes system commits.
-    seq: Mutex<u64>,
+    pub(super) seq: Mutex<u64>,
 }
 
 impl SystemDb {
@@ -162,7 +166,11 @@ impl SystemDb {
     }
 
     /// One atomic, flushed system commit.
-    fn commit(&self, inserts: Vec<(Vec<u8>, Vec<u8>)>, removes: Vec<Vec<u8>>) -> Result<(), Error> {
+    pub(super) fn commit(
+        &self,
+        inserts: Vec<(Vec<u8>, Vec<u8>)>,
+        removes: Vec<Vec<u8>>,
+    ) -> Result<(), Error> {
         let mut seq = self.seq.lock().expect("system sequence lock poisoned");
         let next = *seq + 1;
         let mut batch = sled::Batch::default();
@@ -180,7 +188,7 @@ impl SystemDb {
         Ok(())
     }
 
-    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+    pub(super) fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let Some(value) = self.db.get(key)? else {
             return Ok(None);
         };
@@ -224,13 +232,15 @@ impl SystemDb {
 
 /// The system database plus lazily opened, bounded tenant databases.
 pub struct KeyStore {
-    tenants_dir: PathBuf,
-    system: Arc<SystemDb>,
-    mac: Arc<RecordMac>,
-    options: StoreOptions,
+    pub(super) tenants_dir: PathBuf,
+    pub(super) system: Arc<SystemDb>,
+    pub(super) mac: Arc<RecordMac>,
+    pub(super) options: StoreOptions,
     open: Mutex<OpenTenants>,
     // Serializes tenant creation and destruction, so name checks cannot race.
-    lifecycle: Mutex<()>,
+    pub(super) lifecycle: Mutex<()>,
+    // Every change is appended here before its commit point (see `journal.rs`).
+    journal: Option<Arc<Journal>>,
 }
 
 #[derive(Default)]
@@ -251,6 +261,10 @@ impl KeyStore {
         std::fs::create_dir_all(&tenants_dir)?;
         let mac = Arc::new(mac);
         let system = Arc::new(SystemDb::open(&data_dir.join("system"), Arc::clone(&mac))?);
+        let journal = match &options.journal_dir {
+            Some(dir) => Some(Arc::new(Journal::open(dir, Arc::clone(&mac))?)),
+            None => None,
+        };
         let store = Self {
             tenants_dir,
             system,
@@ -258,6 +272,7 @@ impl KeyStore {
             options,
             open: Mutex::new(OpenTenants::default()),
             lifecycle: Mutex::new(()),
+            journal,
         };
         store.collect_orphans()?;
         Ok(store)
@@ -279,6 +294,7 @@ impl KeyStore {
             id,
             Arc::clone(&self.mac),
             Arc::clone(&self.system),
+            self.journal.clone(),
             self.options.tenant_cache_bytes,
         )?;
         let record = TenantRecord {
@@ -288,6 +304,7 @@ impl KeyStore {
             generation: 1,
             destroy_at: None,
         };
+        self.journal(&JournalEntry::TenantCreated(record.clone()))?;
         self.system.commit(
             vec![
                 (prefixed(TENANT_PREFIX, id.as_bytes()), encode(&record)?),
@@ -391,6 +408,7 @@ impl KeyStore {
                     id,
                     Arc::clone(&self.mac),
                     Arc::clone(&self.system),
+                    self.journal.clone(),
                     self.options.tenant_cache_bytes,
                 )?)
             }
@@ -435,6 +453,11 @@ impl KeyStore {
             name: record.name.clone(),
             destroyed_at: now_secs(),
         };
+        self.journal(&JournalEntry::TenantDestroyed {
+            id,
+            name: record.name.clone(),
+            at: tombstone.destroyed_at,
+        })?;
         self.system.commit(
             vec![(
                 prefixed(TOMBSTONE_PREFIX, id.as_bytes()),
@@ -489,6 +512,7 @@ impl KeyStore {
         }
         record.destroy_at = Some(at);
         record.generation += 1;
+        self.journal(&JournalEntry::TenantUpdated(record.clone()))?;
         self.system.commit(
             vec![
                 (prefixed(TENANT_PREFIX, id.as_bytes()), encode(&record)?),
@@ -514,6 +538,7 @@ impl KeyStore {
         }
         record.destroy_at = None;
         record.generation += 1;
+        self.journal(&JournalEntry::TenantUpdated(record.clone()))?;
         self.system.commit(
             vec![(prefixed(TENANT_PREFIX, id.as_bytes()), encode(&record)?)],
             vec![prefixed(TENANT_DESTRUCTION_PREFIX, id.as_bytes())],
@@ -833,7 +858,7 @@ impl KeyStore {
         self.tenants_dir.join(id.to_string())
     }
 
-    fn remember(&self, db: Arc<TenantDb>) {
+    pub(super) fn remember(&self, db: Arc<TenantDb>) {
         let mut open = self.open.lock().expect("open tenants lock poisoned");
         open.tick += 1;
         let tick = open.tick;
@@ -857,6 +882,19 @@ impl KeyStore {
             }
         }
         open.closing.retain(|_, weak| weak.strong_count() > 0);
+    }
+
+    /// Appends to the journal, if there is one (before the change's commit point).
+    fn journal(&self, entry: &JournalEntry) -> Result<(), Error> {
+        match &self.journal {
+            Some(journal) => journal.append(entry),
+            None => Ok(()),
+        }
+    }
+
+    /// The key journal, if configured.
+    pub fn key_journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
     }
 
     /// Removes tenant directories that no tenant record references: a crash between creating

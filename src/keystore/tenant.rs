@@ -16,15 +16,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use super::journal::{Journal, JournalEntry};
 use super::record::{MAC_LEN, RecordMac};
 use super::system::SystemDb;
 use super::{Error, KeyRecord, TenantWrite, VersionRecord, decode, encode, prefixed};
 use crate::ids::{ID_LEN, KeyId, KeyVersion, Name, TenantId};
 
-const HEAD_KEY: &[u8] = b"head";
-const KEY_PREFIX: &[u8] = b"k/";
+pub(super) const HEAD_KEY: &[u8] = b"head";
+pub(super) const KEY_PREFIX: &[u8] = b"k/";
 const NAME_PREFIX: &[u8] = b"n/";
-const VERSION_PREFIX: &[u8] = b"v/";
+pub(super) const VERSION_PREFIX: &[u8] = b"v/";
 
 /// The anchor of a tenant database: last commit's sequence and the digest of all records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +42,7 @@ pub struct TenantDb {
     db: sled::Db,
     mac: Arc<RecordMac>,
     system: Arc<SystemDb>,
+    journal: Option<Arc<Journal>>,
     // The current head; holding the lock serializes commits to this tenant.
     head: Mutex<TenantHead>,
     // Held across a read-modify-write of this tenant's records (create key, rotate).
@@ -53,7 +55,7 @@ pub struct TenantDb {
 impl TenantDb {
     /// sled settings for a tenant database: small segments (an idle database is ~48 KiB instead
     /// of 512 KiB) and no background flusher thread; commits flush explicitly.
-    fn config(dir: &Path, cache_bytes: u64) -> sled::Config {
+    pub(super) fn config(dir: &Path, cache_bytes: u64) -> sled::Config {
         sled::Config::new()
             .path(dir)
             .segment_size(32 * 1024)
@@ -68,6 +70,7 @@ impl TenantDb {
         id: TenantId,
         mac: Arc<RecordMac>,
         system: Arc<SystemDb>,
+        journal: Option<Arc<Journal>>,
         cache_bytes: u64,
     ) -> Result<Self, Error> {
         if dir.exists() {
@@ -88,6 +91,7 @@ impl TenantDb {
             db,
             mac,
             system,
+            journal,
             writes: Mutex::new(()),
             visible_seq: AtomicU64::new(head.seq),
             head: Mutex::new(head),
@@ -100,6 +104,7 @@ impl TenantDb {
         id: TenantId,
         mac: Arc<RecordMac>,
         system: Arc<SystemDb>,
+        journal: Option<Arc<Journal>>,
         cache_bytes: u64,
     ) -> Result<Self, Error> {
         let integrity = |reason| Error::Integrity {
@@ -142,6 +147,7 @@ impl TenantDb {
             db,
             mac,
             system,
+            journal,
             writes: Mutex::new(()),
             visible_seq: AtomicU64::new(head.seq),
             head: Mutex::new(head),
@@ -157,6 +163,21 @@ impl TenantDb {
     /// one, commit) so two rotations cannot both write the same new version.
     pub fn lock_writes(&self) -> MutexGuard<'_, ()> {
         self.writes.lock().expect("tenant write lock poisoned")
+    }
+
+    /// Every record as stored (the head included), read under the commit lock: a
+    /// point-in-time copy that no commit can interleave with. Readers are not blocked.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub(crate) fn dump(&self) -> Result<(TenantHead, super::backup::RawRecords), Error> {
+        let head = self.head.lock().expect("tenant head lock poisoned");
+        let mut records = Vec::new();
+        for item in self.db.iter() {
+            let (key, value) = item?;
+            records.push((key.to_vec(), value.to_vec()));
+        }
+        Ok((*head, records))
     }
 
     /// The current head.
@@ -248,6 +269,14 @@ impl TenantDb {
         // is never more than one commit ahead of the system database.
         self.system.anchor_tenant(self.id, &head)?;
         let seq = head.seq + 1;
+        if let Some(journal) = &self.journal {
+            // Before the commit point: a new version is journaled before it can be primary.
+            journal.append(&JournalEntry::Commit {
+                tenant: self.id,
+                seq,
+                writes: writes.clone(),
+            })?;
+        }
         let db_id = self.id.as_bytes();
         let mut staged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         for write in writes {

@@ -45,7 +45,7 @@ pub const STORAGE_KEY_DERIVATION_LABEL: &[u8] = b"keyfront/v1/storage-mac-key";
 pub const AUDIT_KEY_DERIVATION_LABEL: &[u8] = b"keyfront/v1/audit-context-key";
 
 /// Tuning of the domain layer.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct KmsOptions {
     /// Key store tuning.
     pub store: StoreOptions,
@@ -200,9 +200,7 @@ impl Kms {
         options: KmsOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, Error> {
-        let mut derived = hsm.hmac(HmacKey::StorageRoot, STORAGE_KEY_DERIVATION_LABEL)?;
-        let mac = RecordMac::new(SecretKey::from_bytes(&mut derived));
-        let store = KeyStore::open(data_dir, mac, options.store)?;
+        let store = KeyStore::open(data_dir, Self::storage_mac(hsm.as_ref())?, options.store)?;
         let mut audit_key = hsm.hmac(HmacKey::StorageRoot, AUDIT_KEY_DERIVATION_LABEL)?;
         let audit_key = SecretKey::from_bytes(&mut audit_key);
         Ok(Self {
@@ -227,6 +225,15 @@ impl Kms {
             password_params: options.password_params,
             audit: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The record MAC key, derived inside the HSM (the same token always derives the same).
+    ///
+    /// # Errors
+    /// HSM errors.
+    pub fn storage_mac(hsm: &dyn Hsm) -> Result<RecordMac, crate::hsm::Error> {
+        let mut derived = hsm.hmac(HmacKey::StorageRoot, STORAGE_KEY_DERIVATION_LABEL)?;
+        Ok(RecordMac::new(SecretKey::from_bytes(&mut derived)))
     }
 
     /// HMAC-SHA256 of a value under the audit key (hex): lets an auditor match a context value
@@ -259,23 +266,48 @@ impl Kms {
         key: Option<&Name>,
         version: Option<KeyVersion>,
     ) -> Result<(), Error> {
+        self.system_line(crate::audit::SystemRecord {
+            actor: "system:scheduler",
+            action,
+            outcome: outcome.to_owned(),
+            tenant,
+            key: key.map(ToString::to_string),
+            version: version.map(|v| v.0),
+            detail: None,
+        })
+    }
+
+    /// Logs a backup action (`system:backup`). An intent that cannot be logged is not
+    /// carried out.
+    ///
+    /// # Errors
+    /// [`Error::AuditUnavailable`] when the line cannot be written.
+    pub fn backup_event(
+        &self,
+        action: &'static str,
+        outcome: &str,
+        detail: Option<String>,
+    ) -> Result<(), Error> {
+        self.system_line(crate::audit::SystemRecord {
+            actor: "system:backup",
+            action,
+            outcome: outcome.to_owned(),
+            tenant: None,
+            key: None,
+            version: None,
+            detail,
+        })
+    }
+
+    fn system_line(&self, record: crate::audit::SystemRecord) -> Result<(), Error> {
         let Some(audit) = self.audit.get() else {
             return Ok(());
         };
-        audit
-            .system(&crate::audit::SystemRecord {
-                actor: "system:scheduler",
-                action,
-                outcome: outcome.to_owned(),
-                tenant,
-                key: key.map(ToString::to_string),
-                version: version.map(|v| v.0),
-                detail: None,
-            })
-            .map_err(|error| {
-                tracing::error!(%error, action, "audit write failed; the scheduled action waits");
-                Error::AuditUnavailable
-            })
+        let action = record.action;
+        audit.system(&record).map_err(|error| {
+            tracing::error!(%error, action, "audit write failed; the scheduled action waits");
+            Error::AuditUnavailable
+        })
     }
 
     /// Runs one scheduled action between an intent line and an outcome line; nothing is done

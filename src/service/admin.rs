@@ -580,6 +580,86 @@ impl pb::admin_service_server::AdminService for AdminService {
         Ok(Response::new(message))
     }
 
+    async fn create_backup(
+        &self,
+        request: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<pb::BackupArchive>, Status> {
+        let call = self.shared.begin(&request, Rpc::CreateBackup, "", None)?;
+        let r = request.into_inner();
+        call.client_request_id(&r.request_id);
+        if !matches!(call.principal().tenants, TenantScope::All) {
+            return Err(Status::permission_denied(
+                "CreateBackup copies every tenant: it needs an officer with tenants = [\"*\"]",
+            ));
+        }
+        let out = match r.out_dir.as_str() {
+            "" => None,
+            dir if dir.len() > 4096 => {
+                return Err(Status::invalid_argument(
+                    "out_dir is longer than 4096 bytes",
+                ));
+            }
+            dir => {
+                let path = std::path::PathBuf::from(dir);
+                if !path.is_absolute() || !path.is_dir() {
+                    return Err(Status::invalid_argument(
+                        "out_dir must be an absolute path of an existing directory on the server's host",
+                    ));
+                }
+                Some(path)
+            }
+        };
+        let backups = self.shared.backups()?;
+        if let Some(done) = self
+            .shared
+            .replay(&call, Rpc::CreateBackup, &r.request_id)?
+        {
+            return Ok(Response::new(done));
+        }
+        let created = call
+            .run_global(move |kms| Ok(backups.take(kms, out.as_deref())?))
+            .await?;
+        let message = pb::BackupArchive {
+            path: created.path.display().to_string(),
+            create_time: i64::try_from(created.manifest.created_at).unwrap_or(i64::MAX),
+            size_bytes: created.bytes,
+            tenants: i32::try_from(created.manifest.tenants.len()).unwrap_or(i32::MAX),
+            verified: true,
+        };
+        self.shared
+            .remember(&call, Rpc::CreateBackup, &r.request_id, &message);
+        Ok(Response::new(message))
+    }
+
+    async fn get_backup_status(
+        &self,
+        request: Request<pb::GetBackupStatusRequest>,
+    ) -> Result<Response<pb::BackupStatus>, Status> {
+        let call = self
+            .shared
+            .begin(&request, Rpc::GetBackupStatus, "", None)?;
+        let backups = self.shared.backups()?;
+        let nightly = self.shared.nightly_backups;
+        let status = call.run_global(move |kms| Ok(backups.status(kms)?)).await?;
+        let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX);
+        Ok(Response::new(pb::BackupStatus {
+            dir: status.dir.display().to_string(),
+            newest: status.newest.as_ref().map(|n| pb::BackupArchive {
+                path: n.path.display().to_string(),
+                create_time: secs(n.created_at),
+                size_bytes: n.bytes,
+                tenants: 0,
+                verified: status.verification.is_ok(),
+            }),
+            age_seconds: secs(status.age_secs),
+            verification_error: status.verification.err().unwrap_or_default(),
+            archives: i32::try_from(status.archives).unwrap_or(i32::MAX),
+            retention_days: i32::try_from(status.retention_days).unwrap_or(i32::MAX),
+            next_due_time: if nightly { secs(status.next_due) } else { 0 },
+            last_failure: status.last_failure.unwrap_or_default(),
+        }))
+    }
+
     async fn get_master_key_status(
         &self,
         request: Request<pb::GetMasterKeyStatusRequest>,

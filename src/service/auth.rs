@@ -173,6 +173,10 @@ pub enum Rpc {
     GetMasterKeyStatus,
     /// AdminService/ListApprovals
     ListApprovals,
+    /// AdminService/CreateBackup
+    CreateBackup,
+    /// AdminService/GetBackupStatus
+    GetBackupStatus,
     /// AccessService/RequestSupportAccess
     RequestSupportAccess,
     /// AccessService/ApproveSupportAccess
@@ -239,7 +243,9 @@ impl Rpc {
             | Self::ApproveOperation
             | Self::RotateMasterKey
             | Self::GetMasterKeyStatus
-            | Self::ListApprovals => &[Role::Officer],
+            | Self::ListApprovals
+            | Self::CreateBackup => &[Role::Officer],
+            Self::GetBackupStatus => &[Role::Officer, Role::Auditor],
             Self::RequestSupportAccess => &[Role::Support],
             Self::ApproveSupportAccess | Self::DenySupportAccess => &[Role::TenantAdmin],
             Self::RevokeGrant => &[Role::TenantAdmin, Role::Officer, Role::Support],
@@ -368,6 +374,8 @@ impl Principals {
                 | Rpc::ListApprovals
                 | Rpc::RotateMasterKey
                 | Rpc::GetMasterKeyStatus
+                | Rpc::CreateBackup
+                | Rpc::GetBackupStatus
                 | Rpc::ApproveSupportAccess
                 | Rpc::DenySupportAccess
                 | Rpc::RevokeGrant

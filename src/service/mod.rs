@@ -85,6 +85,9 @@ pub struct Shared {
     // Responses of mutations by (identity, request_id), so a retry is idempotent. In memory
     // for now (bounded); persisted idempotency arrives with the key lifecycle.
     done: Mutex<HashMap<RequestKey, (Rpc, Vec<u8>)>>,
+    // Snapshots (`[backup]`), if a backup directory is configured.
+    backups: Option<Arc<crate::backup::nightly::Backups>>,
+    pub(crate) nightly_backups: bool,
 }
 
 /// (caller identity, caller's request_id).
@@ -93,6 +96,16 @@ type RequestKey = (String, String);
 const MAX_REMEMBERED_REQUESTS: usize = 10_000;
 
 impl Shared {
+    /// The backups, or FAILED_PRECONDITION when none are configured.
+    fn backups(&self) -> Result<Arc<crate::backup::nightly::Backups>, Status> {
+        self.backups.clone().ok_or_else(|| {
+            crate::error::failed_precondition(
+                "no backup directory is configured ([backup] dir)",
+                "BACKUPS_NOT_CONFIGURED",
+            )
+        })
+    }
+
     /// A slot for one Argon2 computation, or RESOURCE_EXHAUSTED when all are taken.
     fn password_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
         Arc::clone(&self.password_slots)
@@ -513,6 +526,14 @@ impl Server {
                 server.limits.max_concurrent_password_hashes,
             )),
             done: Mutex::new(HashMap::new()),
+            backups: self.config.backup.dir.as_ref().map(|dir| {
+                Arc::new(crate::backup::nightly::Backups::new(
+                    dir,
+                    self.config.backup.retention_days,
+                    self.config.backup.at_secs,
+                ))
+            }),
+            nightly_backups: self.config.backup.nightly && self.config.backup.dir.is_some(),
         });
 
         if let Some(path) = self.config_path.clone() {
@@ -642,7 +663,7 @@ async fn connect_hsm(
         attempts += 1;
         let connect = Arc::clone(&connect);
         let data_dir = config.data_dir.clone();
-        let options = config.kms;
+        let options = config.kms.clone();
         let reset = reset.clone();
         let clock = Arc::clone(&clock);
         let attempt = tokio::task::spawn_blocking(move || {
@@ -691,6 +712,13 @@ async fn connect_hsm(
         Arc::downgrade(&kms),
         config.kms.scheduler_interval,
     ));
+    if let (true, Some(backups)) = (shared.nightly_backups, shared.backups.clone()) {
+        tokio::spawn(crate::backup::nightly::run(
+            Arc::downgrade(&kms),
+            backups,
+            config.kms.scheduler_interval.min(Duration::from_secs(60)),
+        ));
+    }
     tokio::spawn(access::save_last_uses(
         Arc::downgrade(&shared),
         Arc::downgrade(&kms),

@@ -1,0 +1,586 @@
+//! Backups of keyfront's own state: snapshot archives, their verification, retention, the
+//! nightly schedule (`nightly.rs`) and restore (`restore.rs`).
+//!
+//! An archive is one file, `keyfront-YYYYMMDDTHHMMSSZ.kfb`:
+//!
+//! ```text
+//! "KFBACKUP1\n"
+//! frames: [u8 tag][u64 LE length][bytes]
+//!   tag 1  a database section (postcard): the system database first, then each tenant's
+//!   tag 2  the manifest (JSON): tenants, key versions, MWK generations, audit head, and the
+//!          SHA-256 and record count of every section
+//!   tag 3  the manifest's signature by the HSM audit key (ECDSA P-256, r ‖ s)
+//!   tag 0  the end (nothing may follow)
+//! ```
+//!
+//! The records in a section are the stored bytes, MACs included, so only the same HSM token
+//! can restore them, and a restore verifies them like any open. Wrapped KEKs stay wrapped.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::audit::chain::PublicKey;
+use crate::ids::TenantId;
+use crate::keystore::backup::RawRecords;
+use crate::keystore::{self, VersionState};
+use crate::kms::Kms;
+
+pub mod nightly;
+pub mod restore;
+
+const MAGIC: &[u8] = b"KFBACKUP1\n";
+const TAG_END: u8 = 0;
+const TAG_SECTION: u8 = 1;
+const TAG_MANIFEST: u8 = 2;
+const TAG_SIGNATURE: u8 = 3;
+/// Domain separation: an audit checkpoint signature can never pass as a manifest's.
+const SIGNING_LABEL: &[u8] = b"keyfront backup manifest v1\0";
+/// A section or manifest larger than this is refused as corrupt.
+const MAX_FRAME: u64 = 1 << 32;
+const PREFIX: &str = "keyfront-";
+const SUFFIX: &str = ".kfb";
+
+/// Errors of backups.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// Which.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] keystore::Error),
+    /// The HSM failed.
+    #[error(transparent)]
+    Hsm(#[from] crate::hsm::Error),
+    /// The archive is not one, is cut short, or has a frame out of place.
+    #[error("{path}: not a valid keyfront archive: {reason}")]
+    Malformed {
+        /// Which.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The manifest's signature does not verify with the audit key.
+    #[error("{0}: the manifest's signature does not verify with the audit public key")]
+    Signature(PathBuf),
+    /// A section does not match the manifest (altered, swapped or missing).
+    #[error("{path}: {reason}")]
+    Mismatch {
+        /// Which.
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+    /// A restore needs what is missing.
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One database copy in an archive.
+#[derive(Serialize, Deserialize)]
+struct Section {
+    /// `system` or a tenant id.
+    database: String,
+    records: RawRecords,
+}
+
+/// What an archive holds, signed by the HSM audit key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Archive format (1).
+    pub format: u32,
+    /// When it was taken, seconds since the Unix epoch (server clock).
+    pub created_at: u64,
+    /// The same, RFC 3339.
+    pub created: String,
+    /// keyfront's version.
+    pub keyfront_version: String,
+    /// The MWK generation new KEKs are wrapped under, then.
+    pub mwk_generation: u32,
+    /// Every MWK generation on the token, then (a restore needs those its blobs name).
+    pub mwk_generations: Vec<u32>,
+    /// The audit chain head stored at the last checkpoint before the snapshot.
+    pub audit_head: Option<AuditHead>,
+    /// The key journal's last sequence when the snapshot began (0: none).
+    pub journal_seq: u64,
+    /// The system database's section.
+    pub system: SectionSummary,
+    /// Every tenant, in the order of their sections.
+    pub tenants: Vec<TenantSummary>,
+    /// Tenants the system copy lists that were destroyed before their own copy was taken: a
+    /// restore destroys them again.
+    pub destroyed_during_snapshot: Vec<String>,
+}
+
+/// The audit chain head, as a manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    /// Line sequence.
+    pub seq: u64,
+    /// SHA-256 of that line (hex).
+    pub hash: String,
+}
+
+/// A section's size and checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SectionSummary {
+    /// Records in it.
+    pub records: u64,
+    /// Encoded bytes.
+    pub bytes: u64,
+    /// SHA-256 of the encoded section (hex).
+    pub sha256: String,
+}
+
+/// A tenant in a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantSummary {
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its database head's sequence in the copy.
+    pub head_seq: u64,
+    /// Its keys.
+    pub keys: Vec<KeySummary>,
+    /// Its section.
+    pub section: SectionSummary,
+}
+
+/// A key in a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySummary {
+    /// Its name.
+    pub name: String,
+    /// Its primary version.
+    pub primary: u32,
+    /// Its versions: (number, state, MWK generation of its KEK blob).
+    pub versions: Vec<(u32, String, u32)>,
+}
+
+/// A finished archive.
+#[derive(Debug, Clone)]
+pub struct Created {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// What it holds.
+    pub manifest: Manifest,
+}
+
+/// A verified archive, with its contents if asked for.
+pub struct Verified {
+    /// The signed manifest.
+    pub manifest: Manifest,
+    /// The system database's records (empty unless kept).
+    pub system: RawRecords,
+    /// Each tenant's records (empty unless kept).
+    pub tenants: Vec<(TenantId, RawRecords)>,
+}
+
+fn state_name(state: VersionState) -> &'static str {
+    match state {
+        VersionState::Enabled => "ENABLED",
+        VersionState::Disabled => "DISABLED",
+        VersionState::DestroyScheduled { .. } => "DESTROY_SCHEDULED",
+        VersionState::Destroyed { .. } => "DESTROYED",
+    }
+}
+
+/// The file name of an archive taken at `secs`.
+pub fn archive_name(secs: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    let stamp: String = humantime::format_rfc3339_seconds(time)
+        .to_string()
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect();
+    format!("{PREFIX}{stamp}{SUFFIX}")
+}
+
+/// When an archive was taken, from its file name.
+pub fn archive_time(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    let stamp = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+    let stamp = stamp.split('-').next()?; // a same-second duplicate has a suffix
+    if stamp.len() != 16 {
+        return None;
+    }
+    let text = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        stamp.get(0..4)?,
+        stamp.get(4..6)?,
+        stamp.get(6..8)?,
+        stamp.get(9..11)?,
+        stamp.get(11..13)?,
+        stamp.get(13..15)?
+    );
+    let time = humantime::parse_rfc3339(&text).ok()?;
+    time.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+}
+
+/// An archive in a backup directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveFile {
+    /// Where.
+    pub path: PathBuf,
+    /// When it was taken (from its name).
+    pub created_at: u64,
+    /// Its size.
+    pub bytes: u64,
+}
+
+/// The archives in `dir`, oldest first.
+///
+/// # Errors
+/// I/O errors reading the directory (a missing one has none).
+pub fn list(dir: &Path) -> Result<Vec<ArchiveFile>, Error> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        let path = entry.path();
+        if let Some(created_at) = archive_time(&path) {
+            let bytes = entry.metadata().map_err(io(&path))?.len();
+            found.push(ArchiveFile {
+                path,
+                created_at,
+                bytes,
+            });
+        }
+    }
+    found.sort_by(|a, b| (a.created_at, &a.path).cmp(&(b.created_at, &b.path)));
+    Ok(found)
+}
+
+/// Deletes the archives in `dir` older than `retention_days` at `now`, keeping the newest
+/// `retention_days` archives (at least one) in any case (a clock that jumps forward must not empty the
+/// directory). Returns the deleted paths.
+///
+/// # Errors
+/// I/O errors.
+pub fn prune(dir: &Path, now: u64, retention_days: u64) -> Result<Vec<PathBuf>, Error> {
+    let all = list(dir)?;
+    // The newest archive always stays, whatever the retention.
+    let keep_newest = usize::try_from(retention_days.max(1)).unwrap_or(usize::MAX);
+    let deletable = all.len().saturating_sub(keep_newest);
+    let cutoff = now.saturating_sub(retention_days.saturating_mul(86_400));
+    let mut removed = Vec::new();
+    for archive in all.into_iter().take(deletable) {
+        if archive.created_at <= cutoff {
+            std::fs::remove_file(&archive.path).map_err(io(&archive.path))?;
+            removed.push(archive.path);
+        }
+    }
+    Ok(removed)
+}
+
+fn write_frame(out: &mut impl Write, tag: u8, bytes: &[u8], path: &Path) -> Result<(), Error> {
+    out.write_all(&[tag]).map_err(io(path))?;
+    out.write_all(&(bytes.len() as u64).to_le_bytes())
+        .map_err(io(path))?;
+    out.write_all(bytes).map_err(io(path))
+}
+
+fn summary(bytes: &[u8], records: usize) -> SectionSummary {
+    SectionSummary {
+        records: records as u64,
+        bytes: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(bytes)),
+    }
+}
+
+fn encode_section(database: String, records: RawRecords) -> Result<(Vec<u8>, usize), Error> {
+    let count = records.len();
+    let section = Section { database, records };
+    let bytes = postcard::to_allocvec(&section).map_err(|_| keystore::Error::Encoding)?;
+    Ok((bytes, count))
+}
+
+/// Takes a snapshot while serving and writes it as a new archive in `dir`: the system
+/// database first, then each tenant's, each copied under its own commit lock. Readers never
+/// wait; a tenant's writers wait for the length of its copy.
+///
+/// # Errors
+/// I/O, store and HSM errors; nothing is left in `dir` on error.
+pub fn create(kms: &Kms, dir: &Path) -> Result<Created, Error> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let store = kms.store();
+    let now = kms.clock().now_secs();
+    let mut path = dir.join(archive_name(now));
+    let mut n = 1;
+    while path.exists() {
+        n += 1;
+        let name = archive_name(now);
+        let stem = name.trim_end_matches(SUFFIX);
+        path = dir.join(format!("{stem}-{n}{SUFFIX}"));
+    }
+    let partial = dir.join(format!(
+        ".{}.partial",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("archive")
+    ));
+    let result = write_archive(kms, store, now, &partial);
+    let manifest = match result {
+        Ok(manifest) => manifest,
+        Err(error) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
+        }
+    };
+    std::fs::rename(&partial, &path).map_err(io(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    let bytes = std::fs::metadata(&path).map_err(io(&path))?.len();
+    Ok(Created {
+        path,
+        bytes,
+        manifest,
+    })
+}
+
+fn write_archive(
+    kms: &Kms,
+    store: &keystore::KeyStore,
+    now: u64,
+    partial: &Path,
+) -> Result<Manifest, Error> {
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(partial)
+            .map_err(io(partial))?
+    };
+    let mut out = BufWriter::new(file);
+    out.write_all(MAGIC).map_err(io(partial))?;
+    let journal_seq = store.key_journal().map_or(0, |j| j.last_seq());
+    let system = store.dump_system()?;
+    let (bytes, count) = encode_section("system".into(), system.records)?;
+    write_frame(&mut out, TAG_SECTION, &bytes, partial)?;
+    let system_summary = summary(&bytes, count);
+    let mut tenants = Vec::new();
+    let mut destroyed = Vec::new();
+    for tenant in &system.tenants {
+        let Some(dump) = store.dump_tenant(tenant.id)? else {
+            destroyed.push(tenant.id.to_string());
+            continue;
+        };
+        let keys = dump
+            .keys
+            .iter()
+            .map(|(key, versions)| KeySummary {
+                name: key.name.to_string(),
+                primary: key.primary.0,
+                versions: versions
+                    .iter()
+                    .map(|v| {
+                        let generation = crate::hsm::WrappedKek::from_bytes(&v.kek)
+                            .map_or(0, |k| k.generation().0);
+                        (v.version.0, state_name(v.state).to_owned(), generation)
+                    })
+                    .collect(),
+            })
+            .collect();
+        let (bytes, count) = encode_section(tenant.id.to_string(), dump.records)?;
+        write_frame(&mut out, TAG_SECTION, &bytes, partial)?;
+        tenants.push(TenantSummary {
+            id: tenant.id.to_string(),
+            name: tenant.name.to_string(),
+            head_seq: dump.head.seq,
+            keys,
+            section: summary(&bytes, count),
+        });
+    }
+    let hsm = kms.hsm();
+    let manifest = Manifest {
+        format: 1,
+        created_at: now,
+        created: humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(now),
+        )
+        .to_string(),
+        keyfront_version: env!("CARGO_PKG_VERSION").into(),
+        mwk_generation: hsm.mwk_generation().0,
+        mwk_generations: hsm.mwk_generations().iter().map(|g| g.0).collect(),
+        audit_head: store.audit_head()?.map(|head| AuditHead {
+            seq: head.seq,
+            hash: hex::encode(head.hash),
+        }),
+        journal_seq,
+        system: system_summary,
+        tenants,
+        destroyed_during_snapshot: destroyed,
+    };
+    let manifest_bytes =
+        serde_json::to_vec_pretty(&manifest).map_err(|_| keystore::Error::Encoding)?;
+    let signature = hsm.sign(&signed_message(&manifest_bytes))?;
+    write_frame(&mut out, TAG_MANIFEST, &manifest_bytes, partial)?;
+    write_frame(&mut out, TAG_SIGNATURE, &signature, partial)?;
+    out.write_all(&[TAG_END]).map_err(io(partial))?;
+    let file = out.into_inner().map_err(|e| io(partial)(e.into_error()))?;
+    file.sync_all().map_err(io(partial))?;
+    Ok(manifest)
+}
+
+fn signed_message(manifest: &[u8]) -> Vec<u8> {
+    let mut message = SIGNING_LABEL.to_vec();
+    message.extend_from_slice(manifest);
+    message
+}
+
+/// Checks an archive: its format, the manifest's signature with `key`, every section's
+/// checksum and record count against the manifest, and that every tenant's section is there
+/// in order. With `keep`, the records are returned for a restore.
+///
+/// # Errors
+/// [`Error::Malformed`], [`Error::Signature`], [`Error::Mismatch`], I/O errors.
+pub fn verify(path: &Path, key: &PublicKey, keep: bool) -> Result<Verified, Error> {
+    let malformed = |reason: String| Error::Malformed {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(io(path))?;
+    let total = file.metadata().map_err(io(path))?.len();
+    let mut input = BufReader::new(file);
+    let mut magic = vec![0u8; MAGIC.len()];
+    input
+        .read_exact(&mut magic)
+        .map_err(|_| malformed("too short".into()))?;
+    if magic != MAGIC {
+        return Err(malformed("wrong magic".into()));
+    }
+    let mut offset = MAGIC.len() as u64;
+    let mut sections: Vec<(SectionSummary, Option<Section>)> = Vec::new();
+    let mut manifest_bytes = None;
+    let mut signature = None;
+    loop {
+        let mut tag = [0u8; 1];
+        input
+            .read_exact(&mut tag)
+            .map_err(|_| malformed(format!("cut short at byte {offset}")))?;
+        offset += 1;
+        if tag[0] == TAG_END {
+            let mut rest = [0u8; 1];
+            if input.read(&mut rest).map_err(io(path))? != 0 {
+                return Err(malformed(format!("bytes after the end at byte {offset}")));
+            }
+            break;
+        }
+        let mut len = [0u8; 8];
+        input
+            .read_exact(&mut len)
+            .map_err(|_| malformed(format!("cut short at byte {offset}")))?;
+        offset += 8;
+        let len = u64::from_le_bytes(len);
+        if len > MAX_FRAME || len > total.saturating_sub(offset) {
+            return Err(malformed(format!(
+                "a frame at byte {offset} is longer than the file"
+            )));
+        }
+        let mut bytes =
+            vec![0u8; usize::try_from(len).map_err(|_| malformed("frame too large".into()))?];
+        input
+            .read_exact(&mut bytes)
+            .map_err(|_| malformed(format!("cut short at byte {offset}")))?;
+        offset += len;
+        match tag[0] {
+            TAG_SECTION if manifest_bytes.is_none() => {
+                let section: Section = postcard::from_bytes(&bytes).map_err(|_| {
+                    malformed(format!("section {} does not decode", sections.len()))
+                })?;
+                let records = section.records.len();
+                sections.push((summary(&bytes, records), keep.then_some(section)));
+            }
+            TAG_MANIFEST if manifest_bytes.is_none() => manifest_bytes = Some(bytes),
+            TAG_SIGNATURE if manifest_bytes.is_some() && signature.is_none() => {
+                signature = Some(bytes);
+            }
+            other => {
+                return Err(malformed(format!(
+                    "unexpected frame {other} at byte {offset}"
+                )));
+            }
+        }
+    }
+    let (Some(manifest_bytes), Some(signature)) = (manifest_bytes, signature) else {
+        return Err(malformed("no signed manifest".into()));
+    };
+    if !key.verifies_message(&signed_message(&manifest_bytes), &signature) {
+        return Err(Error::Signature(path.to_path_buf()));
+    }
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|_| malformed("the manifest does not decode".into()))?;
+    let mismatch = |reason: String| Error::Mismatch {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if sections.len() != 1 + manifest.tenants.len() {
+        return Err(mismatch(format!(
+            "incomplete: {} sections, the manifest lists {}",
+            sections.len(),
+            1 + manifest.tenants.len()
+        )));
+    }
+    let mut sections = sections.into_iter();
+    let mut verified = Verified {
+        manifest: manifest.clone(),
+        system: Vec::new(),
+        tenants: Vec::new(),
+    };
+    let expected = std::iter::once(("system".to_owned(), &manifest.system))
+        .chain(manifest.tenants.iter().map(|t| (t.id.clone(), &t.section)));
+    for (database, want) in expected {
+        let Some((got, section)) = sections.next() else {
+            return Err(mismatch("a section is missing".into()));
+        };
+        if &got != want {
+            return Err(mismatch(format!(
+                "the section of {database} does not match its checksum in the manifest"
+            )));
+        }
+        if let Some(section) = section {
+            if section.database != database {
+                return Err(mismatch(format!(
+                    "the section of {database} is out of place"
+                )));
+            }
+            if database == "system" {
+                verified.system = section.records;
+            } else {
+                let id = database
+                    .parse::<TenantId>()
+                    .map_err(|_| mismatch(format!("{database} is not a tenant id")))?;
+                verified.tenants.push((id, section.records));
+            }
+        }
+    }
+    Ok(verified)
+}

@@ -1,0 +1,112 @@
+//! Restore: a verified archive plus the key journal into an empty data directory, with the
+//! same HSM token.
+//!
+//! Order: verify the archive (signature with the token's audit key, checksums, completeness);
+//! import its copies (every record keeps its MAC); destroy again the tenants destroyed while
+//! the snapshot was taken; replay the journal (commits beyond each tenant's head, tenant
+//! creations, updates and destructions: tombstones win); rebuild the scheduler's indexes;
+//! open and verify every tenant database.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{Error, Manifest, verify};
+use crate::audit::chain::PublicKey;
+use crate::hsm::Hsm;
+use crate::keystore::backup::ReplayReport;
+use crate::keystore::{KeyStore, StoreOptions, journal};
+
+/// What a restore did.
+#[derive(Debug)]
+pub struct Restored {
+    /// The archive's manifest.
+    pub manifest: Manifest,
+    /// The journal replay (default when no journal was given).
+    pub replay: ReplayReport,
+    /// Tenants in the restored directory.
+    pub tenants: usize,
+    /// Tenants destroyed again because they were destroyed during the snapshot.
+    pub destroyed_again: usize,
+}
+
+/// Restores `archive` (and, if given, the journal in `journal_dir`) into the empty `data_dir`.
+///
+/// # Errors
+/// The archive's verification errors (nothing is written then), [`Error::Refused`] for a
+/// non-empty `data_dir` or a journal that does not continue the snapshot, store and HSM errors.
+pub fn restore(
+    hsm: &Arc<dyn Hsm>,
+    archive: &Path,
+    journal_dir: Option<&Path>,
+    data_dir: &Path,
+    options: StoreOptions,
+) -> Result<Restored, Error> {
+    let key = PublicKey::from_bytes(&hsm.audit_public_key()).map_err(Error::Refused)?;
+    let verified = verify(archive, &key, true)?;
+    if data_dir.exists()
+        && std::fs::read_dir(data_dir)
+            .map_err(super::io(data_dir))?
+            .next()
+            .is_some()
+    {
+        return Err(Error::Refused(format!(
+            "{} is not empty: a restore goes into a new, empty data directory",
+            data_dir.display()
+        )));
+    }
+    let mac = || crate::kms::Kms::storage_mac(hsm.as_ref());
+    // Read the journal before writing anything: a tampered one refuses the whole restore.
+    let entries = match journal_dir {
+        Some(dir) => journal::read_all(dir, &mac()?)?,
+        None => Vec::new(),
+    };
+    let options = StoreOptions {
+        journal_dir: None,
+        ..options
+    };
+    let manifest = verified.manifest;
+    let result = (|| {
+        let store = KeyStore::import(
+            data_dir,
+            mac()?,
+            options,
+            &verified.system,
+            verified.tenants,
+        )?;
+        finish(store, &manifest, &entries)
+    })();
+    match result {
+        Ok((replay, tenants, destroyed_again)) => Ok(Restored {
+            manifest,
+            replay,
+            tenants,
+            destroyed_again,
+        }),
+        Err(error) => {
+            // The directory was empty or new: leave nothing half-restored behind.
+            let _ = std::fs::remove_dir_all(data_dir);
+            Err(error)
+        }
+    }
+}
+
+/// Destroys again, replays, rebuilds and verifies.
+fn finish(
+    store: KeyStore,
+    manifest: &Manifest,
+    entries: &[(u64, journal::JournalEntry)],
+) -> Result<(ReplayReport, usize, usize), Error> {
+    let mut destroyed_again = 0;
+    for id in &manifest.destroyed_during_snapshot {
+        let Ok(id) = id.parse() else {
+            continue;
+        };
+        if store.tenant_record(id)?.is_some() {
+            store.destroy_tenant(id)?;
+            destroyed_again += 1;
+        }
+    }
+    let replay = store.replay(entries)?;
+    let tenants = store.rebuild_indexes()?;
+    Ok((replay, tenants, destroyed_again))
+}

@@ -1,0 +1,387 @@
+//! What backups need from the store: point-in-time copies of the system and tenant databases
+//! taken while serving, an import of such copies into an empty data directory, and the replay
+//! of the key journal on top of them.
+//!
+//! Copies are the stored bytes, MACs included, so a restore is verified by the same checks as
+//! every open: nothing is re-sealed except the system's copies of tenant heads, which the
+//! restore sets to the heads of the tenant copies (each tenant is copied after the system, so
+//! it may be ahead of the system's copy of its head).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::journal::JournalEntry;
+use super::record::RecordMac;
+use super::system::{
+    HEAD_PREFIX, KeyStore, NAME_PREFIX, PendingDestruction, StoreOptions,
+    TENANT_DESTRUCTION_PREFIX, TENANT_PREFIX, TOMBSTONE_PREFIX, Tombstone,
+};
+use super::tenant::{HEAD_KEY, KEY_PREFIX, TenantDb, TenantHead, VERSION_PREFIX};
+use super::{
+    Error, KeyRecord, TenantRecord, VersionRecord, VersionState, decode, encode, now_secs, prefixed,
+};
+use crate::ids::{ID_LEN, TenantId};
+
+/// Raw records: (key, stored value).
+pub type RawRecords = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A point-in-time copy of the system database.
+pub struct SystemDump {
+    /// Its records as stored.
+    pub records: RawRecords,
+    /// The tenants it lists.
+    pub tenants: Vec<TenantRecord>,
+}
+
+/// A point-in-time copy of one tenant database, with its keys decoded for the manifest.
+pub struct TenantDump {
+    /// Its head.
+    pub head: TenantHead,
+    /// Its records as stored (the head included).
+    pub records: RawRecords,
+    /// Its keys and their versions, in id and version order.
+    pub keys: Vec<(KeyRecord, Vec<VersionRecord>)>,
+}
+
+/// What a journal replay did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Tenant commits applied.
+    pub commits: u64,
+    /// Tenants created.
+    pub tenants_created: u64,
+    /// Tenant records updated.
+    pub tenants_updated: u64,
+    /// Tenants destroyed.
+    pub tenants_destroyed: u64,
+    /// Entries the snapshot already held.
+    pub skipped: u64,
+}
+
+impl KeyStore {
+    /// Copies the system database under its commit lock (no system commit interleaves).
+    ///
+    /// # Errors
+    /// Storage and integrity errors.
+    pub fn dump_system(&self) -> Result<SystemDump, Error> {
+        let records = {
+            let _seq = self
+                .system
+                .seq
+                .lock()
+                .expect("system sequence lock poisoned");
+            let mut records = Vec::new();
+            for item in self.system.db.iter() {
+                let (key, value) = item?;
+                records.push((key.to_vec(), value.to_vec()));
+            }
+            records
+        };
+        let mut tenants = Vec::new();
+        for (key, value) in &records {
+            if key.starts_with(TENANT_PREFIX) {
+                let record = self
+                    .mac
+                    .open(b"system", key, value)
+                    .ok_or(Error::Integrity {
+                        database: "system".into(),
+                        reason: "a record fails its MAC",
+                    })?;
+                tenants.push(decode(record.payload)?);
+            }
+        }
+        Ok(SystemDump { records, tenants })
+    }
+
+    /// Copies one tenant database under its commit lock; `None` if it is gone (destroyed since
+    /// the system copy).
+    ///
+    /// # Errors
+    /// Storage and integrity errors.
+    pub fn dump_tenant(&self, id: TenantId) -> Result<Option<TenantDump>, Error> {
+        let Some(db) = self.live_tenant(id)? else {
+            return Ok(None);
+        };
+        let (head, records) = db.dump()?;
+        let integrity = || Error::Integrity {
+            database: id.to_string(),
+            reason: "a record fails its MAC",
+        };
+        let mut keys: Vec<(KeyRecord, Vec<VersionRecord>)> = Vec::new();
+        let mut versions: HashMap<Vec<u8>, Vec<VersionRecord>> = HashMap::new();
+        for (key, value) in &records {
+            if key.starts_with(KEY_PREFIX) {
+                let record = self
+                    .mac
+                    .open(id.as_bytes(), key, value)
+                    .ok_or_else(integrity)?;
+                keys.push((decode(record.payload)?, Vec::new()));
+            } else if key.starts_with(VERSION_PREFIX) {
+                let record = self
+                    .mac
+                    .open(id.as_bytes(), key, value)
+                    .ok_or_else(integrity)?;
+                let key_id = key
+                    .get(VERSION_PREFIX.len()..VERSION_PREFIX.len() + ID_LEN)
+                    .ok_or(Error::Encoding)?;
+                versions
+                    .entry(key_id.to_vec())
+                    .or_default()
+                    .push(decode(record.payload)?);
+            }
+        }
+        for (record, list) in &mut keys {
+            *list = versions
+                .remove(record.id.as_bytes().as_slice())
+                .unwrap_or_default();
+            list.sort_by_key(|v| v.version);
+        }
+        Ok(Some(TenantDump {
+            head,
+            records,
+            keys,
+        }))
+    }
+
+    /// Writes copies into the empty `data_dir` and opens the store on them, with each
+    /// tenant's head anchored as its copy has it. Every record is verified when its database
+    /// is opened.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyExists`] if `data_dir` holds anything; storage and integrity errors.
+    pub fn import(
+        data_dir: &Path,
+        mac: RecordMac,
+        options: StoreOptions,
+        system: &RawRecords,
+        tenants: impl IntoIterator<Item = (TenantId, RawRecords)>,
+    ) -> Result<Self, Error> {
+        if data_dir.exists() && std::fs::read_dir(data_dir)?.next().is_some() {
+            return Err(Error::AlreadyExists(
+                "data directory (a restore needs an empty one)",
+            ));
+        }
+        std::fs::create_dir_all(data_dir.join("tenants"))?;
+        {
+            let db = sled::Config::new()
+                .path(data_dir.join("system"))
+                .flush_every_ms(None)
+                .open()?;
+            let mut batch = sled::Batch::default();
+            for (key, value) in system {
+                batch.insert(key.as_slice(), value.as_slice());
+            }
+            db.apply_batch(batch)?;
+            db.flush()?;
+        }
+        let mut heads = Vec::new();
+        for (id, records) in tenants {
+            let dir = data_dir.join("tenants").join(id.to_string());
+            let db = TenantDb::config(&dir, options.tenant_cache_bytes).open()?;
+            let mut batch = sled::Batch::default();
+            let mut head = None;
+            for (key, value) in &records {
+                if key.as_slice() == HEAD_KEY {
+                    let record = mac
+                        .open(id.as_bytes(), key, value)
+                        .ok_or(Error::Integrity {
+                            database: id.to_string(),
+                            reason: "head record fails its MAC",
+                        })?;
+                    head = Some(decode::<TenantHead>(record.payload)?);
+                }
+                batch.insert(key.as_slice(), value.as_slice());
+            }
+            db.apply_batch(batch)?;
+            db.flush()?;
+            heads.push((
+                id,
+                head.ok_or(Error::Integrity {
+                    database: id.to_string(),
+                    reason: "head record missing",
+                })?,
+            ));
+        }
+        let store = Self::open(data_dir, mac, options)?;
+        for (id, head) in heads {
+            store.system.set_tenant_head(id, &head)?;
+        }
+        Ok(store)
+    }
+
+    /// Applies journal entries the snapshot does not hold, in order: tenant commits beyond
+    /// each tenant's head (the last entry of a sequence wins: an earlier one's commit failed),
+    /// tenant creations, updates and destructions. Destroyed tenants stay destroyed.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if the journal misses commits the snapshot does not hold (it
+    /// starts after the snapshot); storage errors.
+    pub fn replay(&self, entries: &[(u64, JournalEntry)]) -> Result<ReplayReport, Error> {
+        let mut last_of: HashMap<(TenantId, u64), usize> = HashMap::new();
+        for (i, (_, entry)) in entries.iter().enumerate() {
+            if let JournalEntry::Commit { tenant, seq, .. } = entry {
+                last_of.insert((*tenant, *seq), i);
+            }
+        }
+        let mut report = ReplayReport::default();
+        for (i, (_, entry)) in entries.iter().enumerate() {
+            match entry {
+                JournalEntry::TenantCreated(record) => {
+                    if self.is_destroyed(record.id)? || self.tenant_record(record.id)?.is_some() {
+                        report.skipped += 1;
+                    } else {
+                        self.recreate_tenant(record)?;
+                        report.tenants_created += 1;
+                    }
+                }
+                JournalEntry::TenantUpdated(record) => match self.tenant_record(record.id)? {
+                    Some(current) if current.generation < record.generation => {
+                        let key = prefixed(TENANT_DESTRUCTION_PREFIX, record.id.as_bytes());
+                        let (inserts, removes) = match record.destroy_at {
+                            Some(at) => (vec![(key, encode(&at)?)], vec![]),
+                            None => (vec![], vec![key]),
+                        };
+                        let mut inserts = inserts;
+                        inserts.push((
+                            prefixed(TENANT_PREFIX, record.id.as_bytes()),
+                            encode(record)?,
+                        ));
+                        self.system.commit(inserts, removes)?;
+                        report.tenants_updated += 1;
+                    }
+                    _ => report.skipped += 1,
+                },
+                JournalEntry::TenantDestroyed { id, name, at } => {
+                    if self.tenant_record(*id)?.is_some() {
+                        self.destroy_tenant(*id)?;
+                        report.tenants_destroyed += 1;
+                    } else if !self.is_destroyed(*id)? {
+                        // Never seen here, but destroyed: keep its tombstone all the same.
+                        let tombstone = Tombstone {
+                            name: name.clone(),
+                            destroyed_at: *at,
+                        };
+                        self.system.commit(
+                            vec![(
+                                prefixed(TOMBSTONE_PREFIX, id.as_bytes()),
+                                encode(&tombstone)?,
+                            )],
+                            vec![],
+                        )?;
+                        report.tenants_destroyed += 1;
+                    } else {
+                        report.skipped += 1;
+                    }
+                }
+                JournalEntry::Commit {
+                    tenant,
+                    seq,
+                    writes,
+                } => {
+                    if last_of.get(&(*tenant, *seq)) != Some(&i) {
+                        report.skipped += 1;
+                        continue;
+                    }
+                    let Some(db) = self.live_tenant(*tenant)? else {
+                        report.skipped += 1;
+                        continue;
+                    };
+                    let head = db.head().seq;
+                    if *seq <= head {
+                        report.skipped += 1;
+                        continue;
+                    }
+                    if *seq != head + 1 {
+                        return Err(Error::Integrity {
+                            database: tenant.to_string(),
+                            reason: "the journal misses commits after the snapshot (it starts later than the snapshot)",
+                        });
+                    }
+                    db.commit(writes.clone())?;
+                    report.commits += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// A tenant created after the snapshot, re-created with its id and an empty database.
+    fn recreate_tenant(&self, record: &TenantRecord) -> Result<(), Error> {
+        let _lifecycle = self.lifecycle.lock().expect("lifecycle lock poisoned");
+        let name_key = prefixed(NAME_PREFIX, record.name.as_str().as_bytes());
+        if self.system.read(&name_key)?.is_some() {
+            return Err(Error::Integrity {
+                database: "system".into(),
+                reason: "the journal creates a tenant whose name another tenant holds",
+            });
+        }
+        let tenant = TenantDb::create(
+            &self.tenant_dir(record.id),
+            record.id,
+            Arc::clone(&self.mac),
+            Arc::clone(&self.system),
+            None,
+            self.options.tenant_cache_bytes,
+        )?;
+        self.system.commit(
+            vec![
+                (
+                    prefixed(TENANT_PREFIX, record.id.as_bytes()),
+                    encode(record)?,
+                ),
+                (name_key, record.id.as_bytes().to_vec()),
+                (
+                    prefixed(HEAD_PREFIX, record.id.as_bytes()),
+                    encode(&tenant.head())?,
+                ),
+            ],
+            vec![],
+        )?;
+        self.remember(Arc::new(tenant));
+        Ok(())
+    }
+
+    /// Rebuilds the scheduler's indexes from the records (after a restore): every pending
+    /// version destruction, every tenant destruction, and a rotation check due now for every
+    /// key (the scheduler then computes the real dates). Opens, and so verifies, every tenant
+    /// database. Returns the number of tenants.
+    ///
+    /// # Errors
+    /// Storage and integrity errors.
+    pub fn rebuild_indexes(&self) -> Result<usize, Error> {
+        let now = now_secs();
+        let tenants = self.tenants()?;
+        for tenant in &tenants {
+            if let Some(at) = tenant.destroy_at {
+                self.system.commit(
+                    vec![(
+                        prefixed(TENANT_DESTRUCTION_PREFIX, tenant.id.as_bytes()),
+                        encode(&at)?,
+                    )],
+                    vec![],
+                )?;
+            }
+            let db = self.tenant(tenant.id)?;
+            for key in db.keys()? {
+                self.set_rotation_check(tenant.id, key.id, now)?;
+                for v in 1..=key.latest.0 {
+                    let version = crate::ids::KeyVersion(v);
+                    if let Some(VersionRecord {
+                        state: VersionState::DestroyScheduled { at, .. },
+                        ..
+                    }) = db.version(&key.id, version)?
+                    {
+                        self.add_pending_destruction(&PendingDestruction {
+                            tenant: tenant.id,
+                            key_id: key.id,
+                            version,
+                            at,
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(tenants.len())
+    }
+}
