@@ -187,6 +187,8 @@ pub struct ConnectionRecord {
     pub reason: Option<String>,
 }
 
+/// A line as one struct: what [`line_bytes`] must produce (checked by a test).
+#[cfg(test)]
 #[derive(Serialize)]
 struct Line<'a, T: Serialize> {
     seq: u64,
@@ -196,6 +198,41 @@ struct Line<'a, T: Serialize> {
     kind: &'static str,
     #[serde(flatten)]
     record: &'a T,
+}
+
+/// The bytes of a line (without its newline): what serializing [`Line`] gives, with the record
+/// serialized beforehand as `body` (a JSON object).
+fn line_bytes(
+    seq: u64,
+    prev: &[u8; 32],
+    time: &str,
+    node: &str,
+    kind: &str,
+    body: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let [b'{', fields @ .., b'}'] = body else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "an audit record must serialize to a JSON object",
+        ));
+    };
+    let mut bytes = Vec::with_capacity(body.len() + 192);
+    bytes.extend_from_slice(b"{\"seq\":");
+    bytes.extend_from_slice(seq.to_string().as_bytes());
+    bytes.extend_from_slice(b",\"prev\":\"");
+    bytes.extend_from_slice(hex::encode(prev).as_bytes());
+    bytes.extend_from_slice(b"\",\"time\":");
+    serde_json::to_writer(&mut bytes, time)?;
+    bytes.extend_from_slice(b",\"node\":");
+    serde_json::to_writer(&mut bytes, node)?;
+    bytes.extend_from_slice(b",\"kind\":");
+    serde_json::to_writer(&mut bytes, kind)?;
+    if !fields.is_empty() {
+        bytes.push(b',');
+        bytes.extend_from_slice(fields);
+    }
+    bytes.push(b'}');
+    Ok(bytes)
 }
 
 /// The parts of a line that the writer reads back when it reopens a log.
@@ -427,23 +464,19 @@ impl AuditLog {
         checkpoint: bool,
     ) -> std::io::Result<ChainHead> {
         let now = self.clock.now();
+        // Everything but the chain fields is serialized before the lock: writers queue only
+        // for the hash, the header and the write.
+        let time = humantime::format_rfc3339_micros(now).to_string();
+        let body = serde_json::to_vec(record)?;
         let mut writer = self.writer.lock().expect("audit writer lock poisoned");
         let day = utc_day(&now);
         if writer.regular && day != writer.day {
             self.rotate(&mut writer, day)?;
         }
-        let prev = hex::encode(writer.head.hash);
-        let line = Line {
-            seq: writer.head.seq + 1,
-            prev: &prev,
-            time: humantime::format_rfc3339_micros(now).to_string(),
-            node: &self.node,
-            kind,
-            record,
-        };
-        let mut bytes = serde_json::to_vec(&line)?;
+        let seq = writer.head.seq + 1;
+        let mut bytes = line_bytes(seq, &writer.head.hash, &time, &self.node, kind, &body)?;
         let head = ChainHead {
-            seq: line.seq,
+            seq,
             hash: chain::line_hash(&bytes),
         };
         bytes.push(b'\n');
@@ -632,4 +665,53 @@ fn newest_rotated_line(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
         None => return Ok(None),
     };
     last_line(&mut file, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_built_around_a_serialized_record_is_the_serialized_line() {
+        let record = SystemRecord {
+            actor: "system:backup",
+            action: "backup_create",
+            outcome: "intent \"quoted\" \u{e9}".into(),
+            tenant: None,
+            key: Some("k".into()),
+            version: Some(3),
+            detail: Some("/tmp/x".into()),
+        };
+        let prev = [7u8; 32];
+        let time = "2026-12-03T02:00:00.000001Z".to_owned();
+        let whole = serde_json::to_vec(&Line {
+            seq: 42,
+            prev: &hex::encode(prev),
+            time: time.clone(),
+            node: "node-\"1\"",
+            kind: "system",
+            record: &record,
+        })
+        .expect("line");
+        let body = serde_json::to_vec(&record).expect("body");
+        let built = line_bytes(42, &prev, &time, "node-\"1\"", "system", &body).expect("built");
+        assert_eq!(
+            String::from_utf8_lossy(&built),
+            String::from_utf8_lossy(&whole)
+        );
+        #[derive(Serialize)]
+        struct Empty {}
+        let empty = line_bytes(1, &prev, &time, "n", "k", b"{}").expect("empty");
+        let whole = serde_json::to_vec(&Line {
+            seq: 1,
+            prev: &hex::encode(prev),
+            time,
+            node: "n",
+            kind: "k",
+            record: &Empty {},
+        })
+        .expect("line");
+        assert_eq!(empty, whole);
+        assert!(line_bytes(1, &prev, "t", "n", "k", b"[]").is_err());
+    }
 }
