@@ -724,3 +724,97 @@ fn dev_consent_review_and_audit_verify_through_the_cli() {
     );
     assert!(text(&out.stdout).starts_with("OK"), "{}", text(&out.stdout));
 }
+
+/// Issue 7 through the binary: `keyfront backup create` against `keyfront dev`,
+/// `admin backup-status`, `backup verify` with the key file `keyfront dev` writes, then the
+/// drill: the server stops, `backup restore` (journal from the config) into a new directory,
+/// and `keyfront dev` serves on it and decrypts what was made before and after the snapshot.
+#[test]
+fn dev_backup_create_status_verify_and_restore_through_the_cli() {
+    let server = DevServer::start();
+    let before = server.pipe(b"before the snapshot", "encrypt", &["--key", "default"]);
+    assert!(before.status.success());
+    let out = server.pipe(b"", "backup", &["create", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let created: serde_json::Value = serde_json::from_str(&text(&out.stdout)).expect("JSON");
+    assert_eq!(created["verified"], true);
+    let archive = created["path"].as_str().expect("path").to_owned();
+    assert!(archive.contains("/backups/keyfront-"), "{archive}");
+    let out = server.pipe(b"", "admin", &["backup-status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_str(&text(&out.stdout)).expect("JSON");
+    assert_eq!(status["verified"], true, "{status}");
+    assert_eq!(status["archives"], 1);
+    assert_eq!(status["newest"]["path"], archive.as_str());
+    assert!(status["next_due_time"].as_i64().is_some_and(|t| t > 0));
+    let table = server.pipe(b"", "admin", &["backup-status"]);
+    assert!(
+        text(&table.stdout).contains("NEWEST SNAPSHOT"),
+        "{}",
+        text(&table.stdout)
+    );
+    let after = server.pipe(b"after the snapshot", "encrypt", &["--key", "default"]);
+    assert!(after.status.success());
+    let rotated = server.pipe(b"", "admin", &["rotate-key", "acme", "default"]);
+    assert!(rotated.status.success());
+    let rotated_after = server.pipe(b"after the rotation", "encrypt", &["--key", "default"]);
+    assert!(rotated_after.status.success());
+    let (dir, _, _) = server.stop();
+
+    let key_file = format!("@{}", dir.path().join("audit-public-key.hex").display());
+    let verify = Command::new(BIN)
+        .args(["backup", "verify", &archive, "--public-key", &key_file])
+        .output()
+        .expect("verify");
+    assert!(verify.status.success(), "{}", text(&verify.stdout));
+    assert!(text(&verify.stdout).starts_with("OK: snapshot of"));
+
+    let restore = |target: &Path, extra: &[&str]| {
+        Command::new(BIN)
+            .args(["backup", "restore", &archive, "--data-dir"])
+            .arg(target)
+            .arg("--config")
+            .arg(dir.path().join("keyfront.toml"))
+            .args(extra)
+            .env("SOFTHSM2_CONF", dir.path().join("hsm/softhsm2.conf"))
+            .output()
+            .expect("restore")
+    };
+    // Into a directory that is not empty: refused.
+    let occupied = restore(&dir.path().join("data"), &[]);
+    assert!(!occupied.status.success());
+    assert!(
+        text(&occupied.stderr).contains("not empty"),
+        "{}",
+        text(&occupied.stderr)
+    );
+    let restored_dir = dir.path().join("data-restored");
+    let out = restore(&restored_dir, &[]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let printed = text(&out.stdout);
+    assert!(
+        printed.contains("journal: ") && !printed.contains("journal: 0 commits"),
+        "the rotation is replayed: {printed}"
+    );
+    std::fs::rename(dir.path().join("data"), dir.path().join("data-lost")).expect("move");
+    std::fs::rename(&restored_dir, dir.path().join("data")).expect("move");
+
+    let server = DevServer::start_in(dir);
+    for (blob, plaintext) in [
+        (&before.stdout, "before the snapshot"),
+        (&after.stdout, "after the snapshot"),
+        (&rotated_after.stdout, "after the rotation"),
+    ] {
+        let back = server.pipe(blob, "decrypt", &[]);
+        assert_eq!(text(&back.stdout), plaintext, "{}", text(&back.stderr));
+    }
+    let key = server.pipe(b"", "admin", &["get-key", "acme", "default", "--json"]);
+    let key: serde_json::Value = serde_json::from_str(&text(&key.stdout)).expect("JSON");
+    assert_eq!(key["primary_version"], 2);
+    server.stop();
+}
