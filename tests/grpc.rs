@@ -3664,6 +3664,27 @@ async fn a_restore_of_last_nights_snapshot_and_the_journal_loses_nothing() {
     let before = encrypt(&mut app, b"before the snapshot").await;
     let key_before = data_key(&mut acme_backup).await;
     let globex_ciphertext = encrypt(&mut globex, b"globex").await.ciphertext;
+    // A support grant approved before the snapshot (grants are not journaled).
+    let grant = h
+        .access("support")
+        .await
+        .request_support_access(pb::RequestSupportAccessRequest {
+            tenant: "acme".into(),
+            reason: "ticket 1".into(),
+            operations: vec!["Decrypt".into()],
+            keys: vec!["default".into()],
+            duration_secs: 3600,
+        })
+        .await
+        .expect("request access")
+        .into_inner();
+    h.access("acme-admin")
+        .await
+        .approve_support_access(pb::DecideSupportAccessRequest {
+            grant_id: grant.id.clone(),
+        })
+        .await
+        .expect("approve");
     let archive = create_backup(&mut admin).await;
     assert!(archive.verified);
     assert_eq!(archive.tenants, 2);
@@ -3821,6 +3842,14 @@ async fn a_restore_of_last_nights_snapshot_and_the_journal_loses_nothing() {
         .parse()
         .expect("id");
     assert!(kms.store().is_destroyed(globex_id).expect("tombstone"));
+    // The grant approved in the snapshot is revoked: support asks again.
+    assert_eq!(restored.grants_revoked, 1);
+    let restored_grant = kms.store().grant(&grant.id).expect("grant").expect("kept");
+    assert_eq!(
+        restored_grant.state,
+        keyfront::keystore::GrantState::Revoked
+    );
+    assert_eq!(restored_grant.revoked_by.as_deref(), Some("system:restore"));
     assert!(
         kms.decrypt(globex_id, &globex_ciphertext, &context, None)
             .is_err(),

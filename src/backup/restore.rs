@@ -4,8 +4,10 @@
 //! Order: verify the archive (signature with the token's audit key, checksums, completeness);
 //! import its copies (every record keeps its MAC); destroy again the tenants destroyed while
 //! the snapshot was taken; replay the journal (commits beyond each tenant's head, tenant
-//! creations, updates and destructions: tombstones win); rebuild the scheduler's indexes;
-//! open and verify every tenant database.
+//! creations, updates and destructions: tombstones win); revoke every support grant and drop
+//! every pending dual-control approval (neither is journaled: the snapshot may hold one
+//! revoked or carried out since); rebuild the scheduler's indexes; open and verify every
+//! tenant database.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,6 +29,10 @@ pub struct Restored {
     pub tenants: usize,
     /// Tenants destroyed again because they were destroyed during the snapshot.
     pub destroyed_again: usize,
+    /// Support grants revoked (pending or approved in the snapshot).
+    pub grants_revoked: usize,
+    /// Pending dual-control approvals dropped.
+    pub approvals_dropped: usize,
 }
 
 /// Restores `archive` (and, if given, the journal in `journal_dir`) into the empty `data_dir`.
@@ -76,11 +82,19 @@ pub fn restore(
         finish(store, &manifest, &entries)
     })();
     match result {
-        Ok((replay, tenants, destroyed_again)) => Ok(Restored {
+        Ok(Finished {
+            replay,
+            tenants,
+            destroyed_again,
+            grants_revoked,
+            approvals_dropped,
+        }) => Ok(Restored {
             manifest,
             replay,
             tenants,
             destroyed_again,
+            grants_revoked,
+            approvals_dropped,
         }),
         Err(error) => {
             // The directory was empty or new: leave nothing half-restored behind.
@@ -90,12 +104,20 @@ pub fn restore(
     }
 }
 
-/// Destroys again, replays, rebuilds and verifies.
+struct Finished {
+    replay: ReplayReport,
+    tenants: usize,
+    destroyed_again: usize,
+    grants_revoked: usize,
+    approvals_dropped: usize,
+}
+
+/// Destroys again, replays, ends grants and approvals, rebuilds and verifies.
 fn finish(
     store: KeyStore,
     manifest: &Manifest,
     entries: &[(u64, journal::JournalEntry)],
-) -> Result<(ReplayReport, usize, usize), Error> {
+) -> Result<Finished, Error> {
     let mut destroyed_again = 0;
     for id in &manifest.destroyed_during_snapshot {
         let Ok(id) = id.parse() else {
@@ -107,6 +129,16 @@ fn finish(
         }
     }
     let replay = store.replay(entries)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (grants_revoked, approvals_dropped) = store.end_grants_and_approvals(now)?;
     let tenants = store.rebuild_indexes()?;
-    Ok((replay, tenants, destroyed_again))
+    Ok(Finished {
+        replay,
+        tenants,
+        destroyed_again,
+        grants_revoked,
+        approvals_dropped,
+    })
 }

@@ -173,6 +173,12 @@ pub fn run(args: BackupArgs) -> ExitCode {
                         restored.replay.tenants_destroyed,
                         restored.replay.skipped,
                     );
+                    if restored.grants_revoked + restored.approvals_dropped > 0 {
+                        println!(
+                            "ended: {} support grant(s) revoked, {} pending approval(s) dropped (not journaled; ask again)",
+                            restored.grants_revoked, restored.approvals_dropped
+                        );
+                    }
                     if restored.destroyed_again > 0 {
                         println!(
                             "destroyed again: {} tenant(s) destroyed while the snapshot was taken",

@@ -14,12 +14,13 @@ use std::sync::Arc;
 use super::journal::JournalEntry;
 use super::record::RecordMac;
 use super::system::{
-    HEAD_PREFIX, KeyStore, NAME_PREFIX, PendingDestruction, StoreOptions,
+    APPROVAL_PREFIX, HEAD_PREFIX, KeyStore, NAME_PREFIX, PendingDestruction, StoreOptions,
     TENANT_DESTRUCTION_PREFIX, TENANT_PREFIX, TOMBSTONE_PREFIX, Tombstone,
 };
 use super::tenant::{HEAD_KEY, KEY_PREFIX, TenantDb, TenantHead, VERSION_PREFIX};
 use super::{
-    Error, KeyRecord, TenantRecord, VersionRecord, VersionState, decode, encode, now_secs, prefixed,
+    ApprovalState, Error, GrantState, KeyRecord, TenantRecord, VersionRecord, VersionState, decode,
+    encode, now_secs, prefixed,
 };
 use crate::ids::{ID_LEN, TenantId};
 
@@ -340,6 +341,37 @@ impl KeyStore {
         )?;
         self.remember(Arc::new(tenant));
         Ok(())
+    }
+
+    /// After a restore: revokes every pending or approved support grant and drops every
+    /// pending dual-control approval. Neither is journaled, so the snapshot may hold one that
+    /// was revoked, denied or carried out after it; support asks again, officers request again.
+    /// Returns (grants revoked, approvals dropped).
+    ///
+    /// # Errors
+    /// Storage and integrity errors.
+    pub fn end_grants_and_approvals(&self, now: u64) -> Result<(usize, usize), Error> {
+        let mut revoked = 0;
+        for mut grant in self.grants()? {
+            if matches!(grant.state, GrantState::Pending | GrantState::Approved) {
+                grant.state = GrantState::Revoked;
+                grant.revoked_by = Some("system:restore".into());
+                grant.revoked_at = Some(now);
+                self.put_grant(&grant)?;
+                revoked += 1;
+            }
+        }
+        let mut dropped = 0;
+        for approval in self.approvals()? {
+            if approval.state == ApprovalState::Pending {
+                self.system.commit(
+                    vec![],
+                    vec![prefixed(APPROVAL_PREFIX, approval.id.as_bytes())],
+                )?;
+                dropped += 1;
+            }
+        }
+        Ok((revoked, dropped))
     }
 
     /// Rebuilds the scheduler's indexes from the records (after a restore): every pending

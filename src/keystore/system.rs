@@ -33,7 +33,7 @@ const ROTATION_PREFIX: &[u8] = b"r/";
 const MWK_ROTATION_KEY: &[u8] = b"m/rotation";
 pub(super) const MWK_RETIRED_PREFIX: &[u8] = b"m/retired/";
 // Dual control: a/ ‖ approval id → ApprovalRecord.
-const APPROVAL_PREFIX: &[u8] = b"a/";
+pub(super) const APPROVAL_PREFIX: &[u8] = b"a/";
 // Pending tenant destructions: D/ ‖ tenant id → when (u64), committed with the tenant record.
 pub(super) const TENANT_DESTRUCTION_PREFIX: &[u8] = b"D/";
 /// The audit chain head, as of the last signed checkpoint.
