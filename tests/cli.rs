@@ -801,6 +801,13 @@ fn dev_backup_create_status_verify_and_restore_through_the_cli() {
         printed.contains("journal: ") && !printed.contains("journal: 0 commits"),
         "the rotation is replayed: {printed}"
     );
+    assert!(
+        printed.contains(&format!(
+            "storage.data_dir = \"{}\"",
+            restored_dir.display()
+        )),
+        "{printed}"
+    );
     std::fs::rename(dir.path().join("data"), dir.path().join("data-lost")).expect("move");
     std::fs::rename(&restored_dir, dir.path().join("data")).expect("move");
 

@@ -186,8 +186,9 @@ pub fn run(args: BackupArgs) -> ExitCode {
                         );
                     }
                     println!(
-                        "{} tenant(s) verified in {}; start keyfront with storage.data_dir = {0:?}",
+                        "{} tenant(s) verified in {}; start keyfront with storage.data_dir = \"{}\"",
                         restored.tenants,
+                        data_dir.display(),
                         data_dir.display()
                     );
                     ExitCode::SUCCESS
