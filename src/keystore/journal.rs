@@ -307,19 +307,24 @@ mod tests {
         }
     }
 
-    fn seqs(entries: &[(u64, JournalEntry)]) -> Vec<u64> {
-        entries.iter().map(|(s, _)| *s).collect()
-    }
-
-    #[test]
-    fn entries_read_back_in_order_and_the_sequence_continues_after_a_reopen() {
+    /// A journal with three entries, closed again.
+    fn three_entries() -> (tempfile::TempDir, Arc<RecordMac>) {
         let dir = tempfile::tempdir().expect("dir");
         let mac = Arc::new(RecordMac::new(SecretKey::random()));
         let journal = Journal::open(dir.path(), Arc::clone(&mac)).expect("open");
         for n in 0..3 {
             journal.append(&entry(n)).expect("append");
         }
-        drop(journal);
+        (dir, mac)
+    }
+
+    fn seqs(entries: &[(u64, JournalEntry)]) -> Vec<u64> {
+        entries.iter().map(|(s, _)| *s).collect()
+    }
+
+    #[test]
+    fn entries_read_back_in_order_and_the_sequence_continues_after_a_reopen() {
+        let (dir, mac) = three_entries();
         let journal = Journal::open(dir.path(), Arc::clone(&mac)).expect("reopen");
         assert_eq!(journal.last_seq(), 3);
         journal.append(&entry(3)).expect("append");
@@ -332,13 +337,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_entry_is_cut_off_and_any_other_damage_is_refused() {
-        let dir = tempfile::tempdir().expect("dir");
-        let mac = Arc::new(RecordMac::new(SecretKey::random()));
-        let journal = Journal::open(dir.path(), Arc::clone(&mac)).expect("open");
-        for n in 0..3 {
-            journal.append(&entry(n)).expect("append");
-        }
-        drop(journal);
+        let (dir, mac) = three_entries();
         let segment = segments(dir.path()).expect("segments").pop().expect("one");
         let bytes = std::fs::read(&segment).expect("read");
         // A crash while appending: half a frame at the end.
