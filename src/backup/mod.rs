@@ -328,13 +328,12 @@ fn encode_section(database: String, records: RawRecords) -> Result<(Vec<u8>, usi
 /// I/O, store and HSM errors; nothing is left in `dir` on error.
 pub fn create(kms: &Kms, dir: &Path) -> Result<Created, Error> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let store = kms.store();
     let now = kms.clock().now_secs();
-    let mut path = dir.join(archive_name(now));
+    let name = archive_name(now);
+    let mut path = dir.join(&name);
     let mut n = 1;
     while path.exists() {
         n += 1;
-        let name = archive_name(now);
         let stem = name.trim_end_matches(SUFFIX);
         path = dir.join(format!("{stem}-{n}{SUFFIX}"));
     }
@@ -344,7 +343,7 @@ pub fn create(kms: &Kms, dir: &Path) -> Result<Created, Error> {
             .and_then(|n| n.to_str())
             .unwrap_or("archive")
     ));
-    let result = write_archive(kms, store, now, &partial);
+    let result = write_archive(kms, now, &partial);
     let manifest = match result {
         Ok(manifest) => manifest,
         Err(error) => {
@@ -364,12 +363,8 @@ pub fn create(kms: &Kms, dir: &Path) -> Result<Created, Error> {
     })
 }
 
-fn write_archive(
-    kms: &Kms,
-    store: &keystore::KeyStore,
-    now: u64,
-    partial: &Path,
-) -> Result<Manifest, Error> {
+fn write_archive(kms: &Kms, now: u64, partial: &Path) -> Result<Manifest, Error> {
+    let store = kms.store();
     let file = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
@@ -583,4 +578,97 @@ pub fn verify(path: &Path, key: &PublicKey, keep: bool) -> Result<Verified, Erro
         }
     }
     Ok(verified)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::hsm::Hsm;
+    use crate::hsm::memory::MemoryHsm;
+
+    fn archive() -> (tempfile::TempDir, Created, PublicKey) {
+        let dir = tempfile::tempdir().expect("dir");
+        let hsm: Arc<dyn Hsm> = Arc::new(MemoryHsm::new());
+        let key = PublicKey::from_bytes(&hsm.audit_public_key()).expect("key");
+        let kms = Kms::open(hsm, &dir.path().join("data"), Default::default()).expect("kms");
+        for name in ["acme", "globex"] {
+            let tenant = kms
+                .create_tenant(&name.parse().expect("name"))
+                .expect("tenant");
+            kms.create_key(
+                tenant.id,
+                &"default".parse().expect("name"),
+                keystore::Purpose::Data,
+            )
+            .expect("key");
+        }
+        let created = create(&kms, &dir.path().join("backups")).expect("snapshot");
+        (dir, created, key)
+    }
+
+    #[test]
+    fn a_cut_extended_or_foreign_archive_is_refused_with_a_reason() {
+        let (dir, created, key) = archive();
+        let verified = verify(&created.path, &key, true).expect("verifies");
+        assert_eq!(verified.manifest, created.manifest);
+        assert_eq!(verified.tenants.len(), 2);
+        let bytes = std::fs::read(&created.path).expect("read");
+        let copy = dir.path().join("copy.kfb");
+        let refused = |content: &[u8]| {
+            std::fs::write(&copy, content).expect("write");
+            verify(&copy, &key, false)
+                .map(|_| ())
+                .expect_err("refused")
+                .to_string()
+        };
+        // Cut anywhere: malformed, never a panic or an OK.
+        for len in [0, 5, MAGIC.len(), 30, bytes.len() / 2, bytes.len() - 1] {
+            let reason = refused(&bytes[..len]);
+            assert!(
+                reason.contains("not a valid keyfront archive"),
+                "{len}: {reason}"
+            );
+        }
+        assert!(refused(&[&bytes[..], b"x"].concat()).contains("after the end"));
+        let mut magic = bytes.clone();
+        magic[0] = b'X';
+        assert!(refused(&magic).contains("wrong magic"));
+        // Signed by another HSM: the signature is named.
+        let other = PublicKey::from_bytes(&MemoryHsm::new().audit_public_key()).expect("key");
+        let error = verify(&created.path, &other, false)
+            .map(|_| ())
+            .expect_err("foreign");
+        assert!(matches!(error, Error::Signature(_)), "{error}");
+        // A frame claiming more bytes than the file has.
+        let mut long = bytes;
+        long[MAGIC.len() + 1..MAGIC.len() + 9].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(refused(&long).contains("longer than the file"));
+    }
+
+    #[test]
+    fn retention_deletes_by_age_but_keeps_the_newest() {
+        let dir = tempfile::tempdir().expect("dir");
+        let day = 86_400;
+        let start = 20_000 * day + 7200;
+        for n in 0..5 {
+            std::fs::write(dir.path().join(archive_name(start + n * day)), b"x").expect("write");
+        }
+        let now = start + 4 * day;
+        // Three days' retention: the two older than three days go.
+        assert_eq!(prune(dir.path(), now, 3).expect("prune").len(), 2);
+        assert_eq!(list(dir.path()).expect("list").len(), 3);
+        // A clock a year ahead: still the newest three (at least one with no retention).
+        assert!(
+            prune(dir.path(), now + 365 * day, 3)
+                .expect("prune")
+                .is_empty()
+        );
+        assert_eq!(
+            prune(dir.path(), now + 365 * day, 0).expect("prune").len(),
+            2
+        );
+        assert_eq!(list(dir.path()).expect("list").len(), 1);
+    }
 }

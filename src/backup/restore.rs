@@ -70,54 +70,28 @@ pub fn restore(
         journal_dir: None,
         ..options
     };
-    let manifest = verified.manifest;
-    let result = (|| {
-        let store = KeyStore::import(
-            data_dir,
-            mac()?,
-            options,
-            &verified.system,
-            verified.tenants,
-        )?;
-        finish(store, &manifest, &entries)
-    })();
-    match result {
-        Ok(Finished {
-            replay,
-            tenants,
-            destroyed_again,
-            grants_revoked,
-            approvals_dropped,
-        }) => Ok(Restored {
-            manifest,
-            replay,
-            tenants,
-            destroyed_again,
-            grants_revoked,
-            approvals_dropped,
-        }),
-        Err(error) => {
-            // The directory was empty or new: leave nothing half-restored behind.
-            let _ = std::fs::remove_dir_all(data_dir);
-            Err(error)
-        }
+    let result = KeyStore::import(
+        data_dir,
+        mac()?,
+        options,
+        &verified.system,
+        verified.tenants,
+    )
+    .map_err(Error::from)
+    .and_then(|store| finish(&store, verified.manifest, &entries));
+    if result.is_err() {
+        // The directory was empty or new: leave nothing half-restored behind.
+        let _ = std::fs::remove_dir_all(data_dir);
     }
-}
-
-struct Finished {
-    replay: ReplayReport,
-    tenants: usize,
-    destroyed_again: usize,
-    grants_revoked: usize,
-    approvals_dropped: usize,
+    result
 }
 
 /// Destroys again, replays, ends grants and approvals, rebuilds and verifies.
 fn finish(
-    store: KeyStore,
-    manifest: &Manifest,
+    store: &KeyStore,
+    manifest: Manifest,
     entries: &[(u64, journal::JournalEntry)],
-) -> Result<Finished, Error> {
+) -> Result<Restored, Error> {
     let mut destroyed_again = 0;
     for id in &manifest.destroyed_during_snapshot {
         let Ok(id) = id.parse() else {
@@ -129,12 +103,10 @@ fn finish(
         }
     }
     let replay = store.replay(entries)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (grants_revoked, approvals_dropped) = store.end_grants_and_approvals(now)?;
+    let (grants_revoked, approvals_dropped) = store.end_grants_and_approvals()?;
     let tenants = store.rebuild_indexes()?;
-    Ok(Finished {
+    Ok(Restored {
+        manifest,
         replay,
         tenants,
         destroyed_again,

@@ -350,7 +350,8 @@ impl KeyStore {
     ///
     /// # Errors
     /// Storage and integrity errors.
-    pub fn end_grants_and_approvals(&self, now: u64) -> Result<(usize, usize), Error> {
+    pub fn end_grants_and_approvals(&self) -> Result<(usize, usize), Error> {
+        let now = now_secs();
         let mut revoked = 0;
         for mut grant in self.grants()? {
             if matches!(grant.state, GrantState::Pending | GrantState::Approved) {
