@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: installs SoftHSM if missing, creates a throwaway SoftHSM token
-# directory under target/, then formatting and lint checks and every test (unit, SoftHSM
-# integration, CLI). Exits non-zero on any failure. With CI=true a missing SoftHSM fails the run.
+# Runs the whole test suite: installs SoftHSM and PostgreSQL if missing, creates a throwaway
+# SoftHSM token directory and starts a private PostgreSQL server (non-root, 127.0.0.1, a free
+# port from 55432 up, data under target/; stopped at the end), then formatting and lint checks
+# and every test (unit, SoftHSM and PostgreSQL integration, CLI). Exits non-zero on any
+# failure. With CI=true a missing SoftHSM or PostgreSQL fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +17,17 @@ rm -rf "$TEST_HSM"
 ./softhsm/create-token.sh "$TEST_HSM" keyfront-test >/dev/null
 export SOFTHSM2_CONF="$TEST_HSM/softhsm2.conf"
 export KEYFRONT_TEST_PKCS11_MODULE=/usr/lib/softhsm/libsofthsm2.so
+TEST_PG="$PWD/target/postgres-test"
+./scripts/postgres.sh stop "$TEST_PG"
+rm -rf "$TEST_PG"
+port=55432
+while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+  port=$((port + 1))
+done
+KEYFRONT_TEST_POSTGRES_URL=$(./scripts/postgres.sh start "$TEST_PG" "$port")
+export KEYFRONT_TEST_POSTGRES_URL
+trap './scripts/postgres.sh stop "$TEST_PG"' EXIT
+
 KEYFRONT_TEST_PYTHON=$(./tests/python/setup.sh)
 export KEYFRONT_TEST_PYTHON
 

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::hsm::pkcs11::Pkcs11Config;
 use crate::ids::Name;
-use crate::keystore::StoreOptions;
+use crate::keystore::{Backend, PostgresOptions, StoreOptions};
 use crate::kms::KmsOptions;
 
 /// The validated configuration.
@@ -330,6 +330,26 @@ pub enum ConfigProblem {
     /// Both or neither of `pin_env` and `pin_file` are set.
     #[error("hsm: set exactly one of pin_env and pin_file")]
     PinSource,
+    /// `backend = "postgres"` without a `[storage.postgres]` table.
+    #[error("storage.backend = \"postgres\" needs a [storage.postgres] table")]
+    PostgresMissing,
+    /// A namespace that is not a plain schema prefix.
+    #[error(
+        "storage.postgres.namespace: {0:?} must be 1 to 24 of a-z, 0-9 and '_', starting with a letter"
+    )]
+    PostgresNamespace(String),
+    /// The connection string's environment variable is unset or empty.
+    #[error("storage.postgres.url_env: environment variable {0} is not set")]
+    PostgresUrlEnvUnset(String),
+    /// The connection string's file is readable by group or others.
+    #[error("storage.postgres.url_file: {0} is readable by others; chmod 600 it")]
+    PostgresUrlFileTooOpen(PathBuf),
+    /// The connection string's file could not be read or is empty.
+    #[error("storage.postgres.url_file: cannot read a connection string from {0}")]
+    PostgresUrlFileUnreadable(PathBuf),
+    /// Both or neither of `url_env` and `url_file` are set.
+    #[error("storage.postgres: set exactly one of url_env and url_file")]
+    PostgresUrlSource,
     /// A PKCS#11 token label is 1 to 32 bytes.
     #[error("hsm.token_label: must be 1 to 32 bytes")]
     TokenLabel,
@@ -641,6 +661,108 @@ struct RawStorage {
     max_open_tenants: usize,
     #[serde(default = "default_tenant_cache_bytes")]
     tenant_cache_bytes: u64,
+    #[serde(default)]
+    backend: RawBackend,
+    postgres: Option<RawPostgres>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RawBackend {
+    #[default]
+    Sled,
+    Postgres,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    url_env: Option<String>,
+    url_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_postgres_namespace")]
+    namespace: String,
+    #[serde(default = "default_postgres_pool_size")]
+    pool_size: usize,
+    #[serde(default = "default_postgres_timeout_secs")]
+    timeout_secs: u64,
+}
+
+fn default_postgres_namespace() -> String {
+    "keyfront".into()
+}
+fn default_postgres_pool_size() -> usize {
+    16
+}
+fn default_postgres_timeout_secs() -> u64 {
+    5
+}
+
+impl RawStorage {
+    /// The backend, with the PostgreSQL connection string read from its environment variable
+    /// or file (never from the config file itself: it may hold a password).
+    fn backend(&self, base: &Path, env: &dyn Env, problems: &mut Vec<ConfigProblem>) -> Backend {
+        let postgres = match (&self.backend, &self.postgres) {
+            (RawBackend::Sled, _) => return Backend::Sled,
+            (RawBackend::Postgres, None) => {
+                problems.push(ConfigProblem::PostgresMissing);
+                return Backend::Sled;
+            }
+            (RawBackend::Postgres, Some(postgres)) => postgres,
+        };
+        let url = match (&postgres.url_env, &postgres.url_file) {
+            (Some(var), None) => match env.var(var).filter(|v| !v.is_empty()) {
+                Some(url) => Some(url),
+                None => {
+                    problems.push(ConfigProblem::PostgresUrlEnvUnset(var.clone()));
+                    None
+                }
+            },
+            (None, Some(file)) => match read_secret_file(&base.join(file)) {
+                Ok(url) => Some(url.to_string()),
+                Err(SecretFileProblem::TooOpen(path)) => {
+                    problems.push(ConfigProblem::PostgresUrlFileTooOpen(path));
+                    None
+                }
+                Err(SecretFileProblem::Unreadable(path)) => {
+                    problems.push(ConfigProblem::PostgresUrlFileUnreadable(path));
+                    None
+                }
+            },
+            _ => {
+                problems.push(ConfigProblem::PostgresUrlSource);
+                None
+            }
+        };
+        if !PostgresOptions::valid_namespace(&postgres.namespace) {
+            problems.push(ConfigProblem::PostgresNamespace(postgres.namespace.clone()));
+        }
+        if postgres.pool_size == 0 {
+            problems.push(ConfigProblem::Zero("storage.postgres.pool_size"));
+        }
+        if postgres.timeout_secs == 0 {
+            problems.push(ConfigProblem::Zero("storage.postgres.timeout_secs"));
+        }
+        let ca_file = postgres.ca_file.as_ref().map(|file| base.join(file));
+        if let Some(ca_file) = &ca_file {
+            if !ca_file.exists() {
+                problems.push(ConfigProblem::FileMissing(
+                    "storage.postgres.ca_file",
+                    ca_file.clone(),
+                ));
+            }
+        }
+        match url {
+            Some(url) => Backend::Postgres(PostgresOptions {
+                url: url.into(),
+                ca_file,
+                namespace: postgres.namespace.clone(),
+                pool_size: postgres.pool_size,
+                timeout: Duration::from_secs(postgres.timeout_secs),
+            }),
+            None => Backend::Sled,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -786,6 +908,7 @@ impl RawConfig {
         let kek_cache_capacity = nonzero(self.hsm.kek_cache_capacity, "hsm.kek_cache_capacity");
         let max_open_tenants = nonzero(self.storage.max_open_tenants, "storage.max_open_tenants");
         let bulk_key_capacity = nonzero(self.cache.bulk_key_capacity, "cache.bulk_key_capacity");
+        let backend = self.storage.backend(base, env, &mut problems);
         if self.cache.bulk_key_ttl_secs == 0 {
             problems.push(ConfigProblem::Zero("cache.bulk_key_ttl_secs"));
         }
@@ -872,7 +995,12 @@ impl RawConfig {
                     store: StoreOptions {
                         max_open_tenants,
                         tenant_cache_bytes: self.storage.tenant_cache_bytes,
-                        journal_dir: Some(base.join(self.backup.journal_dir)),
+                        // On PostgreSQL the database's own log is the journal (see
+                        // docs/DESIGN.md, "Storage engines"); node-local journals would each
+                        // hold only that node's commits.
+                        journal_dir: matches!(backend, Backend::Sled)
+                            .then(|| base.join(&self.backup.journal_dir)),
+                        backend,
                     },
                     bulk_key_capacity: bulk_key_capacity.get(),
                     bulk_key_ttl: Duration::from_secs(self.cache.bulk_key_ttl_secs),
@@ -1023,19 +1151,34 @@ fn parse_names<C: FromIterator<Name>>(
 }
 
 fn read_pin_file(path: &Path) -> Result<AuthPin, ConfigProblem> {
+    match read_secret_file(path) {
+        Ok(pin) => Ok(AuthPin::from(pin.to_string())),
+        Err(SecretFileProblem::TooOpen(path)) => Err(ConfigProblem::PinFileTooOpen(path)),
+        Err(SecretFileProblem::Unreadable(path)) => Err(ConfigProblem::PinFileUnreadable(path)),
+    }
+}
+
+/// Why a file holding a secret was refused.
+enum SecretFileProblem {
+    TooOpen(PathBuf),
+    Unreadable(PathBuf),
+}
+
+/// The first line of a file that only its owner may read (a PIN, a connection string).
+fn read_secret_file(path: &Path) -> Result<zeroize::Zeroizing<String>, SecretFileProblem> {
     use std::os::unix::fs::PermissionsExt;
 
     let metadata =
-        std::fs::metadata(path).map_err(|_| ConfigProblem::PinFileUnreadable(path.into()))?;
+        std::fs::metadata(path).map_err(|_| SecretFileProblem::Unreadable(path.into()))?;
     if metadata.permissions().mode() & 0o077 != 0 {
-        return Err(ConfigProblem::PinFileTooOpen(path.into()));
+        return Err(SecretFileProblem::TooOpen(path.into()));
     }
     let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path).map_err(|_| ConfigProblem::PinFileUnreadable(path.into()))?,
+        std::fs::read_to_string(path).map_err(|_| SecretFileProblem::Unreadable(path.into()))?,
     );
-    let pin = text.trim_end_matches(['\r', '\n']);
-    if pin.is_empty() {
-        return Err(ConfigProblem::PinFileUnreadable(path.into()));
+    let secret = text.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() {
+        return Err(SecretFileProblem::Unreadable(path.into()));
     }
-    Ok(AuthPin::from(pin.to_owned()))
+    Ok(zeroize::Zeroizing::new(secret.to_owned()))
 }

@@ -114,6 +114,15 @@ impl From<Error> for tonic::Status {
                 keystore::Error::TenantNotFound(_) | keystore::Error::TenantDestroyed(_),
             )
             | Error::TenantNotFound(_) => Self::not_found("tenant not found"),
+            Error::Store(keystore::Error::Unavailable(reason)) => {
+                // The reason names the server's state (timeout, connection refused), never a
+                // connection string or a record; logged, not sent.
+                tracing::warn!(%reason, "key store unavailable");
+                Self::unavailable("key store unavailable; nothing was written; retry")
+            }
+            Error::Store(keystore::Error::Stale(_)) => Self::aborted(
+                "the tenant changed on another node while this request ran; nothing was written; retry",
+            ),
             Error::Store(keystore::Error::NotScheduled(_)) => failed_precondition(
                 "the tenant is not scheduled for destruction",
                 "NOT_SCHEDULED",

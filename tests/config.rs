@@ -273,3 +273,75 @@ fn backups_default_to_two_in_the_morning_thirty_days_and_a_journal_next_to_the_c
         );
     }
 }
+
+#[test]
+fn the_postgres_backend_takes_its_connection_string_from_the_environment_or_a_private_file() {
+    use keyfront::keystore::Backend;
+    use secrecy::ExposeSecret;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("keyfront.toml");
+    let head = "[hsm]\ntoken_label = \"t\"\npin_env = \"P\"\n[storage]\ndata_dir = \"d\"\n";
+    let write = |storage: &str| std::fs::write(&path, format!("{head}{storage}")).expect("write");
+
+    write("backend = \"postgres\"\n[storage.postgres]\nurl_env = \"KF_PG\"\n");
+    let config = Config::load(&path, &env(&[("P", "1"), ("KF_PG", "host=db user=kf")]))
+        .expect("valid");
+    let Backend::Postgres(postgres) = &config.kms.store.backend else {
+        panic!("expected the postgres backend");
+    };
+    assert_eq!(postgres.url.expose_secret(), "host=db user=kf");
+    assert_eq!(postgres.namespace, "keyfront");
+    assert_eq!(postgres.pool_size, 16);
+    // Node-local journals would each hold one node's commits: none on PostgreSQL.
+    assert_eq!(config.kms.store.journal_dir, None);
+    assert!(
+        !format!("{config:?}").contains("host=db"),
+        "the connection string never reaches Debug output"
+    );
+
+    assert_eq!(
+        problems(Config::load(&path, &env(&[("P", "1")]))),
+        vec![ConfigProblem::PostgresUrlEnvUnset("KF_PG".into())]
+    );
+
+    let url_file = dir.path().join("pg-url");
+    std::fs::write(&url_file, "host=db password=hunter2\n").expect("write");
+    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    write("backend = \"postgres\"\n[storage.postgres]\nurl_file = \"pg-url\"\n");
+    assert_eq!(
+        problems(Config::load(&path, &env(&[("P", "1")]))),
+        vec![ConfigProblem::PostgresUrlFileTooOpen(url_file.clone())]
+    );
+    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let config = Config::load(&path, &env(&[("P", "1")])).expect("valid");
+    assert!(matches!(&config.kms.store.backend, Backend::Postgres(p) if p.url.expose_secret() == "host=db password=hunter2"));
+
+    write(
+        "backend = \"postgres\"\n[storage.postgres]\nurl_env = \"KF_PG\"\nurl_file = \"pg-url\"\n\
+         namespace = \"Bad-Name\"\npool_size = 0\nca_file = \"missing-ca.pem\"\n",
+    );
+    assert_eq!(
+        problems(Config::load(&path, &env(&[("P", "1"), ("KF_PG", "x")]))),
+        vec![
+            ConfigProblem::PostgresUrlSource,
+            ConfigProblem::PostgresNamespace("Bad-Name".into()),
+            ConfigProblem::Zero("storage.postgres.pool_size"),
+            ConfigProblem::FileMissing(
+                "storage.postgres.ca_file",
+                dir.path().join("missing-ca.pem")
+            ),
+        ]
+    );
+
+    write("backend = \"postgres\"\n");
+    assert_eq!(
+        problems(Config::load(&path, &env(&[("P", "1")]))),
+        vec![ConfigProblem::PostgresMissing]
+    );
+    write("backend = \"mysql\"\n");
+    assert!(matches!(
+        Config::load(&path, &env(&[("P", "1")])),
+        Err(ConfigError::Parse { .. })
+    ));
+}

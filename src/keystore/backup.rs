@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::engine::Batch;
+pub use super::engine::RawRecords;
 use super::journal::JournalEntry;
 use super::record::RecordMac;
 use super::system::{
@@ -23,9 +25,6 @@ use super::{
     encode, now_secs, prefixed,
 };
 use crate::ids::{ID_LEN, TenantId};
-
-/// Raw records: (key, stored value).
-pub type RawRecords = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A point-in-time copy of the system database.
 pub struct SystemDump {
@@ -72,12 +71,7 @@ impl KeyStore {
                 .seq
                 .lock()
                 .expect("system sequence lock poisoned");
-            let mut records = Vec::new();
-            for item in self.system.db.iter() {
-                let (key, value) = item?;
-                records.push((key.to_vec(), value.to_vec()));
-            }
-            records
+            self.system.db.scan_prefix(b"")?
         };
         let mut tenants = Vec::new();
         for (key, value) in &records {
@@ -145,12 +139,12 @@ impl KeyStore {
         }))
     }
 
-    /// Writes copies into the empty `data_dir` and opens the store on them, with each
-    /// tenant's head anchored as its copy has it. Every record is verified when its database
-    /// is opened.
+    /// Writes copies into the empty store that `data_dir` and `options` name (a data
+    /// directory, or a PostgreSQL database) and opens the store on them, with each tenant's
+    /// head anchored as its copy has it. Every record is verified when its database is opened.
     ///
     /// # Errors
-    /// [`Error::AlreadyExists`] if `data_dir` holds anything; storage and integrity errors.
+    /// [`Error::AlreadyExists`] if the target holds anything; storage and integrity errors.
     pub fn import(
         data_dir: &Path,
         mac: RecordMac,
@@ -158,29 +152,21 @@ impl KeyStore {
         system: &RawRecords,
         tenants: impl IntoIterator<Item = (TenantId, RawRecords)>,
     ) -> Result<Self, Error> {
-        if data_dir.exists() && std::fs::read_dir(data_dir)?.next().is_some() {
+        let (engine, shared) = super::open_engine(data_dir, &options)?;
+        if !engine.is_empty()? {
             return Err(Error::AlreadyExists(
-                "data directory (a restore needs an empty one)",
+                "data directory or database (a restore needs an empty one)",
             ));
         }
-        std::fs::create_dir_all(data_dir.join("tenants"))?;
-        {
-            let db = sled::Config::new()
-                .path(data_dir.join("system"))
-                .flush_every_ms(None)
-                .open()?;
-            let mut batch = sled::Batch::default();
-            for (key, value) in system {
-                batch.insert(key.as_slice(), value.as_slice());
-            }
-            db.apply_batch(batch)?;
-            db.flush()?;
+        let mut batch = Batch::default();
+        for (key, value) in system {
+            batch.insert(key.as_slice(), value.as_slice());
         }
+        engine.system()?.apply(batch, None)?;
         let mut heads = Vec::new();
         for (id, records) in tenants {
-            let dir = data_dir.join("tenants").join(id.to_string());
-            let db = TenantDb::config(&dir, options.tenant_cache_bytes).open()?;
-            let mut batch = sled::Batch::default();
+            let db = engine.create_tenant(id)?;
+            let mut batch = Batch::default();
             let mut head = None;
             for (key, value) in &records {
                 if key.as_slice() == HEAD_KEY {
@@ -194,8 +180,7 @@ impl KeyStore {
                 }
                 batch.insert(key.as_slice(), value.as_slice());
             }
-            db.apply_batch(batch)?;
-            db.flush()?;
+            db.apply(batch, None)?;
             heads.push((
                 id,
                 head.ok_or(Error::Integrity {
@@ -204,7 +189,7 @@ impl KeyStore {
                 })?,
             ));
         }
-        let store = Self::open(data_dir, mac, options)?;
+        let store = Self::open_engine(engine, shared, mac, options)?;
         for (id, head) in heads {
             store.system.set_tenant_head(id, &head)?;
         }
@@ -318,12 +303,12 @@ impl KeyStore {
             });
         }
         let tenant = TenantDb::create(
-            &self.tenant_dir(record.id),
+            self.engine.as_ref(),
             record.id,
             Arc::clone(&self.mac),
             Arc::clone(&self.system),
             None,
-            self.options.tenant_cache_bytes,
+            self.shared,
         )?;
         self.system.commit(
             vec![

@@ -1,25 +1,31 @@
-//! Durable state: the system sled database and one sled database per tenant.
+//! Durable state: the system database and one database per tenant.
 //!
-//! Layout under `data_dir`: `system/` (tenants, their database heads, tombstones) and
-//! `tenants/<tenant-id>/` (keys, versions, wrapped KEKs and bulk keys). Every record is MAC'd
+//! Where they live is the engine's business (`engine.rs`): sled under `data_dir` on a single
+//! node — `system/` (tenants, their database heads, tombstones) and `tenants/<tenant-id>/`
+//! (keys, versions, wrapped KEKs and bulk keys) — or PostgreSQL schemas shared by a cluster
+//! (`postgres.rs`). Every record is MAC'd
 //! (`record.rs`); every tenant database has a head (sequence + digest of all its records)
 //! anchored in the system database, so altering, moving, deleting or rolling back records is
 //! detected when the database is opened. Each operation has one commit point, flushed before it
 //! returns; orphans of a crash are collected at start.
 
-use std::path::PathBuf;
+use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 
 pub mod backup;
+mod engine;
 pub mod journal;
+mod postgres;
 mod record;
 mod system;
 mod tenant;
 
 pub use journal::{Journal, JournalEntry};
+pub use postgres::PostgresOptions;
 pub use record::{MAC_LEN, RecordMac, SCHEMA_VERSION};
 pub use system::{KeyStore, PendingDestruction, StoreOptions};
 pub use tenant::{TenantDb, TenantHead};
@@ -30,6 +36,9 @@ pub enum Error {
     /// A tenant or key with that name exists already.
     #[error("{0} already exists")]
     AlreadyExists(&'static str),
+    /// The storage settings are unusable (which one, never its value).
+    #[error("invalid storage setting: {0}")]
+    Config(&'static str),
     /// A record could not be encoded or decoded.
     #[error("record encoding failed")]
     Encoding,
@@ -47,12 +56,23 @@ pub enum Error {
     /// A tenant database is older than the system database says it must be.
     #[error("tenant database {0} is older than its last commit (rolled back?)")]
     Rollback(TenantId),
+    /// PostgreSQL refused an operation (its message; never holds record values).
+    #[error("PostgreSQL error: {0}")]
+    Postgres(String),
     /// sled failed.
     #[error("database error: {0}")]
     Sled(#[from] sled::Error),
-    /// The data directory was written under a different storage key (another HSM token).
-    #[error("data directory {0} belongs to another HSM token (storage key mismatch)")]
-    StorageKeyMismatch(PathBuf),
+    /// Another node committed to this tenant since this node read it: nothing was written;
+    /// the next request reads it again.
+    #[error("tenant {0} changed on another node")]
+    Stale(TenantId),
+    /// The store was written under a different storage key (another HSM token).
+    #[error("{0} belongs to another HSM token (storage key mismatch)")]
+    StorageKeyMismatch(String),
+    /// The store's server cannot be reached now (PostgreSQL down, timed out, out of
+    /// connections): nothing was written; retry.
+    #[error("key store unavailable: {0}")]
+    Unavailable(String),
     /// The tenant was destroyed; its tombstone stays.
     #[error("tenant {0} was destroyed")]
     TenantDestroyed(TenantId),
@@ -62,6 +82,33 @@ pub enum Error {
     /// The tenant's destruction is not scheduled.
     #[error("tenant {0} is not scheduled for destruction")]
     NotScheduled(TenantId),
+}
+
+/// Where the authoritative store lives.
+#[derive(Clone, Debug, Default)]
+pub enum Backend {
+    /// sled databases under the data directory: one node.
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by the nodes of a cluster.
+    Postgres(PostgresOptions),
+}
+
+/// The engine `options` name, and whether other nodes share it.
+fn open_engine(
+    data_dir: &Path,
+    options: &StoreOptions,
+) -> Result<(Arc<dyn engine::Engine>, bool), Error> {
+    Ok(match &options.backend {
+        Backend::Sled => (
+            Arc::new(engine::SledEngine::open(
+                data_dir,
+                options.tenant_cache_bytes,
+            )?),
+            false,
+        ),
+        Backend::Postgres(postgres) => (Arc::new(postgres::PostgresEngine::open(postgres)?), true),
+    })
 }
 
 /// What a key may be used for.

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
 
+use super::engine::{Batch, Database, Engine};
 use super::journal::{Journal, JournalEntry};
 use super::record::RecordMac;
 use super::tenant::{TenantDb, TenantHead};
@@ -53,6 +54,8 @@ pub struct StoreOptions {
     pub tenant_cache_bytes: u64,
     /// Where the key journal lives (`None`: no journal).
     pub journal_dir: Option<PathBuf>,
+    /// Where the authoritative store lives.
+    pub backend: super::Backend,
 }
 
 impl Default for StoreOptions {
@@ -61,6 +64,7 @@ impl Default for StoreOptions {
             max_open_tenants: NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN),
             tenant_cache_bytes: 256 * 1024,
             journal_dir: None,
+            backend: super::Backend::Sled,
         }
     }
 }
@@ -110,21 +114,17 @@ impl PendingDestruction {
     }
 }
 
-/// The system sled database: tenants, their heads, tombstones.
+/// The system database: tenants, their heads, tombstones.
 pub(crate) struct SystemDb {
-    pub(super) db: sled::Db,
+    pub(super) db: Arc<dyn Database>,
     mac: Arc<RecordMac>,
     // Sequence of the last system commit; the lock serializes system commits.
     pub(super) seq: Mutex<u64>,
 }
 
 impl SystemDb {
-    fn open(dir: &Path, mac: Arc<RecordMac>) -> Result<Self, Error> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .cache_capacity(16 * 1024 * 1024)
-            .open()?;
+    fn open(engine: &dyn Engine, mac: Arc<RecordMac>) -> Result<Self, Error> {
+        let db = engine.system()?;
         let integrity = |reason| Error::Integrity {
             database: "system".into(),
             reason,
@@ -132,7 +132,7 @@ impl SystemDb {
         let seq = match db.get(META_KEY)? {
             Some(meta) => {
                 if mac.open(DB_ID, META_KEY, &meta).is_none() {
-                    return Err(Error::StorageKeyMismatch(dir.to_path_buf()));
+                    return Err(Error::StorageKeyMismatch(engine.describe()));
                 }
                 let raw = db
                     .get(SEQ_KEY)?
@@ -143,18 +143,25 @@ impl SystemDb {
                 record.seq
             }
             None => {
-                if !db.is_empty() {
+                if !db.is_empty()? {
                     return Err(integrity("meta record missing"));
                 }
                 let meta = Meta {
                     schema: super::SCHEMA_VERSION,
                     created_at: now_secs(),
                 };
-                let mut batch = sled::Batch::default();
+                let mut batch = Batch::default();
                 batch.insert(META_KEY, mac.seal(DB_ID, META_KEY, 1, &encode(&meta)?));
                 batch.insert(SEQ_KEY, mac.seal(DB_ID, SEQ_KEY, 1, &[]));
-                db.apply_batch(batch)?;
-                db.flush()?;
+                // Guarded on the meta record's absence: of two nodes starting on an empty
+                // database, one creates it and the other reads it back.
+                let guard = super::engine::Guard {
+                    key: META_KEY,
+                    value: None,
+                };
+                if !db.apply(batch, Some(guard))? {
+                    return Self::open(engine, mac);
+                }
                 1
             }
         };
@@ -173,7 +180,7 @@ impl SystemDb {
     ) -> Result<(), Error> {
         let mut seq = self.seq.lock().expect("system sequence lock poisoned");
         let next = *seq + 1;
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for key in removes {
             batch.remove(key);
         }
@@ -182,8 +189,7 @@ impl SystemDb {
             batch.insert(key, value);
         }
         batch.insert(SEQ_KEY, self.mac.seal(DB_ID, SEQ_KEY, next, &[]));
-        self.db.apply_batch(batch)?;
-        self.db.flush()?;
+        self.db.apply(batch, None)?;
         *seq = next;
         Ok(())
     }
@@ -232,7 +238,9 @@ impl SystemDb {
 
 /// The system database plus lazily opened, bounded tenant databases.
 pub struct KeyStore {
-    pub(super) tenants_dir: PathBuf,
+    pub(super) engine: Arc<dyn Engine>,
+    // Whether other nodes write the same databases (see `TenantDb`).
+    pub(super) shared: bool,
     pub(super) system: Arc<SystemDb>,
     pub(super) mac: Arc<RecordMac>,
     pub(super) options: StoreOptions,
@@ -257,16 +265,26 @@ impl KeyStore {
     /// # Errors
     /// [`Error::StorageKeyMismatch`] if the directory was written under another token.
     pub fn open(data_dir: &Path, mac: RecordMac, options: StoreOptions) -> Result<Self, Error> {
-        let tenants_dir = data_dir.join("tenants");
-        std::fs::create_dir_all(&tenants_dir)?;
+        let (engine, shared) = super::open_engine(data_dir, &options)?;
+        Self::open_engine(engine, shared, mac, options)
+    }
+
+    /// Opens (or creates) the store on `engine`; `shared` if other nodes write it too.
+    pub(super) fn open_engine(
+        engine: Arc<dyn Engine>,
+        shared: bool,
+        mac: RecordMac,
+        options: StoreOptions,
+    ) -> Result<Self, Error> {
         let mac = Arc::new(mac);
-        let system = Arc::new(SystemDb::open(&data_dir.join("system"), Arc::clone(&mac))?);
+        let system = Arc::new(SystemDb::open(engine.as_ref(), Arc::clone(&mac))?);
         let journal = match &options.journal_dir {
             Some(dir) => Some(Arc::new(Journal::open(dir, Arc::clone(&mac))?)),
             None => None,
         };
         let store = Self {
-            tenants_dir,
+            engine,
+            shared,
             system,
             mac,
             options,
@@ -290,12 +308,12 @@ impl KeyStore {
         }
         let id = TenantId::random();
         let tenant = TenantDb::create(
-            &self.tenant_dir(id),
+            self.engine.as_ref(),
             id,
             Arc::clone(&self.mac),
             Arc::clone(&self.system),
             self.journal.clone(),
-            self.options.tenant_cache_bytes,
+            self.shared,
         )?;
         let record = TenantRecord {
             id,
@@ -360,8 +378,7 @@ impl KeyStore {
     /// [`Error::Integrity`] if a record fails its MAC.
     pub fn tenants(&self) -> Result<Vec<TenantRecord>, Error> {
         let mut tenants = Vec::new();
-        for item in self.system.db.scan_prefix(TENANT_PREFIX) {
-            let (key, _) = item?;
+        for (key, _) in self.system.db.scan_prefix(TENANT_PREFIX)? {
             let id: [u8; ID_LEN] = key[TENANT_PREFIX.len()..]
                 .try_into()
                 .map_err(|_| Error::Encoding)?;
@@ -381,10 +398,18 @@ impl KeyStore {
         open.tick += 1;
         let tick = open.tick;
         if let Some((db, last_used)) = open.open.get_mut(&id) {
-            *last_used = tick;
-            return Ok(Arc::clone(db));
+            if !db.is_stale() {
+                *last_used = tick;
+                return Ok(Arc::clone(db));
+            }
+            // Another node committed: open it again (and verify it) below.
+            open.open.remove(&id);
         }
-        let reused = open.closing.remove(&id).and_then(|weak| weak.upgrade());
+        let reused = open
+            .closing
+            .remove(&id)
+            .and_then(|weak| weak.upgrade())
+            .filter(|db| !db.is_stale());
         let db = match reused {
             Some(db) => db,
             None => {
@@ -404,12 +429,12 @@ impl KeyStore {
                     return Err(Error::TenantNotFound(id));
                 }
                 Arc::new(TenantDb::open(
-                    &self.tenant_dir(id),
+                    self.engine.as_ref(),
                     id,
                     Arc::clone(&self.mac),
                     Arc::clone(&self.system),
                     self.journal.clone(),
-                    self.options.tenant_cache_bytes,
+                    self.shared,
                 )?)
             }
         };
@@ -442,7 +467,7 @@ impl KeyStore {
     }
 
     /// Destroys a tenant now: tombstone and removal in one system commit (the commit point),
-    /// then its database directory is deleted. Nothing of it can be decrypted afterwards.
+    /// then its database is deleted. Nothing of it can be decrypted afterwards.
     ///
     /// # Errors
     /// [`Error::TenantNotFound`] if there is no such tenant.
@@ -476,12 +501,8 @@ impl KeyStore {
             open.closing.remove(&id);
         }
         crate::failpoint::hit("destroy-tenant:committed");
-        match std::fs::remove_dir_all(self.tenant_dir(id)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            // The tombstone is committed; the orphan collector removes the rest at start.
-            Err(e) => Err(e.into()),
-        }
+        // The tombstone is committed; on error the orphan collector removes the rest at start.
+        self.engine.remove_tenant(id)
     }
 
     /// Whether the tenant was destroyed.
@@ -588,8 +609,7 @@ impl KeyStore {
     /// [`Error::Integrity`] if an entry fails its MAC.
     pub fn retired_mwks(&self) -> Result<Vec<(u32, u64)>, Error> {
         let mut all = Vec::new();
-        for item in self.system.db.scan_prefix(MWK_RETIRED_PREFIX) {
-            let (key, _) = item?;
+        for (key, _) in self.system.db.scan_prefix(MWK_RETIRED_PREFIX)? {
             let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
             let generation: [u8; 4] = key[MWK_RETIRED_PREFIX.len()..]
                 .try_into()
@@ -655,8 +675,7 @@ impl KeyStore {
         prefix: &[u8],
     ) -> Result<Vec<(Vec<u8>, T)>, Error> {
         let mut all = Vec::new();
-        for item in self.system.db.scan_prefix(prefix) {
-            let (key, _) = item?;
+        for (key, _) in self.system.db.scan_prefix(prefix)? {
             let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
             all.push((key[prefix.len()..].to_vec(), decode(&payload)?));
         }
@@ -770,8 +789,7 @@ impl KeyStore {
     /// [`Error::Integrity`] if an entry fails its MAC.
     pub fn rotation_checks(&self) -> Result<Vec<(TenantId, KeyId, u64)>, Error> {
         let mut entries = Vec::new();
-        for item in self.system.db.scan_prefix(ROTATION_PREFIX) {
-            let (key, _) = item?;
+        for (key, _) in self.system.db.scan_prefix(ROTATION_PREFIX)? {
             let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
             let rest = &key[ROTATION_PREFIX.len()..];
             let tenant: [u8; ID_LEN] = rest
@@ -797,8 +815,7 @@ impl KeyStore {
     /// [`Error::Integrity`] if an entry fails its MAC.
     pub fn pending_tenant_destructions(&self) -> Result<Vec<(TenantId, u64)>, Error> {
         let mut entries = Vec::new();
-        for item in self.system.db.scan_prefix(TENANT_DESTRUCTION_PREFIX) {
-            let (key, _) = item?;
+        for (key, _) in self.system.db.scan_prefix(TENANT_DESTRUCTION_PREFIX)? {
             let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
             let id: [u8; ID_LEN] = key[TENANT_DESTRUCTION_PREFIX.len()..]
                 .try_into()
@@ -831,8 +848,7 @@ impl KeyStore {
     /// [`Error::Integrity`] if an entry fails its MAC.
     pub fn pending_destructions(&self) -> Result<Vec<PendingDestruction>, Error> {
         let mut entries = Vec::new();
-        for item in self.system.db.scan_prefix(DESTRUCTION_PREFIX) {
-            let (key, _) = item?;
+        for (key, _) in self.system.db.scan_prefix(DESTRUCTION_PREFIX)? {
             let payload = self.system.read(&key)?.ok_or(Error::Encoding)?;
             let rest = &key[DESTRUCTION_PREFIX.len()..];
             if rest.len() != 2 * ID_LEN + 4 {
@@ -851,11 +867,6 @@ impl KeyStore {
             });
         }
         Ok(entries)
-    }
-
-    /// Where a tenant's database lives.
-    pub fn tenant_dir(&self, id: TenantId) -> PathBuf {
-        self.tenants_dir.join(id.to_string())
     }
 
     pub(super) fn remember(&self, db: Arc<TenantDb>) {
@@ -897,20 +908,24 @@ impl KeyStore {
         self.journal.as_ref()
     }
 
-    /// Removes tenant directories that no tenant record references: a crash between creating
+    /// Removes tenant databases that no tenant record references: a crash between creating
     /// a tenant's database and its system commit, or between a destruction's commit and the
-    /// directory's removal.
+    /// database's removal.
+    ///
+    /// On a shared engine another node may be creating a tenant right now (its database
+    /// exists, its system commit is still to come), so only databases of destroyed tenants
+    /// are removed there; the orphans of a crashed creation stay until an operator removes
+    /// them (they hold no key material: a head record only).
     fn collect_orphans(&self) -> Result<(), Error> {
-        for entry in std::fs::read_dir(&self.tenants_dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.parse::<TenantId>().ok()) else {
-                tracing::warn!(path = %entry.path().display(), "ignoring unknown entry in tenants/");
-                continue;
+        for id in self.engine.tenant_databases()? {
+            let orphan = if self.shared {
+                self.is_destroyed(id)?
+            } else {
+                self.tenant_record(id)?.is_none()
             };
-            if self.tenant_record(id)?.is_none() {
+            if orphan {
                 tracing::info!(tenant = %id, "removing orphaned tenant database");
-                std::fs::remove_dir_all(entry.path())?;
+                self.engine.remove_tenant(id)?;
             }
         }
         Ok(())

@@ -1,21 +1,22 @@
-//! One tenant's sled database: keys, versions, and the head that anchors them.
+//! One tenant's database: keys, versions, and the head that anchors them.
 //!
 //! The head (`head` record) holds the sequence of the last commit and a digest over every other
 //! record's MAC. The system database keeps a copy of each tenant's head. Opening a tenant
 //! database verifies every record, recomputes the digest and compares the head with the system's
 //! copy, so an altered, moved, deleted or rolled-back record or database is refused.
 //!
-//! Commit protocol: the tenant batch (records + new head) is applied atomically and flushed —
-//! that is the commit point — then the system's copy of the head is updated. A crash between the
+//! Commit protocol: the tenant batch (records + new head) is applied atomically and durably,
+//! guarded on the head it replaces — that is the commit point — then the system's copy of the
+//! head is updated. A crash between the
 //! two leaves the tenant exactly one commit ahead, which the next open or commit rolls forward.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use super::engine::{Batch, Database, Engine, Guard, RawRecords};
 use super::journal::{Journal, JournalEntry};
 use super::record::{MAC_LEN, RecordMac};
 use super::system::SystemDb;
@@ -39,10 +40,15 @@ pub struct TenantHead {
 /// An open tenant database. Shared behind an `Arc`; closed when the last user drops it.
 pub struct TenantDb {
     id: TenantId,
-    db: sled::Db,
+    db: Arc<dyn Database>,
     mac: Arc<RecordMac>,
     system: Arc<SystemDb>,
     journal: Option<Arc<Journal>>,
+    // Whether other nodes commit to the same database (PostgreSQL): a record newer than this
+    // node's head then means this view is stale, not that the database was tampered with.
+    shared: bool,
+    // Set when this view is found stale; the store then opens (and verifies) it again.
+    stale: AtomicBool,
     // The current head; holding the lock serializes commits to this tenant.
     head: Mutex<TenantHead>,
     // Held across a read-modify-write of this tenant's records (create key, rotate).
@@ -53,105 +59,119 @@ pub struct TenantDb {
 }
 
 impl TenantDb {
-    /// sled settings for a tenant database: small segments (an idle database is ~48 KiB instead
-    /// of 512 KiB) and no background flusher thread; commits flush explicitly.
-    pub(super) fn config(dir: &Path, cache_bytes: u64) -> sled::Config {
-        sled::Config::new()
-            .path(dir)
-            .segment_size(32 * 1024)
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(None)
-    }
-
-    /// Creates a new empty database with its first head (sequence 1), flushed. The caller
-    /// anchors the head in the system database; until then the directory is an orphan.
+    /// Creates a new empty database with its first head (sequence 1), durable. The caller
+    /// anchors the head in the system database; until then the database is an orphan.
     pub(crate) fn create(
-        dir: &Path,
+        engine: &dyn Engine,
         id: TenantId,
         mac: Arc<RecordMac>,
         system: Arc<SystemDb>,
         journal: Option<Arc<Journal>>,
-        cache_bytes: u64,
+        shared: bool,
     ) -> Result<Self, Error> {
-        if dir.exists() {
-            return Err(Error::AlreadyExists("tenant database directory"));
-        }
-        let db = Self::config(dir, cache_bytes).open()?;
+        let db = engine.create_tenant(id)?;
         let head = TenantHead {
             seq: 1,
             digest: mac.digest(std::iter::empty()),
         };
-        db.insert(
+        let mut batch = Batch::default();
+        batch.insert(
             HEAD_KEY,
             mac.seal(id.as_bytes(), HEAD_KEY, 1, &encode(&head)?),
-        )?;
-        db.flush()?;
-        Ok(Self {
-            id,
-            db,
-            mac,
-            system,
-            journal,
-            writes: Mutex::new(()),
-            visible_seq: AtomicU64::new(head.seq),
-            head: Mutex::new(head),
-        })
+        );
+        let guard = Guard {
+            key: HEAD_KEY,
+            value: None,
+        };
+        if !db.apply(batch, Some(guard))? {
+            return Err(Error::AlreadyExists("tenant database"));
+        }
+        Ok(Self::new(id, db, mac, system, journal, shared, head))
     }
 
     /// Opens and verifies an existing database against its anchor in the system database.
     pub(crate) fn open(
-        dir: &Path,
+        engine: &dyn Engine,
         id: TenantId,
         mac: Arc<RecordMac>,
         system: Arc<SystemDb>,
         journal: Option<Arc<Journal>>,
-        cache_bytes: u64,
+        shared: bool,
     ) -> Result<Self, Error> {
         let integrity = |reason| Error::Integrity {
             database: id.to_string(),
             reason,
         };
-        if !dir.is_dir() {
-            return Err(integrity("database directory missing"));
-        }
-        let db = Self::config(dir, cache_bytes).open()?;
-        let raw_head = db.get(HEAD_KEY)?.ok_or(integrity("head record missing"))?;
+        let db = engine
+            .open_tenant(id)?
+            .ok_or(integrity("database missing"))?;
+        // One read of every record: the head and the records are from the same moment even
+        // while another node commits (a scan is one statement, one snapshot).
+        let records = db.scan_prefix(b"")?;
+        let raw_head = records
+            .iter()
+            .find(|(key, _)| key.as_slice() == HEAD_KEY)
+            .map(|(_, value)| value)
+            .ok_or(integrity("head record missing"))?;
         let head_record = mac
-            .open(id.as_bytes(), HEAD_KEY, &raw_head)
+            .open(id.as_bytes(), HEAD_KEY, raw_head)
             .ok_or(integrity("head record fails its MAC"))?;
         let head: TenantHead = decode(head_record.payload)?;
         if head_record.seq != head.seq {
             return Err(integrity("head sequence mismatch"));
         }
         let mut macs = Vec::new();
-        for item in db.iter() {
-            let (key, value) = item?;
-            if &*key == HEAD_KEY {
+        for (key, value) in &records {
+            if key.as_slice() == HEAD_KEY {
                 continue;
             }
             let record = mac
-                .open(id.as_bytes(), &key, &value)
+                .open(id.as_bytes(), key, value)
                 .ok_or(integrity("a record fails its MAC"))?;
             if record.seq > head.seq {
                 return Err(integrity("a record is newer than the head"));
             }
-            macs.push((key.to_vec(), record.mac));
+            macs.push((key.as_slice(), record.mac));
         }
-        let digest = mac.digest(macs.iter().map(|(k, m)| (k.as_slice(), m)));
+        let digest = mac.digest(macs.iter().map(|(k, m)| (*k, m)));
         if digest != head.digest {
             return Err(integrity("records do not match the head"));
         }
         system.anchor_tenant(id, &head)?;
-        Ok(Self {
+        Ok(Self::new(id, db, mac, system, journal, shared, head))
+    }
+
+    fn new(
+        id: TenantId,
+        db: Arc<dyn Database>,
+        mac: Arc<RecordMac>,
+        system: Arc<SystemDb>,
+        journal: Option<Arc<Journal>>,
+        shared: bool,
+        head: TenantHead,
+    ) -> Self {
+        Self {
             id,
             db,
             mac,
             system,
             journal,
+            shared,
+            stale: AtomicBool::new(false),
             writes: Mutex::new(()),
             visible_seq: AtomicU64::new(head.seq),
             head: Mutex::new(head),
-        })
+        }
+    }
+
+    /// Whether another node committed since this view was opened (the store reopens it).
+    pub(crate) fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::SeqCst)
+    }
+
+    fn went_stale(&self) -> Error {
+        self.stale.store(true, Ordering::SeqCst);
+        Error::Stale(self.id)
     }
 
     /// The tenant's id.
@@ -170,13 +190,9 @@ impl TenantDb {
     ///
     /// # Errors
     /// Storage errors.
-    pub(crate) fn dump(&self) -> Result<(TenantHead, super::backup::RawRecords), Error> {
+    pub(crate) fn dump(&self) -> Result<(TenantHead, RawRecords), Error> {
         let head = self.head.lock().expect("tenant head lock poisoned");
-        let mut records = Vec::new();
-        for item in self.db.iter() {
-            let (key, value) = item?;
-            records.push((key.to_vec(), value.to_vec()));
-        }
+        let records = self.db.scan_prefix(b"")?;
         Ok((*head, records))
     }
 
@@ -228,8 +244,7 @@ impl TenantDb {
     /// [`Error::Integrity`] if a record fails its MAC.
     pub fn keys(&self) -> Result<Vec<KeyRecord>, Error> {
         let mut keys = Vec::new();
-        for item in self.db.scan_prefix(KEY_PREFIX) {
-            let (key, value) = item?;
+        for (key, value) in self.db.scan_prefix(KEY_PREFIX)? {
             let payload = self.verify(&key, &value)?;
             keys.push(decode(payload)?);
         }
@@ -265,9 +280,17 @@ impl TenantDb {
     /// Storage errors; on error before the flush nothing changed.
     pub fn commit(&self, writes: Vec<TenantWrite>) -> Result<(), Error> {
         let mut head = self.head.lock().expect("tenant head lock poisoned");
+        if self.is_stale() {
+            return Err(Error::Stale(self.id));
+        }
         // A previous commit whose anchor update failed is rolled forward first, so the tenant
         // is never more than one commit ahead of the system database.
-        self.system.anchor_tenant(self.id, &head)?;
+        match self.system.anchor_tenant(self.id, &head) {
+            // The system's copy is ahead of this view: another node committed. (A rolled-back
+            // database is caught when the store opens it again.)
+            Err(Error::Rollback(_)) if self.shared => return Err(self.went_stale()),
+            result => result?,
+        }
         let seq = head.seq + 1;
         if let Some(journal) = &self.journal {
             // Before the commit point: a new version is journaled before it can be primary.
@@ -298,14 +321,13 @@ impl TenantDb {
         }
 
         let mut macs: BTreeMap<Vec<u8>, [u8; MAC_LEN]> = BTreeMap::new();
-        for item in self.db.iter() {
-            let (key, value) = item?;
-            if &*key != HEAD_KEY {
+        for (key, value) in self.db.scan_prefix(b"")? {
+            if key != HEAD_KEY {
                 let record = self.mac.open(db_id, &key, &value).ok_or(Error::Integrity {
                     database: self.id.to_string(),
                     reason: "a record fails its MAC",
                 })?;
-                macs.insert(key.to_vec(), record.mac);
+                macs.insert(key, record.mac);
             }
         }
         for (key, value) in &staged {
@@ -319,7 +341,7 @@ impl TenantDb {
             digest: self.mac.digest(macs.iter().map(|(k, m)| (k.as_slice(), m))),
         };
 
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for (key, value) in staged {
             batch.insert(key, value);
         }
@@ -327,9 +349,28 @@ impl TenantDb {
             HEAD_KEY,
             self.mac.seal(db_id, HEAD_KEY, seq, &encode(&new_head)?),
         );
+        // The batch applies only over the head this node holds: a commit of another node in
+        // between makes this one fail as stale instead of forking the tenant's history.
+        let current = self.mac.seal(db_id, HEAD_KEY, head.seq, &encode(&*head)?);
+        let guard = Guard {
+            key: HEAD_KEY,
+            value: Some(&current),
+        };
         self.visible_seq.store(seq, Ordering::SeqCst);
-        self.db.apply_batch(batch)?;
-        self.db.flush()?;
+        let applied = self.db.apply(batch, Some(guard));
+        if !matches!(applied, Ok(true)) {
+            self.visible_seq.store(head.seq, Ordering::SeqCst);
+        }
+        if !applied? {
+            return Err(if self.shared {
+                self.went_stale()
+            } else {
+                Error::Integrity {
+                    database: self.id.to_string(),
+                    reason: "head record changed under the store",
+                }
+            });
+        }
         *head = new_head;
         if let Err(error) = self.system.set_tenant_head(self.id, &new_head) {
             // Committed already; the anchor catches up on the next commit or open.
@@ -355,6 +396,9 @@ impl TenantDb {
             .open(self.id.as_bytes(), key, value)
             .ok_or(integrity("a record fails its MAC"))?;
         if record.seq > self.visible_seq.load(Ordering::SeqCst) {
+            if self.shared {
+                return Err(self.went_stale());
+            }
             return Err(integrity("a record is newer than the head"));
         }
         Ok(record.payload)

@@ -8,6 +8,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod dev_server;
+pub mod postgres;
 
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
