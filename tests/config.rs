@@ -285,8 +285,8 @@ fn the_postgres_backend_takes_its_connection_string_from_the_environment_or_a_pr
     let write = |storage: &str| std::fs::write(&path, format!("{head}{storage}")).expect("write");
 
     write("backend = \"postgres\"\n[storage.postgres]\nurl_env = \"KF_PG\"\n");
-    let config = Config::load(&path, &env(&[("P", "1"), ("KF_PG", "host=db user=kf")]))
-        .expect("valid");
+    let config =
+        Config::load(&path, &env(&[("P", "1"), ("KF_PG", "host=db user=kf")])).expect("valid");
     let Backend::Postgres(postgres) = &config.kms.store.backend else {
         panic!("expected the postgres backend");
     };
@@ -315,7 +315,9 @@ fn the_postgres_backend_takes_its_connection_string_from_the_environment_or_a_pr
     );
     std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let config = Config::load(&path, &env(&[("P", "1")])).expect("valid");
-    assert!(matches!(&config.kms.store.backend, Backend::Postgres(p) if p.url.expose_secret() == "host=db password=hunter2"));
+    assert!(
+        matches!(&config.kms.store.backend, Backend::Postgres(p) if p.url.expose_secret() == "host=db password=hunter2")
+    );
 
     write(
         "backend = \"postgres\"\n[storage.postgres]\nurl_env = \"KF_PG\"\nurl_file = \"pg-url\"\n\
