@@ -182,7 +182,13 @@ impl Engine for SledEngine {
     }
 
     fn is_empty(&self) -> Result<bool, Error> {
-        Ok(!self.data_dir.exists() || std::fs::read_dir(&self.data_dir)?.next().is_none())
+        // `open` made `tenants/` already: empty means no system database and no tenant.
+        for entry in std::fs::read_dir(&self.data_dir)? {
+            if entry?.file_name() != "tenants" {
+                return Ok(false);
+            }
+        }
+        Ok(std::fs::read_dir(&self.tenants_dir)?.next().is_none())
     }
 
     fn describe(&self) -> String {
@@ -245,5 +251,23 @@ impl Database for SledDatabase {
         self.db.apply_batch(sled_batch)?;
         self.db.flush()?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_sled_engine_is_empty_until_something_is_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = SledEngine::open(&dir.path().join("data"), 1 << 20).expect("open");
+        assert!(engine.is_empty().expect("is_empty"));
+        engine.create_tenant(TenantId::random()).expect("tenant");
+        assert!(!engine.is_empty().expect("is_empty"));
+
+        let other = SledEngine::open(&dir.path().join("other"), 1 << 20).expect("open");
+        drop(other.system().expect("system"));
+        assert!(!other.is_empty().expect("is_empty"));
     }
 }
