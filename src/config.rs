@@ -359,6 +359,9 @@ pub enum ConfigProblem {
     /// A count that must be at least 1 is 0.
     #[error("{0}: must be at least 1")]
     Zero(&'static str),
+    /// A setting outside the range it allows.
+    #[error("{0}: must be in {1}")]
+    Range(&'static str, &'static str),
     /// A file the server needs does not exist.
     #[error("{0}: {1} does not exist")]
     FileMissing(&'static str, PathBuf),
@@ -686,6 +689,8 @@ struct RawPostgres {
     pool_size: usize,
     #[serde(default = "default_postgres_timeout_secs")]
     timeout_secs: u64,
+    #[serde(default = "default_postgres_stale_bound_ms")]
+    stale_bound_ms: u64,
 }
 
 fn default_postgres_namespace() -> String {
@@ -696,6 +701,9 @@ fn default_postgres_pool_size() -> usize {
 }
 fn default_postgres_timeout_secs() -> u64 {
     5
+}
+fn default_postgres_stale_bound_ms() -> u64 {
+    1000
 }
 
 impl RawStorage {
@@ -743,6 +751,13 @@ impl RawStorage {
         if postgres.timeout_secs == 0 {
             problems.push(ConfigProblem::Zero("storage.postgres.timeout_secs"));
         }
+        // Heartbeats go every quarter of the bound: below 100 ms they would load the server.
+        if !(100..=60_000).contains(&postgres.stale_bound_ms) {
+            problems.push(ConfigProblem::Range(
+                "storage.postgres.stale_bound_ms",
+                "100..=60000",
+            ));
+        }
         let ca_file = postgres.ca_file.as_ref().map(|file| base.join(file));
         if let Some(ca_file) = &ca_file {
             if !ca_file.exists() {
@@ -759,6 +774,7 @@ impl RawStorage {
                 namespace: postgres.namespace.clone(),
                 pool_size: postgres.pool_size,
                 timeout: Duration::from_secs(postgres.timeout_secs),
+                stale_bound: Duration::from_millis(postgres.stale_bound_ms),
             }),
             None => Backend::Sled,
         }

@@ -300,3 +300,142 @@ fn two_nodes_rotating_one_key_concurrently_never_fork_its_history() {
         b"payload"
     );
 }
+
+/// Encrypt through the in-memory path when everything is cached, else the store path.
+fn encrypt_on(
+    kms: &Kms,
+    tenant: &str,
+    id: TenantId,
+    plaintext: &[u8],
+) -> Result<keyfront::kms::Encrypted, Error> {
+    let plaintext = Plaintext::copy_from(plaintext);
+    let context = EncryptionContext::new();
+    match kms.encrypt_cached(&name(tenant), &name("default"), &plaintext, &context) {
+        Some(result) => result,
+        None => kms.encrypt(id, &name("default"), &plaintext, &context),
+    }
+}
+
+fn decrypt_on(kms: &Kms, tenant: &str, id: TenantId, ciphertext: &[u8]) -> Result<Vec<u8>, Error> {
+    let context = EncryptionContext::new();
+    match kms.decrypt_cached(&name(tenant), ciphertext, &context, None, None) {
+        Some(result) => result,
+        None => kms.decrypt(id, ciphertext, &context, None),
+    }
+    .map(|d| d.plaintext.expose_secret().to_vec())
+}
+
+#[test]
+fn a_rotation_on_one_node_reaches_the_hot_path_of_another_within_the_bound() {
+    let Some(f) = fixture("fanout") else { return };
+    let (a, _dir_a) = f.fresh_node();
+    let (b, _dir_b) = f.fresh_node();
+    // b has acme's primary (v2), its bulk key and its tenant id in memory.
+    b.tenant_id(&name("acme")).expect("tenant id");
+    assert_eq!(
+        encrypt_on(&b, "acme", f.acme, b"x")
+            .expect("encrypt")
+            .version,
+        KeyVersion(2)
+    );
+    assert!(
+        b.encrypt_cached(
+            &name("acme"),
+            &name("default"),
+            &Plaintext::copy_from(b"x"),
+            &EncryptionContext::new()
+        )
+        .is_some(),
+        "served from memory"
+    );
+
+    let rotated = a.rotate_key(f.acme, &name("default")).expect("rotate");
+    let committed = std::time::Instant::now();
+    let window = loop {
+        let version = encrypt_on(&b, "acme", f.acme, b"x")
+            .expect("encrypt")
+            .version;
+        if version == rotated.primary {
+            break committed.elapsed();
+        }
+        assert!(
+            committed.elapsed() < std::time::Duration::from_secs(1),
+            "b still encrypts under {version:?} after 1 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    eprintln!("stale window after rotation: {window:?}");
+}
+
+#[test]
+fn disable_min_version_and_tenant_destruction_are_refused_everywhere_before_they_return() {
+    let Some(f) = fixture("refuse") else { return };
+    let (a, _dir_a) = f.fresh_node();
+    let (b, _dir_b) = f.fresh_node();
+    let v1 = {
+        // A v1 ciphertext: written before the fixture's rotation is not possible, so rotate
+        // the other tenant's key and use it for the min-version check below.
+        b.tenant_id(&name("globex")).expect("tenant id");
+        let v1 = encrypt_on(&b, "globex", f.globex, b"v1").expect("encrypt");
+        a.rotate_key(f.globex, &name("default"))
+            .expect("rotate globex");
+        v1.ciphertext
+    };
+    b.tenant_id(&name("acme")).expect("tenant id");
+    assert_eq!(
+        decrypt_on(&b, "acme", f.acme, &f.ciphertext).expect("b decrypts v2"),
+        b"payload"
+    );
+    assert_eq!(
+        decrypt_on(&b, "globex", f.globex, &v1).expect("b decrypts v1"),
+        b"v1"
+    );
+
+    // Disable v2 (acme's primary) on a: once it returns, b refuses it for both directions.
+    a.disable_version(f.acme, &name("default"), KeyVersion(2))
+        .expect("disable");
+    let refused = decrypt_on(&b, "acme", f.acme, &f.ciphertext);
+    assert!(
+        matches!(refused, Err(Error::KeyState { .. })),
+        "{refused:?}"
+    );
+    let refused = encrypt_on(&b, "acme", f.acme, b"x");
+    assert!(
+        matches!(refused, Err(Error::KeyState { .. })),
+        "{refused:?}"
+    );
+    a.enable_version(f.acme, &name("default"), KeyVersion(2))
+        .expect("enable");
+    assert_eq!(
+        decrypt_on(&b, "acme", f.acme, &f.ciphertext).expect("enabled again"),
+        b"payload"
+    );
+
+    // A minimum decryption version set on a.
+    let update = keyfront::kms::PolicyUpdate {
+        min_decryption_version: Some(2),
+        ..Default::default()
+    };
+    a.update_policy(f.globex, &name("default"), &update)
+        .expect("min version");
+    let refused = decrypt_on(&b, "globex", f.globex, &v1);
+    assert!(
+        matches!(refused, Err(Error::KeyState { .. })),
+        "{refused:?}"
+    );
+
+    // The tenant destroyed on a.
+    a.destroy_tenant(f.acme).expect("destroy");
+    let refused = decrypt_on(&b, "acme", f.acme, &f.ciphertext);
+    assert!(
+        matches!(
+            refused,
+            Err(Error::Store(keystore::Error::TenantDestroyed(_)) | Error::TenantNotFound(_))
+        ),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        b.tenant_id(&name("acme")),
+        Err(Error::TenantNotFound(_))
+    ));
+}

@@ -46,6 +46,11 @@ pub(crate) trait Engine: Send + Sync {
 
     /// What the engine is, for messages: a directory or a redacted server address.
     fn describe(&self) -> String;
+
+    /// The feed of other nodes' changes; `None` when no other node writes this engine.
+    fn changes(&self) -> Option<Arc<super::changes::Changes>> {
+        None
+    }
 }
 
 /// One database: an ordered map from byte keys to byte values.
@@ -70,6 +75,9 @@ pub(crate) trait Database: Send + Sync {
 pub(crate) struct Batch {
     /// (key, new value); `None` removes the key. Later entries for a key win.
     pub(crate) writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The tenant whose state this batch changes, announced to other nodes when it commits (a
+    /// tenant database's batches always announce their tenant).
+    pub(crate) announce: Option<TenantId>,
 }
 
 impl Batch {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 
 pub mod backup;
+pub mod changes;
 mod engine;
 pub mod journal;
 mod postgres;

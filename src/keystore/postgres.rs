@@ -25,6 +25,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::error::SqlState;
 
 use super::Error;
+use super::changes::Changes;
 use super::engine::{Batch, Database, Engine, Guard, RawRecords};
 use crate::ids::TenantId;
 
@@ -41,6 +42,9 @@ pub struct PostgresOptions {
     pub pool_size: usize,
     /// Bound on connecting and on each operation.
     pub timeout: Duration,
+    /// How long this node trusts its caches after its change listener was last confirmed
+    /// (see `changes.rs`); commits that must be seen everywhere wait this long.
+    pub stale_bound: Duration,
 }
 
 impl PostgresOptions {
@@ -71,6 +75,9 @@ pub(crate) struct PostgresEngine {
     namespace: String,
     description: String,
     timeout: Duration,
+    changes: Arc<Changes>,
+    // Announcements carry it, so a node skips its own (it has updated its caches already).
+    node: String,
 }
 
 impl PostgresEngine {
@@ -88,15 +95,31 @@ impl PostgresEngine {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match &options.ca_file {
-            Some(ca_file) => Manager::from_config(config, tls_connector(ca_file)?, manager_config),
-            None => Manager::from_config(config, tokio_postgres::NoTls, manager_config),
-        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("keyfront-postgres")
             .enable_all()
             .build()?;
+        let changes = Arc::new(Changes::new(options.stale_bound));
+        let node = format!("{:016x}", rand::random::<u64>());
+        let listener = Listener {
+            config: config.clone(),
+            channel: channel(&options.namespace),
+            node: node.clone(),
+            changes: Arc::clone(&changes),
+            bound: options.stale_bound,
+        };
+        let manager = match &options.ca_file {
+            Some(ca_file) => {
+                let tls = tls_connector(ca_file)?;
+                runtime.spawn(listener.run(tls.clone()));
+                Manager::from_config(config, tls, manager_config)
+            }
+            None => {
+                runtime.spawn(listener.run(tokio_postgres::NoTls));
+                Manager::from_config(config, tokio_postgres::NoTls, manager_config)
+            }
+        };
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -111,6 +134,8 @@ impl PostgresEngine {
             namespace: options.namespace.clone(),
             description,
             timeout: options.timeout,
+            changes,
+            node,
         };
         engine.migrate()?;
         Ok(engine)
@@ -183,10 +208,11 @@ impl PostgresEngine {
         format!("{}_t_{id}", self.namespace)
     }
 
-    fn database(&self, schema: String) -> Arc<dyn Database> {
+    fn database(&self, schema: String, tenant: Option<TenantId>) -> Arc<dyn Database> {
         Arc::new(PostgresDatabase {
             engine: self.handle(),
             table: format!("{schema}.records"),
+            tenant,
         })
     }
 
@@ -198,6 +224,8 @@ impl PostgresEngine {
                 .map(|runtime| runtime.handle().clone()),
             pool: self.pool.clone(),
             timeout: self.timeout,
+            channel: channel(&self.namespace),
+            node: self.node.clone(),
         }
     }
 
@@ -225,7 +253,7 @@ impl Drop for PostgresEngine {
 
 impl Engine for PostgresEngine {
     fn system(&self) -> Result<Arc<dyn Database>, Error> {
-        Ok(self.database(format!("{}_system", self.namespace)))
+        Ok(self.database(format!("{}_system", self.namespace), None))
     }
 
     fn create_tenant(&self, id: TenantId) -> Result<Arc<dyn Database>, Error> {
@@ -249,7 +277,7 @@ impl Engine for PostgresEngine {
         if !created {
             return Err(Error::AlreadyExists("tenant database"));
         }
-        Ok(self.database(schema))
+        Ok(self.database(schema, Some(id)))
     }
 
     fn open_tenant(&self, id: TenantId) -> Result<Option<Arc<dyn Database>>, Error> {
@@ -257,7 +285,7 @@ impl Engine for PostgresEngine {
         if !self.schema_exists(schema.clone())? {
             return Ok(None);
         }
-        Ok(Some(self.database(schema)))
+        Ok(Some(self.database(schema, Some(id))))
     }
 
     fn remove_tenant(&self, id: TenantId) -> Result<(), Error> {
@@ -300,6 +328,10 @@ impl Engine for PostgresEngine {
     fn describe(&self) -> String {
         format!("{} (namespace {})", self.description, self.namespace)
     }
+
+    fn changes(&self) -> Option<Arc<Changes>> {
+        Some(Arc::clone(&self.changes))
+    }
 }
 
 /// What a database of the engine needs of it: a way to run operations, and the pool.
@@ -308,6 +340,8 @@ struct EngineHandle {
     runtime: Option<tokio::runtime::Handle>,
     pool: Pool,
     timeout: Duration,
+    channel: String,
+    node: String,
 }
 
 impl EngineHandle {
@@ -342,6 +376,8 @@ struct PostgresDatabase {
     engine: EngineHandle,
     // `schema.records`; built from the validated namespace and a hex id only.
     table: String,
+    // The tenant whose database this is (`None`: the system database).
+    tenant: Option<TenantId>,
 }
 
 impl Database for PostgresDatabase {
@@ -402,6 +438,12 @@ impl Database for PostgresDatabase {
         let pool = self.engine.pool.clone();
         let table = self.table.clone();
         let guard = guard.map(|g| (g.key.to_vec(), g.value.map(<[u8]>::to_vec)));
+        let announce = self.tenant.or(batch.announce).map(|tenant| {
+            (
+                self.engine.channel.clone(),
+                format!("{} {tenant}", self.engine.node),
+            )
+        });
         // Later writes of a key win, as in a sled batch.
         let mut last: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         for (key, value) in batch.writes {
@@ -457,6 +499,16 @@ impl Database for PostgresDatabase {
                     Err(e) => return Err(pg_error(e)),
                 }
             }
+            if let Some((channel, payload)) = &announce {
+                // Delivered to the listeners when (and only if) this transaction commits.
+                let statement = tx
+                    .prepare_cached("SELECT pg_notify($1, $2)")
+                    .await
+                    .map_err(pg_error)?;
+                tx.execute(&statement, &[channel, payload])
+                    .await
+                    .map_err(pg_error)?;
+            }
             match tx.commit().await {
                 Ok(()) => Ok(true),
                 Err(e) if expects_absent && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
@@ -465,6 +517,134 @@ impl Database for PostgresDatabase {
                 Err(e) => Err(pg_error(e)),
             }
         })
+    }
+}
+
+/// The notification channel of a namespace.
+fn channel(namespace: &str) -> String {
+    format!("{namespace}_changes")
+}
+
+/// This node's change listener: one connection of its own that `LISTEN`s on the namespace's
+/// channel and sends a heartbeat every quarter of the bound, recording announced tenants in
+/// [`Changes`] and confirming after each answered heartbeat. A lost connection is opened again
+/// (with a short backoff); once it listens again, everything counts as changed, since
+/// announcements in between were missed.
+struct Listener {
+    config: tokio_postgres::Config,
+    channel: String,
+    node: String,
+    changes: Arc<Changes>,
+    bound: Duration,
+}
+
+impl Listener {
+    async fn run<T>(self, tls: T)
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + 'static,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+    {
+        const FIRST_RETRY: Duration = Duration::from_millis(50);
+        let mut backoff = FIRST_RETRY;
+        loop {
+            let started = tokio::time::Instant::now();
+            let error = self.listen(tls.clone()).await;
+            if !self.changes.unreachable() {
+                tracing::warn!(%error, "PostgreSQL change listener lost; reconnecting");
+            }
+            self.changes.lost();
+            if started.elapsed() > self.bound {
+                backoff = FIRST_RETRY;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.bound / 2);
+        }
+    }
+
+    /// One connection's life: returns why it ended.
+    async fn listen<T>(&self, tls: T) -> Error
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Send + 'static,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+    {
+        let (client, mut connection) =
+            match tokio::time::timeout(self.bound, self.config.connect(tls)).await {
+                Ok(Ok(connected)) => connected,
+                Ok(Err(error)) => return pg_error(error),
+                Err(_) => return Error::Unavailable("connecting timed out".into()),
+            };
+        // The connection delivers notifications in the order the server sent them, before
+        // the answer of any later query; they are queued here in that order.
+        let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(notification)) => {
+                        if sender.send(notification.payload().to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        let result: Result<std::convert::Infallible, Error> = async {
+            let heartbeat = |sql: String| {
+                let client = &client;
+                async move {
+                    tokio::time::timeout(self.bound, client.batch_execute(&sql))
+                        .await
+                        .map_err(|_| Error::Unavailable("heartbeat timed out".into()))?
+                        .map_err(pg_error)
+                }
+            };
+            heartbeat(format!("LISTEN {}", self.channel)).await?;
+            self.changes.everything_changed();
+            loop {
+                let sent = self.changes.now_ms();
+                heartbeat("SELECT 1".into()).await?;
+                while let Ok(payload) = received.try_recv() {
+                    self.record(&payload);
+                }
+                self.changes.confirm(sent);
+                // Announcements are recorded as they arrive, not at the next heartbeat: the
+                // usual stale window is the notification's latency, not the heartbeat period.
+                let next = tokio::time::sleep(self.bound / 4);
+                tokio::pin!(next);
+                loop {
+                    tokio::select! {
+                        () = &mut next => break,
+                        payload = received.recv() => match payload {
+                            Some(payload) => self.record(&payload),
+                            None => return Err(Error::Unavailable("listener connection closed".into())),
+                        },
+                    }
+                }
+            }
+        }
+        .await;
+        driver.abort();
+        match result {
+            Err(error) => error,
+        }
+    }
+
+    /// Records one announcement (`<node> <tenant-id>`) unless this node made it.
+    fn record(&self, payload: &str) {
+        match payload.split_once(' ') {
+            Some((node, _)) if node == self.node => {}
+            Some((_, tenant)) => match tenant.parse::<TenantId>() {
+                Ok(tenant) => self.changes.tenant_changed(tenant),
+                Err(_) => self.changes.everything_changed(),
+            },
+            // Not ours to parse: safest to drop every cache.
+            None => self.changes.everything_changed(),
+        }
     }
 }
 

@@ -178,9 +178,43 @@ impl SystemDb {
         inserts: Vec<(Vec<u8>, Vec<u8>)>,
         removes: Vec<Vec<u8>>,
     ) -> Result<(), Error> {
+        self.commit_for(None, inserts, removes)
+    }
+
+    /// [`SystemDb::commit`] of a change to what `tenant` is (its record, its existence),
+    /// announced to other nodes so they drop what they cached of it.
+    pub(super) fn commit_for(
+        &self,
+        tenant: Option<TenantId>,
+        inserts: Vec<(Vec<u8>, Vec<u8>)>,
+        removes: Vec<Vec<u8>>,
+    ) -> Result<(), Error> {
+        let batch = Batch {
+            announce: tenant,
+            ..Batch::default()
+        };
+        self.apply(batch, inserts, removes, None).map(drop)
+    }
+
+    /// One system commit of `inserts` if `guard` holds; `Ok(false)`: it did not, nothing
+    /// was written.
+    fn commit_guarded(
+        &self,
+        inserts: Vec<(Vec<u8>, Vec<u8>)>,
+        guard: super::engine::Guard<'_>,
+    ) -> Result<bool, Error> {
+        self.apply(Batch::default(), inserts, Vec::new(), Some(guard))
+    }
+
+    fn apply(
+        &self,
+        mut batch: Batch,
+        inserts: Vec<(Vec<u8>, Vec<u8>)>,
+        removes: Vec<Vec<u8>>,
+        guard: Option<super::engine::Guard<'_>>,
+    ) -> Result<bool, Error> {
         let mut seq = self.seq.lock().expect("system sequence lock poisoned");
         let next = *seq + 1;
-        let mut batch = Batch::default();
         for key in removes {
             batch.remove(key);
         }
@@ -189,9 +223,11 @@ impl SystemDb {
             batch.insert(key, value);
         }
         batch.insert(SEQ_KEY, self.mac.seal(DB_ID, SEQ_KEY, next, &[]));
-        self.db.apply(batch, None)?;
-        *seq = next;
-        Ok(())
+        let applied = self.db.apply(batch, guard)?;
+        if applied {
+            *seq = next;
+        }
+        Ok(applied)
     }
 
     pub(super) fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
@@ -218,6 +254,34 @@ impl SystemDb {
         )
     }
 
+    /// Moves the system's copy of a tenant's head forward to `head`, never back: nodes
+    /// anchor concurrently, and a late anchor of an older commit must not overwrite a newer
+    /// one (the tenant would then look rolled back). A tenant without an anchored head (it
+    /// was destroyed meanwhile) stays without one.
+    pub(crate) fn advance_tenant_head(&self, id: TenantId, head: &TenantHead) -> Result<(), Error> {
+        let key = prefixed(HEAD_PREFIX, id.as_bytes());
+        loop {
+            let Some(raw) = self.db.get(&key)? else {
+                return Ok(());
+            };
+            let record = self.mac.open(DB_ID, &key, &raw).ok_or(Error::Integrity {
+                database: "system".into(),
+                reason: "a record fails its MAC",
+            })?;
+            let anchored: TenantHead = decode(record.payload)?;
+            if anchored.seq >= head.seq {
+                return Ok(());
+            }
+            let guard = super::engine::Guard {
+                key: &key,
+                value: Some(&raw),
+            };
+            if self.commit_guarded(vec![(key.clone(), encode(head)?)], guard)? {
+                return Ok(());
+            }
+        }
+    }
+
     /// Checks a tenant database's head against the system's copy, rolling forward the one case
     /// a crash can produce: the tenant committed, the system copy was not yet updated.
     pub(crate) fn anchor_tenant(&self, id: TenantId, head: &TenantHead) -> Result<(), Error> {
@@ -225,7 +289,7 @@ impl SystemDb {
             Some(anchored) if anchored == *head => Ok(()),
             Some(anchored) if head.seq == anchored.seq + 1 => {
                 tracing::info!(tenant = %id, seq = head.seq, "rolling tenant head forward");
-                self.set_tenant_head(id, head)
+                self.advance_tenant_head(id, head)
             }
             Some(_) => Err(Error::Rollback(id)),
             None => Err(Error::Integrity {
@@ -249,6 +313,8 @@ pub struct KeyStore {
     pub(super) lifecycle: Mutex<()>,
     // Every change is appended here before its commit point (see `journal.rs`).
     journal: Option<Arc<Journal>>,
+    // Other nodes' commits, on a shared engine.
+    changes: Option<Arc<super::changes::Changes>>,
 }
 
 #[derive(Default)]
@@ -282,8 +348,10 @@ impl KeyStore {
             Some(dir) => Some(Arc::new(Journal::open(dir, Arc::clone(&mac))?)),
             None => None,
         };
+        let changes = engine.changes();
         let store = Self {
             engine,
+            changes,
             shared,
             system,
             mac,
@@ -457,6 +525,34 @@ impl KeyStore {
         }
     }
 
+    /// The feed of other nodes' commits; `None` on a store no other node writes.
+    pub fn changes(&self) -> Option<&Arc<super::changes::Changes>> {
+        self.changes.as_ref()
+    }
+
+    /// Takes the commits other nodes announced since the last call, and marks the tenant
+    /// views they touched stale (each is read again, and verified, at its next use).
+    pub fn take_changes(&self) -> super::changes::Pending {
+        let Some(changes) = &self.changes else {
+            return super::changes::Pending::default();
+        };
+        let pending = changes.take();
+        let open = self.open.lock().expect("open tenants lock poisoned");
+        for (id, (db, _)) in &open.open {
+            if pending.everything || pending.tenants.contains(id) {
+                db.mark_stale();
+            }
+        }
+        for (id, weak) in &open.closing {
+            if pending.everything || pending.tenants.contains(id) {
+                if let Some(db) = weak.upgrade() {
+                    db.mark_stale();
+                }
+            }
+        }
+        pending
+    }
+
     /// How many tenant databases are open now.
     pub fn open_tenants(&self) -> usize {
         self.open
@@ -483,7 +579,8 @@ impl KeyStore {
             name: record.name.clone(),
             at: tombstone.destroyed_at,
         })?;
-        self.system.commit(
+        self.system.commit_for(
+            Some(id),
             vec![(
                 prefixed(TOMBSTONE_PREFIX, id.as_bytes()),
                 encode(&tombstone)?,
@@ -534,7 +631,8 @@ impl KeyStore {
         record.destroy_at = Some(at);
         record.generation += 1;
         self.journal(&JournalEntry::TenantUpdated(record.clone()))?;
-        self.system.commit(
+        self.system.commit_for(
+            Some(id),
             vec![
                 (prefixed(TENANT_PREFIX, id.as_bytes()), encode(&record)?),
                 (
@@ -560,7 +658,8 @@ impl KeyStore {
         record.destroy_at = None;
         record.generation += 1;
         self.journal(&JournalEntry::TenantUpdated(record.clone()))?;
-        self.system.commit(
+        self.system.commit_for(
+            Some(id),
             vec![(prefixed(TENANT_PREFIX, id.as_bytes()), encode(&record)?)],
             vec![prefixed(TENANT_DESTRUCTION_PREFIX, id.as_bytes())],
         )?;

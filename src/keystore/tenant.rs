@@ -169,6 +169,11 @@ impl TenantDb {
         self.stale.load(Ordering::SeqCst)
     }
 
+    /// Marks this view stale (another node announced a commit): the store opens it again.
+    pub(crate) fn mark_stale(&self) {
+        self.stale.store(true, Ordering::SeqCst);
+    }
+
     fn went_stale(&self) -> Error {
         self.stale.store(true, Ordering::SeqCst);
         Error::Stale(self.id)
@@ -372,7 +377,7 @@ impl TenantDb {
             });
         }
         *head = new_head;
-        if let Err(error) = self.system.set_tenant_head(self.id, &new_head) {
+        if let Err(error) = self.system.advance_tenant_head(self.id, &new_head) {
             // Committed already; the anchor catches up on the next commit or open.
             tracing::warn!(tenant = %self.id, %error, "tenant head not yet anchored");
         }

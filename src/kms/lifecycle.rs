@@ -361,6 +361,9 @@ impl Kms {
         record.generation += 1;
         db.commit(vec![TenantWrite::Key(record.clone())])?;
         self.invalidate_key(tenant, &record);
+        if update.min_decryption_version.is_some() {
+            self.await_propagation();
+        }
         Ok(record)
     }
 
@@ -466,6 +469,8 @@ impl Kms {
             TenantWrite::Key(record.clone()),
         ])?;
         self.invalidate_key(tenant, &record);
+        // Disabled or scheduled for destruction means refused on every node, before OK.
+        self.await_propagation();
         Ok(found)
     }
 

@@ -155,6 +155,10 @@ pub struct Kms {
     // loaded a snapshot from the store caches it only if the epoch has not moved since it
     // began, so a state change can never be overwritten by a stale snapshot.
     cache_epoch: RwLock<u64>,
+    // The change feed's `seq` whose changes are applied to the caches (shared store only);
+    // the lock makes taking and applying them one step, so no reader slips in between.
+    changes_applied: AtomicU64,
+    changes_lock: Mutex<()>,
     destruction_window: Duration,
     min_destruction_window: Duration,
     clock: Arc<dyn Clock>,
@@ -218,6 +222,8 @@ impl Kms {
             inline_paused_until_ms: AtomicU64::new(0),
             opened: Instant::now(),
             cache_epoch: RwLock::new(0),
+            changes_applied: AtomicU64::new(0),
+            changes_lock: Mutex::new(()),
             destruction_window: options.destruction_window,
             min_destruction_window: options.min_destruction_window,
             clock,
@@ -388,9 +394,10 @@ impl Kms {
     /// # Errors
     /// [`Error::TenantNotFound`].
     pub fn tenant_id(&self, name: &Name) -> Result<TenantId, Error> {
-        if let Some(id) = self.tenant_ids.get(name) {
-            return Ok(id);
-        }
+        self.trusted_or_loaded(|| self.tenant_ids.get(name), || self.load_tenant_id(name))
+    }
+
+    fn load_tenant_id(&self, name: &Name) -> Result<TenantId, Error> {
         let epoch = self.epoch();
         let record = self.tenant(name)?;
         if let Some(at) = record.destroy_at {
@@ -415,6 +422,7 @@ impl Kms {
     pub fn destroy_tenant(&self, tenant: TenantId) -> Result<(), Error> {
         self.store.destroy_tenant(tenant)?;
         self.forget_tenant(tenant);
+        self.await_propagation();
         Ok(())
     }
 
@@ -432,6 +440,7 @@ impl Kms {
         let record = self.store.schedule_tenant_destruction(id, at)?;
         crate::failpoint::hit("destroy-tenant:scheduled");
         self.forget_tenant(id);
+        self.await_propagation();
         Ok(record)
     }
 
@@ -444,6 +453,17 @@ impl Kms {
         let record = self.store.cancel_tenant_destruction(id)?;
         self.forget_tenant(id);
         Ok(record)
+    }
+
+    /// Returns once no node can decide from a view older than the commit just made: on a
+    /// shared store, after the change feed's bound (a node whose feed was confirmed since the
+    /// commit has applied it; one not confirmed within the bound reads the store). Called by
+    /// the changes that must be refused everywhere before they are acknowledged: disable,
+    /// destruction, minimum decryption version, tenant destruction. Runs on a blocking thread.
+    fn await_propagation(&self) {
+        if let Some(changes) = self.store.changes() {
+            std::thread::sleep(changes.bound());
+        }
     }
 
     /// Drops everything of a tenant from memory (under the cache epoch, so no reader puts it
@@ -593,6 +613,9 @@ impl Kms {
         plaintext: &Plaintext,
         context: &EncryptionContext,
     ) -> Option<Result<Encrypted, Error>> {
+        if !self.cache_trusted() {
+            return None;
+        }
         let tenant = self.tenant_ids.get(tenant)?;
         let snapshot = self.cached_primary(tenant, key)?;
         if let Err(error) = Self::check_purpose(&snapshot.record, Purpose::Data)
@@ -625,6 +648,9 @@ impl Kms {
         key: Option<&Name>,
         allowed: Option<&[Name]>,
     ) -> Option<Result<Decrypted, Error>> {
+        if !self.cache_trusted() {
+            return None;
+        }
         let tenant = self.tenant_ids.get(tenant)?;
         let blob = match crypto::parse_blob(ciphertext, BlobType::Ciphertext) {
             Ok(blob) => blob,
@@ -726,6 +752,9 @@ impl Kms {
         if self.millis_since_open() < self.inline_paused_until_ms.load(Ordering::Relaxed) {
             return None;
         }
+        if !self.cache_trusted() {
+            return None;
+        }
         self.tenant_ids.get(tenant)
     }
 
@@ -769,6 +798,10 @@ impl Kms {
         version: VersionRecord,
         epoch: u64,
     ) -> Arc<KeySnapshot> {
+        if version.state != VersionState::Enabled {
+            // Disabled or destroyed on another node: its bulk key has no use here now.
+            self.bulk_keys.remove(&(tenant, record.id, version.version));
+        }
         let usage = self.usage(tenant, record.id, &version);
         let snapshot = Arc::new(KeySnapshot {
             record,
@@ -832,18 +865,18 @@ impl Kms {
         name: &Name,
         purpose: Purpose,
     ) -> Result<Arc<KeySnapshot>, Error> {
-        let snapshot = match self.cached_primary(tenant, name) {
-            Some(snapshot) => snapshot,
-            None => {
-                let epoch = self.epoch();
-                let db = self.store.tenant(tenant)?;
-                let record = db
-                    .key_by_name(name)?
-                    .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
-                let primary = self.version(&db, &record, record.primary)?;
-                self.remember_primary(tenant, record, primary, epoch)
-            }
-        };
+        let snapshot = self.trusted_or_loaded(
+            || self.cached_primary(tenant, name),
+            || {
+                self.reading(tenant, |db, epoch| {
+                    let record = db
+                        .key_by_name(name)?
+                        .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+                    let primary = self.version(db, &record, record.primary)?;
+                    Ok(self.remember_primary(tenant, record, primary, epoch))
+                })
+            },
+        )?;
         Self::check_purpose(&snapshot.record, purpose)?;
         Self::check_encrypt(&snapshot)?;
         Ok(snapshot)
@@ -1250,16 +1283,125 @@ impl Kms {
         tenant: TenantId,
         header: &Header,
     ) -> Result<Arc<KeySnapshot>, Error> {
-        if let Some(snapshot) = self.cached_version(tenant, header) {
-            return Ok(snapshot);
+        self.trusted_or_loaded(
+            || self.cached_version(tenant, header),
+            || {
+                self.reading(tenant, |db, epoch| {
+                    let record = db.key(&header.key_id)?.ok_or(Error::Decrypt)?;
+                    let version = db
+                        .version(&record.id, header.version)?
+                        .ok_or(Error::Decrypt)?;
+                    Ok(self.remember_version(tenant, record, version, epoch))
+                })
+            },
+        )
+    }
+
+    /// Whether the in-memory view may decide a request. Always on a single node; on a shared
+    /// store, once the commits other nodes announced are applied to it, and only while the
+    /// change feed is fresh (see `keystore::changes`).
+    fn cache_trusted(&self) -> bool {
+        let Some(changes) = self.store.changes() else {
+            return true;
+        };
+        // Freshness first: a confirmation covers the changes recorded before it, which the
+        // step below then applies.
+        let fresh = changes.is_fresh();
+        if changes.seq() != self.changes_applied.load(Ordering::SeqCst) {
+            let _applying = self.changes_lock.lock().expect("changes lock poisoned");
+            let seq = changes.seq();
+            if seq != self.changes_applied.load(Ordering::SeqCst) {
+                let pending = self.store.take_changes();
+                if pending.everything {
+                    self.forget_snapshots(None);
+                } else {
+                    for tenant in pending.tenants {
+                        self.forget_snapshots(Some(tenant));
+                    }
+                }
+                self.changes_applied.store(seq, Ordering::SeqCst);
+            }
         }
-        let epoch = self.epoch();
-        let db = self.store.tenant(tenant)?;
-        let record = db.key(&header.key_id)?.ok_or(Error::Decrypt)?;
-        let version = db
-            .version(&record.id, header.version)?
-            .ok_or(Error::Decrypt)?;
-        Ok(self.remember_version(tenant, record, version, epoch))
+        fresh
+    }
+
+    /// `cached` when the in-memory view may decide, else `load` from the store. When the store
+    /// cannot be reached, a cached value still serves if the view was fresh within the bulk
+    /// key TTL: a node cut off from PostgreSQL keeps answering for hot keys (docs/DESIGN.md,
+    /// "Cluster mode", says what that costs).
+    fn trusted_or_loaded<T>(
+        &self,
+        cached: impl Fn() -> Option<T>,
+        load: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        if self.cache_trusted() {
+            return match cached() {
+                Some(value) => Ok(value),
+                None => load(),
+            };
+        }
+        let offline_ok = self
+            .store
+            .changes()
+            .is_some_and(|changes| changes.confirmed_within(self.bulk_key_ttl));
+        let unreachable = self.store.changes().is_some_and(|c| c.unreachable());
+        if unreachable && offline_ok {
+            if let Some(value) = cached() {
+                return Ok(value);
+            }
+        }
+        match load() {
+            Err(Error::Store(keystore::Error::Unavailable(reason))) if offline_ok => {
+                cached().ok_or(Error::Store(keystore::Error::Unavailable(reason)))
+            }
+            result => result,
+        }
+    }
+
+    /// Runs `read` on the tenant's database with the cache epoch taken before it. A view that
+    /// turns out stale (another node committed since it was opened) is read once more, opened
+    /// again: a read must not fail because another node wrote.
+    fn reading<T>(
+        &self,
+        tenant: TenantId,
+        read: impl Fn(&TenantDb, u64) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let attempt = || {
+            let epoch = self.epoch();
+            let db = self.store.tenant(tenant)?;
+            read(&db, epoch)
+        };
+        let result = match attempt() {
+            Err(Error::Store(keystore::Error::Stale(_))) => attempt(),
+            result => result,
+        };
+        if let Err(Error::Store(keystore::Error::TenantDestroyed(_))) = &result {
+            // Destroyed on another node: nothing of it may stay here, bulk keys included.
+            self.forget_tenant(tenant);
+        }
+        result
+    }
+
+    /// Drops the key snapshots (and tenant ids) of `tenant`, or of every tenant, after other
+    /// nodes committed. Bulk keys and usage counters stay: a bulk key only serves through a
+    /// snapshot read again, and usage counts are this node's own.
+    fn forget_snapshots(&self, tenant: Option<TenantId>) {
+        let mut epoch = self.cache_epoch.write().expect("cache epoch lock poisoned");
+        *epoch += 1;
+        let mut primaries = self.primaries.write().expect("primaries lock poisoned");
+        let mut versions = self.versions.write().expect("versions lock poisoned");
+        match tenant {
+            Some(tenant) => {
+                self.tenant_ids.retain(|_, id| *id != tenant);
+                primaries.remove(&tenant);
+                versions.remove(&tenant);
+            }
+            None => {
+                self.tenant_ids.clear();
+                primaries.clear();
+                versions.clear();
+            }
+        }
     }
 
     /// Whether a blob's key may serve this request: another purpose, or not the key the request

@@ -35,6 +35,7 @@ pub fn backend(url: &str, namespace: &str) -> Backend {
         namespace: namespace.to_owned(),
         pool_size: 8,
         timeout: Duration::from_secs(10),
+        stale_bound: Duration::from_secs(1),
     })
 }
 
