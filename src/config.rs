@@ -691,6 +691,8 @@ struct RawPostgres {
     timeout_secs: u64,
     #[serde(default = "default_postgres_stale_bound_ms")]
     stale_bound_ms: u64,
+    #[serde(default = "default_postgres_lease_secs")]
+    lease_secs: u64,
 }
 
 fn default_postgres_namespace() -> String {
@@ -704,6 +706,9 @@ fn default_postgres_timeout_secs() -> u64 {
 }
 fn default_postgres_stale_bound_ms() -> u64 {
     1000
+}
+fn default_postgres_lease_secs() -> u64 {
+    5
 }
 
 impl RawStorage {
@@ -758,6 +763,12 @@ impl RawStorage {
                 "100..=60000",
             ));
         }
+        if !(2..=600).contains(&postgres.lease_secs) {
+            problems.push(ConfigProblem::Range(
+                "storage.postgres.lease_secs",
+                "2..=600",
+            ));
+        }
         let ca_file = postgres.ca_file.as_ref().map(|file| base.join(file));
         if let Some(ca_file) = &ca_file {
             if !ca_file.exists() {
@@ -775,6 +786,7 @@ impl RawStorage {
                 pool_size: postgres.pool_size,
                 timeout: Duration::from_secs(postgres.timeout_secs),
                 stale_bound: Duration::from_millis(postgres.stale_bound_ms),
+                lease_term: Duration::from_secs(postgres.lease_secs),
             }),
             None => Backend::Sled,
         }

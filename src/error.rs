@@ -76,6 +76,10 @@ pub enum Error {
     /// The audit log cannot take a line: nothing is done (UNAVAILABLE).
     #[error("audit log unavailable")]
     AuditUnavailable,
+    /// A singleton (master key rotation) asked of a node that does not hold the leader
+    /// lease (UNAVAILABLE: another node runs it, or will).
+    #[error("this node does not hold the leader lease")]
+    NotLeader,
 }
 
 impl From<crypto::Error> for Error {
@@ -138,6 +142,10 @@ impl From<Error> for tonic::Status {
             Error::KeyState { reason, message } => failed_precondition(&message, reason),
             Error::InvalidArgument(message) => Self::invalid_argument(message),
             Error::AuditUnavailable => Self::unavailable("audit log unavailable; nothing was done"),
+            Error::NotLeader => Self::unavailable(
+                "this node does not hold the cluster's leader lease; nothing was done: retry \
+                 (another node will take it), or send the call to the leader",
+            ),
             Error::Backup(crate::backup::Error::Refused(message)) => {
                 failed_precondition(&message, "BACKUP_REFUSED")
             }

@@ -439,3 +439,61 @@ fn disable_min_version_and_tenant_destruction_are_refused_everywhere_before_they
         Err(Error::TenantNotFound(_))
     ));
 }
+
+#[test]
+fn one_node_leads_and_another_takes_over_within_the_term_when_it_is_gone() {
+    let Some(f) = fixture("lease") else { return };
+    let term = std::time::Duration::from_secs(2);
+    let node_with_term = || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut options = options(&f.url, &f.namespace);
+        if let keystore::Backend::Postgres(postgres) = &mut options.store.backend {
+            postgres.lease_term = term;
+        }
+        let kms = Kms::open(Arc::clone(&f.hsm), dir.path(), options).expect("open");
+        (kms, dir)
+    };
+    let (a, _dir_a) = node_with_term();
+    let (b, _dir_b) = node_with_term();
+    // Neither leads before it contends; offline commands do not contend.
+    let lease_a = a.store().lead("a");
+    let lease_b = b.store().lead("b");
+    let started = std::time::Instant::now();
+    while !(lease_a.is_held() || lease_b.is_held()) {
+        assert!(started.elapsed() < term * 2, "nobody leads");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for _ in 0..30 {
+        assert!(
+            !(lease_a.is_held() && lease_b.is_held()),
+            "two leaders at once"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (leader, follower, follower_lease) = if lease_a.is_held() {
+        (a, b, lease_b)
+    } else {
+        (b, a, lease_a)
+    };
+    let first_token = leader
+        .store()
+        .leadership()
+        .and_then(|l| l.token())
+        .expect("token");
+    assert!(matches!(
+        follower.rotate_master_key(),
+        Err(Error::NotLeader)
+    ));
+    drop(leader);
+    let gone = std::time::Instant::now();
+    while !follower_lease.is_held() {
+        assert!(gone.elapsed() < term * 3, "no takeover");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    eprintln!("leader failover took {:?} (term {term:?})", gone.elapsed());
+    assert!(
+        follower_lease.token().expect("token") > first_token,
+        "a new term has a larger fencing token"
+    );
+    assert!(follower.store().is_leader());
+}

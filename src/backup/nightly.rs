@@ -235,7 +235,9 @@ pub async fn run(kms: Weak<Kms>, backups: Arc<Backups>, interval: Duration) {
             return;
         };
         let now = kms.clock().now_secs();
-        if now < due {
+        // Not the leader: the night's snapshot is another node's; `due` stays, so a node
+        // that takes over after a failover takes the snapshot its predecessor may have missed.
+        if now < due || !kms.store().is_leader() {
             continue;
         }
         due = next_due(now, backups.at_secs);

@@ -20,6 +20,7 @@ pub mod backup;
 pub mod changes;
 mod engine;
 pub mod journal;
+pub mod lease;
 mod postgres;
 mod record;
 mod system;

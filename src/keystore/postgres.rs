@@ -27,6 +27,7 @@ use tokio_postgres::error::SqlState;
 use super::Error;
 use super::changes::Changes;
 use super::engine::{Batch, Database, Engine, Guard, RawRecords};
+use super::lease::Lease;
 use crate::ids::TenantId;
 
 /// Connection settings of the PostgreSQL engine.
@@ -45,6 +46,8 @@ pub struct PostgresOptions {
     /// How long this node trusts its caches after its change listener was last confirmed
     /// (see `changes.rs`); commits that must be seen everywhere wait this long.
     pub stale_bound: Duration,
+    /// The leader lease's term: a dead leader's singletons move to another node within it.
+    pub lease_term: Duration,
 }
 
 impl PostgresOptions {
@@ -64,6 +67,12 @@ impl PostgresOptions {
 const MIGRATIONS: &[&str] = &[
     // 1: the system database.
     "CREATE TABLE {ns}_system.records (k bytea PRIMARY KEY, v bytea NOT NULL)",
+    // 2: the leader lease (see `lease.rs`).
+    "CREATE TABLE {ns}_system.leases (
+         name text PRIMARY KEY,
+         holder text NOT NULL,
+         token bigint NOT NULL,
+         expires_at timestamptz NOT NULL)",
 ];
 
 /// The PostgreSQL engine (see the module docs).
@@ -76,6 +85,7 @@ pub(crate) struct PostgresEngine {
     description: String,
     timeout: Duration,
     changes: Arc<Changes>,
+    lease_term: Duration,
     // Announcements carry it, so a node skips its own (it has updated its caches already).
     node: String,
 }
@@ -135,6 +145,7 @@ impl PostgresEngine {
             description,
             timeout: options.timeout,
             changes,
+            lease_term: options.lease_term,
             node,
         };
         engine.migrate()?;
@@ -331,6 +342,76 @@ impl Engine for PostgresEngine {
 
     fn changes(&self) -> Option<Arc<Changes>> {
         Some(Arc::clone(&self.changes))
+    }
+
+    fn lead(&self, holder: String) -> Arc<Lease> {
+        let term = self.lease_term;
+        let lease = Arc::new(Lease::contested());
+        let Some(runtime) = &self.runtime else {
+            return lease;
+        };
+        let view = Arc::downgrade(&lease);
+        let pool = self.pool.clone();
+        let sql = format!(
+            "INSERT INTO {ns}_system.leases AS l (name, holder, token, expires_at)
+             VALUES ('leader', $1, 1, now() + $2::float8 * interval '1 second')
+             ON CONFLICT (name) DO UPDATE SET
+                 token = CASE WHEN l.holder = EXCLUDED.holder AND l.expires_at >= now()
+                              THEN l.token ELSE l.token + 1 END,
+                 holder = EXCLUDED.holder,
+                 expires_at = EXCLUDED.expires_at
+             WHERE l.holder = EXCLUDED.holder OR l.expires_at < now()
+             RETURNING token",
+            ns = self.namespace
+        );
+        runtime.spawn(async move {
+            // Renewed every fifth of the term; trusted for four fifths of it from the moment
+            // the renewal was sent (see `lease.rs`).
+            let every = term / 5;
+            let trusted = term - every;
+            let mut held = false;
+            loop {
+                let Some(lease) = view.upgrade() else {
+                    return;
+                };
+                let sent = lease.now_ms();
+                let attempt = async {
+                    let client = pool.get().await.map_err(pool_error)?;
+                    let row = client
+                        .query_opt(&sql, &[&holder, &term.as_secs_f64()])
+                        .await
+                        .map_err(pg_error)?;
+                    Ok::<_, Error>(row.map(|row| row.get::<_, i64>(0)))
+                };
+                match tokio::time::timeout(every, attempt).await {
+                    Ok(Ok(Some(token))) => {
+                        let token = u64::try_from(token).unwrap_or(0);
+                        lease.granted(token, sent, trusted);
+                        if !held {
+                            tracing::info!(token, "this node holds the leader lease");
+                        }
+                        held = true;
+                    }
+                    Ok(Ok(None)) => {
+                        lease.refused();
+                        if held {
+                            tracing::warn!("another node holds the leader lease now");
+                        }
+                        held = false;
+                    }
+                    // Unreachable: the term runs out by itself.
+                    Ok(Err(_)) | Err(_) => {
+                        if held && !lease.is_held() {
+                            tracing::warn!("leader lease expired: PostgreSQL unreachable");
+                            held = false;
+                        }
+                    }
+                }
+                drop(lease);
+                tokio::time::sleep(every).await;
+            }
+        });
+        lease
     }
 }
 

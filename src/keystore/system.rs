@@ -315,6 +315,8 @@ pub struct KeyStore {
     journal: Option<Arc<Journal>>,
     // Other nodes' commits, on a shared engine.
     changes: Option<Arc<super::changes::Changes>>,
+    // The leader lease, once the server contends for it (see `lead`).
+    leadership: std::sync::OnceLock<Arc<super::lease::Lease>>,
 }
 
 #[derive(Default)]
@@ -352,6 +354,7 @@ impl KeyStore {
         let store = Self {
             engine,
             changes,
+            leadership: std::sync::OnceLock::new(),
             shared,
             system,
             mac,
@@ -523,6 +526,26 @@ impl KeyStore {
             Err(Error::TenantDestroyed(_) | Error::TenantNotFound(_)) => Ok(None),
             Err(error) => Err(error),
         }
+    }
+
+    /// Contends for the leader lease as `holder` (the server does, at start; later calls
+    /// return the first lease).
+    pub fn lead(&self, holder: &str) -> Arc<super::lease::Lease> {
+        Arc::clone(
+            self.leadership
+                .get_or_init(|| self.engine.lead(holder.to_owned())),
+        )
+    }
+
+    /// Whether this node may run the singletons now: it holds the leader lease, or it does
+    /// not contend for one (a single node; an offline command, run by an operator's choice).
+    pub fn is_leader(&self) -> bool {
+        self.leadership.get().is_none_or(|lease| lease.is_held())
+    }
+
+    /// The leader lease, if this node contends for it.
+    pub fn leadership(&self) -> Option<&Arc<super::lease::Lease>> {
+        self.leadership.get()
     }
 
     /// The feed of other nodes' commits; `None` on a store no other node writes.

@@ -234,6 +234,10 @@ impl Kms {
         let mut destroyed = Vec::new();
         self.destroy_retired_master_keys()?;
         for (tenant, at) in self.store.pending_tenant_destructions()? {
+            // A leader that lost its lease stops before the next node starts.
+            if !self.store.is_leader() {
+                return Ok(destroyed);
+            }
             if at <= now {
                 // Tombstone, records and the scheduler's entry in one system commit, then the
                 // directory; `destroy_tenant` is idempotent past the commit.
@@ -251,6 +255,9 @@ impl Kms {
             }
         }
         for mut entry in self.store.pending_destructions()? {
+            if !self.store.is_leader() {
+                return Ok(destroyed);
+            }
             if entry.at > now {
                 continue;
             }
@@ -377,6 +384,9 @@ impl Kms {
         let now = self.clock.now_secs();
         let mut rotated = Vec::new();
         for (tenant, key_id, at) in self.store.rotation_checks()? {
+            if !self.store.is_leader() {
+                return Ok(rotated);
+            }
             if at > now {
                 continue;
             }

@@ -45,6 +45,10 @@ impl Kms {
     /// # Errors
     /// HSM and storage errors; the journal stays, and the next call or start resumes it.
     pub fn rotate_master_key(&self) -> Result<MasterKeyStatus, Error> {
+        // One node at a time re-wraps every KEK (a cluster's singleton).
+        if !self.store.is_leader() {
+            return Err(Error::NotLeader);
+        }
         if self.store.mwk_rotation()?.is_none() {
             let rotation = MwkRotation {
                 to: self
@@ -69,6 +73,9 @@ impl Kms {
     /// # Errors
     /// HSM and storage errors (the journal stays for the next attempt).
     pub fn resume_master_key_rotation(&self) -> Result<(), Error> {
+        if !self.store.is_leader() {
+            return Err(Error::NotLeader);
+        }
         let Some(mut rotation) = self.store.mwk_rotation()? else {
             return Ok(());
         };

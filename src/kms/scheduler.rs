@@ -41,6 +41,21 @@ pub async fn run(kms: Weak<Kms>, interval: Duration) {
         let Some(kms) = kms.upgrade() else {
             return;
         };
+        // In a cluster only the holder of the leader lease runs the jobs (none twice, none
+        // missed: each job is idempotent and resumes from the store).
+        if !kms.store().is_leader() {
+            continue;
+        }
+        if kms.store().mwk_rotation().is_ok_and(|r| r.is_some()) {
+            let resuming = Arc::clone(&kms);
+            match tokio::task::spawn_blocking(move || resuming.resume_master_key_rotation()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "resuming the master key rotation failed; retrying next tick")
+                }
+                Err(error) => tracing::error!(%error, "scheduler task failed"),
+            }
+        }
         // Rotation is not destructive: it goes on while destructions are paused.
         let rotating = Arc::clone(&kms);
         match tokio::task::spawn_blocking(move || rotating.run_due_rotations()).await {

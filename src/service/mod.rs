@@ -646,6 +646,18 @@ async fn set_health(health: &tonic_health::server::HealthReporter, status: Servi
     }
 }
 
+/// How this node names itself in the leader lease: host, listening address, process.
+fn node_name(config: &Config) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".into());
+    let listen = config
+        .server
+        .as_ref()
+        .map_or_else(String::new, |server| server.listen.to_string());
+    format!("{host}/{listen}/{}", std::process::id())
+}
+
 /// Opens the HSM and the store, retrying while the HSM is unreachable; then watches the HSM's
 /// health with the canary and reports it.
 async fn connect_hsm(
@@ -700,13 +712,19 @@ async fn connect_hsm(
     };
     let _ = shared.kms.set(Arc::clone(&kms));
     kms.attach_audit(&shared.audit);
-    // A master key rotation that a crash interrupted goes on (it holds no request up).
-    let resuming = Arc::clone(&kms);
-    tokio::task::spawn_blocking(move || {
-        if let Err(error) = resuming.resume_master_key_rotation() {
-            tracing::error!(%error, "resuming the master key rotation failed; RotateMasterKey retries it");
-        }
-    });
+    // The singletons (scheduler, nightly backups, master key rotation) run where the leader
+    // lease is; on one node that is always here.
+    kms.store().lead(&node_name(&config));
+    if kms.store().is_leader() {
+        // A master key rotation that a crash interrupted goes on (it holds no request up);
+        // in a cluster the scheduler's next tick on the leader does it.
+        let resuming = Arc::clone(&kms);
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = resuming.resume_master_key_rotation() {
+                tracing::error!(%error, "resuming the master key rotation failed; RotateMasterKey retries it");
+            }
+        });
+    }
     // The scheduler holds the domain only during a tick, and ends once it is gone.
     tokio::spawn(crate::kms::scheduler::run(
         Arc::downgrade(&kms),

@@ -36,6 +36,7 @@ pub fn backend(url: &str, namespace: &str) -> Backend {
         pool_size: 8,
         timeout: Duration::from_secs(10),
         stale_bound: Duration::from_secs(1),
+        lease_term: Duration::from_secs(5),
     })
 }
 
