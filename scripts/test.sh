@@ -26,6 +26,8 @@ while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
 done
 KEYFRONT_TEST_POSTGRES_URL=$(./scripts/postgres.sh start "$TEST_PG" "$port")
 export KEYFRONT_TEST_POSTGRES_URL
+# The cluster tests stop and start this server (tests/cluster.rs).
+export KEYFRONT_TEST_POSTGRES_DIR="$TEST_PG" KEYFRONT_TEST_POSTGRES_PORT="$port"
 trap './scripts/postgres.sh stop "$TEST_PG"' EXIT
 
 KEYFRONT_TEST_PYTHON=$(./tests/python/setup.sh)

@@ -38,16 +38,16 @@ pub trait Anchor: Send + Sync {
     fn sign_checkpoint(&self, message: &[u8]) -> Result<Vec<u8>, String>;
     /// The audit public key (SEC1 point).
     fn audit_public_key(&self) -> Vec<u8>;
-    /// The chain head last stored.
+    /// The chain head last stored for `node`'s log (each node of a cluster has its own).
     ///
     /// # Errors
     /// Storage errors, as text.
-    fn stored_head(&self) -> Result<Option<ChainHead>, String>;
-    /// Stores the chain head (flushed).
+    fn stored_head(&self, node: &str) -> Result<Option<ChainHead>, String>;
+    /// Stores the chain head of `node`'s log (flushed).
     ///
     /// # Errors
     /// Storage errors, as text.
-    fn store_head(&self, head: &ChainHead) -> Result<(), String>;
+    fn store_head(&self, node: &str, head: &ChainHead) -> Result<(), String>;
 }
 
 /// When checkpoints are signed.
@@ -307,7 +307,7 @@ impl AuditLog {
     pub fn attach(self: &Arc<Self>, anchor: Weak<dyn Anchor>) {
         if let Some(strong) = anchor.upgrade() {
             let head = self.head();
-            match strong.stored_head() {
+            match strong.stored_head(&self.node) {
                 Ok(Some(stored)) if stored.seq > head.seq => {
                     tracing::error!(
                         alert = "audit_truncated",
@@ -355,6 +355,12 @@ impl AuditLog {
     }
 
     /// The chain's current head.
+    /// The node this log belongs to (its lines name it).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The chain head now.
     pub fn head(&self) -> ChainHead {
         self.writer.lock().expect("audit writer lock poisoned").head
     }
@@ -431,7 +437,7 @@ impl AuditLog {
         if let Some(file) = file {
             file.sync_data().map_err(|e| e.to_string())?;
         }
-        anchor.store_head(&written)?;
+        anchor.store_head(&self.node, &written)?;
         Ok(Some(written))
     }
 

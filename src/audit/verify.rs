@@ -317,10 +317,10 @@ mod tests {
         fn audit_public_key(&self) -> Vec<u8> {
             self.0.audit_public_key()
         }
-        fn stored_head(&self) -> Result<Option<ChainHead>, String> {
+        fn stored_head(&self, _: &str) -> Result<Option<ChainHead>, String> {
             Ok(None)
         }
-        fn store_head(&self, _: &ChainHead) -> Result<(), String> {
+        fn store_head(&self, _: &str, _: &ChainHead) -> Result<(), String> {
             Ok(())
         }
     }

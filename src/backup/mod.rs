@@ -425,7 +425,7 @@ fn write_archive(kms: &Kms, now: u64, partial: &Path) -> Result<Manifest, Error>
         keyfront_version: env!("CARGO_PKG_VERSION").into(),
         mwk_generation: hsm.mwk_generation().0,
         mwk_generations: hsm.mwk_generations().iter().map(|g| g.0).collect(),
-        audit_head: store.audit_head()?.map(|head| AuditHead {
+        audit_head: store.audit_head(kms.audit_node())?.map(|head| AuditHead {
             seq: head.seq,
             hash: hex::encode(head.hash),
         }),

@@ -79,9 +79,23 @@ enum Command {
         /// Where everything lives.
         #[arg(long, default_value = ".keyfront-dev")]
         dir: PathBuf,
-        /// Address to listen on.
+        /// Address to listen on (with --nodes: the first node's; the others take the next
+        /// ports).
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: std::net::SocketAddr,
+        /// Run a local cluster of this many nodes on PostgreSQL instead of one node on sled
+        /// (scripts/dev-cluster.sh starts a local PostgreSQL for it).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
+        nodes: u8,
+        /// With --nodes: the environment variable holding the PostgreSQL connection string.
+        #[arg(long, default_value = "KEYFRONT_DEV_POSTGRES_URL")]
+        postgres_url_env: String,
+        /// With --nodes: the PostgreSQL namespace (schema prefix) of the cluster.
+        #[arg(long, default_value = dev::CLUSTER_NAMESPACE)]
+        postgres_namespace: String,
+        /// With --nodes: make everything, print how to run each node, and exit.
+        #[arg(long)]
+        prepare_only: bool,
     },
     /// Encrypt stdin; prints the ciphertext in base64.
     Encrypt {
@@ -124,7 +138,27 @@ pub fn main() -> ExitCode {
         Command::Init { config } => init(&config),
         Command::Selfcheck { config } => selfcheck(&config),
         Command::Serve { config } => return serve(&config),
-        Command::Dev { dir, listen } => return run_dev(&dir, listen),
+        Command::Dev {
+            dir,
+            listen,
+            nodes: 1,
+            ..
+        } => return run_dev(&dir, listen),
+        Command::Dev {
+            dir,
+            listen,
+            nodes,
+            postgres_url_env,
+            postgres_namespace,
+            prepare_only,
+        } => {
+            let cluster = dev::Cluster {
+                nodes: usize::from(nodes),
+                url_env: postgres_url_env,
+                namespace: postgres_namespace,
+            };
+            return run_dev_cluster(&dir, listen, &cluster, prepare_only);
+        }
         Command::Encrypt { key, connection } => {
             return run_client(async move { client::encrypt(&connection, &key).await });
         }
@@ -268,6 +302,133 @@ fn run_dev(dir: &Path, listen: std::net::SocketAddr) -> ExitCode {
             eprintln!("keyfront dev: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `keyfront dev --nodes N`: the dev token, certificates, N node configs on PostgreSQL, the
+/// dev tenants, a token copy per node; then the nodes run as child processes until Ctrl-C or
+/// SIGTERM (forwarded to them).
+fn run_dev_cluster(
+    dir: &Path,
+    listen: std::net::SocketAddr,
+    cluster: &dev::Cluster,
+    prepare_only: bool,
+) -> ExitCode {
+    let url_env = &cluster.url_env;
+    if std::env::var(url_env).map_or(true, |url| url.is_empty()) {
+        eprintln!(
+            "keyfront dev --nodes: set {url_env} to a PostgreSQL connection string (scripts/dev-cluster.sh starts a local PostgreSQL and sets it)"
+        );
+        return ExitCode::FAILURE;
+    }
+    let prepared = (|| -> Result<Vec<dev::ClusterNode>, dev::DevError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| dev::DevError::Io(dir.display().to_string(), e))?;
+        let dir = std::fs::canonicalize(dir)
+            .map_err(|e| dev::DevError::Io(dir.display().to_string(), e))?;
+        dev::ensure_token_environment(&dir)?;
+        dev::ensure_certificates(&dir.join("certs"))?;
+        let nodes = dev::ensure_cluster_configs(&dir, listen, cluster)?;
+        dev::ensure_tenants(&dev::load(&nodes[0].config)?)?;
+        dev::ensure_token_copies(&dir, &nodes)?;
+        println!();
+        if prepare_only {
+            for node in &nodes {
+                println!(
+                    "SOFTHSM2_CONF={} keyfront serve --config {}",
+                    node.softhsm_conf.display(),
+                    node.config.display()
+                );
+            }
+            return Ok(nodes);
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            println!("node-{i}: serving on {}", node.listen);
+        }
+        println!(
+            "  try:   echo hi | keyfront encrypt --key default --endpoint https://localhost:{} | keyfront decrypt --endpoint https://localhost:{}",
+            nodes[0].listen.port(),
+            nodes[nodes.len() - 1].listen.port()
+        );
+        println!(
+            "  logs:  {}/node-*/audit/audit.log; the leader lease is in {}_system.leases",
+            dir.display(),
+            dev::CLUSTER_NAMESPACE
+        );
+        println!("  stop:  Ctrl-C");
+        Ok(nodes)
+    })();
+    let nodes = match prepared {
+        Ok(nodes) => nodes,
+        Err(error) => {
+            eprintln!("keyfront dev: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if prepare_only {
+        return ExitCode::SUCCESS;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(error) => {
+            eprintln!("keyfront dev: current executable: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut children = Vec::new();
+    for node in &nodes {
+        match std::process::Command::new(&exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(&node.config)
+            .env("SOFTHSM2_CONF", &node.softhsm_conf)
+            .spawn()
+        {
+            Ok(child) => children.push(child),
+            Err(error) => {
+                eprintln!("keyfront dev: cannot start a node: {error}");
+                stop_children(&mut children);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    runtime().block_on(async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = async {
+                // A node that exits on its own is reported; the others go on.
+                let mut reported = vec![false; children.len()];
+                loop {
+                    for (i, child) in children.iter_mut().enumerate() {
+                        if let (false, Ok(Some(status))) = (reported[i], child.try_wait()) {
+                            eprintln!("keyfront dev: node-{i} exited ({status})");
+                            reported[i] = true;
+                        }
+                    }
+                    if reported.iter().all(|r| *r) {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            } => {}
+        }
+    });
+    stop_children(&mut children);
+    ExitCode::SUCCESS
+}
+
+/// Asks every child to finish its in-flight requests (SIGTERM), then waits for it.
+fn stop_children(children: &mut [std::process::Child]) {
+    for child in children.iter() {
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    for child in children.iter_mut() {
+        let _ = child.wait();
     }
 }
 

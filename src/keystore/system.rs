@@ -95,6 +95,15 @@ pub struct PendingDestruction {
     pub at: u64,
 }
 
+/// Where the audit chain head of `node`'s log is kept (`audit/head/<node>`; the nodes of a
+/// cluster share the system database, and each writes its own log).
+fn audit_head_key(node: &str) -> Vec<u8> {
+    let mut key = AUDIT_HEAD_KEY.to_vec();
+    key.push(b'/');
+    key.extend_from_slice(node.as_bytes());
+    key
+}
+
 fn retired_key(generation: u32) -> Vec<u8> {
     prefixed(MWK_RETIRED_PREFIX, &generation.to_be_bytes())
 }
@@ -753,20 +762,22 @@ impl KeyStore {
     ///
     /// # Errors
     /// [`Error::Integrity`] if it fails its MAC.
-    pub fn audit_head(&self) -> Result<Option<crate::audit::ChainHead>, Error> {
-        self.system
-            .read(AUDIT_HEAD_KEY)?
-            .map(|payload| decode(&payload))
-            .transpose()
+    pub fn audit_head(&self, node: &str) -> Result<Option<crate::audit::ChainHead>, Error> {
+        let stored = match self.system.read(&audit_head_key(node))? {
+            Some(payload) => Some(payload),
+            // Written before heads were kept per node (one node, one log).
+            None => self.system.read(AUDIT_HEAD_KEY)?,
+        };
+        stored.map(|payload| decode(&payload)).transpose()
     }
 
     /// Stores the audit chain head (flushed).
     ///
     /// # Errors
     /// Storage errors.
-    pub fn set_audit_head(&self, head: &crate::audit::ChainHead) -> Result<(), Error> {
+    pub fn set_audit_head(&self, node: &str, head: &crate::audit::ChainHead) -> Result<(), Error> {
         self.system
-            .commit(vec![(AUDIT_HEAD_KEY.to_vec(), encode(head)?)], vec![])
+            .commit(vec![(audit_head_key(node), encode(head)?)], vec![])
     }
 
     /// Writes (creates or updates) a support grant (flushed).

@@ -252,6 +252,11 @@ impl Kms {
         hex::encode(mac.finalize().into_bytes())
     }
 
+    /// The node whose audit log is attached (`""` when none is: offline commands).
+    pub fn audit_node(&self) -> &str {
+        self.audit.get().map_or("", |audit| audit.node())
+    }
+
     /// Logs this domain's own actions (the scheduler's) to `audit`, and lets it sign the
     /// audit log's checkpoints and keep its chain head.
     pub fn attach_audit(self: &Arc<Self>, audit: &Arc<crate::audit::AuditLog>) {
@@ -1604,11 +1609,13 @@ impl crate::audit::Anchor for Kms {
         self.hsm.audit_public_key()
     }
 
-    fn stored_head(&self) -> Result<Option<crate::audit::ChainHead>, String> {
-        self.store.audit_head().map_err(|e| e.to_string())
+    fn stored_head(&self, node: &str) -> Result<Option<crate::audit::ChainHead>, String> {
+        self.store.audit_head(node).map_err(|e| e.to_string())
     }
 
-    fn store_head(&self, head: &crate::audit::ChainHead) -> Result<(), String> {
-        self.store.set_audit_head(head).map_err(|e| e.to_string())
+    fn store_head(&self, node: &str, head: &crate::audit::ChainHead) -> Result<(), String> {
+        self.store
+            .set_audit_head(node, head)
+            .map_err(|e| e.to_string())
     }
 }

@@ -635,6 +635,9 @@ async fn reload_on_sighup(path: std::path::PathBuf, shared: Arc<Shared>) {
     }
 }
 
+/// The health service name of the key store (NOT_SERVING while PostgreSQL is unreachable).
+pub const STORE_HEALTH: &str = "keyfront.store";
+
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
     for service in [
         "",
@@ -743,8 +746,37 @@ async fn connect_hsm(
     ));
     tracing::info!("HSM reachable; serving");
     set_health(&health, ServingStatus::Serving).await;
+    health
+        .set_service_status(STORE_HEALTH, ServingStatus::Serving)
+        .await;
     let mut serving = true;
+    let mut store_serving = true;
     loop {
+        // The shared store (PostgreSQL) as this node's change listener sees it: unreachable
+        // means writes fail and only cached keys serve. KeyService stays SERVING for those;
+        // `keyfront.store` and AdminService say NOT_SERVING.
+        let store_reachable = kms
+            .store()
+            .changes()
+            .is_none_or(|changes| !changes.unreachable());
+        if store_reachable != store_serving {
+            store_serving = store_reachable;
+            let status = if store_reachable {
+                tracing::info!("key store reachable again");
+                ServingStatus::Serving
+            } else {
+                tracing::warn!(
+                    "key store unreachable: writes answer UNAVAILABLE, cached keys go on serving; health of keyfront.store is NOT_SERVING"
+                );
+                ServingStatus::NotServing
+            };
+            health.set_service_status(STORE_HEALTH, status).await;
+            if serving {
+                health
+                    .set_service_status("keyfront.v1.AdminService", status)
+                    .await;
+            }
+        }
         tokio::time::sleep(retry.max(Duration::from_millis(200))).await;
         let hsm = Arc::clone(&hsm);
         let was_serving = serving;
@@ -765,6 +797,11 @@ async fn connect_hsm(
             if healthy {
                 tracing::info!("HSM recovered; serving");
                 set_health(&health, ServingStatus::Serving).await;
+                if !store_serving {
+                    health
+                        .set_service_status("keyfront.v1.AdminService", ServingStatus::NotServing)
+                        .await;
+                }
             } else {
                 tracing::warn!("HSM canary failed; health is NOT_SERVING");
                 set_health(&health, ServingStatus::NotServing).await;

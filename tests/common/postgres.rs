@@ -107,6 +107,24 @@ impl Sql {
         }
     }
 
+    /// Who holds the leader lease of `namespace` now (an expired row names nobody).
+    #[allow(dead_code)]
+    pub fn lease_holder(&self, namespace: &str) -> Option<String> {
+        self.runtime.block_on(async {
+            self.client
+                .query_opt(
+                    &format!(
+                        "SELECT holder FROM {namespace}_system.leases WHERE name = 'leader' AND expires_at > now()"
+                    ),
+                    &[],
+                )
+                .await
+                .ok()
+                .flatten()
+                .map(|row| row.get(0))
+        })
+    }
+
     /// Whether a schema exists.
     pub fn schema_exists(&self, schema: &str) -> bool {
         self.runtime.block_on(async {
