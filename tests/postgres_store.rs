@@ -497,3 +497,44 @@ fn one_node_leads_and_another_takes_over_within_the_term_when_it_is_gone() {
     );
     assert!(follower.store().is_leader());
 }
+
+#[test]
+fn a_postgres_store_backs_up_and_restores_into_an_empty_namespace() {
+    let Some(f) = fixture("backup") else { return };
+    let (kms, dir) = f.fresh_node();
+    let backups = keyfront::backup::nightly::Backups::new(&dir.path().join("backups"), 30, 0);
+    let created = backups
+        .take(&kms, None)
+        .expect("snapshot of the PostgreSQL store");
+    assert_eq!(created.manifest.tenants.len(), 2);
+    drop(kms);
+
+    // Restore into a namespace of its own: same archive format, PostgreSQL target.
+    let target = common::postgres::namespace("restored");
+    let mut options = options(&f.url, &target).store;
+    options.journal_dir = None;
+    let restored = keyfront::backup::restore::restore(
+        &f.hsm,
+        &created.path,
+        None,
+        &dir.path().join("unused"),
+        options.clone(),
+    )
+    .expect("restore");
+    assert_eq!(restored.tenants, 2);
+    // Into a namespace that holds something: refused, nothing written.
+    let again = keyfront::backup::restore::restore(
+        &f.hsm,
+        &created.path,
+        None,
+        &dir.path().join("unused2"),
+        options,
+    );
+    assert!(again.is_err(), "a restore needs an empty target");
+    let restored_dir = tempfile::tempdir().expect("tempdir");
+    let node = node(&f.hsm, &f.url, &target, restored_dir.path());
+    assert_eq!(
+        decrypts(&node, f.acme, &f.ciphertext).expect("the restored copy decrypts"),
+        b"payload"
+    );
+}
