@@ -240,13 +240,14 @@ fn decrypt_request(ciphertext: &[u8]) -> pb::DecryptRequest {
     }
 }
 
-/// Codes a client retries on another node (a node or PostgreSQL away, a commit that lost a
-/// race with another node).
-fn transient(code: Code) -> bool {
+/// What a client retries on another node: a node or PostgreSQL away, a commit that lost a race
+/// with another node, or a connection the killed node reset (tonic reports that as UNKNOWN
+/// "transport error": no server answered).
+fn transient(status: &tonic::Status) -> bool {
     matches!(
-        code,
+        status.code(),
         Code::Unavailable | Code::Aborted | Code::DeadlineExceeded
-    )
+    ) || (status.code() == Code::Unknown && status.message() == "transport error")
 }
 
 /// What the load acknowledged.
@@ -324,7 +325,7 @@ fn start_load(
                             acked.ciphertexts.push((blob, plaintext));
                         }
                     }
-                    Err(status) if transient(status.code()) => {
+                    Err(status) if transient(&status) => {
                         client = None;
                         node = (node + 1) % NODES;
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -376,7 +377,7 @@ fn start_load(
                         acked.rotated_to = acked.rotated_to.max(key.latest_version);
                     }
                     Ok(_) => acked.keys.push(name.clone()),
-                    Err(status) if transient(status.code()) => node = (node + 1) % NODES,
+                    Err(status) if transient(&status) => node = (node + 1) % NODES,
                     Err(status) => acked
                         .failures
                         .push(format!("officer on node-{node}: {status:?}")),
