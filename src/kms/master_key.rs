@@ -76,6 +76,10 @@ impl Kms {
         if !self.store.is_leader() {
             return Err(Error::NotLeader);
         }
+        let _one_at_a_time = self
+            .mwk_rotation
+            .lock()
+            .expect("master key rotation lock poisoned");
         let Some(mut rotation) = self.store.mwk_rotation()? else {
             return Ok(());
         };

@@ -159,6 +159,9 @@ pub struct Kms {
     // the lock makes taking and applying them one step, so no reader slips in between.
     changes_applied: AtomicU64,
     changes_lock: Mutex<()>,
+    // One master key rotation at a time on this node: the RPC and the scheduler's resumption
+    // must not both create the next MWK.
+    mwk_rotation: Mutex<()>,
     destruction_window: Duration,
     min_destruction_window: Duration,
     clock: Arc<dyn Clock>,
@@ -224,6 +227,7 @@ impl Kms {
             cache_epoch: RwLock::new(0),
             changes_applied: AtomicU64::new(0),
             changes_lock: Mutex::new(()),
+            mwk_rotation: Mutex::new(()),
             destruction_window: options.destruction_window,
             min_destruction_window: options.min_destruction_window,
             clock,
