@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use keyfront::cli::dev;
-use keyfront::hsm::pkcs11::{self, Pkcs11Config, Pkcs11Hsm};
-use keyfront::hsm::{self, Hsm};
+use keyfront::hsm::Hsm;
+use keyfront::hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
 use keyfront::ids::Name;
 use keyfront::keystore::Purpose;
 use keyfront::kms::{Kms, KmsOptions};
@@ -29,7 +29,7 @@ use keyfront::service::pb;
 use keyfront::service::pb::key_service_client::KeyServiceClient;
 use rand::seq::SliceRandom;
 
-const TOKEN_LABEL: &str = "keyfront-bench";
+use common::TOKEN_LABEL;
 const APP_IDENTITY: &str = "spiffe://keyfront.dev/scale/app";
 const ACTIVE: [usize; 3] = [1, 100, 10_000];
 const ENCRYPT_CONCURRENCY: usize = 64;
@@ -62,18 +62,7 @@ fn main() {
     let work = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-scale");
     let pin_file =
         PathBuf::from(std::env::var("KEYFRONT_BENCH_PIN_FILE").expect("KEYFRONT_BENCH_PIN_FILE"));
-    let pin = std::fs::read_to_string(&pin_file).expect("pin");
-    let hsm_config = Pkcs11Config {
-        module: "/usr/lib/softhsm/libsofthsm2.so".into(),
-        token_label: TOKEN_LABEL.into(),
-        pin: cryptoki::types::AuthPin::from(pin.trim().to_owned()),
-        sessions: std::num::NonZeroUsize::new(2).expect("2"),
-        kek_cache_capacity: std::num::NonZeroUsize::new(4096).expect("4096"),
-    };
-    match pkcs11::init_token(&hsm_config) {
-        Ok(_) | Err(hsm::Error::AlreadyInitialized) => {}
-        Err(error) => panic!("init: {error}"),
-    }
+    let hsm_config = common::bench_hsm();
 
     // 1. Create the tenants (or reuse those of an earlier run of the same size and token).
     let data = work.join("data");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use keyfront::cli::dev;
-use keyfront::config::{Config, Limits, PrincipalConfig, Role, ServerConfig, TenantScope};
+use keyfront::config::{Config, Limits, Role, ServerConfig};
 use keyfront::hsm::pkcs11;
 use keyfront::kms::KmsOptions;
 use keyfront::service::pb::admin_service_client::AdminServiceClient;
@@ -27,7 +27,6 @@ use tonic::{Request, Response, Status};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const TOKEN_LABEL: &str = "keyfront-bench";
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 
 /// `KEYFRONT_BENCH_ONLY=Encrypt,GenerateDataKey` limits a run to operations whose names start
@@ -154,19 +153,6 @@ impl KeyService for Echo {
     }
 }
 
-fn principal(path: &str, tenants: &[&str], role: Role) -> PrincipalConfig {
-    PrincipalConfig {
-        identity: format!("{}/{path}", dev::TRUST_DOMAIN),
-        tenants: if tenants == ["*"] {
-            TenantScope::All
-        } else {
-            TenantScope::Only(tenants.iter().map(|t| t.parse().expect("name")).collect())
-        },
-        roles: vec![role],
-        keys: None,
-    }
-}
-
 /// The HSM limit: raw AES-GCM encrypt of 32 bytes on a session-object key, one session per
 /// thread, as many threads as cores (the best strategy in notes/pkcs11-softhsm.md).
 fn hsm_limit(config: &pkcs11::Pkcs11Config, seconds: f64) -> f64 {
@@ -254,29 +240,11 @@ fn main() {
         return;
     }
     let seconds = common::seconds();
-    assert!(
-        std::env::var_os("SOFTHSM2_CONF").is_some(),
-        "run through scripts/bench.sh (sets SOFTHSM2_CONF)"
-    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path().join("certs");
     dev::ensure_certificates(&certs).expect("certificates");
-    let pin = std::fs::read_to_string(
-        std::env::var("KEYFRONT_BENCH_PIN_FILE").expect("KEYFRONT_BENCH_PIN_FILE"),
-    )
-    .expect("pin");
-    let hsm = pkcs11::Pkcs11Config {
-        module: "/usr/lib/softhsm/libsofthsm2.so".into(),
-        token_label: TOKEN_LABEL.into(),
-        pin: cryptoki::types::AuthPin::from(pin.trim().to_owned()),
-        sessions: std::num::NonZeroUsize::new(2).expect("2"),
-        kek_cache_capacity: std::num::NonZeroUsize::new(4096).expect("4096"),
-    };
-    match pkcs11::init_token(&hsm) {
-        Ok(_) | Err(keyfront::hsm::Error::AlreadyInitialized) => {}
-        Err(error) => panic!("init: {error}"),
-    }
+    let hsm = common::bench_hsm();
     let limits = Limits {
         max_concurrent_requests: 4096,
         request_timeout: Duration::from_secs(60),
@@ -303,10 +271,10 @@ fn main() {
             "audit/audit.log",
         )),
         principals: vec![
-            principal("tenant/acme/app", &["acme"], Role::App),
-            principal("tenant/acme/backup", &["acme"], Role::Backup),
-            principal("tenant/acme/secrets", &["acme"], Role::Secrets),
-            principal("officer", &["*"], Role::Officer),
+            common::principal("tenant/acme/app", &["acme"], Role::App),
+            common::principal("tenant/acme/backup", &["acme"], Role::Backup),
+            common::principal("tenant/acme/secrets", &["acme"], Role::Secrets),
+            common::principal("officer", &["*"], Role::Officer),
         ],
         metrics_listen: None,
         dual_control: Default::default(),
@@ -471,7 +439,7 @@ fn main() {
                 })
             }),
         ];
-        let rounds: usize = std::env::var("KEYFRONT_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+        let rounds = common::rounds();
         let mut rows = Vec::new();
         for concurrency in concurrencies() {
             for (operation, unit, other_limit, call) in &operations {
@@ -562,10 +530,7 @@ fn main() {
         (rows, hsm_rate, crypto_rate, snapshot_note)
     });
     let (rows, hsm_rate, crypto_rate, snapshot_note) = rows;
-    let rounds: usize = std::env::var("KEYFRONT_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
+    let rounds = common::rounds();
 
     let mut table = String::new();
     let _ = writeln!(

@@ -2,8 +2,8 @@
 # Runs the whole test suite: installs SoftHSM and PostgreSQL if missing, creates a throwaway
 # SoftHSM token directory and starts a private PostgreSQL server (non-root, 127.0.0.1, a free
 # port from 55432 up, data under target/; stopped at the end), then formatting and lint checks
-# and every test (unit, SoftHSM and PostgreSQL integration, CLI). Exits non-zero on any
-# failure. With CI=true a missing SoftHSM or PostgreSQL fails the run.
+# and every test (unit, SoftHSM and PostgreSQL integration, a 3-node cluster under faults,
+# CLI). Exits non-zero on any failure. With CI=true a missing SoftHSM or PostgreSQL fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +29,13 @@ export KEYFRONT_TEST_POSTGRES_URL
 # The cluster tests stop and start this server (tests/cluster.rs).
 export KEYFRONT_TEST_POSTGRES_DIR="$TEST_PG" KEYFRONT_TEST_POSTGRES_PORT="$port"
 trap './scripts/postgres.sh stop "$TEST_PG"' EXIT
+
+# The partition test (tests/cluster.rs) puts a node in a network namespace: it needs root and
+# `ip` (iproute2); without root it is skipped with a message.
+if [ "$(id -u)" -eq 0 ] && ! command -v ip >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null 2>&1 ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; }
+fi
 
 KEYFRONT_TEST_PYTHON=$(./tests/python/setup.sh)
 export KEYFRONT_TEST_PYTHON

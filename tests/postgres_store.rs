@@ -538,3 +538,113 @@ fn a_postgres_store_backs_up_and_restores_into_an_empty_namespace() {
         b"payload"
     );
 }
+
+/// TLS to PostgreSQL, on the test server with TLS switched on for the test (TLS 1.3 only, the
+/// dev server certificate for 127.0.0.1): a node with the right CA connects over TLS 1.3 and
+/// works; with another CA it does not connect; and once the server stops offering TLS, a node
+/// with a CA refuses to connect in plain text.
+#[test]
+fn a_node_with_a_ca_file_talks_to_postgres_over_verified_tls_13_only() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some(url) = common::postgres::url() else {
+        return;
+    };
+    let Some(pg_dir) = std::env::var_os("KEYFRONT_TEST_POSTGRES_DIR") else {
+        eprintln!("skipped: KEYFRONT_TEST_POSTGRES_DIR is not set (scripts/test.sh sets it)");
+        return;
+    };
+    let data = Path::new(&pg_dir).join("data");
+    let owner = std::fs::metadata(&data).expect("PostgreSQL data directory");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    keyfront::cli::dev::ensure_certificates(&certs).expect("certificates");
+    let other = dir.path().join("other");
+    keyfront::cli::dev::ensure_certificates(&other).expect("another CA");
+    // The server reads its certificate and key as its own user; the key must be 0600.
+    for (from, to) in [
+        ("server.crt", "kft-test-server.crt"),
+        ("server.key", "kft-test-server.key"),
+    ] {
+        let target = data.join(to);
+        std::fs::copy(certs.join(from), &target).expect("copy into the data directory");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).expect("mode");
+        std::os::unix::fs::chown(&target, Some(owner.uid()), Some(owner.gid())).expect("chown");
+    }
+    let sql = common::postgres::Sql::connect(&url);
+    let set_tls = |on: bool| {
+        sql.execute(&format!(
+            "ALTER SYSTEM SET ssl_cert_file = 'kft-test-server.crt'; \
+             ALTER SYSTEM SET ssl_key_file = 'kft-test-server.key'; \
+             ALTER SYSTEM SET ssl_min_protocol_version = 'TLSv1.3'; \
+             ALTER SYSTEM SET ssl = {on}; SELECT pg_reload_conf();"
+        ));
+        // The postmaster applies the reload asynchronously: wait until new sessions see it.
+        for _ in 0..100 {
+            let seen = common::postgres::Sql::connect(&url).strings("SHOW ssl");
+            if seen == [if on { "on" } else { "off" }] {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("ssl = {on} did not take effect");
+    };
+    struct Restore<'a>(&'a dyn Fn(bool));
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            (self.0)(false);
+        }
+    }
+    set_tls(true);
+    let _restore = Restore(&set_tls);
+
+    let config = common::initialized_token("pgtls");
+    let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
+    let namespace = common::postgres::namespace("tls");
+    let open = |ca: &Path, data_dir: &Path| {
+        let mut options = KmsOptions::default();
+        let mut backend = common::postgres::backend(&url, &namespace);
+        if let keystore::Backend::Postgres(postgres) = &mut backend {
+            postgres.ca_file = Some(ca.to_path_buf());
+            postgres.timeout = std::time::Duration::from_secs(3);
+        }
+        options.store.backend = backend;
+        Kms::open(Arc::clone(&hsm), data_dir, options)
+    };
+    let node_dir = tempfile::tempdir().expect("tempdir");
+    let kms = open(&certs.join("ca.crt"), node_dir.path()).expect("a node over TLS");
+    let tenant = kms.create_tenant(&name("acme")).expect("tenant").id;
+    kms.create_key(tenant, &name("default"), Purpose::Data)
+        .expect("key");
+    let ciphertext = encrypt(&kms, tenant, b"over tls");
+    assert_eq!(
+        decrypts(&kms, tenant, &ciphertext).expect("decrypt"),
+        b"over tls"
+    );
+    let sessions = sql.strings(
+        "SELECT s.version FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid \
+         WHERE a.application_name = 'keyfront' AND s.ssl",
+    );
+    assert!(
+        !sessions.is_empty() && sessions.iter().all(|v| v == "TLSv1.3"),
+        "keyfront's sessions over TLS: {sessions:?}"
+    );
+    drop(kms);
+
+    // A server certificate the CA did not sign: no connection, and the message names neither
+    // the connection string nor a secret.
+    let wrong_dir = tempfile::tempdir().expect("tempdir");
+    let refused = open(&other.join("ca.crt"), wrong_dir.path())
+        .and_then(|kms| kms.create_tenant(&name("globex")).map(|_| ()));
+    let message = format!("{:?}", refused.expect_err("another CA must not connect"));
+    assert!(!message.contains("user=postgres"), "{message}");
+
+    // No TLS on offer: a node with a CA does not fall back to plain text.
+    set_tls(false);
+    let plain_dir = tempfile::tempdir().expect("tempdir");
+    let refused = open(&certs.join("ca.crt"), plain_dir.path())
+        .and_then(|kms| kms.create_tenant(&name("globex")).map(|_| ()));
+    assert!(
+        refused.is_err(),
+        "a node with a CA must not connect without TLS"
+    );
+}

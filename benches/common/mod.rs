@@ -159,3 +159,59 @@ where
         latency: total,
     }
 }
+
+/// The label of the token `scripts/bench.sh` creates.
+pub(crate) const TOKEN_LABEL: &str = "keyfront-bench";
+
+/// The bench token (`scripts/bench.sh` creates it and names its PIN file), initialized for
+/// keyfront.
+pub(crate) fn bench_hsm() -> keyfront::hsm::pkcs11::Pkcs11Config {
+    use keyfront::hsm::pkcs11;
+    assert!(
+        std::env::var_os("SOFTHSM2_CONF").is_some(),
+        "run through scripts/bench.sh (sets SOFTHSM2_CONF)"
+    );
+    let pin = std::fs::read_to_string(
+        std::env::var("KEYFRONT_BENCH_PIN_FILE").expect("KEYFRONT_BENCH_PIN_FILE"),
+    )
+    .expect("pin");
+    let config = pkcs11::Pkcs11Config {
+        module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+        token_label: TOKEN_LABEL.into(),
+        pin: cryptoki::types::AuthPin::from(pin.trim().to_owned()),
+        sessions: std::num::NonZeroUsize::new(2).expect("2"),
+        kek_cache_capacity: std::num::NonZeroUsize::new(4096).expect("4096"),
+    };
+    match pkcs11::init_token(&config) {
+        Ok(_) | Err(keyfront::hsm::Error::AlreadyInitialized) => {}
+        Err(error) => panic!("init: {error}"),
+    }
+    config
+}
+
+/// A principal of the dev trust domain (the certificates `dev::ensure_certificates` makes).
+pub(crate) fn principal(
+    path: &str,
+    tenants: &[&str],
+    role: keyfront::config::Role,
+) -> keyfront::config::PrincipalConfig {
+    use keyfront::config::TenantScope;
+    keyfront::config::PrincipalConfig {
+        identity: format!("{}/{path}", keyfront::cli::dev::TRUST_DOMAIN),
+        tenants: if tenants == ["*"] {
+            TenantScope::All
+        } else {
+            TenantScope::Only(tenants.iter().map(|t| t.parse().expect("name")).collect())
+        },
+        roles: vec![role],
+        keys: None,
+    }
+}
+
+/// `KEYFRONT_BENCH_ROUNDS`, default 3.
+pub(crate) fn rounds() -> usize {
+    std::env::var("KEYFRONT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+}

@@ -102,6 +102,11 @@ impl PostgresEngine {
         let mut config = config;
         config.connect_timeout(options.timeout);
         config.application_name("keyfront");
+        if options.ca_file.is_some() {
+            // With a CA, TLS is required: the connection string's default (`prefer`) would
+            // fall back to plain text against a server that does not offer TLS.
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };

@@ -294,10 +294,31 @@ impl SystemDb {
     /// Checks a tenant database's head against the system's copy, rolling forward the one case
     /// a crash can produce: the tenant committed, the system copy was not yet updated.
     pub(crate) fn anchor_tenant(&self, id: TenantId, head: &TenantHead) -> Result<(), Error> {
-        match self.tenant_head(id)? {
+        self.check_tenant_head(id, self.tenant_head(id)?, head, false)
+    }
+
+    /// [`Self::anchor_tenant`] against an anchor read before the tenant's head was. On a
+    /// shared store (`shared`) a head more than one commit ahead of that anchor is other
+    /// nodes' commits since, and moves the anchor forward too; a head behind it is a rollback
+    /// either way.
+    pub(crate) fn check_tenant_head(
+        &self,
+        id: TenantId,
+        anchored: Option<TenantHead>,
+        head: &TenantHead,
+        shared: bool,
+    ) -> Result<(), Error> {
+        match anchored {
             Some(anchored) if anchored == *head => Ok(()),
-            Some(anchored) if head.seq == anchored.seq + 1 => {
-                tracing::info!(tenant = %id, seq = head.seq, "rolling tenant head forward");
+            Some(anchored)
+                if head.seq == anchored.seq + 1 || (shared && head.seq > anchored.seq) =>
+            {
+                if shared {
+                    // Usually another node's commit whose anchor is on its way: routine.
+                    tracing::debug!(tenant = %id, seq = head.seq, "tenant head ahead of its anchor");
+                } else {
+                    tracing::info!(tenant = %id, seq = head.seq, "rolling tenant head forward");
+                }
                 self.advance_tenant_head(id, head)
             }
             Some(_) => Err(Error::Rollback(id)),

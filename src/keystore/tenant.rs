@@ -105,6 +105,10 @@ impl TenantDb {
         let db = engine
             .open_tenant(id)?
             .ok_or(integrity("database missing"))?;
+        // The anchor is read before the records: anchors only move forward, and only after
+        // their tenant commit, so a head older than this anchor is a rollback, while a newer
+        // one may be another node's commit made after this read.
+        let anchored = system.tenant_head(id)?;
         // One read of every record: the head and the records are from the same moment even
         // while another node commits (a scan is one statement, one snapshot).
         let records = db.scan_prefix(b"")?;
@@ -137,7 +141,7 @@ impl TenantDb {
         if digest != head.digest {
             return Err(integrity("records do not match the head"));
         }
-        system.anchor_tenant(id, &head)?;
+        system.check_tenant_head(id, anchored, &head, shared)?;
         Ok(Self::new(id, db, mac, system, journal, shared, head))
     }
 

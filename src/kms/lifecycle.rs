@@ -43,17 +43,18 @@ impl Kms {
     /// # Errors
     /// [`Error::KeyNotFound`], storage errors.
     pub fn key_details(&self, tenant: TenantId, name: &Name) -> Result<KeyDetails, Error> {
-        let db = self.store.tenant(tenant)?;
-        let record = db
-            .key_by_name(name)?
-            .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
-        let mut versions = Vec::new();
-        for v in 1..=record.latest.0 {
-            if let Some(version) = db.version(&record.id, KeyVersion(v))? {
-                versions.push(version);
+        self.reading(tenant, |db, _| {
+            let record = db
+                .key_by_name(name)?
+                .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+            let mut versions = Vec::new();
+            for v in 1..=record.latest.0 {
+                if let Some(version) = db.version(&record.id, KeyVersion(v))? {
+                    versions.push(version);
+                }
             }
-        }
-        Ok(KeyDetails { record, versions })
+            Ok(KeyDetails { record, versions })
+        })
     }
 
     /// Disables a version (the primary too: encrypting then fails until it is enabled again or
@@ -324,50 +325,53 @@ impl Kms {
         name: &Name,
         update: &PolicyUpdate,
     ) -> Result<KeyRecord, Error> {
-        let db = self.store.tenant(tenant)?;
-        let _writes = db.lock_writes();
-        let mut record = db
-            .key_by_name(name)?
-            .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
-        let mut policy: KeyPolicy = record.policy.clone();
-        if let Some(min) = update.min_decryption_version {
-            if let Some(refusal) = min_refusal(&record, min) {
-                return Err(refusal);
+        let record = self.writing(|| {
+            let db = self.store.tenant(tenant)?;
+            let _writes = db.lock_writes();
+            let mut record = db
+                .key_by_name(name)?
+                .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+            let mut policy: KeyPolicy = record.policy.clone();
+            if let Some(min) = update.min_decryption_version {
+                if let Some(refusal) = min_refusal(&record, min) {
+                    return Err(refusal);
+                }
+                policy.min_decryption_version = min;
             }
-            policy.min_decryption_version = min;
-        }
-        if let Some(period) = update.rotation_period_secs {
-            policy.rotation_period_secs = (period > 0).then_some(period);
-            if period > 0 {
-                // Before the commit, due now: the scheduler recomputes the real date.
+            if let Some(period) = update.rotation_period_secs {
+                policy.rotation_period_secs = (period > 0).then_some(period);
+                if period > 0 {
+                    // Before the commit, due now: the scheduler recomputes the real date.
+                    self.store
+                        .set_rotation_check(tenant, record.id, self.clock.now_secs())?;
+                }
+            }
+            if let Some(window) = update.destruction_window_secs {
+                if window > 0 && window < self.min_destruction_window.as_secs() {
+                    return Err(Error::InvalidArgument(format!(
+                        "destruction_window of {window} s is below the minimum of {} s (the backup retention)",
+                        self.min_destruction_window.as_secs()
+                    )));
+                }
+                policy.destruction_window_secs = (window > 0).then_some(window);
+            }
+            if let Some(max) = update.max_kek_uses {
+                policy.max_kek_uses = (max > 0).then_some(max.min(super::DEFAULT_MAX_KEK_USES));
+            }
+            if let Some(max) = update.max_bulk_uses {
+                policy.max_bulk_uses = (max > 0).then_some(max.min(super::DEFAULT_MAX_BULK_USES));
+            }
+            if update.max_kek_uses.is_some() || update.max_bulk_uses.is_some() {
+                // A lower limit may already be near: let the scheduler look now.
                 self.store
                     .set_rotation_check(tenant, record.id, self.clock.now_secs())?;
             }
-        }
-        if let Some(window) = update.destruction_window_secs {
-            if window > 0 && window < self.min_destruction_window.as_secs() {
-                return Err(Error::InvalidArgument(format!(
-                    "destruction_window of {window} s is below the minimum of {} s (the backup retention)",
-                    self.min_destruction_window.as_secs()
-                )));
-            }
-            policy.destruction_window_secs = (window > 0).then_some(window);
-        }
-        if let Some(max) = update.max_kek_uses {
-            policy.max_kek_uses = (max > 0).then_some(max.min(super::DEFAULT_MAX_KEK_USES));
-        }
-        if let Some(max) = update.max_bulk_uses {
-            policy.max_bulk_uses = (max > 0).then_some(max.min(super::DEFAULT_MAX_BULK_USES));
-        }
-        if update.max_kek_uses.is_some() || update.max_bulk_uses.is_some() {
-            // A lower limit may already be near: let the scheduler look now.
-            self.store
-                .set_rotation_check(tenant, record.id, self.clock.now_secs())?;
-        }
-        record.policy = policy;
-        record.generation += 1;
-        db.commit(vec![TenantWrite::Key(record.clone())])?;
-        self.invalidate_key(tenant, &record);
+            record.policy = policy;
+            record.generation += 1;
+            db.commit(vec![TenantWrite::Key(record.clone())])?;
+            self.invalidate_key(tenant, &record);
+            Ok(record)
+        })?;
         if update.min_decryption_version.is_some() {
             self.await_propagation();
         }
@@ -455,7 +459,22 @@ impl Kms {
         tenant: TenantId,
         name: &Name,
         version: KeyVersion,
-        change: impl FnOnce(&KeyRecord, &mut VersionRecord) -> Result<(), Error>,
+        mut change: impl FnMut(&KeyRecord, &mut VersionRecord) -> Result<(), Error>,
+    ) -> Result<VersionRecord, Error> {
+        let found =
+            self.writing(|| self.commit_version_change(tenant, name, version, &mut change))?;
+        // Disabled or scheduled for destruction means refused on every node, before OK.
+        self.await_propagation();
+        Ok(found)
+    }
+
+    /// [`Self::change_version`]'s one attempt, without the wait.
+    fn commit_version_change(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        version: KeyVersion,
+        change: &mut impl FnMut(&KeyRecord, &mut VersionRecord) -> Result<(), Error>,
     ) -> Result<VersionRecord, Error> {
         let db = self.store.tenant(tenant)?;
         let _writes = db.lock_writes();
@@ -479,8 +498,6 @@ impl Kms {
             TenantWrite::Key(record.clone()),
         ])?;
         self.invalidate_key(tenant, &record);
-        // Disabled or scheduled for destruction means refused on every node, before OK.
-        self.await_propagation();
         Ok(found)
     }
 

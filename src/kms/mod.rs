@@ -506,32 +506,34 @@ impl Kms {
         name: &Name,
         purpose: Purpose,
     ) -> Result<KeyRecord, Error> {
-        let db = self.store.tenant(tenant)?;
-        let _writes = db.lock_writes();
-        if db.key_by_name(name)?.is_some() {
-            return Err(keystore::Error::AlreadyExists("key").into());
-        }
-        let id = KeyId::random();
-        let version = KeyVersion(1);
-        let version_record = self.new_version(tenant, id, version, &KeyPolicy::default())?;
-        let record = KeyRecord {
-            id,
-            name: name.clone(),
-            purpose,
-            primary: version,
-            latest: version,
-            created_at: version_record.created_at,
-            generation: 1,
-            policy: KeyPolicy::default(),
-        };
-        db.commit(vec![
-            TenantWrite::Version(id, version_record.clone()),
-            TenantWrite::Key(record.clone()),
-        ])?;
-        self.register_new_version(tenant, record.id, &version_record);
-        let epoch = self.epoch();
-        self.remember_primary(tenant, record.clone(), version_record, epoch);
-        Ok(record)
+        self.writing(|| {
+            let db = self.store.tenant(tenant)?;
+            let _writes = db.lock_writes();
+            if db.key_by_name(name)?.is_some() {
+                return Err(keystore::Error::AlreadyExists("key").into());
+            }
+            let id = KeyId::random();
+            let version = KeyVersion(1);
+            let version_record = self.new_version(tenant, id, version, &KeyPolicy::default())?;
+            let record = KeyRecord {
+                id,
+                name: name.clone(),
+                purpose,
+                primary: version,
+                latest: version,
+                created_at: version_record.created_at,
+                generation: 1,
+                policy: KeyPolicy::default(),
+            };
+            db.commit(vec![
+                TenantWrite::Version(id, version_record.clone()),
+                TenantWrite::Key(record.clone()),
+            ])?;
+            self.register_new_version(tenant, record.id, &version_record);
+            let epoch = self.epoch();
+            self.remember_primary(tenant, record.clone(), version_record, epoch);
+            Ok(record)
+        })
     }
 
     /// The key with this name.
@@ -539,10 +541,10 @@ impl Kms {
     /// # Errors
     /// [`Error::KeyNotFound`].
     pub fn key(&self, tenant: TenantId, name: &Name) -> Result<KeyRecord, Error> {
-        self.store
-            .tenant(tenant)?
-            .key_by_name(name)?
-            .ok_or_else(|| Error::KeyNotFound(name.clone()))
+        self.reading(tenant, |db, _| {
+            db.key_by_name(name)?
+                .ok_or_else(|| Error::KeyNotFound(name.clone()))
+        })
     }
 
     /// Every key of the tenant.
@@ -550,7 +552,7 @@ impl Kms {
     /// # Errors
     /// Storage errors.
     pub fn keys(&self, tenant: TenantId) -> Result<Vec<KeyRecord>, Error> {
-        Ok(self.store.tenant(tenant)?.keys()?)
+        self.reading(tenant, |db, _| Ok(db.keys()?))
     }
 
     /// Adds a version (new KEK, new bulk key) and makes it primary; older versions keep
@@ -559,32 +561,34 @@ impl Kms {
     /// # Errors
     /// [`Error::KeyNotFound`], HSM or storage errors (nothing changes on error).
     pub fn rotate_key(&self, tenant: TenantId, name: &Name) -> Result<KeyRecord, Error> {
-        let db = self.store.tenant(tenant)?;
-        let _writes = db.lock_writes();
-        let mut record = db
-            .key_by_name(name)?
-            .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
-        let next = KeyVersion(
-            record
-                .latest
-                .0
-                .checked_add(1)
-                .ok_or(Error::VersionsExhausted)?,
-        );
-        let version_record = self.new_version(tenant, record.id, next, &record.policy)?;
-        record.primary = next;
-        record.latest = next;
-        record.generation += 1;
-        crate::failpoint::hit("rotate-key:version-made");
-        db.commit(vec![
-            TenantWrite::Version(record.id, version_record.clone()),
-            TenantWrite::Key(record.clone()),
-        ])?;
-        crate::failpoint::hit("rotate-key:committed");
-        self.register_new_version(tenant, record.id, &version_record);
-        let epoch = self.epoch();
-        self.remember_primary(tenant, record.clone(), version_record, epoch);
-        Ok(record)
+        self.writing(|| {
+            let db = self.store.tenant(tenant)?;
+            let _writes = db.lock_writes();
+            let mut record = db
+                .key_by_name(name)?
+                .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+            let next = KeyVersion(
+                record
+                    .latest
+                    .0
+                    .checked_add(1)
+                    .ok_or(Error::VersionsExhausted)?,
+            );
+            let version_record = self.new_version(tenant, record.id, next, &record.policy)?;
+            record.primary = next;
+            record.latest = next;
+            record.generation += 1;
+            crate::failpoint::hit("rotate-key:version-made");
+            db.commit(vec![
+                TenantWrite::Version(record.id, version_record.clone()),
+                TenantWrite::Key(record.clone()),
+            ])?;
+            crate::failpoint::hit("rotate-key:committed");
+            self.register_new_version(tenant, record.id, &version_record);
+            let epoch = self.epoch();
+            self.remember_primary(tenant, record.clone(), version_record, epoch);
+            Ok(record)
+        })
     }
 
     /// Encrypts locally with the primary version's bulk key (AES-256-GCM-SIV).
@@ -1367,8 +1371,27 @@ impl Kms {
         }
     }
 
+    /// Runs a tenant write (`write` opens the tenant's view, reads, decides and commits) again
+    /// when another node committed to the tenant in between. Such a commit is refused as stale
+    /// with nothing written, and the next attempt decides on a fresh view; a caller sees
+    /// ABORTED only when the tenant keeps changing under every attempt.
+    fn writing<T>(&self, mut write: impl FnMut() -> Result<T, Error>) -> Result<T, Error> {
+        const ATTEMPTS: u64 = 8;
+        let mut attempt = 1;
+        loop {
+            match write() {
+                Err(Error::Store(keystore::Error::Stale(_))) if attempt < ATTEMPTS => {
+                    // A short random pause: two nodes retrying in step would collide again.
+                    std::thread::sleep(Duration::from_millis(rand::random_range(1..=4) * attempt));
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Runs `read` on the tenant's database with the cache epoch taken before it. A view that
-    /// turns out stale (another node committed since it was opened) is read once more, opened
+    /// turns out stale (another node committed since it was opened) is opened again and read
     /// again: a read must not fail because another node wrote.
     fn reading<T>(
         &self,
@@ -1380,10 +1403,17 @@ impl Kms {
             let db = self.store.tenant(tenant)?;
             read(&db, epoch)
         };
-        let result = match attempt() {
-            Err(Error::Store(keystore::Error::Stale(_))) => attempt(),
-            result => result,
-        };
+        // Each retry needs yet another commit of another node in between (a rotation and a
+        // CreateKey of one officer come milliseconds apart), so a few attempts always suffice
+        // but under a steady stream of commits to one tenant.
+        const ATTEMPTS: usize = 8;
+        let mut result = attempt();
+        for _ in 1..ATTEMPTS {
+            if !matches!(result, Err(Error::Store(keystore::Error::Stale(_)))) {
+                break;
+            }
+            result = attempt();
+        }
         if let Err(Error::Store(keystore::Error::TenantDestroyed(_))) = &result {
             // Destroyed on another node: nothing of it may stay here, bulk keys included.
             self.forget_tenant(tenant);

@@ -184,7 +184,9 @@ impl Kms {
         loop {
             match Self::take_use(record, version.version, usage, kind)? {
                 Taken::Ok => return Ok(()),
-                Taken::Reserve => self.reserve(tenant, record, version.version, usage, kind)?,
+                Taken::Reserve => {
+                    self.writing(|| self.reserve(tenant, record, version.version, usage, kind))?
+                }
             }
         }
     }

@@ -125,6 +125,31 @@ impl Sql {
         })
     }
 
+    /// Runs `sql` (statements without results).
+    #[allow(dead_code)]
+    pub fn execute(&self, sql: &str) {
+        self.runtime.block_on(async {
+            self.client
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        });
+    }
+
+    /// The first column of every row of `sql`, as text.
+    #[allow(dead_code)]
+    pub fn strings(&self, sql: &str) -> Vec<String> {
+        self.runtime.block_on(async {
+            self.client
+                .query(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .iter()
+                .map(|row| row.get(0))
+                .collect()
+        })
+    }
+
     /// Whether a schema exists.
     pub fn schema_exists(&self, schema: &str) -> bool {
         self.runtime.block_on(async {
