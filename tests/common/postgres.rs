@@ -132,7 +132,7 @@ impl Sql {
             self.client
                 .batch_execute(sql)
                 .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         });
     }
 
