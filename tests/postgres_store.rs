@@ -50,6 +50,7 @@ struct Fixture {
     url: String,
     namespace: String,
     hsm: Arc<dyn Hsm>,
+    hsm_label: String,
     _dir: tempfile::TempDir,
     acme: TenantId,
     globex: TenantId,
@@ -75,6 +76,7 @@ fn fixture(prefix: &str) -> Option<Fixture> {
     let namespace = common::postgres::namespace(prefix);
     let config = common::initialized_token(prefix);
     let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
+    let hsm_label = config.token_label;
     let dir = tempfile::tempdir().expect("tempdir");
     let kms = node(&hsm, &url, &namespace, dir.path());
     let mut ids = Vec::new();
@@ -90,6 +92,7 @@ fn fixture(prefix: &str) -> Option<Fixture> {
         url,
         namespace,
         hsm,
+        hsm_label,
         _dir: dir,
         acme: ids[0],
         globex: ids[1],
@@ -648,5 +651,78 @@ fn a_node_with_a_ca_file_talks_to_postgres_over_verified_tls_13_only() {
     assert!(
         refused.is_err(),
         "a node with a CA must not connect without TLS"
+    );
+}
+
+/// `keyfront backup restore` as an operator runs it, with a config whose store is PostgreSQL:
+/// the archive lands in the config's (empty) namespace, and a node on it decrypts.
+#[test]
+fn the_cli_restores_a_snapshot_into_a_postgres_namespace() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(f) = fixture("clirestore") else {
+        return;
+    };
+    let (kms, dir) = f.fresh_node();
+    let created = keyfront::backup::nightly::Backups::new(&dir.path().join("backups"), 30, 0)
+        .take(&kms, None)
+        .expect("snapshot of the PostgreSQL store");
+    drop(kms);
+    let pin = dir.path().join("pin");
+    std::fs::write(&pin, common::USER_PIN).expect("pin file");
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    let target = common::postgres::namespace("clirestored");
+    let config = dir.path().join("restore.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n\n\
+             [storage]\ndata_dir = \"{}\"\nbackend = \"postgres\"\n\n\
+             [storage.postgres]\nurl_env = \"KEYFRONT_TEST_POSTGRES_URL\"\nnamespace = \"{target}\"\n",
+            common::module().display(),
+            f.hsm_label,
+            pin.display(),
+            dir.path().join("data").display(),
+        ),
+    )
+    .expect("config");
+    let restore = |data_dir: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_keyfront"))
+            .args(["backup", "restore"])
+            .arg(&created.path)
+            .arg("--without-journal")
+            .args(["--data-dir", data_dir])
+            .arg("--config")
+            .arg(&config)
+            .env("KEYFRONT_TEST_POSTGRES_URL", &f.url)
+            .output()
+            .expect("keyfront backup restore runs")
+    };
+    let out = restore(&dir.path().join("restored").display().to_string());
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("2 tenants"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(!text(&out.stdout).contains(&f.url) && !text(&out.stderr).contains(&f.url));
+    // Again into the same namespace: refused, nothing written.
+    let again = restore(&dir.path().join("restored-again").display().to_string());
+    assert!(!again.status.success(), "{}", text(&again.stdout));
+    assert!(
+        text(&again.stderr).contains("restore refused"),
+        "{}",
+        text(&again.stderr)
+    );
+    let node_dir = tempfile::tempdir().expect("tempdir");
+    let node = node(&f.hsm, &f.url, &target, node_dir.path());
+    assert_eq!(
+        decrypts(&node, f.acme, &f.ciphertext).expect("the restored copy decrypts"),
+        b"payload"
     );
 }
