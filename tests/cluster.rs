@@ -534,6 +534,17 @@ struct Acknowledged {
 }
 
 impl Acknowledged {
+    /// What was acknowledged so far (the load goes on).
+    fn so_far(&self) -> Self {
+        Self {
+            ciphertexts: self.ciphertexts.clone(),
+            data_keys: self.data_keys.clone(),
+            keys: self.keys.clone(),
+            rotated_to: self.rotated_to,
+            ..Self::default()
+        }
+    }
+
     fn retried(&mut self, who: &str, node: usize, status: &tonic::Status) {
         if self.retried.len() == 40 {
             self.retried.pop_front();
@@ -851,6 +862,15 @@ fn acknowledged_work_survives_a_killed_node_and_a_postgres_outage_on_every_node(
     };
     runtime.block_on(cluster.wait_serving(1));
     std::thread::sleep(Duration::from_secs(2));
+    // Everything acknowledged up to here, on every node (the restarted one included), while
+    // the load goes on.
+    let so_far = acked.lock().expect("acked").so_far();
+    runtime.block_on(verify_everywhere(&cluster, &so_far));
+    eprintln!(
+        "after the SIGKILL: {} ciphertexts and {} data keys verified on every node",
+        so_far.ciphertexts.len(),
+        so_far.data_keys.len()
+    );
 
     // 2. PostgreSQL stopped for 10 s: cached keys go on, writes fail, health says so.
     let ops_before = ok_ops.load(Ordering::SeqCst);
@@ -1286,6 +1306,9 @@ fn a_partitioned_node_is_cut_off_then_catches_up_and_nothing_acknowledged_is_los
             .expect("the healed node decrypts once the version is enabled again");
         eprintln!("healed: store healthy after {healthy:?}, the disabled version refused");
     });
+    // Everything acknowledged up to here, on every node (the healed one included).
+    let so_far = acked.lock().expect("acked").so_far();
+    runtime.block_on(verify_everywhere(&cluster, &so_far));
 
     // 2. The node reaches its clients but not PostgreSQL: it serves cached keys for the TTL
     // and then refuses, refuses writes throughout, says so in its health, and recovers.

@@ -51,6 +51,7 @@ struct Fixture {
     namespace: String,
     hsm: Arc<dyn Hsm>,
     hsm_label: String,
+    token: keyfront::hsm::pkcs11::Pkcs11Config,
     _dir: tempfile::TempDir,
     acme: TenantId,
     globex: TenantId,
@@ -76,7 +77,7 @@ fn fixture(prefix: &str) -> Option<Fixture> {
     let namespace = common::postgres::namespace(prefix);
     let config = common::initialized_token(prefix);
     let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
-    let hsm_label = config.token_label;
+    let hsm_label = config.token_label.clone();
     let dir = tempfile::tempdir().expect("tempdir");
     let kms = node(&hsm, &url, &namespace, dir.path());
     let mut ids = Vec::new();
@@ -93,6 +94,7 @@ fn fixture(prefix: &str) -> Option<Fixture> {
         namespace,
         hsm,
         hsm_label,
+        token: config,
         _dir: dir,
         acme: ids[0],
         globex: ids[1],
@@ -725,4 +727,65 @@ fn the_cli_restores_a_snapshot_into_a_postgres_namespace() {
         decrypts(&node, f.acme, &f.ciphertext).expect("the restored copy decrypts"),
         b"payload"
     );
+}
+
+/// A master key rotation on one node of a cluster on a shared HSM (here: two sessions of one
+/// SoftHSM token, as two processes on a network HSM): the other node, with its own session and
+/// view of the token, wraps new KEKs under the new MWK and decrypts what was rewrapped, and a
+/// node that starts afterwards decrypts everything.
+#[test]
+fn a_master_key_rotation_on_one_node_is_followed_by_the_others_on_the_shared_hsm() {
+    let Some(f) = fixture("mwk") else { return };
+    let (a, _dir_a) = f.fresh_node();
+    let hsm_b: Arc<dyn Hsm> = Arc::new(common::open_hsm(&f.token));
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let b = node(&hsm_b, &f.url, &f.namespace, dir_b.path());
+    assert_eq!(
+        decrypts(&b, f.acme, &f.ciphertext).expect("b decrypts"),
+        b"payload"
+    );
+    // d opened its session before the rotation and makes no key after it.
+    let hsm_d: Arc<dyn Hsm> = Arc::new(common::open_hsm(&f.token));
+    let before = hsm_b.mwk_generation();
+    let status = a.rotate_master_key().expect("a rotates the master key");
+    assert_eq!(status.current.0, before.0 + 1);
+    assert!(status.rotation.is_none(), "finished");
+
+    // b makes a key after the rotation: its KEK is wrapped under the new generation.
+    b.create_key(f.globex, &name("after-rotation"), Purpose::Data)
+        .expect("b creates a key");
+    assert_eq!(
+        hsm_b.mwk_generation(),
+        status.current,
+        "b follows the new MWK"
+    );
+    let made_on_b = b
+        .encrypt(
+            f.globex,
+            &name("after-rotation"),
+            &Plaintext::copy_from(b"made on b"),
+            &EncryptionContext::new(),
+        )
+        .expect("encrypt on b")
+        .ciphertext;
+    // A node that starts now knows the new generation only; it decrypts both.
+    let hsm_c: Arc<dyn Hsm> = Arc::new(common::open_hsm(&f.token));
+    let dir_c = tempfile::tempdir().expect("tempdir");
+    let c = node(&hsm_c, &f.url, &f.namespace, dir_c.path());
+    assert_eq!(
+        decrypts(&c, f.acme, &f.ciphertext).expect("c decrypts the old ciphertext"),
+        b"payload"
+    );
+    let out = c
+        .decrypt(f.globex, &made_on_b, &EncryptionContext::new(), None)
+        .expect("c decrypts b's ciphertext");
+    assert_eq!(out.plaintext.expose_secret(), b"made on b");
+    // d meets a KEK rewrapped under a generation it has not seen: it finds it on the token.
+    let dir_d = tempfile::tempdir().expect("tempdir");
+    let d = node(&hsm_d, &f.url, &f.namespace, dir_d.path());
+    assert_eq!(
+        decrypts(&d, f.acme, &f.ciphertext).expect("d decrypts"),
+        b"payload"
+    );
+    assert_eq!(hsm_d.mwk_generation(), status.current);
 }

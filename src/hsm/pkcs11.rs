@@ -396,7 +396,8 @@ pub struct Pkcs11Hsm {
 }
 
 impl Pkcs11Hsm {
-    /// Logs in to the token and finds keyfront's keys on it (the only `find_objects` calls).
+    /// Logs in to the token and finds keyfront's keys on it (`find_objects` is called only here
+    /// and when another node's newer MWK is looked for).
     ///
     /// # Errors
     /// [`Error::Pin`] for a refused PIN (never retry); [`Error::NotInitialized`] when the token
@@ -483,6 +484,9 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn generate_kek(&self) -> Result<WrappedKek, Error> {
+        // A KEK is wrapped under the newest MWK on the token, even one another node made: one
+        // wrapped under a generation being retired would be lost with it.
+        self.refresh_mwks()?;
         let current = self.mwk_generation();
         let mwk = self.mwk(current)?;
         let wrapped = self
@@ -720,13 +724,60 @@ impl Hsm for Pkcs11Hsm {
 }
 
 impl Pkcs11Hsm {
+    /// The handle of an MWK generation. One newer than any known here is looked for on the
+    /// token once: on a shared HSM, another node's master key rotation made it.
     fn mwk(&self, generation: MwkGeneration) -> Result<ObjectHandle, Error> {
-        self.mwks
+        let known = self
+            .mwks
             .read()
             .expect("MWK lock poisoned")
             .get(&generation)
-            .copied()
-            .ok_or(Error::UnknownMwk(generation))
+            .copied();
+        match known {
+            Some(handle) => Ok(handle),
+            None if generation > self.mwk_generation() => {
+                self.refresh_mwks()?;
+                self.mwks
+                    .read()
+                    .expect("MWK lock poisoned")
+                    .get(&generation)
+                    .copied()
+                    .ok_or(Error::UnknownMwk(generation))
+            }
+            None => Err(Error::UnknownMwk(generation)),
+        }
+    }
+
+    /// Adopts MWK generations newer than the current one that are on the token: another node
+    /// sharing this HSM rotated the master key. The newest becomes current (new KEKs are
+    /// wrapped under it) and the canary moves to it, as after [`Hsm::create_mwk`]. A few
+    /// `find_objects` on a token that holds only keyfront's handful of keys: cheap, and only
+    /// called before a KEK is made and on a blob of an unknown newer generation.
+    fn refresh_mwks(&self) -> Result<(), Error> {
+        let mut mwks = self.mwks.write().expect("MWK lock poisoned");
+        let mut newest = None;
+        let mut next = self.mwk_generation().0;
+        while next < MAX_MWK_GENERATIONS {
+            next += 1;
+            let generation = MwkGeneration(next);
+            match self.pool.with(|s| find_mwk(s, generation))? {
+                Some(handle) => {
+                    mwks.insert(generation, handle);
+                    newest = Some((generation, handle));
+                }
+                None => break,
+            }
+        }
+        if let Some((generation, handle)) = newest {
+            let canary = Canary::new(&self.pool, handle, generation)?;
+            *self.canary.write().expect("canary lock poisoned") = Arc::new(canary);
+            self.current_mwk.store(generation.0, Ordering::Release);
+            tracing::info!(
+                generation = generation.0,
+                "a newer master wrapping key is on the HSM (rotated by another node); using it"
+            );
+        }
+        Ok(())
     }
 }
 

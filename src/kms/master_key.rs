@@ -93,7 +93,7 @@ impl Kms {
             if rotation.cursor.is_some_and(|done| tenant.id <= done) {
                 continue;
             }
-            self.rewrap_tenant(tenant.id, to)?;
+            self.writing(|| self.rewrap_tenant(tenant.id, to))?;
             crate::failpoint::hit("mwk:tenant-committed");
             rotation.cursor = Some(tenant.id);
             self.store.set_mwk_rotation(&rotation)?;
