@@ -106,6 +106,24 @@ async fn committed_transactions(url: &str) -> i64 {
         .get(0)
 }
 
+/// One row of the latency table.
+fn row(
+    table: &mut String,
+    operation: &str,
+    mode: &str,
+    concurrency: usize,
+    m: &common::Measurement,
+) {
+    let _ = writeln!(
+        table,
+        "| {operation} | {mode} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.2} |",
+        m.rate(),
+        m.quantile_ms(0.5),
+        m.quantile_ms(0.99),
+        m.latency.max() as f64 / 1000.0
+    );
+}
+
 fn quantiles(histogram: &Histogram<u64>) -> String {
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     format!("{:.2} | {:.2} | {:.2}", ms(0.5), ms(0.99), ms(1.0))
@@ -256,14 +274,7 @@ fn main() {
         let _ = writeln!(table, "| operation | mode | concurrency | ops/s | p50 ms | p99 ms | max ms |");
         let _ = writeln!(table, "|---|---|---:|---:|---:|---:|---:|");
         for (mode, m) in [("single node (sled)", &single_encrypt), ("cluster node (PostgreSQL)", &cluster_encrypt)] {
-            let _ = writeln!(
-                table,
-                "| Encrypt 1 KiB | {mode} | {ENCRYPT_CONCURRENCY} | {:.0} | {:.2} | {:.2} | {:.2} |",
-                m.rate(),
-                m.quantile_ms(0.5),
-                m.quantile_ms(0.99),
-                m.latency.max() as f64 / 1000.0
-            );
+            row(&mut table, "Encrypt 1 KiB", mode, ENCRYPT_CONCURRENCY, m);
         }
 
         // 2. The writes that go to PostgreSQL, at c=1 and c=4, next to the same on sled.
@@ -289,14 +300,7 @@ fn main() {
                     }
                 };
                 let m = common::drive(concurrency, seconds, create).await;
-                let _ = writeln!(
-                    table,
-                    "| CreateKey | {mode} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.2} |",
-                    m.rate(),
-                    m.quantile_ms(0.5),
-                    m.quantile_ms(0.99),
-                    m.latency.max() as f64 / 1000.0
-                );
+                row(&mut table, "CreateKey", mode, concurrency, &m);
                 let rotate = {
                     let admin = node.admin.clone();
                     move || {
@@ -310,14 +314,7 @@ fn main() {
                     }
                 };
                 let m = common::drive(concurrency, seconds, rotate).await;
-                let _ = writeln!(
-                    table,
-                    "| RotateKey (one key) | {mode} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.2} |",
-                    m.rate(),
-                    m.quantile_ms(0.5),
-                    m.quantile_ms(0.99),
-                    m.latency.max() as f64 / 1000.0
-                );
+                row(&mut table, "RotateKey (one key)", mode, concurrency, &m);
             }
         }
 

@@ -785,6 +785,33 @@ async fn verify_everywhere(cluster: &Cluster, acked: &Acknowledged) {
     }
 }
 
+/// Stops the load, waits for it, and returns what it acknowledged (none of it failed, and
+/// some of every kind was acknowledged).
+fn stop_load(
+    runtime: &tokio::runtime::Runtime,
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    acked: &Mutex<Acknowledged>,
+) -> Acknowledged {
+    stop.store(true, Ordering::SeqCst);
+    runtime.block_on(async {
+        for task in tasks {
+            task.await.expect("load task");
+        }
+    });
+    let acked = std::mem::take(&mut *acked.lock().expect("acked"));
+    assert!(acked.failures.is_empty(), "{:#?}", acked.failures);
+    eprintln!(
+        "acknowledged: {} ciphertexts, {} data keys, {} keys created, default rotated to v{}",
+        acked.ciphertexts.len(),
+        acked.data_keys.len(),
+        acked.keys.len(),
+        acked.rotated_to
+    );
+    assert!(!acked.ciphertexts.is_empty() && !acked.keys.is_empty());
+    acked
+}
+
 fn postgres_dir() -> (PathBuf, String) {
     let dir = std::env::var("KEYFRONT_TEST_POSTGRES_DIR")
         .expect("KEYFRONT_TEST_POSTGRES_DIR (scripts/test.sh sets it)");
@@ -924,24 +951,8 @@ fn acknowledged_work_survives_a_killed_node_and_a_postgres_outage_on_every_node(
         recovering.elapsed()
     );
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::SeqCst);
-    runtime.block_on(async {
-        for task in tasks {
-            task.await.expect("load task");
-        }
-    });
-
     // 3. Every acknowledged item, on every node.
-    let acked = std::mem::take(&mut *acked.lock().expect("acked"));
-    assert!(acked.failures.is_empty(), "{:#?}", acked.failures);
-    eprintln!(
-        "acknowledged: {} ciphertexts, {} data keys, {} keys created, default rotated to v{}",
-        acked.ciphertexts.len(),
-        acked.data_keys.len(),
-        acked.keys.len(),
-        acked.rotated_to
-    );
-    assert!(!acked.ciphertexts.is_empty() && !acked.keys.is_empty());
+    let acked = stop_load(&runtime, &stop, tasks, &acked);
     runtime.block_on(async {
         verify_everywhere(&cluster, &acked).await;
 
@@ -1374,22 +1385,7 @@ fn a_partitioned_node_is_cut_off_then_catches_up_and_nothing_acknowledged_is_los
         );
     });
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::SeqCst);
-    runtime.block_on(async {
-        for task in tasks {
-            task.await.expect("load task");
-        }
-    });
-
     // 3. Every acknowledged item, on every node.
-    let acked = std::mem::take(&mut *acked.lock().expect("acked"));
-    assert!(acked.failures.is_empty(), "{:#?}", acked.failures);
-    eprintln!(
-        "acknowledged: {} ciphertexts, {} data keys, {} keys created, default rotated to v{}",
-        acked.ciphertexts.len(),
-        acked.data_keys.len(),
-        acked.keys.len(),
-        acked.rotated_to
-    );
+    let acked = stop_load(&runtime, &stop, tasks, &acked);
     runtime.block_on(verify_everywhere(&cluster, &acked));
 }
