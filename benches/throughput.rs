@@ -314,7 +314,7 @@ fn main() {
             .expect("audit"),
         );
         let tls = keyfront::service::tls::server_config(&echo_server).expect("tls");
-        let incoming = keyfront::service::tls::incoming(echo_listener, tls, audit, false);
+        let incoming = keyfront::service::tls::incoming(echo_listener, tls, audit, false, limits);
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(KeyServiceServer::new(Echo))

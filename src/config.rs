@@ -152,7 +152,7 @@ pub struct ServerConfig {
     pub limits: Limits,
 }
 
-/// Request limits.
+/// Request and connection limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Largest request message, in bytes.
@@ -170,6 +170,12 @@ pub struct Limits {
     /// Most HashPassword/VerifyPassword computations at once; more are refused with
     /// RESOURCE_EXHAUSTED, so a flood of logins cannot starve the other RPCs.
     pub max_concurrent_password_hashes: usize,
+    /// Most TCP connections at once, in their handshake or established; more are closed at
+    /// once (and audited), so a flood cannot exhaust file descriptors or memory.
+    pub max_connections: usize,
+    /// How long a client has from its TCP connect to a finished TLS handshake; a connection
+    /// that never sends a ClientHello, or stalls in the middle of one, is closed then.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -182,6 +188,8 @@ impl Default for Limits {
             max_concurrent_requests: 1024,
             request_timeout: Duration::from_secs(10),
             max_concurrent_password_hashes: 2,
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -627,6 +635,10 @@ struct RawServer {
     max_concurrent_password_hashes: usize,
     #[serde(default = "default_request_timeout_ms")]
     request_timeout_ms: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_handshake_timeout_ms")]
+    handshake_timeout_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -871,6 +883,12 @@ fn default_max_concurrent_requests() -> usize {
 fn default_request_timeout_ms() -> u64 {
     10_000
 }
+fn default_max_connections() -> usize {
+    Limits::default().max_connections
+}
+fn default_handshake_timeout_ms() -> u64 {
+    u64::try_from(Limits::default().handshake_timeout.as_millis()).unwrap_or(u64::MAX)
+}
 
 impl Config {
     /// Reads, parses and validates a config file, resolving the PIN from `env` or its file.
@@ -1075,6 +1093,7 @@ impl RawServer {
                 self.max_concurrent_password_hashes,
                 "server.max_concurrent_password_hashes",
             ),
+            (self.max_connections, "server.max_connections"),
         ] {
             if value == 0 {
                 problems.push(ConfigProblem::Zero(name));
@@ -1082,6 +1101,9 @@ impl RawServer {
         }
         if self.request_timeout_ms == 0 {
             problems.push(ConfigProblem::Zero("server.request_timeout_ms"));
+        }
+        if self.handshake_timeout_ms == 0 {
+            problems.push(ConfigProblem::Zero("server.handshake_timeout_ms"));
         }
         if self.audit_checkpoint_lines == 0 {
             problems.push(ConfigProblem::Zero("server.audit_checkpoint_lines"));
@@ -1109,6 +1131,8 @@ impl RawServer {
                 max_concurrent_requests: self.max_concurrent_requests,
                 request_timeout: Duration::from_millis(self.request_timeout_ms),
                 max_concurrent_password_hashes: self.max_concurrent_password_hashes,
+                max_connections: self.max_connections,
+                handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             },
         }
     }

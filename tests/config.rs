@@ -140,6 +140,8 @@ fn the_shipped_example_config_is_valid() {
         .expect("config.example.toml stays valid");
     let server = config.server.expect("server section");
     assert_eq!(server.limits.max_batch_items, 1000);
+    assert_eq!(server.limits.max_connections, 4096);
+    assert_eq!(server.limits.handshake_timeout.as_millis(), 5000);
     assert_eq!(config.principals.len(), 3);
     assert_eq!(
         config.principals[2].tenants,
@@ -346,4 +348,42 @@ fn the_postgres_backend_takes_its_connection_string_from_the_environment_or_a_pr
         Config::load(&path, &env(&[("P", "1")])),
         Err(ConfigError::Parse { .. })
     ));
+}
+
+#[test]
+fn connection_limits_default_and_zero_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string("config.example.toml").expect("example");
+    std::fs::create_dir(dir.path().join("certs")).expect("mkdir");
+    for file in ["server.crt", "server.key", "ca.crt"] {
+        std::fs::write(dir.path().join("certs").join(file), "").expect("write");
+    }
+    let without: String = text
+        .lines()
+        .filter(|l| !l.starts_with("max_connections") && !l.starts_with("handshake_timeout_ms"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = dir.path().join("keyfront.toml");
+    std::fs::write(&path, &without).expect("write");
+    let pin = env(&[("KEYFRONT_HSM_PIN", "1234")]);
+    let limits = Config::load(&path, &pin)
+        .expect("defaults")
+        .server
+        .expect("server")
+        .limits;
+    assert_eq!(limits.max_connections, 4096);
+    assert_eq!(limits.handshake_timeout.as_secs(), 5);
+
+    let zero = without.replace(
+        "[server]\n",
+        "[server]\nmax_connections = 0\nhandshake_timeout_ms = 0\n",
+    );
+    std::fs::write(&path, zero).expect("write");
+    assert_eq!(
+        problems(Config::load(&path, &pin)),
+        vec![
+            ConfigProblem::Zero("server.max_connections"),
+            ConfigProblem::Zero("server.handshake_timeout_ms"),
+        ]
+    );
 }

@@ -141,6 +141,7 @@ impl Harness {
             max_concurrent_requests: 64,
             request_timeout: Duration::from_secs(10),
             max_concurrent_password_hashes: 2,
+            ..Limits::default()
         };
         let mut kms = KmsOptions::default();
         adjust(&mut limits, &mut kms);

@@ -17,6 +17,8 @@
 //! can restore them, and a restore verifies them like any open. Wrapped KEKs stay wrapped.
 
 use std::fs::File;
+
+use nix::fcntl::{Flock, FlockArg};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -43,6 +45,8 @@ const SIGNING_LABEL: &[u8] = b"keyfront backup manifest v1\0";
 const MAX_FRAME: u64 = 1 << 32;
 const PREFIX: &str = "keyfront-";
 const SUFFIX: &str = ".kfb";
+/// A snapshot being written: `.<archive name>.partial`, renamed to the archive when whole.
+const PARTIAL_SUFFIX: &str = ".partial";
 
 /// Errors of backups.
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +332,7 @@ fn encode_section(database: String, records: RawRecords) -> Result<(Vec<u8>, usi
 /// I/O, store and HSM errors; nothing is left in `dir` on error.
 pub fn create(kms: &Kms, dir: &Path) -> Result<Created, Error> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    remove_abandoned_partials(dir);
     let now = kms.clock().now_secs();
     let name = archive_name(now);
     let mut path = dir.join(&name);
@@ -338,14 +343,14 @@ pub fn create(kms: &Kms, dir: &Path) -> Result<Created, Error> {
         path = dir.join(format!("{stem}-{n}{SUFFIX}"));
     }
     let partial = dir.join(format!(
-        ".{}.partial",
+        ".{}{PARTIAL_SUFFIX}",
         path.file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("archive")
     ));
     let result = write_archive(kms, now, &partial);
-    let manifest = match result {
-        Ok(manifest) => manifest,
+    let (manifest, _locked) = match result {
+        Ok(written) => written,
         Err(error) => {
             let _ = std::fs::remove_file(&partial);
             return Err(error);
@@ -363,7 +368,36 @@ pub fn create(kms: &Kms, dir: &Path) -> Result<Created, Error> {
     })
 }
 
-fn write_archive(kms: &Kms, now: u64, partial: &Path) -> Result<Manifest, Error> {
+/// Removes the `.partial` files of snapshots whose writer died (a crash or `kill -9` in the
+/// middle of one): a live writer holds an exclusive lock on its file, so a file that can be
+/// locked is abandoned. Another process's snapshot in progress keeps its file.
+fn remove_abandoned_partials(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if !(name.starts_with('.') && name.ends_with(PARTIAL_SUFFIX)) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        if Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok()
+            && std::fs::remove_file(&path).is_ok()
+        {
+            tracing::info!(path = %path.display(), "removed the partial file of an interrupted snapshot");
+        }
+    }
+}
+
+/// Writes the archive to `partial`; returns its manifest and the still-locked file, to be
+/// closed only after the rename.
+fn write_archive(kms: &Kms, now: u64, partial: &Path) -> Result<(Manifest, Flock<File>), Error> {
     let store = kms.store();
     let file = {
         use std::os::unix::fs::OpenOptionsExt;
@@ -374,7 +408,11 @@ fn write_archive(kms: &Kms, now: u64, partial: &Path) -> Result<Manifest, Error>
             .open(partial)
             .map_err(io(partial))?
     };
-    let mut out = BufWriter::new(file);
+    // Held until the file is closed (after the rename): tells remove_abandoned_partials that
+    // this writer is alive.
+    let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, errno)| io(partial)(errno.into()))?;
+    let mut out = BufWriter::new(&*file);
     out.write_all(MAGIC).map_err(io(partial))?;
     let journal_seq = store.key_journal().map_or(0, |j| j.last_seq());
     let system = store.dump_system()?;
@@ -440,9 +478,11 @@ fn write_archive(kms: &Kms, now: u64, partial: &Path) -> Result<Manifest, Error>
     write_frame(&mut out, TAG_MANIFEST, &manifest_bytes, partial)?;
     write_frame(&mut out, TAG_SIGNATURE, &signature, partial)?;
     out.write_all(&[TAG_END]).map_err(io(partial))?;
-    let file = out.into_inner().map_err(|e| io(partial)(e.into_error()))?;
-    file.sync_all().map_err(io(partial))?;
-    Ok(manifest)
+    out.into_inner()
+        .map_err(|e| io(partial)(e.into_error()))?
+        .sync_all()
+        .map_err(io(partial))?;
+    Ok((manifest, file))
 }
 
 fn signed_message(manifest: &[u8]) -> Vec<u8> {

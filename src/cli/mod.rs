@@ -229,15 +229,39 @@ fn serve(path: &Path) -> ExitCode {
     serve_config(config, None, path)
 }
 
+/// Raises the soft limit on open files to the hard limit: each connection is a descriptor, and
+/// the common soft default (1024) is below `max_connections`. Says so when even the hard limit
+/// leaves too little room, since accepts then fail with EMFILE before the cap is reached.
+fn raise_open_file_limit(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+        tracing::warn!(soft, hard, "cannot raise the open-file limit");
+    }
+    // Databases, the audit log, the HSM and the runtime need descriptors of their own.
+    let wanted = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(256);
+    if hard < wanted {
+        tracing::warn!(
+            limit = hard,
+            max_connections,
+            "the open-file limit is below server.max_connections + 256; raise it (ulimit -n, LimitNOFILE=) or lower max_connections"
+        );
+    }
+}
+
 fn serve_config(config: Config, listen: Option<std::net::SocketAddr>, path: &Path) -> ExitCode {
     let Some(server) = &config.server else {
         eprintln!("keyfront: the config has no [server] section");
         return ExitCode::FAILURE;
     };
     let listen = listen.unwrap_or(server.listen);
+    raise_open_file_limit(server.limits.max_connections);
     let result = runtime().block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
+        let listener = crate::service::tls::listen(listen)
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let mut server =
             crate::service::Server::new(config.clone()).with_config_path(path.to_path_buf());

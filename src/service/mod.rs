@@ -580,7 +580,13 @@ impl Server {
             access::AccessService::new(Arc::clone(&shared)),
         )
         .max_decoding_message_size(limits.max_message_bytes);
-        let incoming = tls::incoming(listener, tls, Arc::clone(&audit), server.allow_cn_identity);
+        let incoming = tls::incoming(
+            listener,
+            tls,
+            Arc::clone(&audit),
+            server.allow_cn_identity,
+            limits,
+        );
         tracing::info!(listen = %server.listen, "keyfront serving (TLS 1.3, client certificates required)");
         let serving = tonic::transport::Server::builder()
             .layer(layer::RequestLayer::new(

@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,10 +25,7 @@ use tonic::transport::server::Connected;
 
 use super::auth::PeerInfo;
 use crate::audit::{AuditLog, ConnectionRecord};
-use crate::config::ServerConfig;
-
-/// How long a client has to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::config::{Limits, ServerConfig};
 
 /// Why the TLS setup failed.
 #[derive(Debug, thiserror::Error)]
@@ -90,21 +87,50 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// Accepts TCP connections, runs the TLS handshake (each on its own task, bounded in time),
-/// audits the outcome, and yields the established connections.
+/// The listen backlog asked of the kernel (it caps it at `net.core.somaxconn`). The runtime's
+/// default was 128 here: a burst of a few hundred connects overflowed it, and with SYN cookies
+/// a client whose final ACK was dropped believed itself connected while the server never saw
+/// it (tests/connections.rs).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with a backlog deep enough for connection bursts.
+///
+/// # Errors
+/// The address cannot be bound.
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Accepts TCP connections, runs the TLS handshake (each on its own task, bounded by
+/// `limits.handshake_timeout`), audits the outcome, and yields the established connections.
+///
+/// At most `limits.max_connections` connections exist at once, counting those still in their
+/// handshake: one more is closed at once and audited as rejected. A slot is held from the TCP
+/// accept until the connection is dropped, so idle or stalled sockets cannot pile up past the
+/// cap, and the handshake timeout bounds how long one that never finishes can hold its slot.
 pub fn incoming(
     listener: TcpListener,
     config: rustls::ServerConfig,
     audit: Arc<AuditLog>,
     allow_cn_identity: bool,
+    limits: Limits,
 ) -> ReceiverStream<io::Result<TlsConnection>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (sender, receiver) = mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(error) => {
+                    // EMFILE and the like: back off instead of spinning on the error.
                     tracing::warn!(%error, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -113,12 +139,18 @@ pub fn incoming(
             if sender.is_closed() {
                 break;
             }
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                drop(tcp);
+                reject(&audit, remote, "connection limit reached".into());
+                continue;
+            };
             let acceptor = acceptor.clone();
             let sender = sender.clone();
             let audit = Arc::clone(&audit);
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let handshake =
+                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
@@ -151,7 +183,13 @@ pub fn incoming(
                     tracing::error!(%error, "audit write failed; the connection serves nothing");
                     info.unaudited = true;
                 }
-                let _ = sender.send(Ok(TlsConnection { stream, info })).await;
+                let _ = sender
+                    .send(Ok(TlsConnection {
+                        stream,
+                        info,
+                        _slot: slot,
+                    }))
+                    .await;
             });
         }
     });
@@ -159,7 +197,9 @@ pub fn incoming(
 }
 
 fn reject(audit: &AuditLog, remote: std::net::SocketAddr, reason: String) {
-    tracing::info!(peer = %remote, %reason, "TLS connection rejected");
+    // Debug, not info: the audit log has every one, and a flood of bad connections must not
+    // become a flood of log lines (a slow log sink blocks the worker that writes to it).
+    tracing::debug!(peer = %remote, %reason, "TLS connection rejected");
     let record = ConnectionRecord {
         peer: remote.to_string(),
         outcome: "rejected",
@@ -176,6 +216,8 @@ fn reject(audit: &AuditLog, remote: std::net::SocketAddr, reason: String) {
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     info: PeerInfo,
+    // Its place under `max_connections`, given back when the server drops the connection.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConnection {

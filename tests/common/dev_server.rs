@@ -15,6 +15,54 @@ pub struct DevServer {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<std::process::Child>,
+    // stdout and stderr, read as they come: a pipe nobody drains fills at 64 KiB and then
+    // blocks the server's next log line (and every worker thread that writes one).
+    output: Option<Drained>,
+}
+
+/// Threads that read a child's stdout and stderr into one buffer.
+struct Drained {
+    buffer: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drained {
+    fn start(child: &mut std::process::Child) -> Self {
+        use std::io::Read;
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        let pipes: [Option<Box<dyn Read + Send>>; 2] = [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ];
+        for mut pipe in pipes.into_iter().flatten() {
+            let buffer = std::sync::Arc::clone(&buffer);
+            readers.push(std::thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                    buffer
+                        .lock()
+                        .expect("log buffer")
+                        .extend_from_slice(&chunk[..n]);
+                }
+            }));
+        }
+        Self { buffer, readers }
+    }
+
+    /// Everything the child wrote, once it has exited.
+    fn finish(self) -> String {
+        for reader in self.readers {
+            let _ = reader.join();
+        }
+        text(&self.buffer.lock().expect("log buffer"))
+    }
 }
 
 impl DevServer {
@@ -34,7 +82,7 @@ impl DevServer {
             .local_addr()
             .expect("addr")
             .port();
-        let child = Command::new(BIN)
+        let mut child = Command::new(BIN)
             .args(["dev", "--dir"])
             .arg(dir.path())
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -45,10 +93,12 @@ impl DevServer {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("keyfront dev starts");
+        let output = Some(Drained::start(&mut child));
         let server = Self {
             dir,
             port,
             child: Some(child),
+            output,
         };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -93,12 +143,12 @@ impl DevServer {
 
     /// SIGKILL (a real `kill -9`), then the server's stdout and stderr.
     pub fn kill9(mut self) -> (tempfile::TempDir, String) {
-        let child = self.child.take().expect("running");
+        let mut child = self.child.take().expect("running");
         let _ = Command::new("kill")
             .args(["-KILL", &child.id().to_string()])
             .status();
-        let output = child.wait_with_output().expect("server exits");
-        let logs = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        child.wait().expect("server exits");
+        let logs = self.output.take().map(Drained::finish).unwrap_or_default();
         (
             std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")),
             logs,
@@ -107,16 +157,16 @@ impl DevServer {
 
     /// SIGTERM, then the server's stdout and stderr.
     pub fn stop(mut self) -> (tempfile::TempDir, String, i32) {
-        let child = self.child.take().expect("running");
+        let mut child = self.child.take().expect("running");
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
-        let output = child.wait_with_output().expect("server exits");
-        let logs = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        let status = child.wait().expect("server exits");
+        let logs = self.output.take().map(Drained::finish).unwrap_or_default();
         (
             std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")),
             logs,
-            output.status.code().unwrap_or(-1),
+            status.code().unwrap_or(-1),
         )
     }
 }
@@ -134,6 +184,15 @@ pub async fn channel(
     port: u16,
     principal: &str,
 ) -> tonic::transport::Channel {
+    try_channel(dir, port, principal).await.expect("connect")
+}
+
+/// [`channel`], or the transport error when the connection fails.
+pub async fn try_channel(
+    dir: &std::path::Path,
+    port: u16,
+    principal: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     let read = |file: String| std::fs::read(dir.join("certs").join(file)).expect("read cert");
     let tls = ClientTlsConfig::new()
@@ -149,7 +208,6 @@ pub async fn channel(
         .expect("tls")
         .connect()
         .await
-        .expect("connect")
 }
 
 /// The server's overall health status (`grpc.health.v1`), if it answers.
