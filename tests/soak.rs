@@ -1,0 +1,452 @@
+//! Soak: 64 clients, each on its own TLS connection, call every KeyService RPC against a real
+//! `keyfront dev` process for `KEYFRONT_SOAK_SECS` seconds (default 60; docs/TESTING.md records
+//! a 10-minute run). Every call must succeed and return what it should; the server's resident
+//! memory and open file descriptors, sampled from /proc, must stay flat after the warm-up.
+//! Latency percentiles are printed per RPC (figures, not assertions).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::dev_server::DevServer;
+use hdrhistogram::Histogram;
+use keyfront::service::pb;
+use keyfront::service::pb::key_service_client::KeyServiceClient;
+use tonic::transport::Channel;
+
+const CLIENTS: usize = 64;
+/// HashPassword and VerifyPassword run on at most `max_concurrent_password_hashes` (2) at once
+/// and refuse the rest by design, so two clients do them; the others share the other RPCs.
+const PASSWORD_CLIENTS: usize = 2;
+/// After the warm-up, resident memory and descriptors may move by this much.
+const FLAT: f64 = 0.10;
+
+fn soak_secs() -> u64 {
+    std::env::var("KEYFRONT_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60)
+}
+
+/// Resident memory (KiB) and open descriptors of a process.
+fn sample(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .count();
+    (rss, fds)
+}
+
+#[derive(Default)]
+struct Results {
+    latencies: BTreeMap<&'static str, Histogram<u64>>,
+    errors: Vec<String>,
+}
+
+impl Results {
+    fn record(&mut self, rpc: &'static str, took: Duration) {
+        self.latencies
+            .entry(rpc)
+            .or_insert_with(|| Histogram::new(3).expect("histogram"))
+            .saturating_record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+    }
+}
+
+/// Times one call; a failure or a wrong answer is an error.
+async fn timed<T>(
+    results: &Mutex<Results>,
+    rpc: &'static str,
+    call: impl Future<Output = Result<T, String>>,
+) -> Option<T> {
+    let started = Instant::now();
+    let outcome = call.await;
+    let mut results = results.lock().expect("results");
+    match outcome {
+        Ok(value) => {
+            results.record(rpc, started.elapsed());
+            Some(value)
+        }
+        Err(error) => {
+            if results.errors.len() < 20 {
+                results.errors.push(format!("{rpc}: {error}"));
+            } else {
+                results.errors.push(String::new());
+            }
+            None
+        }
+    }
+}
+
+fn check(ok: bool, what: &str) -> Result<(), String> {
+    if ok { Ok(()) } else { Err(what.to_owned()) }
+}
+
+/// Encrypt, Decrypt, ReEncrypt, BatchEncrypt, BatchDecrypt, as the app.
+async fn app_round(client: &mut KeyServiceClient<Channel>, results: &Mutex<Results>, n: u64) {
+    let plaintext = format!("soak plaintext {n}").into_bytes();
+    let context: std::collections::HashMap<String, String> =
+        [("order".to_owned(), n.to_string())].into();
+    let Some(ciphertext) = timed(results, "Encrypt", async {
+        client
+            .encrypt(pb::EncryptRequest {
+                key: "default".into(),
+                plaintext: plaintext.clone(),
+                context: context.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().ciphertext)
+            .map_err(|s| format!("{s:?}"))
+    })
+    .await
+    else {
+        return;
+    };
+    timed(results, "Decrypt", async {
+        let back = client
+            .decrypt(pb::DecryptRequest {
+                ciphertext: ciphertext.clone(),
+                context: context.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("{s:?}"))?;
+        check(back.into_inner().plaintext == plaintext, "wrong plaintext")
+    })
+    .await;
+    timed(results, "ReEncrypt", async {
+        let again = client
+            .re_encrypt(pb::ReEncryptRequest {
+                ciphertext: ciphertext.clone(),
+                context: context.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("{s:?}"))?;
+        check(
+            !again.into_inner().ciphertext.is_empty(),
+            "empty ciphertext",
+        )
+    })
+    .await;
+    let items: Vec<Vec<u8>> = (0..16)
+        .map(|i| format!("item {n}/{i}").into_bytes())
+        .collect();
+    let Some(sealed) = timed(results, "BatchEncrypt", async {
+        let reply = client
+            .batch_encrypt(pb::BatchEncryptRequest {
+                key: "default".into(),
+                items: items
+                    .iter()
+                    .map(|p| pb::BatchEncryptItem {
+                        plaintext: p.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("{s:?}"))?
+            .into_inner();
+        let all_ok = reply
+            .results
+            .iter()
+            .all(|r| r.status.as_ref().is_none_or(|s| s.code == 0));
+        check(
+            all_ok && reply.results.len() == items.len(),
+            "an item failed",
+        )?;
+        Ok(reply
+            .results
+            .into_iter()
+            .map(|r| r.ciphertext)
+            .collect::<Vec<_>>())
+    })
+    .await
+    else {
+        return;
+    };
+    timed(results, "BatchDecrypt", async {
+        let reply = client
+            .batch_decrypt(pb::BatchDecryptRequest {
+                items: sealed
+                    .iter()
+                    .map(|c| pb::BatchDecryptItem {
+                        ciphertext: c.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("{s:?}"))?
+            .into_inner();
+        let plaintexts: Vec<Vec<u8>> = reply.results.into_iter().map(|r| r.plaintext).collect();
+        check(plaintexts == items, "wrong batch plaintexts")
+    })
+    .await;
+}
+
+/// GenerateDataKey, DecryptDataKey, ReEncryptDataKey, as the backup daemon.
+async fn backup_round(client: &mut KeyServiceClient<Channel>, results: &Mutex<Results>) {
+    let Some((wrapped, key)) = timed(results, "GenerateDataKey", async {
+        client
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: "default".into(),
+                include_plaintext: true,
+                ..Default::default()
+            })
+            .await
+            .map(|r| {
+                let r = r.into_inner();
+                (r.wrapped_key, r.plaintext_key)
+            })
+            .map_err(|s| format!("{s:?}"))
+    })
+    .await
+    else {
+        return;
+    };
+    timed(results, "DecryptDataKey", async {
+        let back = client
+            .decrypt_data_key(pb::DecryptDataKeyRequest {
+                wrapped_key: wrapped.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("{s:?}"))?;
+        check(back.into_inner().plaintext_key == key, "wrong data key")
+    })
+    .await;
+    timed(results, "ReEncryptDataKey", async {
+        let again = client
+            .re_encrypt_data_key(pb::ReEncryptDataKeyRequest {
+                wrapped_key: wrapped.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("{s:?}"))?;
+        check(
+            !again.into_inner().wrapped_key.is_empty(),
+            "empty wrapped key",
+        )
+    })
+    .await;
+}
+
+/// SealSecret (with its lookup digest), UnsealSecret, LookupDigest.
+async fn secrets_round(client: &mut KeyServiceClient<Channel>, results: &Mutex<Results>, n: u64) {
+    let secret = format!("api-token-{n}").into_bytes();
+    let Some((sealed, digest)) = timed(results, "SealSecret", async {
+        client
+            .seal_secret(pb::SealSecretRequest {
+                key: "secrets".into(),
+                secret: secret.clone(),
+                include_lookup_digest: true,
+                ..Default::default()
+            })
+            .await
+            .map(|r| {
+                let r = r.into_inner();
+                (r.sealed, r.lookup_digest)
+            })
+            .map_err(|s| format!("{s:?}"))
+    })
+    .await
+    else {
+        return;
+    };
+    timed(results, "UnsealSecret", async {
+        let back = client
+            .unseal_secret(pb::UnsealSecretRequest {
+                sealed: sealed.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("{s:?}"))?;
+        check(back.into_inner().secret == secret, "wrong secret")
+    })
+    .await;
+    timed(results, "LookupDigest", async {
+        let again = client
+            .lookup_digest(pb::LookupDigestRequest {
+                secret: secret.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("{s:?}"))?;
+        check(again.into_inner().lookup_digest == digest, "digest differs")
+    })
+    .await;
+}
+
+/// HashPassword, then VerifyPassword with the right and a wrong password.
+async fn password_round(client: &mut KeyServiceClient<Channel>, results: &Mutex<Results>, n: u64) {
+    let password = format!("correct horse {n}").into_bytes();
+    let Some(hash) = timed(results, "HashPassword", async {
+        client
+            .hash_password(pb::HashPasswordRequest {
+                key: "secrets".into(),
+                password: password.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().hash)
+            .map_err(|s| format!("{s:?}"))
+    })
+    .await
+    else {
+        return;
+    };
+    for (attempt, expected) in [(password.clone(), true), (b"wrong".to_vec(), false)] {
+        timed(results, "VerifyPassword", async {
+            let reply = client
+                .verify_password(pb::VerifyPasswordRequest {
+                    key: "secrets".into(),
+                    password: attempt,
+                    hash: hash.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| format!("{s:?}"))?;
+            check(reply.into_inner().matches == expected, "wrong verdict")
+        })
+        .await;
+    }
+}
+
+#[test]
+fn sixty_four_clients_on_every_key_rpc_with_no_error_and_flat_memory_and_descriptors() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = DevServer::start();
+    let pid = server.pid();
+    let duration = Duration::from_secs(soak_secs());
+    let warm_up = (duration / 5).max(Duration::from_secs(10)).min(duration);
+    let stop = Arc::new(AtomicBool::new(false));
+    let results = Arc::new(Mutex::new(Results::default()));
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let principal = match client {
+            c if c < PASSWORD_CLIENTS => "acme-secrets",
+            c if c % 3 == 0 => "acme-app",
+            c if c % 3 == 1 => "acme-backup",
+            _ => "acme-secrets",
+        };
+        let channel = runtime.block_on(server.channel(principal));
+        let (stop, results, calls) = (Arc::clone(&stop), Arc::clone(&results), Arc::clone(&calls));
+        tasks.push(runtime.spawn(async move {
+            let mut keys = KeyServiceClient::new(channel);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                match (client < PASSWORD_CLIENTS, principal) {
+                    (true, _) => password_round(&mut keys, &results, n).await,
+                    (false, "acme-app") => app_round(&mut keys, &results, n).await,
+                    (false, "acme-backup") => backup_round(&mut keys, &results).await,
+                    _ => secrets_round(&mut keys, &results, n).await,
+                }
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    // Samples every 2 s; the baseline is the first sample after the warm-up.
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while started.elapsed() < duration {
+        std::thread::sleep(Duration::from_secs(2));
+        samples.push((started.elapsed(), sample(pid)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        runtime.block_on(task).expect("client");
+    }
+    let elapsed = started.elapsed();
+
+    let results = results.lock().expect("results");
+    let total: u64 = results.latencies.values().map(Histogram::len).sum();
+    println!(
+        "{CLIENTS} clients, {elapsed:.0?}: {total} calls ({:.0}/s), {} errors",
+        total as f64 / elapsed.as_secs_f64(),
+        results.errors.len()
+    );
+    println!("| RPC | calls | p50 µs | p99 µs | max µs |");
+    for (rpc, histogram) in &results.latencies {
+        println!(
+            "| {rpc} | {} | {} | {} | {} |",
+            histogram.len(),
+            histogram.value_at_quantile(0.5),
+            histogram.value_at_quantile(0.99),
+            histogram.max()
+        );
+    }
+    let baseline = samples
+        .iter()
+        .find(|(at, _)| *at >= warm_up)
+        .map(|(_, s)| *s)
+        .expect("a sample after the warm-up");
+    let end = samples.last().expect("samples").1;
+    let (rss_max, fds_max) = samples
+        .iter()
+        .filter(|(at, _)| *at >= warm_up)
+        .fold((0, 0), |(r, f), (_, (rss, fds))| (r.max(*rss), f.max(*fds)));
+    println!(
+        "server RSS: {} KiB after the warm-up ({warm_up:?}), {} KiB at the end, {} KiB at most; open fds: {} / {} / {}",
+        baseline.0, end.0, rss_max, baseline.1, end.1, fds_max
+    );
+    assert!(
+        results.errors.is_empty(),
+        "{} errors, first: {:?}",
+        results.errors.len(),
+        &results.errors[..results.errors.len().min(20)]
+    );
+    for rpc in [
+        "Encrypt",
+        "Decrypt",
+        "ReEncrypt",
+        "BatchEncrypt",
+        "BatchDecrypt",
+        "GenerateDataKey",
+        "DecryptDataKey",
+        "ReEncryptDataKey",
+        "SealSecret",
+        "UnsealSecret",
+        "LookupDigest",
+        "HashPassword",
+        "VerifyPassword",
+    ] {
+        assert!(
+            results.latencies.contains_key(rpc),
+            "{rpc} was never called"
+        );
+    }
+    let within = |value: u64, base: u64| (value as f64) <= (base as f64) * (1.0 + FLAT);
+    assert!(
+        within(rss_max, baseline.0),
+        "resident memory grew past {}%: {} KiB after the warm-up, {rss_max} KiB at most",
+        FLAT * 100.0,
+        baseline.0
+    );
+    assert!(
+        within(fds_max as u64, baseline.1 as u64) && (end.1 as f64) >= baseline.1 as f64 * 0.9,
+        "open descriptors moved past {}%: {} after the warm-up, {} at the end, {fds_max} at most",
+        FLAT * 100.0,
+        baseline.1,
+        end.1
+    );
+    let (_, logs, status) = server.stop();
+    assert_eq!(status, 0, "{logs}");
+}
