@@ -124,6 +124,23 @@ impl From<Error> for tonic::Status {
                 tracing::warn!(%reason, "key store unavailable");
                 Self::unavailable("key store unavailable; nothing was written; retry")
             }
+            Error::Store(keystore::Error::StorageFull) => {
+                tracing::warn!("key store write failed: the disk is full");
+                Self::resource_exhausted(
+                    "the key store's disk is full; the request was not completed; retry once space is freed",
+                )
+            }
+            Error::Store(keystore::Error::Io(e)) if keystore::is_disk_full(&e) => {
+                tracing::warn!(error = %e, "key store write failed: the disk is full");
+                Self::resource_exhausted(
+                    "the key store's disk is full; the request was not completed; retry once space is freed",
+                )
+            }
+            Error::Store(keystore::Error::Sled(sled::Error::Io(e))) => {
+                // The disk or the files failed under the store, not the request: retryable.
+                tracing::error!(error = %e, "key store I/O failed");
+                Self::unavailable("key store I/O failed; the request was not completed; retry")
+            }
             Error::Store(keystore::Error::Stale(_)) => Self::aborted(
                 "the tenant changed on another node while this request ran; nothing was written; retry",
             ),

@@ -16,7 +16,7 @@
 //! there), on PostgreSQL it is checked under a row lock in the committing transaction.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::Error;
 use crate::ids::TenantId;
@@ -145,12 +145,11 @@ impl SledEngine {
 
 impl Engine for SledEngine {
     fn system(&self) -> Result<Arc<dyn Database>, Error> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(self.data_dir.join("system"))
             .flush_every_ms(None)
-            .cache_capacity(16 * 1024 * 1024)
-            .open()?;
-        Ok(Arc::new(SledDatabase::new(db)))
+            .cache_capacity(16 * 1024 * 1024);
+        Ok(Arc::new(SledDatabase::open(config)?))
     }
 
     fn create_tenant(&self, id: TenantId) -> Result<Arc<dyn Database>, Error> {
@@ -158,9 +157,7 @@ impl Engine for SledEngine {
         if dir.exists() {
             return Err(Error::AlreadyExists("tenant database directory"));
         }
-        Ok(Arc::new(SledDatabase::new(
-            self.tenant_config(&dir).open()?,
-        )))
+        Ok(Arc::new(SledDatabase::open(self.tenant_config(&dir))?))
     }
 
     fn open_tenant(&self, id: TenantId) -> Result<Option<Arc<dyn Database>>, Error> {
@@ -168,9 +165,9 @@ impl Engine for SledEngine {
         if !dir.is_dir() {
             return Ok(None);
         }
-        Ok(Some(Arc::new(SledDatabase::new(
-            self.tenant_config(&dir).open()?,
-        ))))
+        Ok(Some(Arc::new(SledDatabase::open(
+            self.tenant_config(&dir),
+        )?)))
     }
 
     fn remove_tenant(&self, id: TenantId) -> Result<(), Error> {
@@ -212,66 +209,214 @@ impl Engine for SledEngine {
 }
 
 /// One sled database.
+///
+/// A write that fails (a full disk, an I/O error) leaves sled's memory ahead of its files, and
+/// sled may refuse every later write of that instance. So the batch is taken back out of
+/// memory, the instance is dropped, and the next call opens the files again and sees what is
+/// durable: the store recovers without a restart once the disk takes writes again.
 struct SledDatabase {
-    db: sled::Db,
+    // How to open it again after a failed write.
+    config: sled::Config,
+    // `None` after a failed write, until the next call opens it again.
+    db: RwLock<Option<sled::Db>>,
     // Serializes guarded batches: the guard's read and the batch must not interleave with
     // another guarded batch (the store serializes commits already; this keeps the promise
     // local to the engine).
-    guarded: std::sync::Mutex<()>,
+    guarded: Mutex<()>,
+}
+
+/// What became of a batch.
+enum Applied {
+    Done,
+    GuardFailed,
+    Failed(sled::Error),
+}
+
+/// Opens a sled database after removing the snapshot files that sled left unfinished.
+///
+/// sled 0.34 writes a snapshot as `snap.<lsn>.generating`, syncs it, then renames it to
+/// `snap.<lsn>`; but when it looks for the newest snapshot it takes `.generating` files too.
+/// One left by a crash or a full disk in the middle of that write (measured: an empty file
+/// after ENOSPC) sorts as the newest, and every later open fails with "Read corrupted data"
+/// although the log is whole. Only an unfinished write leaves such a file, so it is removed,
+/// but only under sled's own lock on `db`: no other instance can be writing it then.
+fn open_sled(config: &sled::Config) -> Result<sled::Db, Error> {
+    remove_unfinished_snapshots(&config.path);
+    Ok(config.open()?)
+}
+
+fn remove_unfinished_snapshots(dir: &Path) {
+    use nix::fcntl::{Flock, FlockArg};
+    let Ok(db) = std::fs::File::open(dir.join("db")) else {
+        // A new database, or one sled cannot open either: nothing to clean.
+        return;
+    };
+    let Ok(_locked) = Flock::lock(db, FlockArg::LockExclusiveNonblock) else {
+        // Open elsewhere: its owner's snapshot may be in the making.
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if name.starts_with("snap.")
+            && name.ends_with(".generating")
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            tracing::warn!(path = %entry.path().display(), "removed an unfinished sled snapshot (a crash or a full disk while it was written)");
+        }
+    }
 }
 
 impl SledDatabase {
-    fn new(db: sled::Db) -> Self {
-        Self {
-            db,
-            guarded: std::sync::Mutex::new(()),
+    fn open(config: sled::Config) -> Result<Self, Error> {
+        let db = open_sled(&config)?;
+        Ok(Self {
+            config,
+            db: RwLock::new(Some(db)),
+            guarded: Mutex::new(()),
+        })
+    }
+
+    /// Runs `f` on the open instance, opening the files again after a failed write.
+    fn with<T>(&self, f: impl FnOnce(&sled::Db) -> Result<T, Error>) -> Result<T, Error> {
+        {
+            let db = self.db.read().expect("sled handle lock poisoned");
+            if let Some(db) = db.as_ref() {
+                return f(db);
+            }
+        }
+        let mut db = self.db.write().expect("sled handle lock poisoned");
+        if db.is_none() {
+            // A full disk stays StorageFull; anything else is a store that cannot serve now.
+            let reopened = open_sled(&self.config).map_err(|e| match e {
+                Error::StorageFull => e,
+                other => Error::Unavailable(format!(
+                    "reopening the database after a failed write: {other}"
+                )),
+            })?;
+            tracing::info!(path = %self.config.path.display(), "database opened again after a failed write");
+            *db = Some(reopened);
+        }
+        match db.as_ref() {
+            Some(db) => f(db),
+            None => Err(Error::Unavailable("database closed".into())),
         }
     }
+}
+
+/// Whether an I/O error says the disk (or the user's quota) is full.
+pub fn is_disk_full(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::StorageFull
+        || error.kind() == std::io::ErrorKind::QuotaExceeded
 }
 
 impl Database for SledDatabase {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+        self.with(|db| Ok(db.get(key)?.map(|v| v.to_vec())))
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<RawRecords, Error> {
-        self.db
-            .scan_prefix(prefix)
-            .map(|item| {
-                let (key, value) = item?;
-                Ok((key.to_vec(), value.to_vec()))
-            })
-            .collect()
+        self.with(|db| {
+            db.scan_prefix(prefix)
+                .map(|item| {
+                    let (key, value) = item?;
+                    Ok((key.to_vec(), value.to_vec()))
+                })
+                .collect()
+        })
     }
 
     fn is_empty(&self) -> Result<bool, Error> {
-        Ok(self.db.is_empty())
+        self.with(|db| Ok(db.is_empty()))
     }
 
     fn apply(&self, batch: Batch, guard: Option<Guard<'_>>) -> Result<bool, Error> {
         let _guarded = self.guarded.lock().expect("sled guard lock poisoned");
-        if let Some(guard) = guard {
-            let stored = self.db.get(guard.key)?;
-            if stored.as_deref() != guard.value {
-                return Ok(false);
+        let applied = self.with(|db| {
+            if let Some(guard) = guard {
+                let stored = db.get(guard.key)?;
+                if stored.as_deref() != guard.value {
+                    return Ok(Applied::GuardFailed);
+                }
+            }
+            let mut sled_batch = sled::Batch::default();
+            // The values before the batch, to take it back out of memory if it fails.
+            let mut undo = sled::Batch::default();
+            let mut seen = std::collections::HashSet::new();
+            for (key, value) in batch.writes {
+                if seen.insert(key.clone()) {
+                    match db.get(&key)? {
+                        Some(old) => undo.insert(key.clone(), old),
+                        None => undo.remove(key.clone()),
+                    }
+                }
+                match value {
+                    Some(value) => sled_batch.insert(key, value),
+                    None => sled_batch.remove(key),
+                }
+            }
+            match db
+                .apply_batch(sled_batch)
+                .and_then(|()| db.flush().map(drop))
+            {
+                Ok(()) => Ok(Applied::Done),
+                Err(error) => {
+                    // Best effort: sled may refuse it after an I/O error, and the instance is
+                    // dropped below either way. Where it works, what the drop flushes is the
+                    // state before the batch.
+                    let _ = db.apply_batch(undo);
+                    Ok(Applied::Failed(error))
+                }
+            }
+        })?;
+        match applied {
+            Applied::Done => Ok(true),
+            Applied::GuardFailed => Ok(false),
+            Applied::Failed(error) => {
+                tracing::warn!(path = %self.config.path.display(), %error, "a write failed; the database is opened again on its next use");
+                *self.db.write().expect("sled handle lock poisoned") = None;
+                Err(error.into())
             }
         }
-        let mut sled_batch = sled::Batch::default();
-        for (key, value) in batch.writes {
-            match value {
-                Some(value) => sled_batch.insert(key, value),
-                None => sled_batch.remove(key),
-            }
-        }
-        self.db.apply_batch(sled_batch)?;
-        self.db.flush()?;
-        Ok(true)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unfinished_sled_snapshot_does_not_make_the_database_unreadable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = SledEngine::open(&dir.path().join("data"), 1 << 20).expect("open");
+        let id = TenantId::random();
+        let db = engine.create_tenant(id).expect("tenant");
+        let mut batch = Batch::default();
+        batch.insert(b"k".to_vec(), b"v".to_vec());
+        assert!(db.apply(batch, None).expect("apply"));
+        drop(db);
+        // What a full disk (or a crash) leaves while sled writes a snapshot: an empty file
+        // that sorts after every finished snapshot.
+        let unfinished = engine
+            .tenant_dir(id)
+            .join("snap.FFFFFFFFFFFFFFFF.generating");
+        std::fs::write(&unfinished, b"").expect("write");
+        let db = engine
+            .open_tenant(id)
+            .expect("opens despite the unfinished snapshot")
+            .expect("exists");
+        assert_eq!(db.get(b"k").expect("get").as_deref(), Some(&b"v"[..]));
+        assert!(!unfinished.exists());
+        // While the database is open, another opener leaves its files alone.
+        std::fs::write(&unfinished, b"").expect("write");
+        assert!(engine.open_tenant(id).is_err(), "sled's lock holds");
+        assert!(unfinished.exists());
+    }
 
     #[test]
     fn a_new_sled_engine_is_empty_until_something_is_stored() {

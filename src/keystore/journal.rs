@@ -69,6 +69,9 @@ struct Appender {
     seq: u64,
     // The open segment and its day name.
     segment: Option<(String, File)>,
+    // A segment whose last append failed: it may end in part of a frame, which is cut off
+    // before anything else is appended (an entry after it would be unreadable for good).
+    torn: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -157,6 +160,19 @@ fn read_frames(mac: &RecordMac, path: &Path) -> Result<Frames, Error> {
     })
 }
 
+/// Reads a segment's frames and cuts off a torn last one (a crash or a failed write in the
+/// middle of an append).
+fn cut_torn_frame(mac: &RecordMac, path: &Path) -> Result<Frames, Error> {
+    let frames = read_frames(mac, path)?;
+    if frames.torn {
+        tracing::warn!(segment = %path.display(), "cutting off a torn journal entry");
+        let file = OpenOptions::new().write(true).open(path)?;
+        file.set_len(frames.good_len)?;
+        file.sync_all()?;
+    }
+    Ok(frames)
+}
+
 /// Every entry of the journal in `dir`, in order, with its journal sequence. A torn last frame
 /// of the last segment is ignored; anything else out of place is an error.
 ///
@@ -200,13 +216,7 @@ impl Journal {
         let mut seq = 0;
         // The newest segment with an entry holds the last sequence.
         for path in segments(dir)?.iter().rev() {
-            let frames = read_frames(&mac, path)?;
-            if frames.torn {
-                tracing::warn!(segment = %path.display(), "cutting off a torn journal entry");
-                let file = OpenOptions::new().write(true).open(path)?;
-                file.set_len(frames.good_len)?;
-                file.sync_all()?;
-            }
+            let frames = cut_torn_frame(&mac, path)?;
             if let Some((last, _)) = frames.entries.last() {
                 seq = *last;
                 break;
@@ -215,7 +225,11 @@ impl Journal {
         Ok(Self {
             dir: dir.to_path_buf(),
             mac,
-            state: Mutex::new(Appender { seq, segment: None }),
+            state: Mutex::new(Appender {
+                seq,
+                segment: None,
+                torn: None,
+            }),
         })
     }
 
@@ -236,6 +250,11 @@ impl Journal {
     pub fn append(&self, entry: &JournalEntry) -> Result<(), Error> {
         let payload = encode(entry)?;
         let mut state = self.state.lock().expect("journal lock poisoned");
+        if let Some(path) = state.torn.clone() {
+            // Until this succeeds nothing is appended: the journal stays readable.
+            cut_torn_frame(&self.mac, &path)?;
+            state.torn = None;
+        }
         let next = state.seq + 1;
         let sealed = self.mac.seal(DB_ID, RECORD_KEY, next, &payload);
         let day = day_of(super::now_secs());
@@ -250,7 +269,7 @@ impl Journal {
             }
             state.segment = Some((day, file));
         }
-        let Some((_, file)) = state.segment.as_mut() else {
+        let Some((open_day, file)) = state.segment.as_mut() else {
             return Err(Error::Encoding);
         };
         let len = u32::try_from(sealed.len()).map_err(|_| Error::Encoding)?;
@@ -259,9 +278,11 @@ impl Journal {
         frame.extend_from_slice(&sealed);
         let written = file.write_all(&frame).and_then(|()| file.sync_data());
         if let Err(error) = written {
-            // The frame may be partly on disk: drop the handle so the next append reopens
-            // the segment, and the next open cuts the torn frame off.
+            // The frame may be partly on disk (a full disk, an I/O error): the next append
+            // first cuts it off, then reopens the segment.
+            let path = self.dir.join(format!("{PREFIX}{open_day}{SUFFIX}"));
             state.segment = None;
+            state.torn = Some(path);
             return Err(error.into());
         }
         state.seq = next;
@@ -333,6 +354,28 @@ mod tests {
         // Another storage key (another token) reads nothing.
         let other = RecordMac::new(SecretKey::random());
         assert!(read_all(dir.path(), &other).is_err());
+    }
+
+    #[test]
+    fn an_append_after_a_failed_one_cuts_its_partial_frame_off_first() {
+        let (dir, mac) = three_entries();
+        let journal = Journal::open(dir.path(), Arc::clone(&mac)).expect("open");
+        journal.append(&entry(3)).expect("append");
+        let segment = segments(dir.path()).expect("segments").pop().expect("one");
+        // What a write that failed halfway leaves (a full disk): part of a frame, and the
+        // segment remembered as torn.
+        let bytes = std::fs::read(&segment).expect("read");
+        std::fs::write(&segment, [&bytes[..], &bytes[..9]].concat()).expect("write");
+        {
+            let mut state = journal.state.lock().expect("lock");
+            state.segment = None;
+            state.torn = Some(segment);
+        }
+        journal.append(&entry(4)).expect("append after the failure");
+        assert_eq!(
+            seqs(&read_all(dir.path(), &mac).expect("no torn frame in the middle")),
+            [1, 2, 3, 4, 5]
+        );
     }
 
     #[test]

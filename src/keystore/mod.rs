@@ -26,6 +26,7 @@ mod record;
 mod system;
 mod tenant;
 
+pub use engine::is_disk_full;
 pub use journal::{Journal, JournalEntry};
 pub use postgres::PostgresOptions;
 pub use record::{MAC_LEN, RecordMac, SCHEMA_VERSION};
@@ -55,15 +56,19 @@ pub enum Error {
     /// A filesystem operation failed.
     #[error("storage I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The disk under the store is full: the write was not completed (and taken back where
+    /// it reached memory); retry once space is freed.
+    #[error("the store's disk is full")]
+    StorageFull,
     /// A tenant database is older than the system database says it must be.
     #[error("tenant database {0} is older than its last commit (rolled back?)")]
     Rollback(TenantId),
     /// PostgreSQL refused an operation (its message; never holds record values).
     #[error("PostgreSQL error: {0}")]
     Postgres(String),
-    /// sled failed.
+    /// sled failed (a full disk is [`Error::StorageFull`] instead).
     #[error("database error: {0}")]
-    Sled(#[from] sled::Error),
+    Sled(sled::Error),
     /// Another node committed to this tenant since this node read it: nothing was written;
     /// the next request reads it again.
     #[error("tenant {0} changed on another node")]
@@ -84,6 +89,15 @@ pub enum Error {
     /// The tenant's destruction is not scheduled.
     #[error("tenant {0} is not scheduled for destruction")]
     NotScheduled(TenantId),
+}
+
+impl From<sled::Error> for Error {
+    fn from(error: sled::Error) -> Self {
+        match error {
+            sled::Error::Io(io) if is_disk_full(&io) => Self::StorageFull,
+            other => Self::Sled(other),
+        }
+    }
 }
 
 /// Where the authoritative store lives.

@@ -370,6 +370,11 @@ impl TenantDb {
         if !matches!(applied, Ok(true)) {
             self.visible_seq.store(head.seq, Ordering::SeqCst);
         }
+        if applied.is_err() {
+            // A failed write (a full disk): whether any of it became durable is not known
+            // here, so the store reads this tenant again from disk before its next use.
+            self.stale.store(true, Ordering::SeqCst);
+        }
         if !applied? {
             return Err(if self.shared {
                 self.went_stale()
