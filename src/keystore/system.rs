@@ -877,6 +877,44 @@ impl KeyStore {
             .collect())
     }
 
+    /// Removes the support grants and dual-control approvals that ended before `before`
+    /// (seconds since the Unix epoch), in one commit; returns how many of each. A grant ends
+    /// when it is denied, revoked or expires, or when its request expires unanswered; an
+    /// approval when it can no longer be approved (`expires_at`), carried out or not. The
+    /// audit log keeps their whole story; the store keeps only what can still matter.
+    ///
+    /// # Errors
+    /// Storage and integrity errors (nothing is removed then).
+    pub fn prune_ended_access(&self, before: u64) -> Result<(usize, usize), Error> {
+        use super::{ApprovalRecord, GrantRecord, GrantState};
+        let grants: Vec<Vec<u8>> = self
+            .scan::<GrantRecord>(GRANT_PREFIX)?
+            .into_iter()
+            .filter(|(_, grant)| {
+                let ended = match grant.state {
+                    GrantState::Pending => Some(grant.request_expires_at),
+                    GrantState::Approved => grant.expires_at,
+                    GrantState::Denied => grant.decided_at,
+                    GrantState::Revoked => grant.revoked_at,
+                };
+                ended.is_some_and(|at| at < before)
+            })
+            .map(|(id, _)| prefixed(GRANT_PREFIX, &id))
+            .collect();
+        let approvals: Vec<Vec<u8>> = self
+            .scan::<ApprovalRecord>(APPROVAL_PREFIX)?
+            .into_iter()
+            .filter(|(_, approval)| approval.expires_at < before)
+            .map(|(id, _)| prefixed(APPROVAL_PREFIX, &id))
+            .collect();
+        let counts = (grants.len(), approvals.len());
+        if counts != (0, 0) {
+            self.system
+                .commit(vec![], grants.into_iter().chain(approvals).collect())?;
+        }
+        Ok(counts)
+    }
+
     /// Writes (creates or updates) an approval.
     ///
     /// # Errors

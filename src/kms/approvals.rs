@@ -12,6 +12,10 @@ use crate::error::Error;
 use crate::ids::KeyVersion;
 use crate::keystore::{ApprovalRecord, ApprovalState, PendingOperation};
 
+/// How long ended support grants and approvals stay in the store (ListGrants,
+/// ListApprovals) before the scheduler removes them: the backup retention.
+pub const ACCESS_HISTORY: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
 impl Kms {
     /// Records an operation that waits for a second officer; returns the approval to name.
     ///
@@ -94,6 +98,30 @@ impl Kms {
     /// Storage errors.
     pub fn approvals(&self) -> Result<Vec<ApprovalRecord>, Error> {
         Ok(self.store.approvals()?)
+    }
+
+    /// Removes support grants and approvals that ended more than [`ACCESS_HISTORY`] ago (the
+    /// scheduler runs it each tick), with one `system:scheduler` audit line when anything
+    /// went. Returns how many grants and approvals were removed.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::AuditUnavailable`].
+    pub fn prune_access_history(&self) -> Result<(usize, usize), Error> {
+        let before = self
+            .clock
+            .now_secs()
+            .saturating_sub(ACCESS_HISTORY.as_secs());
+        let (grants, approvals) = self.store.prune_ended_access(before)?;
+        if grants + approvals > 0 {
+            self.system_event(
+                "prune_access_history",
+                &format!("OK: {grants} grant(s) and {approvals} approval(s) ended over 30 days ago removed"),
+                None,
+                None,
+                None,
+            )?;
+        }
+        Ok((grants, approvals))
     }
 
     /// Refuses at request time what could never be carried out, so no approval is wasted.

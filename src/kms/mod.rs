@@ -33,9 +33,12 @@ pub mod scheduler;
 mod usage;
 
 pub use access::{GrantRequest, grant_state};
+pub use approvals::ACCESS_HISTORY;
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};
 pub use master_key::{MasterKeyStatus, RETIRED_MWK_MARGIN};
-pub use passwords::{MAX_PASSWORD_LEN, PEPPER_VERSION, PasswordParams, Verified};
+pub use passwords::{
+    MAX_PASSWORD_LEN, PEPPER_VERSION, PasswordParams, Verified, password_hash_costs,
+};
 pub use usage::{DEFAULT_MAX_BULK_USES, DEFAULT_MAX_KEK_USES};
 use usage::{Taken, Usage, UseKind};
 

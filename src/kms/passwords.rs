@@ -182,6 +182,13 @@ impl Kms {
     }
 }
 
+/// The Argon2 costs of a stored PHC string, if it is one this server would verify at all
+/// (its own format, bounded costs); `None` for anything else. VerifyPassword reads a caller's
+/// hash with exactly this parser (fuzzed: fuzz/fuzz_targets/phc.rs).
+pub fn password_hash_costs(stored: &str) -> Option<PasswordParams> {
+    parse(stored).map(|parsed| parsed.params)
+}
+
 /// Parses a PHC string made by [`Kms::hash_password`]; `None` for anything else, including
 /// costs beyond what this server would ever use (a crafted hash must not make it allocate
 /// gigabytes).

@@ -1,5 +1,6 @@
-//! The server's scheduler: at each tick it rotates keys whose rotation period elapsed, and
-//! executes the tenant and version destructions whose pending window has ended.
+//! The server's scheduler: at each tick it rotates keys whose rotation period elapsed, removes
+//! support grants and approvals that ended over 30 days ago, and executes the tenant and
+//! version destructions whose pending window has ended.
 //!
 //! Destruction trusts the wall clock, so the scheduler watches it: if wall time moved more
 //! than an hour further than monotonic time between two ticks, the clock jumped (a wrong NTP
@@ -67,6 +68,15 @@ pub async fn run(kms: Weak<Kms>, interval: Duration) {
         }
         if paused {
             continue;
+        }
+        // Removing history trusts the wall clock too: paused with the destructions.
+        let pruning = Arc::clone(&kms);
+        match tokio::task::spawn_blocking(move || pruning.prune_access_history()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "pruning ended grants and approvals failed; retrying next tick")
+            }
+            Err(error) => tracing::error!(%error, "scheduler task failed"),
         }
         match tokio::task::spawn_blocking(move || kms.run_due_destructions()).await {
             Ok(Ok(destroyed)) => crate::metrics::global().versions_destroyed(destroyed.len()),

@@ -1,0 +1,79 @@
+//! Ended support grants and dual-control approvals leave the store 30 days after they end
+//! (the scheduler's `prune_access_history`); live ones and recently ended ones stay.
+#![cfg(feature = "test-hooks")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyfront::clock::TestClock;
+use keyfront::hsm::memory::MemoryHsm;
+use keyfront::ids::Name;
+use keyfront::keystore::{PendingOperation, Purpose};
+use keyfront::kms::{ACCESS_HISTORY, GrantRequest, Kms, KmsOptions};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn name(text: &str) -> Name {
+    text.parse().expect("name")
+}
+
+#[test]
+fn grants_and_approvals_that_ended_over_thirty_days_ago_are_removed_and_no_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(TestClock::default());
+    let kms = Kms::open_with_clock(
+        Arc::new(MemoryHsm::new()),
+        dir.path(),
+        KmsOptions::default(),
+        Arc::clone(&clock) as Arc<dyn keyfront::clock::Clock>,
+    )
+    .expect("open");
+    let tenant = kms.create_tenant(&name("acme")).expect("tenant").id;
+    kms.create_key(tenant, &name("default"), Purpose::Data)
+        .expect("key");
+    let request = || GrantRequest {
+        tenant: name("acme"),
+        reason: "ticket 42".into(),
+        operations: vec!["Decrypt".into()],
+        keys: vec![name("default")],
+        duration: Duration::from_secs(3600),
+    };
+    let ask = |ttl| kms.request_grant(request(), "support", ttl).expect("grant");
+    let denied = ask(DAY);
+    kms.decide_grant(&denied.id, "admin", false, |_| true)
+        .expect("deny");
+    let approved = ask(DAY);
+    kms.decide_grant(&approved.id, "admin", true, |_| true)
+        .expect("approve");
+    let unanswered = ask(DAY);
+    let approval = kms
+        .request_approval(PendingOperation::RotateMasterKey, "officer-1", DAY)
+        .expect("approval");
+
+    // Nothing has ended long enough ago yet.
+    assert_eq!(kms.prune_access_history().expect("prune"), (0, 0));
+    clock.advance(ACCESS_HISTORY);
+    // The grant asked for now is live, and one that ends later stays too.
+    let live = ask(60 * DAY);
+    assert_eq!(kms.prune_access_history().expect("prune"), (0, 0));
+    clock.advance(2 * DAY);
+    assert_eq!(
+        kms.prune_access_history().expect("prune"),
+        (3, 1),
+        "the denied, the expired and the unanswered grant, and the expired approval"
+    );
+    let left: Vec<String> = kms
+        .grants()
+        .expect("grants")
+        .into_iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(left, vec![live.id.clone()]);
+    assert!(kms.approvals().expect("approvals").is_empty());
+    for gone in [&denied.id, &approved.id, &unanswered.id] {
+        assert!(!left.contains(gone));
+    }
+    let _ = approval;
+    // Idempotent.
+    assert_eq!(kms.prune_access_history().expect("prune"), (0, 0));
+}
