@@ -68,7 +68,7 @@ fn grants_and_approvals_that_ended_over_thirty_days_ago_are_removed_and_no_other
         .into_iter()
         .map(|g| g.id)
         .collect();
-    assert_eq!(left, vec![live.id.clone()]);
+    assert_eq!(left, vec![live.id]);
     assert!(kms.approvals().expect("approvals").is_empty());
     for gone in [&denied.id, &approved.id, &unanswered.id] {
         assert!(!left.contains(gone));
