@@ -77,3 +77,47 @@ fn grants_and_approvals_that_ended_over_thirty_days_ago_are_removed_and_no_other
     // Idempotent.
     assert_eq!(kms.prune_access_history().expect("prune"), (0, 0));
 }
+
+#[test]
+fn remembered_request_ids_expire_and_each_tenant_keeps_only_its_newest() {
+    use keyfront::keystore::DoneRequest;
+    use keyfront::kms::REQUEST_ID_TTL;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(TestClock::default());
+    let kms = Kms::open_with_clock(
+        Arc::new(MemoryHsm::new()),
+        dir.path(),
+        KmsOptions::default(),
+        Arc::clone(&clock) as Arc<dyn keyfront::clock::Clock>,
+    )
+    .expect("open");
+    let store = kms.store();
+    let now = kms.clock().now_secs();
+    let done = |at| DoneRequest {
+        rpc: "RotateKey".into(),
+        response: vec![1, 2, 3],
+        at,
+    };
+    for (i, scope) in ["acme", "acme", "acme", "globex", "*"].iter().enumerate() {
+        store
+            .put_done_request(scope, "officer", &format!("id-{i}"), &done(now + i as u64))
+            .expect("keep");
+    }
+    let read = |scope: &str, id: &str| store.done_request(scope, "officer", id).expect("read");
+    assert_eq!(read("acme", "id-0"), Some(done(now)));
+    assert_eq!(read("globex", "id-0"), None, "scopes do not share ids");
+    assert_eq!(
+        read("acme", "id-0").map(|d| d.rpc),
+        Some("RotateKey".into())
+    );
+    // A bound of two per scope drops acme's oldest only.
+    assert_eq!(store.prune_done_requests(0, 2).expect("prune"), 1);
+    assert_eq!(read("acme", "id-0"), None);
+    assert!(read("acme", "id-1").is_some() && read("acme", "id-2").is_some());
+    assert!(read("globex", "id-3").is_some() && read("*", "id-4").is_some());
+    // After a day everything has expired.
+    assert_eq!(kms.prune_request_ids().expect("prune"), 0);
+    clock.advance(REQUEST_ID_TTL + Duration::from_secs(60));
+    assert_eq!(kms.prune_request_ids().expect("prune"), 4);
+    assert_eq!(read("*", "id-4"), None);
+}

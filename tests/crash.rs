@@ -613,3 +613,63 @@ fn sigkill_during_a_backup_leaves_no_archive_half_written_and_the_next_one_verif
     let (_, logs, code) = server.stop();
     assert_eq!(code, 0, "{logs}");
 }
+
+#[test]
+fn a_request_id_is_remembered_across_a_sigkill() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let server = DevServer::start();
+    let rotate = |server: &DevServer, id: &str| {
+        let id = id.to_owned();
+        runtime.block_on(async {
+            officer(server)
+                .await
+                .rotate_key(pb::RotateKeyRequest {
+                    tenant: "acme".into(),
+                    name: "default".into(),
+                    request_id: id,
+                })
+                .await
+                .map(|r| r.into_inner().primary_version)
+        })
+    };
+    let first = rotate(&server, "rotate-once").expect("rotate");
+    assert_eq!(rotate(&server, "rotate-once").expect("retry"), first);
+    let (dir, _) = server.kill9();
+    let server = DevServer::start_in(dir);
+    assert_eq!(
+        rotate(&server, "rotate-once").expect("retry after the restart"),
+        first,
+        "the retry after a restart returns the first answer instead of rotating again"
+    );
+    let again = rotate(&server, "rotate-twice").expect("a new id rotates");
+    assert_eq!(again, first + 1);
+    // The same id for another RPC is refused.
+    let reused = runtime.block_on(async {
+        officer(&server)
+            .await
+            .create_key(pb::CreateKeyRequest {
+                tenant: "acme".into(),
+                name: "other".into(),
+                purpose: pb::KeyPurpose::Data.into(),
+                request_id: "rotate-once".into(),
+            })
+            .await
+    });
+    let status = reused.expect_err("reused id");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    // Another tenant's scope does not see it: the same id there is a first call.
+    let globex = runtime.block_on(async {
+        officer(&server)
+            .await
+            .rotate_key(pb::RotateKeyRequest {
+                tenant: "globex".into(),
+                name: "default".into(),
+                request_id: "rotate-once".into(),
+            })
+            .await
+            .map(|r| r.into_inner().primary_version)
+    });
+    assert_eq!(globex.expect("globex rotates"), 2);
+    let (_, logs, code) = server.stop();
+    assert_eq!(code, 0, "{logs}");
+}

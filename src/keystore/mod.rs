@@ -301,6 +301,18 @@ pub struct LastUse {
     pub certificate_not_after: u64,
 }
 
+/// A mutation's response kept under its caller's request_id, so a retry, also after a
+/// restart or on another node, gets the first call's answer instead of a second change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoneRequest {
+    /// The RPC it answered (a request_id reused for another RPC is refused).
+    pub rpc: String,
+    /// The encoded response message.
+    pub response: Vec<u8>,
+    /// When, seconds since the Unix epoch.
+    pub at: u64,
+}
+
 /// An operation waiting for a second officer (dual control), as the system database holds it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApprovalRecord {

@@ -41,6 +41,8 @@ pub(super) const TENANT_DESTRUCTION_PREFIX: &[u8] = b"D/";
 pub(super) const AUDIT_HEAD_KEY: &[u8] = b"audit/head";
 // g/<grant id> -> GrantRecord: support access grants.
 const GRANT_PREFIX: &[u8] = b"g/";
+/// Responses of mutations by request_id: `r/<tenant name or *>/<sha256(identity ‖ 0 ‖ id)>`.
+const REQUEST_PREFIX: &[u8] = b"r/";
 // u/<identity> -> LastUse: when each principal was last authorized (written at most once a
 // minute per principal).
 const LAST_USE_PREFIX: &[u8] = b"u/";
@@ -915,6 +917,75 @@ impl KeyStore {
         Ok(counts)
     }
 
+    /// The stored response of a mutation that `identity` made with `request_id` in `scope`
+    /// (a tenant name, or `*` for calls on no tenant).
+    ///
+    /// # Errors
+    /// Storage and integrity errors.
+    pub fn done_request(
+        &self,
+        scope: &str,
+        identity: &str,
+        request_id: &str,
+    ) -> Result<Option<super::DoneRequest>, Error> {
+        self.system
+            .read(&request_key(scope, identity, request_id))?
+            .map(|payload| decode(&payload))
+            .transpose()
+    }
+
+    /// Keeps a mutation's response under its caller's request_id (one flushed commit).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn put_done_request(
+        &self,
+        scope: &str,
+        identity: &str,
+        request_id: &str,
+        done: &super::DoneRequest,
+    ) -> Result<(), Error> {
+        self.system.commit(
+            vec![(request_key(scope, identity, request_id), encode(done)?)],
+            vec![],
+        )
+    }
+
+    /// Removes the kept responses made before `before`, and in each scope all but the newest
+    /// `keep` of the rest, in one commit; returns how many went.
+    ///
+    /// # Errors
+    /// Storage and integrity errors (nothing is removed then).
+    pub fn prune_done_requests(&self, before: u64, keep: usize) -> Result<usize, Error> {
+        let mut by_scope: HashMap<Vec<u8>, Vec<(u64, Vec<u8>)>> = HashMap::new();
+        let mut removes = Vec::new();
+        for (rest, done) in self.scan::<super::DoneRequest>(REQUEST_PREFIX)? {
+            let key = prefixed(REQUEST_PREFIX, &rest);
+            if done.at < before {
+                removes.push(key);
+                continue;
+            }
+            let scope = rest
+                .split(|b| *b == b'/')
+                .next()
+                .unwrap_or_default()
+                .to_vec();
+            by_scope.entry(scope).or_default().push((done.at, key));
+        }
+        for mut entries in by_scope.into_values() {
+            if entries.len() > keep {
+                entries.sort();
+                let excess = entries.len() - keep;
+                removes.extend(entries.into_iter().take(excess).map(|(_, key)| key));
+            }
+        }
+        let removed = removes.len();
+        if removed > 0 {
+            self.system.commit(vec![], removes)?;
+        }
+        Ok(removed)
+    }
+
     /// Writes (creates or updates) an approval.
     ///
     /// # Errors
@@ -1122,4 +1193,19 @@ impl KeyStore {
         }
         Ok(())
     }
+}
+
+/// Where a kept response lives: the request_id is hashed with the identity, so neither its
+/// length nor its bytes reach a key, and two callers' ids never meet.
+fn request_key(scope: &str, identity: &str, request_id: &str) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(identity.as_bytes())
+        .chain_update([0])
+        .chain_update(request_id.as_bytes())
+        .finalize();
+    let mut key = prefixed(REQUEST_PREFIX, scope.as_bytes());
+    key.push(b'/');
+    key.extend_from_slice(hex::encode(digest).as_bytes());
+    key
 }

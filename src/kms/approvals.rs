@@ -16,6 +16,12 @@ use crate::keystore::{ApprovalRecord, ApprovalState, PendingOperation};
 /// ListApprovals) before the scheduler removes them: the backup retention.
 pub const ACCESS_HISTORY: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
 
+/// How long a mutation's request_id is remembered: a retry within it gets the first answer.
+pub const REQUEST_ID_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// Most request_ids remembered per tenant (and for calls on no tenant); the oldest go first.
+pub const MAX_REQUEST_IDS_PER_TENANT: usize = 10_000;
+
 impl Kms {
     /// Records an operation that waits for a second officer; returns the approval to name.
     ///
@@ -122,6 +128,21 @@ impl Kms {
             )?;
         }
         Ok((grants, approvals))
+    }
+
+    /// Removes kept request_id responses older than [`REQUEST_ID_TTL`], and in each tenant all
+    /// but the newest [`MAX_REQUEST_IDS_PER_TENANT`] (the scheduler runs it each tick).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn prune_request_ids(&self) -> Result<usize, Error> {
+        let before = self
+            .clock
+            .now_secs()
+            .saturating_sub(REQUEST_ID_TTL.as_secs());
+        Ok(self
+            .store
+            .prune_done_requests(before, MAX_REQUEST_IDS_PER_TENANT)?)
     }
 
     /// Refuses at request time what could never be carried out, so no approval is wasted.

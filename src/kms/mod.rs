@@ -33,7 +33,7 @@ pub mod scheduler;
 mod usage;
 
 pub use access::{GrantRequest, grant_state};
-pub use approvals::ACCESS_HISTORY;
+pub use approvals::{ACCESS_HISTORY, MAX_REQUEST_IDS_PER_TENANT, REQUEST_ID_TTL};
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};
 pub use master_key::{MasterKeyStatus, RETIRED_MWK_MARGIN};
 pub use passwords::{

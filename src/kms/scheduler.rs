@@ -1,6 +1,6 @@
-//! The server's scheduler: at each tick it rotates keys whose rotation period elapsed, removes
-//! support grants and approvals that ended over 30 days ago, and executes the tenant and
-//! version destructions whose pending window has ended.
+//! The server's scheduler: at each tick it rotates keys whose rotation period elapsed, expires
+//! remembered request_ids, removes support grants and approvals that ended over 30 days ago,
+//! and executes the tenant and version destructions whose pending window has ended.
 //!
 //! Destruction trusts the wall clock, so the scheduler watches it: if wall time moved more
 //! than an hour further than monotonic time between two ticks, the clock jumped (a wrong NTP
@@ -70,6 +70,15 @@ pub async fn run(kms: Weak<Kms>, interval: Duration) {
             continue;
         }
         // Removing history trusts the wall clock too: paused with the destructions.
+        // Expiring request_ids is not destructive to keys, but it trusts the clock as well.
+        let pruning = Arc::clone(&kms);
+        match tokio::task::spawn_blocking(move || pruning.prune_request_ids()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "expiring request_ids failed; retrying next tick")
+            }
+            Err(error) => tracing::error!(%error, "scheduler task failed"),
+        }
         let pruning = Arc::clone(&kms);
         match tokio::task::spawn_blocking(move || pruning.prune_access_history()).await {
             Ok(Ok(_)) => {}

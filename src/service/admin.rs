@@ -240,7 +240,8 @@ impl pb::admin_service_server::AdminService for AdminService {
         call.client_request_id(&r.request_id);
         if let Some(done) = self
             .shared
-            .replay(&call, Rpc::CreateTenant, &r.request_id)?
+            .replay(&call, Rpc::CreateTenant, &r.request_id)
+            .await?
         {
             return Ok(Response::new(done));
         }
@@ -248,7 +249,8 @@ impl pb::admin_service_server::AdminService for AdminService {
         let record = call.run_global(move |kms| kms.create_tenant(&name)).await?;
         let message = tenant_message(&record);
         self.shared
-            .remember(&call, Rpc::CreateTenant, &r.request_id, &message);
+            .remember(&call, Rpc::CreateTenant, &r.request_id, &message)
+            .await;
         Ok(Response::new(message))
     }
 
@@ -287,7 +289,11 @@ impl pb::admin_service_server::AdminService for AdminService {
             .begin(&request, Rpc::CreateKey, &r.tenant, Some(&r.name))?;
         let r = request.into_inner();
         call.client_request_id(&r.request_id);
-        if let Some(done) = self.shared.replay(&call, Rpc::CreateKey, &r.request_id)? {
+        if let Some(done) = self
+            .shared
+            .replay(&call, Rpc::CreateKey, &r.request_id)
+            .await?
+        {
             return Ok(Response::new(done));
         }
         let name = parse_name(&r.name, "name")?;
@@ -306,7 +312,8 @@ impl pb::admin_service_server::AdminService for AdminService {
         call.version(record.primary.0);
         let message = key_message(&r.tenant, &record);
         self.shared
-            .remember(&call, Rpc::CreateKey, &r.request_id, &message);
+            .remember(&call, Rpc::CreateKey, &r.request_id, &message)
+            .await;
         Ok(Response::new(message))
     }
 
@@ -356,7 +363,11 @@ impl pb::admin_service_server::AdminService for AdminService {
             .begin(&request, Rpc::RotateKey, &r.tenant, Some(&r.name))?;
         let r = request.into_inner();
         call.client_request_id(&r.request_id);
-        if let Some(done) = self.shared.replay(&call, Rpc::RotateKey, &r.request_id)? {
+        if let Some(done) = self
+            .shared
+            .replay(&call, Rpc::RotateKey, &r.request_id)
+            .await?
+        {
             return Ok(Response::new(done));
         }
         let name = parse_name(&r.name, "name")?;
@@ -366,7 +377,8 @@ impl pb::admin_service_server::AdminService for AdminService {
         call.version(record.primary.0);
         let message = key_message(&r.tenant, &record);
         self.shared
-            .remember(&call, Rpc::RotateKey, &r.request_id, &message);
+            .remember(&call, Rpc::RotateKey, &r.request_id, &message)
+            .await;
         Ok(Response::new(message))
     }
 
@@ -382,7 +394,8 @@ impl pb::admin_service_server::AdminService for AdminService {
         call.client_request_id(&r.request_id);
         if let Some(done) = self
             .shared
-            .replay(&call, Rpc::DestroyTenant, &r.request_id)?
+            .replay(&call, Rpc::DestroyTenant, &r.request_id)
+            .await?
         {
             return Ok(Response::new(done));
         }
@@ -396,7 +409,8 @@ impl pb::admin_service_server::AdminService for AdminService {
             .await?;
         let message = tenant_message(&record);
         self.shared
-            .remember(&call, Rpc::DestroyTenant, &r.request_id, &message);
+            .remember(&call, Rpc::DestroyTenant, &r.request_id, &message)
+            .await;
         Ok(Response::new(message))
     }
 
@@ -410,9 +424,10 @@ impl pb::admin_service_server::AdminService for AdminService {
             .begin(&request, Rpc::CancelTenantDestruction, &r.name, None)?;
         let r = request.into_inner();
         call.client_request_id(&r.request_id);
-        if let Some(done) =
-            self.shared
-                .replay(&call, Rpc::CancelTenantDestruction, &r.request_id)?
+        if let Some(done) = self
+            .shared
+            .replay(&call, Rpc::CancelTenantDestruction, &r.request_id)
+            .await?
         {
             return Ok(Response::new(done));
         }
@@ -422,7 +437,8 @@ impl pb::admin_service_server::AdminService for AdminService {
             .await?;
         let message = tenant_message(&record);
         self.shared
-            .remember(&call, Rpc::CancelTenantDestruction, &r.request_id, &message);
+            .remember(&call, Rpc::CancelTenantDestruction, &r.request_id, &message)
+            .await;
         Ok(Response::new(message))
     }
 
@@ -438,7 +454,8 @@ impl pb::admin_service_server::AdminService for AdminService {
         call.client_request_id(&r.request_id);
         if let Some(done) = self
             .shared
-            .replay(&call, Rpc::UpdateKeyPolicy, &r.request_id)?
+            .replay(&call, Rpc::UpdateKeyPolicy, &r.request_id)
+            .await?
         {
             return Ok(Response::new(done));
         }
@@ -492,7 +509,8 @@ impl pb::admin_service_server::AdminService for AdminService {
             .await?;
         let message = key_message(&r.tenant, &record);
         self.shared
-            .remember(&call, Rpc::UpdateKeyPolicy, &r.request_id, &message);
+            .remember(&call, Rpc::UpdateKeyPolicy, &r.request_id, &message)
+            .await;
         Ok(Response::new(message))
     }
 
@@ -561,7 +579,8 @@ impl pb::admin_service_server::AdminService for AdminService {
         }
         if let Some(done) = self
             .shared
-            .replay(&call, Rpc::RotateMasterKey, &r.request_id)?
+            .replay(&call, Rpc::RotateMasterKey, &r.request_id)
+            .await?
         {
             return Ok(Response::new(done));
         }
@@ -576,7 +595,8 @@ impl pb::admin_service_server::AdminService for AdminService {
         let status = call.run_global(|kms| kms.rotate_master_key()).await?;
         let message = master_key_message(&status);
         self.shared
-            .remember(&call, Rpc::RotateMasterKey, &r.request_id, &message);
+            .remember(&call, Rpc::RotateMasterKey, &r.request_id, &message)
+            .await;
         Ok(Response::new(message))
     }
 
@@ -612,7 +632,8 @@ impl pb::admin_service_server::AdminService for AdminService {
         let backups = self.shared.backups()?;
         if let Some(done) = self
             .shared
-            .replay(&call, Rpc::CreateBackup, &r.request_id)?
+            .replay(&call, Rpc::CreateBackup, &r.request_id)
+            .await?
         {
             return Ok(Response::new(done));
         }
@@ -627,7 +648,8 @@ impl pb::admin_service_server::AdminService for AdminService {
             verified: true,
         };
         self.shared
-            .remember(&call, Rpc::CreateBackup, &r.request_id, &message);
+            .remember(&call, Rpc::CreateBackup, &r.request_id, &message)
+            .await;
         Ok(Response::new(message))
     }
 
@@ -743,7 +765,7 @@ impl AdminService {
         let r = request.into_inner();
         call.client_request_id(&r.request_id);
         call.version(r.version);
-        if let Some(done) = self.shared.replay(&call, rpc, &r.request_id)? {
+        if let Some(done) = self.shared.replay(&call, rpc, &r.request_id).await? {
             return Ok(Response::new(done));
         }
         let name = parse_name(&r.name, "name")?;
@@ -767,7 +789,9 @@ impl AdminService {
             .run(move |kms, tenant| change(kms, tenant, &name, version))
             .await?;
         let message = version_message(&record);
-        self.shared.remember(&call, rpc, &r.request_id, &message);
+        self.shared
+            .remember(&call, rpc, &r.request_id, &message)
+            .await;
         Ok(Response::new(message))
     }
 }

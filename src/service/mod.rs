@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prost::Message;
@@ -82,18 +82,10 @@ pub struct Shared {
     // Slots for Argon2 computations (HashPassword, VerifyPassword): when none is free the call
     // is refused at once instead of queueing behind a flood of logins.
     password_slots: Arc<tokio::sync::Semaphore>,
-    // Responses of mutations by (identity, request_id), so a retry is idempotent. In memory
-    // for now (bounded); persisted idempotency arrives with the key lifecycle.
-    done: Mutex<HashMap<RequestKey, (Rpc, Vec<u8>)>>,
     // Snapshots (`[backup]`), if a backup directory is configured.
     backups: Option<Arc<crate::backup::nightly::Backups>>,
     pub(crate) nightly_backups: bool,
 }
-
-/// (caller identity, caller's request_id).
-type RequestKey = (String, String);
-
-const MAX_REMEMBERED_REQUESTS: usize = 10_000;
 
 impl Shared {
     /// The backups, or FAILED_PRECONDITION when none are configured.
@@ -253,7 +245,10 @@ impl Shared {
         Ok(())
     }
 
-    fn replay<M: Message + Default>(
+    /// The first answer to a mutation retried with the same `request_id` by the same caller
+    /// in the same tenant, from the store (so it survives restarts and holds across nodes);
+    /// `None` for a first call or an empty id.
+    async fn replay<M: Message + Default>(
         &self,
         call: &Call,
         rpc: Rpc,
@@ -262,31 +257,54 @@ impl Shared {
         if request_id.is_empty() {
             return Ok(None);
         }
-        let done = self.done.lock().expect("idempotency lock poisoned");
-        match done.get(&(call.identity.clone(), request_id.to_owned())) {
+        let (scope, identity, id) = (
+            call.request_scope(),
+            call.identity.clone(),
+            request_id.to_owned(),
+        );
+        let done = blocking(Arc::clone(&call.kms), move |kms| {
+            Ok(kms.store().done_request(&scope, &identity, &id)?)
+        })
+        .await?;
+        match done {
             None => Ok(None),
-            Some((earlier, _)) if *earlier != rpc => Err(crate::error::failed_precondition(
+            Some(done) if done.rpc != rpc.to_string() => Err(crate::error::failed_precondition(
                 "request_id was already used for another call",
                 "REQUEST_ID_REUSED",
             )),
-            Some((_, bytes)) => M::decode(bytes.as_slice())
+            Some(done) => M::decode(done.response.as_slice())
                 .map(Some)
                 .map_err(|_| Status::internal("internal error")),
         }
     }
 
-    fn remember<M: Message>(&self, call: &Call, rpc: Rpc, request_id: &str, response: &M) {
+    /// Keeps a mutation's answer under its `request_id`. Best effort: the mutation is done
+    /// whatever happens here, so a failure is logged and the answer still goes out (a retry
+    /// of it would then run again). A crash between the mutation's commit and this one has
+    /// the same effect.
+    async fn remember<M: Message>(&self, call: &Call, rpc: Rpc, request_id: &str, response: &M) {
         if request_id.is_empty() {
             return;
         }
-        let mut done = self.done.lock().expect("idempotency lock poisoned");
-        if done.len() >= MAX_REMEMBERED_REQUESTS {
-            done.clear();
-        }
-        done.insert(
-            (call.identity.clone(), request_id.to_owned()),
-            (rpc, admin::encode(response)),
+        let done = crate::keystore::DoneRequest {
+            rpc: rpc.to_string(),
+            response: admin::encode(response),
+            at: call.now_secs(),
+        };
+        let (scope, identity, id) = (
+            call.request_scope(),
+            call.identity.clone(),
+            request_id.to_owned(),
         );
+        let kept = blocking(Arc::clone(&call.kms), move |kms| {
+            Ok(kms
+                .store()
+                .put_done_request(&scope, &identity, &id, &done)?)
+        })
+        .await;
+        if let Err(status) = kept {
+            tracing::warn!(%rpc, %status, "the request_id could not be kept; a retry would run again");
+        }
     }
 }
 
@@ -299,6 +317,14 @@ struct Call {
 }
 
 impl Call {
+    /// Where this call's request_ids live: its tenant, or `*` for calls on no tenant.
+    fn request_scope(&self) -> String {
+        self.authorized
+            .tenant
+            .as_ref()
+            .map_or_else(|| "*".to_owned(), ToString::to_string)
+    }
+
     fn identity(&self) -> &str {
         &self.identity
     }
@@ -525,7 +551,6 @@ impl Server {
             password_slots: Arc::new(tokio::sync::Semaphore::new(
                 server.limits.max_concurrent_password_hashes,
             )),
-            done: Mutex::new(HashMap::new()),
             backups: self.config.backup.dir.as_ref().map(|dir| {
                 Arc::new(crate::backup::nightly::Backups::new(
                     dir,
