@@ -491,65 +491,97 @@ fn signed_message(manifest: &[u8]) -> Vec<u8> {
     message
 }
 
+/// Reads an archive's frames in order: the magic first, then (tag, bytes) frames, each bounded
+/// by what is left of the file, up to the end tag with nothing after it.
+struct Frames {
+    path: PathBuf,
+    input: BufReader<File>,
+    offset: u64,
+    total: u64,
+}
+
+impl Frames {
+    fn open(path: &Path) -> Result<Self, Error> {
+        let file = File::open(path).map_err(io(path))?;
+        let total = file.metadata().map_err(io(path))?.len();
+        let mut frames = Self {
+            path: path.to_path_buf(),
+            input: BufReader::new(file),
+            offset: 0,
+            total,
+        };
+        let mut magic = vec![0u8; MAGIC.len()];
+        frames
+            .input
+            .read_exact(&mut magic)
+            .map_err(|_| frames.malformed("too short".into()))?;
+        if magic != MAGIC {
+            return Err(frames.malformed("wrong magic".into()));
+        }
+        frames.offset = MAGIC.len() as u64;
+        Ok(frames)
+    }
+
+    fn malformed(&self, reason: String) -> Error {
+        Error::Malformed {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    /// The next frame, or `None` at the end tag.
+    fn next_frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, Error> {
+        let mut tag = [0u8; 1];
+        self.input
+            .read_exact(&mut tag)
+            .map_err(|_| self.malformed(format!("cut short at byte {}", self.offset)))?;
+        self.offset += 1;
+        if tag[0] == TAG_END {
+            let mut rest = [0u8; 1];
+            if self.input.read(&mut rest).map_err(io(&self.path))? != 0 {
+                return Err(self.malformed(format!("bytes after the end at byte {}", self.offset)));
+            }
+            return Ok(None);
+        }
+        let mut len = [0u8; 8];
+        self.input
+            .read_exact(&mut len)
+            .map_err(|_| self.malformed(format!("cut short at byte {}", self.offset)))?;
+        self.offset += 8;
+        let len = u64::from_le_bytes(len);
+        if len > MAX_FRAME || len > self.total.saturating_sub(self.offset) {
+            return Err(self.malformed(format!(
+                "a frame at byte {} is longer than the file",
+                self.offset
+            )));
+        }
+        let mut bytes =
+            vec![0u8; usize::try_from(len).map_err(|_| self.malformed("frame too large".into()))?];
+        self.input
+            .read_exact(&mut bytes)
+            .map_err(|_| self.malformed(format!("cut short at byte {}", self.offset)))?;
+        self.offset += len;
+        Ok(Some((tag[0], bytes)))
+    }
+}
+
 /// Checks an archive: its format, the manifest's signature with `key`, every section's
 /// checksum and record count against the manifest, and that every tenant's section is there
-/// in order. With `keep`, the records are returned for a restore.
+/// in order. With `keep`, the records are returned (tests); a restore streams them instead
+/// with [`sections`] after this check, holding one section at a time.
 ///
 /// # Errors
 /// [`Error::Malformed`], [`Error::Signature`], [`Error::Mismatch`], I/O errors.
 pub fn verify(path: &Path, key: &PublicKey, keep: bool) -> Result<Verified, Error> {
-    let malformed = |reason: String| Error::Malformed {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let file = File::open(path).map_err(io(path))?;
-    let total = file.metadata().map_err(io(path))?.len();
-    let mut input = BufReader::new(file);
-    let mut magic = vec![0u8; MAGIC.len()];
-    input
-        .read_exact(&mut magic)
-        .map_err(|_| malformed("too short".into()))?;
-    if magic != MAGIC {
-        return Err(malformed("wrong magic".into()));
-    }
-    let mut offset = MAGIC.len() as u64;
+    let mut frames = Frames::open(path)?;
     let mut sections: Vec<(SectionSummary, Option<Section>)> = Vec::new();
     let mut manifest_bytes = None;
     let mut signature = None;
-    loop {
-        let mut tag = [0u8; 1];
-        input
-            .read_exact(&mut tag)
-            .map_err(|_| malformed(format!("cut short at byte {offset}")))?;
-        offset += 1;
-        if tag[0] == TAG_END {
-            let mut rest = [0u8; 1];
-            if input.read(&mut rest).map_err(io(path))? != 0 {
-                return Err(malformed(format!("bytes after the end at byte {offset}")));
-            }
-            break;
-        }
-        let mut len = [0u8; 8];
-        input
-            .read_exact(&mut len)
-            .map_err(|_| malformed(format!("cut short at byte {offset}")))?;
-        offset += 8;
-        let len = u64::from_le_bytes(len);
-        if len > MAX_FRAME || len > total.saturating_sub(offset) {
-            return Err(malformed(format!(
-                "a frame at byte {offset} is longer than the file"
-            )));
-        }
-        let mut bytes =
-            vec![0u8; usize::try_from(len).map_err(|_| malformed("frame too large".into()))?];
-        input
-            .read_exact(&mut bytes)
-            .map_err(|_| malformed(format!("cut short at byte {offset}")))?;
-        offset += len;
-        match tag[0] {
+    while let Some((tag, bytes)) = frames.next_frame()? {
+        match tag {
             TAG_SECTION if manifest_bytes.is_none() => {
                 let section: Section = postcard::from_bytes(&bytes).map_err(|_| {
-                    malformed(format!("section {} does not decode", sections.len()))
+                    frames.malformed(format!("section {} does not decode", sections.len()))
                 })?;
                 let records = section.records.len();
                 sections.push((summary(&bytes, records), keep.then_some(section)));
@@ -559,65 +591,118 @@ pub fn verify(path: &Path, key: &PublicKey, keep: bool) -> Result<Verified, Erro
                 signature = Some(bytes);
             }
             other => {
-                return Err(malformed(format!(
-                    "unexpected frame {other} at byte {offset}"
+                return Err(frames.malformed(format!(
+                    "unexpected frame {other} at byte {}",
+                    frames.offset
                 )));
             }
         }
     }
     let (Some(manifest_bytes), Some(signature)) = (manifest_bytes, signature) else {
-        return Err(malformed("no signed manifest".into()));
+        return Err(frames.malformed("no signed manifest".into()));
     };
     if !key.verifies_message(&signed_message(&manifest_bytes), &signature) {
         return Err(Error::Signature(path.to_path_buf()));
     }
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
-        .map_err(|_| malformed("the manifest does not decode".into()))?;
-    let mismatch = |reason: String| Error::Mismatch {
-        path: path.to_path_buf(),
-        reason,
-    };
+        .map_err(|_| frames.malformed("the manifest does not decode".into()))?;
     if sections.len() != 1 + manifest.tenants.len() {
-        return Err(mismatch(format!(
-            "incomplete: {} sections, the manifest lists {}",
-            sections.len(),
-            1 + manifest.tenants.len()
-        )));
+        return Err(mismatch(
+            path,
+            format!(
+                "incomplete: {} sections, the manifest lists {}",
+                sections.len(),
+                1 + manifest.tenants.len()
+            ),
+        ));
     }
-    let mut sections = sections.into_iter();
     let mut verified = Verified {
         manifest: manifest.clone(),
         system: Vec::new(),
         tenants: Vec::new(),
     };
-    let expected = std::iter::once(("system".to_owned(), &manifest.system))
-        .chain(manifest.tenants.iter().map(|t| (t.id.clone(), &t.section)));
-    for (database, want) in expected {
-        let Some((got, section)) = sections.next() else {
-            return Err(mismatch("a section is missing".into()));
-        };
+    for ((database, want), (got, section)) in expected_sections(&manifest).zip(sections) {
         if &got != want {
-            return Err(mismatch(format!(
-                "the section of {database} does not match its checksum in the manifest"
-            )));
+            return Err(mismatch(
+                path,
+                format!("the section of {database} does not match its checksum in the manifest"),
+            ));
         }
         if let Some(section) = section {
-            if section.database != database {
-                return Err(mismatch(format!(
-                    "the section of {database} is out of place"
-                )));
-            }
-            if database == "system" {
-                verified.system = section.records;
-            } else {
-                let id = database
-                    .parse::<TenantId>()
-                    .map_err(|_| mismatch(format!("{database} is not a tenant id")))?;
-                verified.tenants.push((id, section.records));
+            match place(path, &database, section)? {
+                Placed::System(records) => verified.system = records,
+                Placed::Tenant(id, records) => verified.tenants.push((id, records)),
             }
         }
     }
     Ok(verified)
+}
+
+fn mismatch(path: &Path, reason: String) -> Error {
+    Error::Mismatch {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// The sections a manifest lists, in archive order: the system database, then each tenant.
+fn expected_sections(manifest: &Manifest) -> impl Iterator<Item = (String, &SectionSummary)> {
+    std::iter::once(("system".to_owned(), &manifest.system))
+        .chain(manifest.tenants.iter().map(|t| (t.id.clone(), &t.section)))
+}
+
+/// A section's records, where they belong.
+pub enum Placed {
+    /// The system database's.
+    System(RawRecords),
+    /// A tenant database's.
+    Tenant(TenantId, RawRecords),
+}
+
+fn place(path: &Path, database: &str, section: Section) -> Result<Placed, Error> {
+    if section.database != database {
+        return Err(mismatch(
+            path,
+            format!("the section of {database} is out of place"),
+        ));
+    }
+    if database == "system" {
+        return Ok(Placed::System(section.records));
+    }
+    let id = database
+        .parse::<TenantId>()
+        .map_err(|_| mismatch(path, format!("{database} is not a tenant id")))?;
+    Ok(Placed::Tenant(id, section.records))
+}
+
+/// Reads a verified archive's sections again, one at a time, for a restore: each is checked
+/// against `manifest` (from [`verify`], signed) before it is handed out, so a file changed
+/// since the check is refused, and memory holds one section instead of the whole archive.
+///
+/// # Errors
+/// As [`verify`]; each item fails on a section that is not the one the manifest lists next.
+pub fn sections<'a>(
+    path: &'a Path,
+    manifest: &'a Manifest,
+) -> Result<impl Iterator<Item = Result<Placed, Error>> + 'a, Error> {
+    let mut frames = Frames::open(path)?;
+    Ok(expected_sections(manifest).map(move |(database, want)| {
+        let (tag, bytes) = frames
+            .next_frame()?
+            .ok_or_else(|| mismatch(path, "a section is missing".into()))?;
+        if tag != TAG_SECTION {
+            return Err(mismatch(path, "a section is missing".into()));
+        }
+        let section: Section = postcard::from_bytes(&bytes)
+            .map_err(|_| frames.malformed(format!("the section of {database} does not decode")))?;
+        if &summary(&bytes, section.records.len()) != want {
+            return Err(mismatch(
+                path,
+                format!("the section of {database} changed since it was verified"),
+            ));
+        }
+        place(path, &database, section)
+    }))
 }
 
 #[cfg(test)]
@@ -646,6 +731,48 @@ mod tests {
         }
         let created = create(&kms, &dir.path().join("backups")).expect("snapshot");
         (dir, created, key)
+    }
+
+    #[test]
+    fn sections_are_streamed_in_order_and_a_file_changed_after_verify_is_refused() {
+        let (dir, created, key) = archive();
+        let verified = verify(&created.path, &key, true).expect("verifies");
+        let streamed: Vec<Placed> = sections(&created.path, &verified.manifest)
+            .expect("open")
+            .collect::<Result<_, _>>()
+            .expect("every section");
+        assert_eq!(streamed.len(), 3);
+        assert!(matches!(&streamed[0], Placed::System(records) if *records == verified.system));
+        for (placed, (id, records)) in streamed[1..].iter().zip(&verified.tenants) {
+            assert!(matches!(placed, Placed::Tenant(i, r) if i == id && r == records));
+        }
+        // The same archive with one byte of the last tenant's section changed after the
+        // check: that section is refused, the ones before it were whole.
+        let mut bytes = std::fs::read(&created.path).expect("read");
+        let system_len = u64::from_le_bytes(
+            bytes[MAGIC.len() + 1..MAGIC.len() + 9]
+                .try_into()
+                .expect("len"),
+        ) as usize;
+        let first_tenant = MAGIC.len() + 9 + system_len;
+        let first_len = u64::from_le_bytes(
+            bytes[first_tenant + 1..first_tenant + 9]
+                .try_into()
+                .expect("len"),
+        ) as usize;
+        let last_tenant = first_tenant + 9 + first_len;
+        bytes[last_tenant + 9 + 3] ^= 1;
+        let changed = dir.path().join("changed.kfb");
+        std::fs::write(&changed, &bytes).expect("write");
+        let results: Vec<_> = sections(&changed, &verified.manifest)
+            .expect("open")
+            .collect();
+        assert!(results[0].is_ok() && results[1].is_ok());
+        let error = results[2].as_ref().err().expect("refused").to_string();
+        assert!(
+            error.contains("changed since it was verified") || error.contains("does not decode"),
+            "{error}"
+        );
     }
 
     #[test]

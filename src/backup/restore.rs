@@ -48,7 +48,10 @@ pub fn restore(
     options: StoreOptions,
 ) -> Result<Restored, Error> {
     let key = PublicKey::from_bytes(&hsm.audit_public_key()).map_err(Error::Refused)?;
-    let verified = verify(archive, &key, true)?;
+    // First the whole archive is checked without keeping its records; then it is read again
+    // one section at a time (each checked against the signed manifest) while importing, so a
+    // restore of 100,000 tenants holds one tenant's records, not all of them.
+    let verified = verify(archive, &key, false)?;
     if data_dir.exists()
         && std::fs::read_dir(data_dir)
             .map_err(super::io(data_dir))?
@@ -70,15 +73,27 @@ pub fn restore(
         journal_dir: None,
         ..options
     };
-    let result = KeyStore::import(
-        data_dir,
-        mac()?,
-        options,
-        &verified.system,
-        verified.tenants,
-    )
-    .map_err(Error::from)
-    .and_then(|store| finish(&store, verified.manifest, &entries));
+    let manifest = verified.manifest;
+    let mut sections = super::sections(archive, &manifest)?;
+    let system = match sections.next() {
+        Some(Ok(super::Placed::System(records))) => records,
+        Some(Err(error)) => return Err(error),
+        _ => {
+            return Err(Error::Mismatch {
+                path: archive.to_path_buf(),
+                reason: "the system section is missing".into(),
+            });
+        }
+    };
+    let tenants = sections.map(|placed| match placed? {
+        super::Placed::Tenant(id, records) => Ok((id, records)),
+        super::Placed::System(_) => Err(Error::Mismatch {
+            path: archive.to_path_buf(),
+            reason: "a second system section".into(),
+        }),
+    });
+    let result = KeyStore::import(data_dir, mac()?, options, &system, tenants)
+        .and_then(|store| finish(&store, manifest.clone(), &entries));
     if result.is_err() {
         // The directory was empty or new: leave nothing half-restored behind.
         let _ = std::fs::remove_dir_all(data_dir);

@@ -145,18 +145,19 @@ impl KeyStore {
     ///
     /// # Errors
     /// [`Error::AlreadyExists`] if the target holds anything; storage and integrity errors.
-    pub fn import(
+    pub fn import<E: From<Error>>(
         data_dir: &Path,
         mac: RecordMac,
         options: StoreOptions,
         system: &RawRecords,
-        tenants: impl IntoIterator<Item = (TenantId, RawRecords)>,
-    ) -> Result<Self, Error> {
+        tenants: impl IntoIterator<Item = Result<(TenantId, RawRecords), E>>,
+    ) -> Result<Self, E> {
         let (engine, shared) = super::open_engine(data_dir, &options)?;
         if !engine.is_empty()? {
             return Err(Error::AlreadyExists(
                 "data directory or database (a restore needs an empty one)",
-            ));
+            )
+            .into());
         }
         let mut batch = Batch::default();
         for (key, value) in system {
@@ -164,7 +165,9 @@ impl KeyStore {
         }
         engine.system()?.apply(batch, None)?;
         let mut heads = Vec::new();
-        for (id, records) in tenants {
+        // One tenant at a time: a restore streams them from the archive.
+        for tenant in tenants {
+            let (id, records) = tenant?;
             let db = engine.create_tenant(id)?;
             let mut batch = Batch::default();
             let mut head = None;
