@@ -17,8 +17,8 @@ fn name(text: &str) -> Name {
     text.parse().expect("name")
 }
 
-#[test]
-fn grants_and_approvals_that_ended_over_thirty_days_ago_are_removed_and_no_others() {
+/// A domain over the in-memory HSM whose clock the test moves.
+fn domain() -> (tempfile::TempDir, Arc<TestClock>, Kms) {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(TestClock::default());
     let kms = Kms::open_with_clock(
@@ -28,6 +28,12 @@ fn grants_and_approvals_that_ended_over_thirty_days_ago_are_removed_and_no_other
         Arc::clone(&clock) as Arc<dyn keyfront::clock::Clock>,
     )
     .expect("open");
+    (dir, clock, kms)
+}
+
+#[test]
+fn grants_and_approvals_that_ended_over_thirty_days_ago_are_removed_and_no_others() {
+    let (_dir, clock, kms) = domain();
     let tenant = kms.create_tenant(&name("acme")).expect("tenant").id;
     kms.create_key(tenant, &name("default"), Purpose::Data)
         .expect("key");
@@ -82,15 +88,7 @@ fn grants_and_approvals_that_ended_over_thirty_days_ago_are_removed_and_no_other
 fn remembered_request_ids_expire_and_each_tenant_keeps_only_its_newest() {
     use keyfront::keystore::DoneRequest;
     use keyfront::kms::REQUEST_ID_TTL;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(TestClock::default());
-    let kms = Kms::open_with_clock(
-        Arc::new(MemoryHsm::new()),
-        dir.path(),
-        KmsOptions::default(),
-        Arc::clone(&clock) as Arc<dyn keyfront::clock::Clock>,
-    )
-    .expect("open");
+    let (_dir, clock, kms) = domain();
     let store = kms.store();
     let now = kms.clock().now_secs();
     let done = |at| DoneRequest {
