@@ -186,6 +186,11 @@ fn runtime() -> tokio::runtime::Runtime {
     // Invariant: building a runtime fails only when the OS refuses threads or an epoll fd,
     // in which case nothing else could run either.
     tokio::runtime::Builder::new_multi_thread()
+        // Blocking-pool threads (sled commits, cold reads, HSM calls off the hot path) live
+        // 5 minutes idle instead of 10 s. Each thread that exits leaves its allocator heap
+        // behind. Under a steady soak the default churn let RSS creep up, while with a long
+        // keep-alive it stayed flat (docs/TESTING.md, "Soak").
+        .thread_keep_alive(std::time::Duration::from_secs(300))
         .enable_all()
         .build()
         .expect("tokio runtime")
