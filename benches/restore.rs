@@ -90,13 +90,22 @@ fn main() {
         sampler.join().expect("sampler");
         assert_eq!(restored.tenants, tenants);
         let peak = peak.load(Ordering::Relaxed);
+        // What the restore held before it streamed: every section's records at once.
+        let key = keyfront::audit::chain::PublicKey::from_bytes(&hsm.audit_public_key())
+            .expect("key");
+        let holding_before = rss_kib();
+        let all = keyfront::backup::verify(&archive, &key, true).expect("verify");
+        let held = rss_kib().saturating_sub(holding_before);
+        assert_eq!(all.tenants.len(), tenants);
+        drop(all);
         println!(
-            "| {tenants} | {:.1} | {:.1} | {} | {} | {} |",
+            "| {tenants} | {:.1} | {:.1} | {} | {} | {} | {} |",
             size as f64 / 1048576.0,
             took.as_secs_f64(),
             before / 1024,
             peak / 1024,
-            peak.saturating_sub(before) / 1024
+            peak.saturating_sub(before) / 1024,
+            held / 1024
         );
     }
 }
