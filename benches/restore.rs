@@ -91,8 +91,8 @@ fn main() {
         assert_eq!(restored.tenants, tenants);
         let peak = peak.load(Ordering::Relaxed);
         // What the restore held before it streamed: every section's records at once.
-        let key = keyfront::audit::chain::PublicKey::from_bytes(&hsm.audit_public_key())
-            .expect("key");
+        let key =
+            keyfront::audit::chain::PublicKey::from_bytes(&hsm.audit_public_key()).expect("key");
         let holding_before = rss_kib();
         let all = keyfront::backup::verify(&archive, &key, true).expect("verify");
         let held = rss_kib().saturating_sub(holding_before);
