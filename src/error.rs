@@ -130,13 +130,7 @@ impl From<Error> for tonic::Status {
                     "the key store's disk is full; the request was not completed; retry once space is freed",
                 )
             }
-            Error::Store(keystore::Error::Io(e)) if keystore::is_disk_full(&e) => {
-                tracing::warn!(error = %e, "key store write failed: the disk is full");
-                Self::resource_exhausted(
-                    "the key store's disk is full; the request was not completed; retry once space is freed",
-                )
-            }
-            Error::Store(keystore::Error::Sled(sled::Error::Io(e))) => {
+            Error::Store(keystore::Error::Io(e)) => {
                 // The disk or the files failed under the store, not the request: retryable.
                 tracing::error!(error = %e, "key store I/O failed");
                 Self::unavailable("key store I/O failed; the request was not completed; retry")

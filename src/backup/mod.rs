@@ -629,16 +629,20 @@ pub fn verify(path: &Path, key: &PublicKey, keep: bool) -> Result<Verified, Erro
             ));
         }
         if let Some(section) = section {
-            match place(path, &database, section)? {
-                Placed::System(records) => verified.system = records,
-                Placed::Tenant(id, records) => verified.tenants.push((id, records)),
+            let records = records_of(path, &database, section)?;
+            if database == "system" {
+                verified.system = records;
+            } else {
+                verified
+                    .tenants
+                    .push((tenant_id(path, &database)?, records));
             }
         }
     }
     Ok(verified)
 }
 
-fn mismatch(path: &Path, reason: String) -> Error {
+pub(super) fn mismatch(path: &Path, reason: String) -> Error {
     Error::Mismatch {
         path: path.to_path_buf(),
         reason,
@@ -651,58 +655,67 @@ fn expected_sections(manifest: &Manifest) -> impl Iterator<Item = (String, &Sect
         .chain(manifest.tenants.iter().map(|t| (t.id.clone(), &t.section)))
 }
 
-/// A section's records, where they belong.
-pub enum Placed {
-    /// The system database's.
-    System(RawRecords),
-    /// A tenant database's.
-    Tenant(TenantId, RawRecords),
-}
-
-fn place(path: &Path, database: &str, section: Section) -> Result<Placed, Error> {
+/// A section's records, once it is the one the manifest names next.
+fn records_of(path: &Path, database: &str, section: Section) -> Result<RawRecords, Error> {
     if section.database != database {
         return Err(mismatch(
             path,
             format!("the section of {database} is out of place"),
         ));
     }
-    if database == "system" {
-        return Ok(Placed::System(section.records));
-    }
-    let id = database
-        .parse::<TenantId>()
-        .map_err(|_| mismatch(path, format!("{database} is not a tenant id")))?;
-    Ok(Placed::Tenant(id, section.records))
+    Ok(section.records)
 }
 
-/// Reads a verified archive's sections again, one at a time, for a restore: each is checked
-/// against `manifest` (from [`verify`], signed) before it is handed out, so a file changed
-/// since the check is refused, and memory holds one section instead of the whole archive.
+fn tenant_id(path: &Path, database: &str) -> Result<TenantId, Error> {
+    database
+        .parse::<TenantId>()
+        .map_err(|_| mismatch(path, format!("{database} is not a tenant id")))
+}
+
+/// The next frame of `frames` as the section `want` of `database` describes it.
+fn next_section(
+    frames: &mut Frames,
+    path: &Path,
+    database: &str,
+    want: &SectionSummary,
+) -> Result<RawRecords, Error> {
+    let (_, bytes) = frames
+        .next_frame()?
+        .filter(|(tag, _)| *tag == TAG_SECTION)
+        .ok_or_else(|| mismatch(path, "a section is missing".into()))?;
+    let section: Section = postcard::from_bytes(&bytes)
+        .map_err(|_| frames.malformed(format!("the section of {database} does not decode")))?;
+    if &summary(&bytes, section.records.len()) != want {
+        return Err(mismatch(
+            path,
+            format!("the section of {database} changed since it was verified"),
+        ));
+    }
+    records_of(path, database, section)
+}
+
+/// The tenants' sections of a verified archive, read one at a time.
+pub type TenantSections<'a> = Box<dyn Iterator<Item = Result<(TenantId, RawRecords), Error>> + 'a>;
+
+/// Reads a verified archive's sections again, for a restore: the system database's records,
+/// then each tenant's, one at a time. Each is checked against `manifest` (from [`verify`],
+/// signed) before it is handed out, so a file changed since the check is refused, and memory
+/// holds one section instead of the whole archive.
 ///
 /// # Errors
-/// As [`verify`]; each item fails on a section that is not the one the manifest lists next.
+/// As [`verify`]; each tenant item fails on a section that is not the one the manifest lists
+/// next.
 pub fn sections<'a>(
     path: &'a Path,
     manifest: &'a Manifest,
-) -> Result<impl Iterator<Item = Result<Placed, Error>> + 'a, Error> {
+) -> Result<(RawRecords, TenantSections<'a>), Error> {
     let mut frames = Frames::open(path)?;
-    Ok(expected_sections(manifest).map(move |(database, want)| {
-        let (tag, bytes) = frames
-            .next_frame()?
-            .ok_or_else(|| mismatch(path, "a section is missing".into()))?;
-        if tag != TAG_SECTION {
-            return Err(mismatch(path, "a section is missing".into()));
-        }
-        let section: Section = postcard::from_bytes(&bytes)
-            .map_err(|_| frames.malformed(format!("the section of {database} does not decode")))?;
-        if &summary(&bytes, section.records.len()) != want {
-            return Err(mismatch(
-                path,
-                format!("the section of {database} changed since it was verified"),
-            ));
-        }
-        place(path, &database, section)
-    }))
+    let system = next_section(&mut frames, path, "system", &manifest.system)?;
+    let tenants = manifest.tenants.iter().map(move |tenant| {
+        let records = next_section(&mut frames, path, &tenant.id, &tenant.section)?;
+        Ok((tenant_id(path, &tenant.id)?, records))
+    });
+    Ok((system, Box::new(tenants)))
 }
 
 #[cfg(test)]
@@ -737,15 +750,10 @@ mod tests {
     fn sections_are_streamed_in_order_and_a_file_changed_after_verify_is_refused() {
         let (dir, created, key) = archive();
         let verified = verify(&created.path, &key, true).expect("verifies");
-        let streamed: Vec<Placed> = sections(&created.path, &verified.manifest)
-            .expect("open")
-            .collect::<Result<_, _>>()
-            .expect("every section");
-        assert_eq!(streamed.len(), 3);
-        assert!(matches!(&streamed[0], Placed::System(records) if *records == verified.system));
-        for (placed, (id, records)) in streamed[1..].iter().zip(&verified.tenants) {
-            assert!(matches!(placed, Placed::Tenant(i, r) if i == id && r == records));
-        }
+        let (system, tenants) = sections(&created.path, &verified.manifest).expect("open");
+        assert_eq!(system, verified.system);
+        let tenants: Vec<_> = tenants.collect::<Result<_, _>>().expect("every tenant");
+        assert_eq!(tenants, verified.tenants);
         // The same archive with one byte of the last tenant's section changed after the
         // check: that section is refused, the ones before it were whole.
         let mut bytes = std::fs::read(&created.path).expect("read");
@@ -764,11 +772,10 @@ mod tests {
         bytes[last_tenant + 9 + 3] ^= 1;
         let changed = dir.path().join("changed.kfb");
         std::fs::write(&changed, &bytes).expect("write");
-        let results: Vec<_> = sections(&changed, &verified.manifest)
-            .expect("open")
-            .collect();
-        assert!(results[0].is_ok() && results[1].is_ok());
-        let error = results[2].as_ref().err().expect("refused").to_string();
+        let (_, tenants) = sections(&changed, &verified.manifest).expect("the system section");
+        let results: Vec<_> = tenants.collect();
+        assert!(results[0].is_ok());
+        let error = results[1].as_ref().expect_err("refused").to_string();
         assert!(
             error.contains("changed since it was verified") || error.contains("does not decode"),
             "{error}"

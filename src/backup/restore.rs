@@ -74,26 +74,9 @@ pub fn restore(
         ..options
     };
     let manifest = verified.manifest;
-    let mut sections = super::sections(archive, &manifest)?;
-    let system = match sections.next() {
-        Some(Ok(super::Placed::System(records))) => records,
-        Some(Err(error)) => return Err(error),
-        _ => {
-            return Err(Error::Mismatch {
-                path: archive.to_path_buf(),
-                reason: "the system section is missing".into(),
-            });
-        }
-    };
-    let tenants = sections.map(|placed| match placed? {
-        super::Placed::Tenant(id, records) => Ok((id, records)),
-        super::Placed::System(_) => Err(Error::Mismatch {
-            path: archive.to_path_buf(),
-            reason: "a second system section".into(),
-        }),
-    });
+    let (system, tenants) = super::sections(archive, &manifest)?;
     let result = KeyStore::import(data_dir, mac()?, options, &system, tenants)
-        .and_then(|store| finish(&store, manifest.clone(), &entries));
+        .and_then(|store| finish(&store, manifest, &entries));
     if result.is_err() {
         // The directory was empty or new: leave nothing half-restored behind.
         let _ = std::fs::remove_dir_all(data_dir);

@@ -310,7 +310,7 @@ impl SledDatabase {
 }
 
 /// Whether an I/O error says the disk (or the user's quota) is full.
-pub fn is_disk_full(error: &std::io::Error) -> bool {
+pub(super) fn is_disk_full(error: &std::io::Error) -> bool {
     error.kind() == std::io::ErrorKind::StorageFull
         || error.kind() == std::io::ErrorKind::QuotaExceeded
 }

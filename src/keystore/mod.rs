@@ -26,7 +26,6 @@ mod record;
 mod system;
 mod tenant;
 
-pub use engine::is_disk_full;
 pub use journal::{Journal, JournalEntry};
 pub use postgres::PostgresOptions;
 pub use record::{MAC_LEN, RecordMac, SCHEMA_VERSION};
@@ -53,9 +52,9 @@ pub enum Error {
         /// What did not match.
         reason: &'static str,
     },
-    /// A filesystem operation failed.
+    /// A filesystem operation failed (a full disk is [`Error::StorageFull`] instead).
     #[error("storage I/O failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The disk under the store is full: the write was not completed (and taken back where
     /// it reached memory); retry once space is freed.
     #[error("the store's disk is full")]
@@ -91,11 +90,22 @@ pub enum Error {
     NotScheduled(TenantId),
 }
 
+// A full disk is told apart here, once, whichever layer met it (sled, the key journal).
 impl From<sled::Error> for Error {
     fn from(error: sled::Error) -> Self {
         match error {
-            sled::Error::Io(io) if is_disk_full(&io) => Self::StorageFull,
+            sled::Error::Io(io) => io.into(),
             other => Self::Sled(other),
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(error: std::io::Error) -> Self {
+        if engine::is_disk_full(&error) {
+            Self::StorageFull
+        } else {
+            Self::Io(error)
         }
     }
 }

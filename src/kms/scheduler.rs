@@ -48,51 +48,52 @@ pub async fn run(kms: Weak<Kms>, interval: Duration) {
             continue;
         }
         if kms.store().mwk_rotation().is_ok_and(|r| r.is_some()) {
-            let resuming = Arc::clone(&kms);
-            match tokio::task::spawn_blocking(move || resuming.resume_master_key_rotation()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    tracing::error!(%error, "resuming the master key rotation failed; retrying next tick")
-                }
-                Err(error) => tracing::error!(%error, "scheduler task failed"),
-            }
+            job(
+                &kms,
+                "resuming the master key rotation",
+                Kms::resume_master_key_rotation,
+            )
+            .await;
         }
         // Rotation is not destructive: it goes on while destructions are paused.
-        let rotating = Arc::clone(&kms);
-        match tokio::task::spawn_blocking(move || rotating.run_due_rotations()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                tracing::error!(%error, "scheduled rotations failed; retrying next tick")
-            }
-            Err(error) => tracing::error!(%error, "scheduler task failed"),
-        }
+        job(&kms, "scheduled rotations", Kms::run_due_rotations).await;
         if paused {
             continue;
         }
-        // Removing history trusts the wall clock too: paused with the destructions.
-        // Expiring request_ids is not destructive to keys, but it trusts the clock as well.
-        let pruning = Arc::clone(&kms);
-        match tokio::task::spawn_blocking(move || pruning.prune_request_ids()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                tracing::error!(%error, "expiring request_ids failed; retrying next tick")
-            }
-            Err(error) => tracing::error!(%error, "scheduler task failed"),
+        // Expiring request_ids and removing ended grants trust the wall clock too: paused
+        // with the destructions.
+        job(&kms, "expiring request_ids", Kms::prune_request_ids).await;
+        job(
+            &kms,
+            "pruning ended grants and approvals",
+            Kms::prune_access_history,
+        )
+        .await;
+        if let Some(destroyed) =
+            job(&kms, "scheduled destructions", Kms::run_due_destructions).await
+        {
+            crate::metrics::global().versions_destroyed(destroyed.len());
         }
-        let pruning = Arc::clone(&kms);
-        match tokio::task::spawn_blocking(move || pruning.prune_access_history()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                tracing::error!(%error, "pruning ended grants and approvals failed; retrying next tick")
-            }
-            Err(error) => tracing::error!(%error, "scheduler task failed"),
+    }
+}
+
+/// Runs one job of a tick on the blocking pool; a failure is logged and the job runs again
+/// next tick (every job resumes from the store).
+async fn job<T: Send + 'static>(
+    kms: &Arc<Kms>,
+    what: &'static str,
+    f: impl FnOnce(&Kms) -> Result<T, crate::error::Error> + Send + 'static,
+) -> Option<T> {
+    let kms = Arc::clone(kms);
+    match tokio::task::spawn_blocking(move || f(&kms)).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "{what} failed; retrying next tick");
+            None
         }
-        match tokio::task::spawn_blocking(move || kms.run_due_destructions()).await {
-            Ok(Ok(destroyed)) => crate::metrics::global().versions_destroyed(destroyed.len()),
-            Ok(Err(error)) => {
-                tracing::error!(%error, "scheduled destructions failed; retrying next tick")
-            }
-            Err(error) => tracing::error!(%error, "scheduler task failed"),
+        Err(error) => {
+            tracing::error!(%error, "scheduler task failed");
+            None
         }
     }
 }
