@@ -8,7 +8,10 @@ use keyfront::keystore::RecordMac;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let mac = RecordMac::new(SecretKey::from_bytes(&mut [5u8; 32]));
-    let split = data.first().map_or(0, |b| usize::from(*b) % 32).min(data.len());
+    let split = data
+        .first()
+        .map_or(0, |b| usize::from(*b) % 32)
+        .min(data.len());
     let (key, value) = data.split_at(split);
     for db_id in [&b"system"[..], &[3u8; 16][..]] {
         assert!(mac.open(db_id, key, value).is_none());

@@ -444,6 +444,57 @@ async fn blocking<T: Send + 'static>(
         .map_err(Status::from)
 }
 
+/// The three services over an open domain, without TLS or the request pipeline: the handlers
+/// as the fuzzer drives them (fuzz/fuzz_targets/handlers.rs). A request carries the
+/// [`PeerInfo`] that TLS would have put in its extensions.
+#[cfg(feature = "test-hooks")]
+pub struct InProcess {
+    /// KeyService.
+    pub keys: keys::KeyService,
+    /// AdminService.
+    pub admin: admin::AdminService,
+    /// AccessService.
+    pub access: access::AccessService,
+}
+
+#[cfg(feature = "test-hooks")]
+impl InProcess {
+    /// The services for `principals` over `kms`, auditing into `audit`, with default limits,
+    /// grants and dual control as given.
+    pub fn new(
+        kms: Arc<Kms>,
+        audit: Arc<AuditLog>,
+        principals: &[PrincipalConfig],
+        dual_control: crate::config::DualControl,
+    ) -> Self {
+        let limits = Limits::default();
+        let shared = Arc::new(Shared {
+            kms: OnceLock::new(),
+            audit: Arc::clone(&audit),
+            principals: std::sync::RwLock::new(Arc::new(Principals::new(
+                principals,
+                &crate::config::Revocations::default(),
+            ))),
+            limits,
+            dual_control,
+            access: crate::config::Access::default(),
+            last_uses: access::LastUses::default(),
+            password_slots: Arc::new(tokio::sync::Semaphore::new(
+                limits.max_concurrent_password_hashes,
+            )),
+            backups: None,
+            nightly_backups: false,
+        });
+        kms.attach_audit(&audit);
+        let _ = shared.kms.set(kms);
+        Self {
+            keys: keys::KeyService::new(Arc::clone(&shared)),
+            admin: admin::AdminService::new(Arc::clone(&shared)),
+            access: access::AccessService::new(shared),
+        }
+    }
+}
+
 /// The keyfront server.
 pub struct Server {
     config: Config,
