@@ -39,6 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyfront.v1.HashPasswordRequest",
             "keyfront.v1.VerifyPasswordRequest",
             "keyfront.v1.LookupDigestRequest",
+            "keyfront.v1.GenerateMacRequest",
+            "keyfront.v1.VerifyMacRequest",
         ])
         .compile_with_config(
             config,

@@ -224,8 +224,7 @@ fn main() {
                         tenant: "acme".into(),
                         name: key.into(),
                         purpose: pb::KeyPurpose::Data as i32,
-                        request_id: String::new(),
-                    })
+                        request_id: String::new(), ..Default::default() })
                     .await
                     .expect("key");
             }
@@ -292,8 +291,7 @@ fn main() {
                                     tenant: "acme".into(),
                                     name: format!("k{n:07}"),
                                     purpose: pb::KeyPurpose::Data as i32,
-                                    request_id: String::new(),
-                                })
+                                    request_id: String::new(), ..Default::default() })
                                 .await
                                 .map(drop)
                         }

@@ -145,6 +145,18 @@ impl KeyService for Echo {
     ) -> Result<Response<pb::VerifyPasswordResponse>, Status> {
         Ok(Response::new(pb::VerifyPasswordResponse::default()))
     }
+    async fn generate_mac(
+        &self,
+        _: Request<pb::GenerateMacRequest>,
+    ) -> Result<Response<pb::GenerateMacResponse>, Status> {
+        Ok(Response::new(pb::GenerateMacResponse::default()))
+    }
+    async fn verify_mac(
+        &self,
+        _: Request<pb::VerifyMacRequest>,
+    ) -> Result<Response<pb::VerifyMacResponse>, Status> {
+        Ok(Response::new(pb::VerifyMacResponse::default()))
+    }
     async fn lookup_digest(
         &self,
         _: Request<pb::LookupDigestRequest>,
@@ -339,7 +351,7 @@ fn main() {
         admin.create_tenant(pb::CreateTenantRequest { name: "acme".into(), request_id: String::new() }).await.expect("tenant");
         for (name, purpose) in [("default", pb::KeyPurpose::Data), ("secrets", pb::KeyPurpose::Secrets)] {
             admin
-                .create_key(pb::CreateKeyRequest { tenant: "acme".into(), name: name.into(), purpose: purpose as i32, request_id: String::new() })
+                .create_key(pb::CreateKeyRequest { tenant: "acme".into(), name: name.into(), purpose: purpose as i32, request_id: String::new(), ..Default::default() })
                 .await
                 .expect("key");
         }
@@ -477,7 +489,7 @@ fn main() {
                 let name = format!("tenant-{i:03}");
                 admin.create_tenant(pb::CreateTenantRequest { name: name.clone(), request_id: String::new() }).await.expect("tenant");
                 admin
-                    .create_key(pb::CreateKeyRequest { tenant: name, name: "default".into(), purpose: pb::KeyPurpose::Data as i32, request_id: String::new() })
+                    .create_key(pb::CreateKeyRequest { tenant: name, name: "default".into(), purpose: pb::KeyPurpose::Data as i32, request_id: String::new(), ..Default::default() })
                     .await
                     .expect("key");
             }

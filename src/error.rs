@@ -106,10 +106,7 @@ impl From<Error> for tonic::Status {
             Error::PermissionDenied => Self::permission_denied("permission denied"),
             Error::PurposeMismatch { key, purpose } => Self::permission_denied(format!(
                 "key {key} has purpose {}, which does not allow this operation",
-                match purpose {
-                    Purpose::Data => "DATA",
-                    Purpose::Secrets => "SECRETS",
-                }
+                purpose.name()
             )),
             Error::Store(keystore::Error::AlreadyExists(what)) => {
                 Self::already_exists(format!("{what} already exists"))

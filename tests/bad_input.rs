@@ -426,6 +426,7 @@ fn every_bad_input_gets_a_clear_status_and_changes_nothing() {
                         name: name.clone(),
                         purpose: pb::KeyPurpose::Data.into(),
                         request_id: String::new(),
+                        ..Default::default()
                     })
                     .await,
             );
@@ -437,6 +438,7 @@ fn every_bad_input_gets_a_clear_status_and_changes_nothing() {
                         name: "fresh".into(),
                         purpose: pb::KeyPurpose::Data.into(),
                         request_id: String::new(),
+                        ..Default::default()
                     })
                     .await,
             );
@@ -467,6 +469,7 @@ fn every_bad_input_gets_a_clear_status_and_changes_nothing() {
                     name: "no-purpose".into(),
                     purpose: 0,
                     request_id: String::new(),
+                    ..Default::default()
                 })
                 .await,
         );
@@ -478,6 +481,7 @@ fn every_bad_input_gets_a_clear_status_and_changes_nothing() {
                     name: "odd-purpose".into(),
                     purpose: 99,
                     request_id: String::new(),
+                    ..Default::default()
                 })
                 .await,
         );

@@ -670,6 +670,7 @@ fn start_load(
                     name: name.clone(),
                     purpose: pb::KeyPurpose::Data as i32,
                     request_id: String::new(),
+                    ..Default::default()
                 })
                 .await;
             let mut acked = acked.lock().expect("acked");

@@ -192,6 +192,7 @@ async fn load(
                             name: name.clone(),
                             purpose: pb::KeyPurpose::Data.into(),
                             request_id: String::new(),
+                            ..Default::default()
                         })
                         .await
                         .map(|_| acked.lock().expect("lock").keys.push(name))
@@ -386,6 +387,7 @@ fn sigkill_during_master_key_rotation_over_200_keys_resumes_and_loses_nothing() 
                         name: name.clone(),
                         purpose: pb::KeyPurpose::Data.into(),
                         request_id: String::new(),
+                        ..Default::default()
                     })
                     .await
                     .expect("create key");
@@ -652,6 +654,7 @@ fn a_request_id_is_remembered_across_a_sigkill() {
                 name: "other".into(),
                 purpose: pb::KeyPurpose::Data.into(),
                 request_id: "rotate-once".into(),
+                ..Default::default()
             })
             .await
     });

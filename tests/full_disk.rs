@@ -89,6 +89,7 @@ async fn create_key(server: &DevServer, name: &str) -> Result<(), tonic::Status>
             name: name.into(),
             purpose: pb::KeyPurpose::Data.into(),
             request_id: String::new(),
+            ..Default::default()
         })
         .await
         .map(drop)

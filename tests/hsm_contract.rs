@@ -10,7 +10,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use keyfront::hsm::faulty::{FaultyHsm, Op};
 use keyfront::hsm::memory::MemoryHsm;
 use keyfront::hsm::pkcs11::{self, MWK_LABEL_PREFIX, Pkcs11Hsm};
-use keyfront::hsm::{Error, HmacKey, Hsm, MwkGeneration, WrappedKek};
+use keyfront::hsm::{Error, HmacKey, Hsm, MacAlgorithm, MwkGeneration, WrappedKek, WrappedKind};
 
 /// The behaviour every implementation promises.
 fn contract(hsm: &dyn Hsm) {
@@ -99,6 +99,107 @@ fn contract(hsm: &dyn Hsm) {
 
     let signature = hsm.sign(b"checkpoint").expect("sign");
     assert_eq!(signature.len(), 64);
+
+    mac_contract(hsm, &kek);
+}
+
+/// MAC keys: generated wrapped, unwrapped by kind, deterministic, one key per algorithm,
+/// never usable for AES-GCM, and a tampered blob does not unwrap.
+fn mac_contract(hsm: &dyn Hsm, kek: &keyfront::hsm::Kek) {
+    for algorithm in [MacAlgorithm::HmacSha256, MacAlgorithm::HmacSha512] {
+        let wrapped = hsm.generate_mac_key(algorithm).expect("generate MAC key");
+        assert_eq!(wrapped.kind(), WrappedKind::MacKey);
+        assert_eq!(wrapped.generation(), hsm.mwk_generation());
+        let bytes = wrapped.to_bytes();
+        assert_eq!(bytes[0], keyfront::hsm::MAC_KEY_BLOB_TYPE);
+        assert_eq!(WrappedKek::from_bytes(&bytes).as_ref(), Some(&wrapped));
+        let key = hsm.unwrap_kek(&wrapped).expect("unwrap MAC key");
+        let mac = hsm.mac(&key, algorithm, b"message").expect("mac");
+        assert_eq!(mac.len(), algorithm.mac_len());
+        assert_eq!(mac, hsm.mac(&key, algorithm, b"message").expect("mac"));
+        assert_ne!(mac, hsm.mac(&key, algorithm, b"messagf").expect("mac"));
+        assert_eq!(
+            hsm.mac(&key, algorithm, b"").expect("empty").len(),
+            algorithm.mac_len()
+        );
+        let other = hsm
+            .unwrap_kek(&hsm.generate_mac_key(algorithm).expect("another"))
+            .expect("unwrap");
+        assert_ne!(mac, hsm.mac(&other, algorithm, b"message").expect("mac"));
+        // A MAC key cannot encrypt, and a KEK cannot MAC.
+        assert!(hsm.encrypt(&key, b"aad", b"x").is_err());
+        assert!(hsm.mac(kek, algorithm, b"message").is_err());
+        let mut tampered = wrapped.wrapped().to_vec();
+        tampered[3] ^= 0x01;
+        let tampered = WrappedKek::of_kind(WrappedKind::MacKey, wrapped.generation(), tampered);
+        assert!(hsm.unwrap_kek(&tampered).is_err());
+        // The same bytes read as a KEK blob do not give a usable AES-GCM key (an HSM may
+        // refuse the unwrap, or the length).
+        let as_kek = WrappedKek::new(wrapped.generation(), wrapped.wrapped().to_vec());
+        if let Ok(confused) = hsm.unwrap_kek(&as_kek) {
+            assert!(hsm.mac(&confused, algorithm, b"message").is_err());
+        }
+    }
+}
+
+/// Master key rotation re-wraps MAC keys by kind: the MAC stays the same.
+#[test]
+fn softhsm_rewraps_mac_keys_under_a_new_mwk() {
+    let config = common::initialized_token("macrewrap");
+    let hsm = common::open_hsm(&config);
+    for algorithm in [MacAlgorithm::HmacSha256, MacAlgorithm::HmacSha512] {
+        let wrapped = hsm.generate_mac_key(algorithm).expect("MAC key");
+        let before = hsm
+            .mac(&hsm.unwrap_kek(&wrapped).expect("unwrap"), algorithm, b"m")
+            .expect("mac");
+        let generation = hsm.create_mwk().expect("new MWK");
+        let rewrapped = hsm.rewrap_kek(&wrapped).expect("rewrap");
+        assert_eq!(rewrapped.kind(), WrappedKind::MacKey);
+        assert_eq!(rewrapped.generation(), generation);
+        let after = hsm
+            .mac(
+                &hsm.unwrap_kek(&rewrapped).expect("unwrap"),
+                algorithm,
+                b"m",
+            )
+            .expect("mac");
+        assert_eq!(before, after);
+    }
+}
+
+/// SoftHSM's HMAC mechanisms, which MAC keys use, are the standard ones: a key created in
+/// clear (a test-only session object) gives RFC 4231's values. The in-memory fake uses the
+/// `hmac` crate.
+#[test]
+fn softhsm_hmac_matches_rfc_4231() {
+    let config = common::initialized_token("rfc4231");
+    let ctx = pkcs11::context(&config.module).expect("module");
+    let session = pkcs11::open_logged_in(&ctx, &config).expect("session");
+    // RFC 4231 test case 6 (SoftHSM refuses keys shorter than half the hash: case 2's "Jefe").
+    let key = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sign(true),
+            Attribute::Value(vec![0xaa; 131]),
+        ])
+        .expect("test key");
+    let data = b"Test Using Larger Than Block-Size Key - Hash Key First";
+    let sha256 = session
+        .sign(&Mechanism::Sha256Hmac, key, data)
+        .expect("HMAC-SHA-256");
+    assert_eq!(
+        hex::encode(sha256),
+        "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+    );
+    let sha512 = session
+        .sign(&Mechanism::Sha512Hmac, key, data)
+        .expect("HMAC-SHA-512");
+    assert_eq!(
+        hex::encode(sha512),
+        "80b24263c7c1a3ebb71493c1dd7be8b49b46d1f41b4aeec1121b013783f8f3526b56d037e05f2598bd0fd2215d6a1e5295e64f73f63f0aec8b915a985d786598"
+    );
 }
 
 #[test]

@@ -1014,3 +1014,162 @@ fn passwords_verify_only_where_they_were_made() {
             .expect("hmac")
     );
 }
+
+/// MAC keys on SoftHSM: both algorithms, MACs of older versions verify after a rotation and
+/// a master key rotation, disabled and below-minimum versions refuse, a wrong MAC is simply
+/// invalid, and purposes hold in both directions.
+#[test]
+fn mac_keys_generate_verify_rotate_and_refuse() {
+    use keyfront::hsm::MacAlgorithm;
+    use keyfront::kms::PolicyUpdate;
+
+    let (kms, _dir, _) = common::softhsm_kms("mackeys");
+    let acme = tenant(&kms, "acme");
+    for (key, algorithm) in [
+        ("mac256", MacAlgorithm::HmacSha256),
+        ("mac512", MacAlgorithm::HmacSha512),
+    ] {
+        let key = name(key);
+        kms.create_key(acme, &key, Purpose::Mac(algorithm))
+            .expect("MAC key");
+        let first = kms.generate_mac(acme, &key, b"invoice 42").expect("mac");
+        assert_eq!(first.version, KeyVersion(1));
+        assert_eq!(first.mac.len(), algorithm.mac_len());
+        let check = |version: Option<KeyVersion>, data: &[u8], mac: &[u8]| {
+            kms.verify_mac(acme, &key, version, data, mac)
+                .map(|(valid, out)| (valid, out.version))
+        };
+        assert_eq!(
+            check(None, b"invoice 42", &first.mac).ok(),
+            Some((true, KeyVersion(1)))
+        );
+        assert_eq!(
+            check(None, b"invoice 43", &first.mac).ok(),
+            Some((false, KeyVersion(1)))
+        );
+        assert_eq!(
+            check(None, b"invoice 42", &first.mac[1..]).ok(),
+            Some((false, KeyVersion(1)))
+        );
+        assert_eq!(
+            check(None, b"invoice 42", b"").ok(),
+            Some((false, KeyVersion(1)))
+        );
+
+        kms.rotate_key(acme, &key).expect("rotate");
+        let second = kms.generate_mac(acme, &key, b"invoice 42").expect("mac");
+        assert_eq!(second.version, KeyVersion(2));
+        assert_ne!(second.mac, first.mac);
+        // The old MAC verifies under the version it names, not under the new primary.
+        assert_eq!(
+            check(Some(KeyVersion(1)), b"invoice 42", &first.mac).ok(),
+            Some((true, KeyVersion(1)))
+        );
+        assert_eq!(
+            check(None, b"invoice 42", &first.mac).ok(),
+            Some((false, KeyVersion(2)))
+        );
+        assert!(matches!(
+            check(Some(KeyVersion(3)), b"invoice 42", &first.mac),
+            Err(Error::VersionNotFound { version: 3, .. })
+        ));
+
+        kms.disable_version(acme, &key, KeyVersion(1))
+            .expect("disable");
+        assert!(matches!(
+            check(Some(KeyVersion(1)), b"invoice 42", &first.mac),
+            Err(Error::KeyState {
+                reason: "VERSION_DISABLED",
+                ..
+            })
+        ));
+        kms.enable_version(acme, &key, KeyVersion(1))
+            .expect("enable");
+        assert_eq!(
+            check(Some(KeyVersion(1)), b"invoice 42", &first.mac).ok(),
+            Some((true, KeyVersion(1)))
+        );
+        kms.update_policy(
+            acme,
+            &key,
+            &PolicyUpdate {
+                min_decryption_version: Some(2),
+                ..PolicyUpdate::default()
+            },
+        )
+        .expect("min version");
+        assert!(matches!(
+            check(Some(KeyVersion(1)), b"invoice 42", &first.mac),
+            Err(Error::KeyState {
+                reason: "BELOW_MIN_DECRYPTION_VERSION",
+                ..
+            })
+        ));
+        kms.disable_version(acme, &key, KeyVersion(2))
+            .expect("disable primary");
+        assert!(matches!(
+            kms.generate_mac(acme, &key, b"x"),
+            Err(Error::KeyState {
+                reason: "VERSION_DISABLED",
+                ..
+            })
+        ));
+        kms.enable_version(acme, &key, KeyVersion(2))
+            .expect("enable primary");
+    }
+
+    // A master key rotation re-wraps MAC keys; MACs made before it still verify.
+    let before = kms.generate_mac(acme, &name("mac256"), b"m").expect("mac");
+    kms.rotate_master_key().expect("rotate the master key");
+    assert!(
+        kms.verify_mac(
+            acme,
+            &name("mac256"),
+            Some(before.version),
+            b"m",
+            &before.mac
+        )
+        .expect("verify")
+        .0
+    );
+
+    // Purposes, both ways.
+    let ctx = EncryptionContext::new();
+    assert!(matches!(
+        kms.encrypt(acme, &name("mac256"), &Plaintext::copy_from(b"p"), &ctx),
+        Err(Error::PurposeMismatch {
+            purpose: Purpose::Mac(_),
+            ..
+        })
+    ));
+    assert!(matches!(
+        kms.generate_data_key(acme, &name("mac256"), &ctx),
+        Err(Error::PurposeMismatch { .. })
+    ));
+    assert!(matches!(
+        kms.seal_secret(acme, &name("mac512"), &Plaintext::copy_from(b"s"), &ctx),
+        Err(Error::PurposeMismatch { .. })
+    ));
+    for data_key in ["default", "secrets"] {
+        assert!(matches!(
+            kms.generate_mac(acme, &name(data_key), b"m"),
+            Err(Error::PurposeMismatch { .. })
+        ));
+        assert!(matches!(
+            kms.verify_mac(acme, &name(data_key), None, b"m", &before.mac),
+            Err(Error::PurposeMismatch { .. })
+        ));
+    }
+    // A ciphertext cannot be made to name a MAC key: its header names the key by id, and the
+    // purpose is checked before anything is opened.
+    let encrypted = kms
+        .encrypt(acme, &name("default"), &Plaintext::copy_from(b"p"), &ctx)
+        .expect("encrypt");
+    let mac_id = kms.key(acme, &name("mac256")).expect("key").id;
+    let mut forged = encrypted.ciphertext;
+    forged[2..18].copy_from_slice(mac_id.as_bytes());
+    assert!(matches!(
+        kms.decrypt(acme, &forged, &ctx, None),
+        Err(Error::Decrypt)
+    ));
+}

@@ -34,6 +34,10 @@ pub enum PurposeArg {
     Data,
     /// SealSecret, UnsealSecret.
     Secrets,
+    /// GenerateMac, VerifyMac with HMAC-SHA-256.
+    HmacSha256,
+    /// GenerateMac, VerifyMac with HMAC-SHA-512.
+    HmacSha512,
 }
 
 /// Every AdminService RPC.
@@ -372,6 +376,12 @@ async fn execute(channel: Channel, command: AdminCommand) -> Result<Output, toni
                 purpose: match purpose {
                     PurposeArg::Data => pb::KeyPurpose::Data,
                     PurposeArg::Secrets => pb::KeyPurpose::Secrets,
+                    PurposeArg::HmacSha256 | PurposeArg::HmacSha512 => pb::KeyPurpose::Mac,
+                } as i32,
+                algorithm: match purpose {
+                    PurposeArg::Data | PurposeArg::Secrets => pb::KeyAlgorithm::Unspecified,
+                    PurposeArg::HmacSha256 => pb::KeyAlgorithm::HmacSha256,
+                    PurposeArg::HmacSha512 => pb::KeyAlgorithm::HmacSha512,
                 } as i32,
                 request_id,
             })
@@ -655,6 +665,7 @@ fn purpose(value: i32) -> &'static str {
     match pb::KeyPurpose::try_from(value) {
         Ok(pb::KeyPurpose::Data) => "DATA",
         Ok(pb::KeyPurpose::Secrets) => "SECRETS",
+        Ok(pb::KeyPurpose::Mac) => "MAC",
         _ => "UNSPECIFIED",
     }
 }

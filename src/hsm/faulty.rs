@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use cryptoki::error::RvError;
 
-use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MwkGeneration, WrappedKek};
+use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, WrappedKek};
 use crate::crypto::Plaintext;
 
 /// The operations of the [`Hsm`] trait that cost an HSM call.
@@ -30,9 +30,13 @@ pub enum Op {
     Sign,
     /// [`Hsm::probe`]
     Probe,
+    /// [`Hsm::generate_mac_key`]
+    GenerateMacKey,
+    /// [`Hsm::mac`]
+    Mac,
 }
 
-const OPS: usize = 8;
+const OPS: usize = 10;
 
 /// Wraps an [`Hsm`], counting calls per operation and failing them on request.
 pub struct FaultyHsm<H> {
@@ -138,6 +142,16 @@ impl<H: Hsm> Hsm for FaultyHsm<H> {
     ) -> Result<Plaintext, Error> {
         self.enter(Op::Decrypt)?;
         self.inner.decrypt(kek, iv, aad, sealed)
+    }
+
+    fn generate_mac_key(&self, algorithm: MacAlgorithm) -> Result<WrappedKek, Error> {
+        self.enter(Op::GenerateMacKey)?;
+        self.inner.generate_mac_key(algorithm)
+    }
+
+    fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error> {
+        self.enter(Op::Mac)?;
+        self.inner.mac(key, algorithm, data)
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {

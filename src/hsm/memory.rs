@@ -9,7 +9,10 @@ use std::sync::Arc;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MwkGeneration, WrappedKek};
+use super::{
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, WrappedKek,
+    WrappedKind,
+};
 use crate::crypto::{self, NONCE_LEN, Plaintext, SecretKey};
 
 /// The fake HSM.
@@ -23,6 +26,9 @@ pub struct MemoryHsm {
 }
 
 struct MemoryKek(SecretKey);
+
+/// An unwrapped MAC key: its bytes, zeroized on drop.
+struct MemoryMacKey(zeroize::Zeroizing<Vec<u8>>);
 
 impl MemoryHsm {
     /// A fake token with fresh random keys, MWK generation 1.
@@ -45,6 +51,7 @@ impl Default for MemoryHsm {
 }
 
 const WRAP_AAD: &[u8] = b"keyfront/memory-hsm/kek";
+const MAC_WRAP_AAD: &[u8] = b"keyfront/memory-hsm/mac-key";
 
 impl Hsm for MemoryHsm {
     fn mwk_generation(&self) -> MwkGeneration {
@@ -61,6 +68,12 @@ impl Hsm for MemoryHsm {
     fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
         if wrapped.generation() != self.generation {
             return Err(Error::UnknownMwk(wrapped.generation()));
+        }
+        if wrapped.kind() == WrappedKind::MacKey {
+            let key = crypto::open(&self.mwk, MAC_WRAP_AAD, wrapped.wrapped())
+                .map_err(|_| Error::Integrity)?;
+            let bytes = zeroize::Zeroizing::new(key.expose_secret().to_vec());
+            return Ok(Kek::new(Arc::new(MemoryMacKey(bytes))));
         }
         let kek =
             crypto::open(&self.mwk, WRAP_AAD, wrapped.wrapped()).map_err(|_| Error::Integrity)?;
@@ -102,6 +115,42 @@ impl Hsm for MemoryHsm {
         body.extend_from_slice(iv);
         body.extend_from_slice(sealed);
         crypto::open(&kek.0, aad, &body).map_err(|_| Error::Integrity)
+    }
+
+    fn generate_mac_key(&self, algorithm: MacAlgorithm) -> Result<WrappedKek, Error> {
+        let key = zeroize::Zeroizing::new({
+            let mut key = vec![0u8; algorithm.key_len()];
+            rand::fill(key.as_mut_slice());
+            key
+        });
+        let mut wrapped = Vec::new();
+        crypto::seal(&self.mwk, MAC_WRAP_AAD, &key, &mut wrapped);
+        Ok(WrappedKek::of_kind(
+            WrappedKind::MacKey,
+            self.generation,
+            wrapped,
+        ))
+    }
+
+    fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error> {
+        let key = key.downcast::<MemoryMacKey>()?;
+        if key.0.len() != algorithm.key_len() {
+            return Err(Error::InvalidInput("MAC key of another algorithm"));
+        }
+        Ok(match algorithm {
+            MacAlgorithm::HmacSha256 => {
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key.0)
+                    .expect("HMAC accepts any key length");
+                mac.update(data);
+                mac.finalize().into_bytes().to_vec()
+            }
+            MacAlgorithm::HmacSha512 => {
+                let mut mac = <Hmac<sha2::Sha512> as Mac>::new_from_slice(&key.0)
+                    .expect("HMAC accepts any key length");
+                mac.update(data);
+                mac.finalize().into_bytes().to_vec()
+            }
+        })
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MwkGeneration, WrappedKek};
+use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, WrappedKek};
 use crate::crypto::Plaintext;
 
 /// Wraps an HSM with metrics.
@@ -50,6 +50,16 @@ impl Hsm for MeteredHsm {
         sealed: &[u8],
     ) -> Result<Plaintext, Error> {
         timed("decrypt", || self.inner.decrypt(kek, iv, aad, sealed))
+    }
+
+    fn generate_mac_key(&self, algorithm: MacAlgorithm) -> Result<WrappedKek, Error> {
+        timed("generate_mac_key", || {
+            self.inner.generate_mac_key(algorithm)
+        })
+    }
+
+    fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error> {
+        timed("mac", || self.inner.mac(key, algorithm, data))
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {

@@ -39,7 +39,8 @@ pub trait Hsm: Send + Sync {
     /// [`Error::Unavailable`] if the HSM cannot be reached; nothing is left behind on the token.
     fn generate_kek(&self) -> Result<WrappedKek, Error>;
 
-    /// Unwraps a KEK blob into a sensitive, non-extractable object inside the HSM.
+    /// Unwraps a KEK blob into a sensitive, non-extractable object inside the HSM: an AES key
+    /// for AES-GCM, or a MAC key for [`Hsm::mac`], as the blob's kind says.
     ///
     /// Implementations cache handles (bounded); the object is destroyed only after the last
     /// [`Kek`] referring to it is dropped.
@@ -66,6 +67,21 @@ pub trait Hsm: Send + Sync {
         aad: &[u8],
         sealed: &[u8],
     ) -> Result<Plaintext, Error>;
+
+    /// Generates an HMAC key for `algorithm` inside the HSM and returns it only wrapped under
+    /// the current MWK (a [`WrappedKind::MacKey`] blob). [`Hsm::unwrap_kek`] brings it back as
+    /// a sensitive object that can only compute that MAC.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if the HSM cannot be reached; nothing is left behind on the token.
+    fn generate_mac_key(&self, algorithm: MacAlgorithm) -> Result<WrappedKek, Error>;
+
+    /// The MAC of `data` inside the HSM, under an unwrapped MAC key.
+    ///
+    /// # Errors
+    /// [`Error::InvalidHandle`] for a handle that is not a MAC key of this HSM,
+    /// [`Error::Unavailable`] if the HSM is gone.
+    fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error>;
 
     /// Fills `out` with random bytes from the HSM's RNG.
     ///
@@ -145,6 +161,47 @@ pub enum HmacKey {
     Lookup,
 }
 
+/// The MACs a MAC key computes (purpose MAC); its key is as long as the hash's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum MacAlgorithm {
+    /// HMAC-SHA-256, 256-bit key, 32-byte MAC.
+    HmacSha256,
+    /// HMAC-SHA-512, 512-bit key, 64-byte MAC.
+    HmacSha512,
+}
+
+impl MacAlgorithm {
+    /// Key length in bytes.
+    pub fn key_len(self) -> usize {
+        match self {
+            Self::HmacSha256 => 32,
+            Self::HmacSha512 => 64,
+        }
+    }
+
+    /// MAC length in bytes.
+    pub fn mac_len(self) -> usize {
+        self.key_len()
+    }
+
+    /// The name the API uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HmacSha256 => "HMAC_SHA256",
+            Self::HmacSha512 => "HMAC_SHA512",
+        }
+    }
+}
+
+/// What a wrapped blob holds: it decides the template the key is unwrapped into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WrappedKind {
+    /// An AES-256 KEK (AES-GCM only). Blob type [`KEK_BLOB_TYPE`].
+    Kek,
+    /// An HMAC key (sign and verify with its MAC only). Blob type [`MAC_KEY_BLOB_TYPE`].
+    MacKey,
+}
+
 /// A generation of the master wrapping key; also its CKA_ID (u32 big-endian) on the token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MwkGeneration(pub u32);
@@ -155,25 +212,40 @@ impl fmt::Display for MwkGeneration {
     }
 }
 
-/// A KEK wrapped under an MWK with AES-KWP (RFC 5649): safe to store, useless without the HSM.
+/// A KEK (or MAC key) wrapped under an MWK with AES-KWP (RFC 5649): safe to store, useless
+/// without the HSM.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WrappedKek {
+    kind: WrappedKind,
     generation: MwkGeneration,
     wrapped: Vec<u8>,
 }
 
 /// Type byte of a serialized KEK blob (after the four types in `crypto::BlobType`).
 pub const KEK_BLOB_TYPE: u8 = 0x05;
-/// Format version of a serialized KEK blob.
+/// Type byte of a serialized MAC key blob; the same layout as a KEK blob.
+pub const MAC_KEY_BLOB_TYPE: u8 = 0x06;
+/// Format version of a serialized KEK or MAC key blob.
 pub const KEK_BLOB_VERSION: u8 = 1;
 
 impl WrappedKek {
     /// A wrapped KEK as the HSM returned it.
     pub fn new(generation: MwkGeneration, wrapped: Vec<u8>) -> Self {
+        Self::of_kind(WrappedKind::Kek, generation, wrapped)
+    }
+
+    /// A wrapped key of `kind` as the HSM returned it.
+    pub fn of_kind(kind: WrappedKind, generation: MwkGeneration, wrapped: Vec<u8>) -> Self {
         Self {
+            kind,
             generation,
             wrapped,
         }
+    }
+
+    /// What it holds.
+    pub fn kind(&self) -> WrappedKind {
+        self.kind
     }
 
     /// The MWK generation that wrapped it.
@@ -186,10 +258,13 @@ impl WrappedKek {
         &self.wrapped
     }
 
-    /// `0x05 ‖ format version ‖ MWK generation (u32 BE) ‖ KWP output`.
+    /// `0x05 (KEK) or 0x06 (MAC key) ‖ format version ‖ MWK generation (u32 BE) ‖ KWP output`.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(6 + self.wrapped.len());
-        out.push(KEK_BLOB_TYPE);
+        out.push(match self.kind {
+            WrappedKind::Kek => KEK_BLOB_TYPE,
+            WrappedKind::MacKey => MAC_KEY_BLOB_TYPE,
+        });
         out.push(KEK_BLOB_VERSION);
         out.extend_from_slice(&self.generation.0.to_be_bytes());
         out.extend_from_slice(&self.wrapped);
@@ -199,17 +274,27 @@ impl WrappedKek {
     /// Parses [`WrappedKek::to_bytes`]; `None` for anything else. Never panics.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
         let (head, wrapped) = bytes.split_at_checked(6)?;
-        if head[0] != KEK_BLOB_TYPE || head[1] != KEK_BLOB_VERSION || wrapped.is_empty() {
+        let kind = match head[0] {
+            KEK_BLOB_TYPE => WrappedKind::Kek,
+            MAC_KEY_BLOB_TYPE => WrappedKind::MacKey,
+            _ => return None,
+        };
+        if head[1] != KEK_BLOB_VERSION || wrapped.is_empty() {
             return None;
         }
         let generation = u32::from_be_bytes(head[2..6].try_into().ok()?);
-        Some(Self::new(MwkGeneration(generation), wrapped.to_vec()))
+        Some(Self::of_kind(
+            kind,
+            MwkGeneration(generation),
+            wrapped.to_vec(),
+        ))
     }
 }
 
 impl fmt::Debug for WrappedKek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WrappedKek")
+            .field("kind", &self.kind)
             .field("generation", &self.generation)
             .field("len", &self.wrapped.len())
             .finish()

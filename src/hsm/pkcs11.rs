@@ -24,7 +24,8 @@ use cryptoki::types::AuthPin;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MwkGeneration, WrappedKek, function_name,
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, WrappedKek,
+    WrappedKind, function_name,
 };
 use crate::crypto::Plaintext;
 
@@ -374,6 +375,54 @@ fn kek_rewrap_template() -> Vec<Attribute> {
         .collect()
 }
 
+/// A new MAC key as a session object: like a new KEK, extractable only for the one
+/// `C_WrapKey` under the MWK that follows, usable for nothing, destroyed right after.
+fn mac_key_generate_template(algorithm: MacAlgorithm) -> Vec<Attribute> {
+    let mut template = mac_key_rewrap_template();
+    template.push(Attribute::ValueLen((algorithm.key_len() as u64).into()));
+    template
+}
+
+/// A MAC key while it is re-wrapped under a new MWK (the length comes from the blob).
+fn mac_key_rewrap_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// How a MAC key exists while in use: a sensitive, non-extractable session object that can
+/// only compute HMACs.
+fn mac_key_unwrap_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC, MechanismType::SHA512_HMAC]),
+    ]
+}
+
 /// The label of an MWK generation.
 pub fn mwk_label(generation: MwkGeneration) -> String {
     format!("{MWK_LABEL_PREFIX}{}", generation.0)
@@ -513,16 +562,13 @@ impl Hsm for Pkcs11Hsm {
         }
         crate::metrics::global().cache("kek", false);
         let mwk = self.mwk(wrapped.generation())?;
+        let template = match wrapped.kind() {
+            WrappedKind::Kek => kek_unwrap_template(),
+            WrappedKind::MacKey => mac_key_unwrap_template(),
+        };
         let handle = self
             .pool
-            .with(|s| {
-                s.unwrap_key(
-                    &Mechanism::AesKeyWrapPad,
-                    mwk,
-                    wrapped.wrapped(),
-                    &kek_unwrap_template(),
-                )
-            })
+            .with(|s| s.unwrap_key(&Mechanism::AesKeyWrapPad, mwk, wrapped.wrapped(), &template))
             .map_err(to_error)?;
         let object = Arc::new(KekObject {
             handle,
@@ -575,6 +621,47 @@ impl Hsm for Pkcs11Hsm {
             })
             .map_err(to_error)?;
         Ok(Plaintext::new(plaintext))
+    }
+
+    fn generate_mac_key(&self, algorithm: MacAlgorithm) -> Result<WrappedKek, Error> {
+        // As generate_kek: under the newest MWK on the token.
+        self.refresh_mwks()?;
+        let current = self.mwk_generation();
+        let mwk = self.mwk(current)?;
+        let wrapped = self
+            .pool
+            .with(|s| {
+                let key = s.generate_key(
+                    &Mechanism::GenericSecretKeyGen,
+                    &mac_key_generate_template(algorithm),
+                )?;
+                let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, key);
+                let destroyed = s.destroy_object(key);
+                let wrapped = wrapped?;
+                destroyed?;
+                Ok(wrapped)
+            })
+            .map_err(to_error)?;
+        Ok(WrappedKek::of_kind(WrappedKind::MacKey, current, wrapped))
+    }
+
+    fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error> {
+        let object = key.downcast::<KekObject>()?;
+        let mechanism = match algorithm {
+            MacAlgorithm::HmacSha256 => Mechanism::Sha256Hmac,
+            MacAlgorithm::HmacSha512 => Mechanism::Sha512Hmac,
+        };
+        let mac = self
+            .pool
+            .with(|s| s.sign(&mechanism, object.handle, data))
+            .map_err(to_error)?;
+        if mac.len() != algorithm.mac_len() {
+            return Err(Error::Internal {
+                rv: None,
+                function: "C_Sign",
+            });
+        }
+        Ok(mac)
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {
@@ -677,17 +764,17 @@ impl Hsm for Pkcs11Hsm {
         }
         let old = self.mwk(wrapped.generation())?;
         let new = self.mwk(current)?;
+        let template = match wrapped.kind() {
+            WrappedKind::Kek => kek_rewrap_template(),
+            WrappedKind::MacKey => mac_key_rewrap_template(),
+        };
         let rewrapped = self
             .pool
             .with(|s| {
                 // Extractable only so that it can be wrapped again, under the new MWK; a
                 // session object destroyed before this returns.
-                let kek = s.unwrap_key(
-                    &Mechanism::AesKeyWrapPad,
-                    old,
-                    wrapped.wrapped(),
-                    &kek_rewrap_template(),
-                )?;
+                let kek =
+                    s.unwrap_key(&Mechanism::AesKeyWrapPad, old, wrapped.wrapped(), &template)?;
                 let result = s.wrap_key(&Mechanism::AesKeyWrapPad, new, kek);
                 let destroyed = s.destroy_object(kek);
                 let result = result?;
@@ -695,7 +782,7 @@ impl Hsm for Pkcs11Hsm {
                 Ok(result)
             })
             .map_err(to_error)?;
-        Ok(WrappedKek::new(current, rewrapped))
+        Ok(WrappedKek::of_kind(wrapped.kind(), current, rewrapped))
     }
 
     fn destroy_mwk(&self, generation: MwkGeneration) -> Result<(), Error> {

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MwkGeneration, WrappedKek};
+use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, WrappedKek};
 use crate::crypto::Plaintext;
 
 /// Opens a fresh HSM instance.
@@ -104,6 +104,14 @@ impl Hsm for ReconnectingHsm {
         self.current().decrypt(kek, iv, aad, sealed)
     }
 
+    fn generate_mac_key(&self, algorithm: MacAlgorithm) -> Result<WrappedKek, Error> {
+        self.current().generate_mac_key(algorithm)
+    }
+
+    fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error> {
+        self.current().mac(key, algorithm, data)
+    }
+
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {
         self.current().random(out)
     }
@@ -165,6 +173,12 @@ impl Hsm for Unreachable {
         Err(unreachable())
     }
     fn decrypt(&self, _: &Kek, _: &[u8; IV_LEN], _: &[u8], _: &[u8]) -> Result<Plaintext, Error> {
+        Err(unreachable())
+    }
+    fn generate_mac_key(&self, _: MacAlgorithm) -> Result<WrappedKek, Error> {
+        Err(unreachable())
+    }
+    fn mac(&self, _: &Kek, _: MacAlgorithm, _: &[u8]) -> Result<Vec<u8>, Error> {
         Err(unreachable())
     }
     fn random(&self, _: &mut [u8]) -> Result<(), Error> {

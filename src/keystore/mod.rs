@@ -144,6 +144,20 @@ pub enum Purpose {
     Data,
     /// SealSecret, UnsealSecret, HashPassword and VerifyPassword.
     Secrets,
+    /// GenerateMac and VerifyMac with this algorithm; each version's key is an HMAC key
+    /// wrapped under the MWK (no bulk key).
+    Mac(crate::hsm::MacAlgorithm),
+}
+
+impl Purpose {
+    /// The name the API uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Data => "DATA",
+            Self::Secrets => "SECRETS",
+            Self::Mac(_) => "MAC",
+        }
+    }
 }
 
 /// The state of a key version. Only [`VersionState::Enabled`] versions encrypt or decrypt.

@@ -543,7 +543,11 @@ pub(super) fn min_refusal(record: &KeyRecord, min: u32) -> Option<Error> {
     })
 }
 
-fn check_enabled(record: &KeyRecord, version: &VersionRecord, what: &str) -> Result<(), Error> {
+pub(super) fn check_enabled(
+    record: &KeyRecord,
+    version: &VersionRecord,
+    what: &str,
+) -> Result<(), Error> {
     let reason = match version.state {
         VersionState::Enabled => return Ok(()),
         VersionState::Disabled => "VERSION_DISABLED",

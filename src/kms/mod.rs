@@ -27,6 +27,7 @@ use crate::keystore::{
 mod access;
 mod approvals;
 mod lifecycle;
+mod macs;
 mod master_key;
 mod passwords;
 pub mod scheduler;
@@ -35,6 +36,7 @@ mod usage;
 pub use access::{GrantRequest, grant_state};
 pub use approvals::{ACCESS_HISTORY, MAX_REQUEST_IDS_PER_TENANT, REQUEST_ID_TTL};
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};
+pub use macs::MacOutput;
 pub use master_key::{MasterKeyStatus, RETIRED_MWK_MARGIN};
 pub use passwords::{
     MAX_PASSWORD_LEN, PEPPER_VERSION, PasswordParams, Verified, password_hash_costs,
@@ -517,7 +519,8 @@ impl Kms {
             }
             let id = KeyId::random();
             let version = KeyVersion(1);
-            let version_record = self.new_version(tenant, id, version, &KeyPolicy::default())?;
+            let version_record =
+                self.new_version(tenant, id, version, purpose, &KeyPolicy::default())?;
             let record = KeyRecord {
                 id,
                 name: name.clone(),
@@ -577,7 +580,8 @@ impl Kms {
                     .checked_add(1)
                     .ok_or(Error::VersionsExhausted)?,
             );
-            let version_record = self.new_version(tenant, record.id, next, &record.policy)?;
+            let version_record =
+                self.new_version(tenant, record.id, next, record.purpose, &record.policy)?;
             record.primary = next;
             record.latest = next;
             record.generation += 1;
@@ -881,7 +885,15 @@ impl Kms {
         name: &Name,
         purpose: Purpose,
     ) -> Result<Arc<KeySnapshot>, Error> {
-        let snapshot = self.trusted_or_loaded(
+        let snapshot = self.primary_snapshot(tenant, name)?;
+        Self::check_purpose(&snapshot.record, purpose)?;
+        Self::check_encrypt(&snapshot)?;
+        Ok(snapshot)
+    }
+
+    /// The key's record and primary version, from memory or the store; nothing checked.
+    fn primary_snapshot(&self, tenant: TenantId, name: &Name) -> Result<Arc<KeySnapshot>, Error> {
+        self.trusted_or_loaded(
             || self.cached_primary(tenant, name),
             || {
                 self.reading(tenant, |db, epoch| {
@@ -892,10 +904,7 @@ impl Kms {
                     Ok(self.remember_primary(tenant, record, primary, epoch))
                 })
             },
-        )?;
-        Self::check_purpose(&snapshot.record, purpose)?;
-        Self::check_encrypt(&snapshot)?;
-        Ok(snapshot)
+        )
     }
 
     /// Caches a key's primary unless a newer revision of it is cached already: a reader that
@@ -1528,13 +1537,28 @@ impl Kms {
     }
 
     /// A new version: KEK generated in the HSM, bulk key from the HSM's RNG encrypted by it.
+    /// A MAC key's version is an HMAC key generated in the HSM, and has no bulk key.
     fn new_version(
         &self,
         tenant: TenantId,
         key_id: KeyId,
         version: KeyVersion,
+        purpose: Purpose,
         policy: &KeyPolicy,
     ) -> Result<VersionRecord, Error> {
+        if let Purpose::Mac(algorithm) = purpose {
+            let wrapped = self.hsm.generate_mac_key(algorithm)?;
+            return Ok(VersionRecord {
+                version,
+                state: VersionState::Enabled,
+                kek: wrapped.to_bytes(),
+                bulk_key: Vec::new(),
+                created_at: self.clock.now_secs(),
+                // A MAC key has no nonces to wear out: its uses are not counted.
+                reserved_kek_uses: 0,
+                reserved_bulk_uses: 0,
+            });
+        }
         let wrapped = self.hsm.generate_kek()?;
         let kek = self.hsm.unwrap_kek(&wrapped)?;
         let mut raw = [0u8; 32];

@@ -10,6 +10,7 @@ use super::auth::{Rpc, parse_name};
 use super::{Shared, pb};
 use crate::config::DualOperation;
 use crate::config::TenantScope;
+use crate::hsm::MacAlgorithm;
 use crate::ids::KeyVersion;
 use crate::ids::Name;
 use crate::keystore::{ApprovalRecord, ApprovalState, PendingOperation};
@@ -59,10 +60,38 @@ fn key_message(tenant: &str, record: &KeyRecord) -> pb::Key {
         purpose: match record.purpose {
             Purpose::Data => pb::KeyPurpose::Data,
             Purpose::Secrets => pb::KeyPurpose::Secrets,
+            Purpose::Mac(_) => pb::KeyPurpose::Mac,
+        } as i32,
+        algorithm: match record.purpose {
+            Purpose::Data | Purpose::Secrets => pb::KeyAlgorithm::Aes256,
+            Purpose::Mac(MacAlgorithm::HmacSha256) => pb::KeyAlgorithm::HmacSha256,
+            Purpose::Mac(MacAlgorithm::HmacSha512) => pb::KeyAlgorithm::HmacSha512,
         } as i32,
         primary_version: record.primary.0,
         latest_version: record.latest.0,
         create_time: i64::try_from(record.created_at).unwrap_or(i64::MAX),
+    }
+}
+
+/// A CreateKey request's purpose and algorithm, which must go together.
+fn purpose(purpose: i32, algorithm: i32) -> Result<Purpose, Status> {
+    use pb::KeyAlgorithm as A;
+    let algorithm = A::try_from(algorithm)
+        .map_err(|_| Status::invalid_argument("algorithm: not a KeyAlgorithm"))?;
+    match (pb::KeyPurpose::try_from(purpose), algorithm) {
+        (Ok(pb::KeyPurpose::Data), A::Unspecified | A::Aes256) => Ok(Purpose::Data),
+        (Ok(pb::KeyPurpose::Secrets), A::Unspecified | A::Aes256) => Ok(Purpose::Secrets),
+        (Ok(pb::KeyPurpose::Mac), A::HmacSha256) => Ok(Purpose::Mac(MacAlgorithm::HmacSha256)),
+        (Ok(pb::KeyPurpose::Mac), A::HmacSha512) => Ok(Purpose::Mac(MacAlgorithm::HmacSha512)),
+        (Ok(pb::KeyPurpose::Mac), _) => Err(Status::invalid_argument(
+            "algorithm: a MAC key needs KEY_ALGORITHM_HMAC_SHA256 or KEY_ALGORITHM_HMAC_SHA512",
+        )),
+        (Ok(pb::KeyPurpose::Data | pb::KeyPurpose::Secrets), _) => Err(Status::invalid_argument(
+            "algorithm: DATA and SECRETS keys are KEY_ALGORITHM_AES_256 (or leave it unspecified)",
+        )),
+        _ => Err(Status::invalid_argument(
+            "purpose: KEY_PURPOSE_DATA, KEY_PURPOSE_SECRETS or KEY_PURPOSE_MAC",
+        )),
     }
 }
 
@@ -297,15 +326,7 @@ impl pb::admin_service_server::AdminService for AdminService {
             return Ok(Response::new(done));
         }
         let name = parse_name(&r.name, "name")?;
-        let purpose = match pb::KeyPurpose::try_from(r.purpose) {
-            Ok(pb::KeyPurpose::Data) => Purpose::Data,
-            Ok(pb::KeyPurpose::Secrets) => Purpose::Secrets,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "purpose: KEY_PURPOSE_DATA or KEY_PURPOSE_SECRETS",
-                ));
-            }
-        };
+        let purpose = purpose(r.purpose, r.algorithm)?;
         let record = call
             .run(move |kms, tenant| kms.create_key(tenant, &name, purpose))
             .await?;

@@ -139,6 +139,10 @@ pub enum Rpc {
     VerifyPassword,
     /// KeyService/ReEncryptDataKey
     ReEncryptDataKey,
+    /// KeyService/GenerateMac
+    GenerateMac,
+    /// KeyService/VerifyMac
+    VerifyMac,
     /// AdminService/CreateTenant
     CreateTenant,
     /// AdminService/ListTenants
@@ -192,7 +196,7 @@ pub enum Rpc {
 }
 
 /// The KeyService RPCs, which a support grant may name.
-pub const DATA_PLANE: [Rpc; 13] = [
+pub const DATA_PLANE: [Rpc; 15] = [
     Rpc::Encrypt,
     Rpc::Decrypt,
     Rpc::BatchEncrypt,
@@ -206,6 +210,8 @@ pub const DATA_PLANE: [Rpc; 13] = [
     Rpc::LookupDigest,
     Rpc::VerifyPassword,
     Rpc::ReEncryptDataKey,
+    Rpc::GenerateMac,
+    Rpc::VerifyMac,
 ];
 
 impl Rpc {
@@ -218,7 +224,9 @@ impl Rpc {
             | Self::Decrypt
             | Self::BatchEncrypt
             | Self::BatchDecrypt
-            | Self::ReEncrypt => &[Role::App],
+            | Self::ReEncrypt
+            | Self::GenerateMac
+            | Self::VerifyMac => &[Role::App],
             Self::GenerateDataKey | Self::DecryptDataKey | Self::ReEncryptDataKey => {
                 &[Role::Backup]
             }

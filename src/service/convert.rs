@@ -163,6 +163,28 @@ impl fmt::Debug for pb::VerifyPasswordRequest {
     }
 }
 
+impl fmt::Debug for pb::GenerateMacRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenerateMacRequest")
+            .field("key", &self.key)
+            .field("data", &Redacted(self.data.len()))
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+impl fmt::Debug for pb::VerifyMacRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyMacRequest")
+            .field("key", &self.key)
+            .field("data", &Redacted(self.data.len()))
+            .field("mac", &Redacted(self.mac.len()))
+            .field("key_version", &self.key_version)
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
 impl fmt::Debug for pb::LookupDigestRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LookupDigestRequest")

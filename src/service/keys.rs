@@ -50,6 +50,67 @@ fn item_status(result: &Result<(), Status>) -> (Option<tonic_types::pb::Status>,
 
 #[tonic::async_trait]
 impl pb::key_service_server::KeyService for KeyService {
+    async fn generate_mac(
+        &self,
+        request: Request<pb::GenerateMacRequest>,
+    ) -> Result<Response<pb::GenerateMacResponse>, Status> {
+        let r = request.get_ref();
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::GenerateMac,
+            &r.tenant,
+            Some(&r.key),
+        )?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        let verified = verify_crc(&r.data, r.data_crc32c, "data_crc32c")?;
+        // The data may be as sensitive as a plaintext (a token, an account number).
+        let data = Plaintext::new(r.data);
+        let out = call
+            .run(move |kms, tenant| kms.generate_mac(tenant, &key, data.expose_secret()))
+            .await?;
+        call.version(out.version.0);
+        Ok(Response::new(pb::GenerateMacResponse {
+            mac: out.mac,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            verified_data_crc32c: verified,
+        }))
+    }
+
+    async fn verify_mac(
+        &self,
+        request: Request<pb::VerifyMacRequest>,
+    ) -> Result<Response<pb::VerifyMacResponse>, Status> {
+        let r = request.get_ref();
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::VerifyMac,
+            &r.tenant,
+            Some(&r.key),
+        )?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        let verified = verify_crc(&r.data, r.data_crc32c, "data_crc32c")?;
+        let data = Plaintext::new(r.data);
+        let version = (r.key_version != 0).then_some(crate::ids::KeyVersion(r.key_version));
+        let mac = r.mac;
+        let (valid, out) = call
+            .run(move |kms, tenant| {
+                kms.verify_mac(tenant, &key, version, data.expose_secret(), &mac)
+            })
+            .await?;
+        call.version(out.version.0);
+        Ok(Response::new(pb::VerifyMacResponse {
+            valid,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            verified_data_crc32c: verified,
+        }))
+    }
+
     async fn encrypt(
         &self,
         request: Request<pb::EncryptRequest>,

@@ -1,0 +1,133 @@
+//! MAC keys (purpose MAC): GenerateMac and VerifyMac. Each version's HMAC key was generated in
+//! the HSM and is stored only wrapped under the MWK; the MAC is computed inside the HSM by the
+//! unwrapped, non-extractable key, and a verification compares in constant time.
+
+use subtle::ConstantTimeEq;
+
+use super::lifecycle::check_enabled;
+use super::{Error, KeySnapshot, Kms};
+use crate::crypto::{BlobType, Header};
+use crate::hsm::MacAlgorithm;
+use crate::ids::{KeyId, KeyVersion, Name, TenantId};
+use crate::keystore::Purpose;
+
+/// GenerateMac's result.
+#[derive(Debug, Clone)]
+pub struct MacOutput {
+    /// The raw MAC.
+    pub mac: Vec<u8>,
+    /// The key that made it.
+    pub key_id: KeyId,
+    /// The version that made it: VerifyMac needs it after a rotation.
+    pub version: KeyVersion,
+}
+
+impl Kms {
+    /// The MAC of `data` under the primary version of a MAC key, computed in the HSM.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`], [`Error::PurposeMismatch`] for a key of another purpose,
+    /// [`Error::KeyState`] when the primary is not enabled, HSM errors.
+    pub fn generate_mac(
+        &self,
+        tenant: TenantId,
+        key: &Name,
+        data: &[u8],
+    ) -> Result<MacOutput, Error> {
+        let snapshot = self.primary_snapshot(tenant, key)?;
+        let algorithm = mac_algorithm(&snapshot)?;
+        check_enabled(&snapshot.record, &snapshot.primary, "generate a MAC")?;
+        let mac = self.compute_mac(tenant, &snapshot, algorithm, data)?;
+        Ok(MacOutput {
+            mac,
+            key_id: snapshot.record.id,
+            version: snapshot.primary.version,
+        })
+    }
+
+    /// Whether `mac` is the MAC of `data` under `version` of a MAC key (`None`: the primary).
+    /// The version must be enabled and not below the key's min_decryption_version.
+    ///
+    /// # Errors
+    /// As [`Kms::generate_mac`], plus [`Error::VersionNotFound`].
+    pub fn verify_mac(
+        &self,
+        tenant: TenantId,
+        key: &Name,
+        version: Option<KeyVersion>,
+        data: &[u8],
+        mac: &[u8],
+    ) -> Result<(bool, MacOutput), Error> {
+        let primary = self.primary_snapshot(tenant, key)?;
+        let algorithm = mac_algorithm(&primary)?;
+        let snapshot = match version {
+            None => primary,
+            Some(version) if version == primary.primary.version => primary,
+            Some(version) => {
+                if version.0 == 0 || version > primary.record.latest {
+                    return Err(Error::VersionNotFound {
+                        key: key.clone(),
+                        version: version.0,
+                    });
+                }
+                // The header only locates the version: (key id, version).
+                let header = Header {
+                    blob_type: BlobType::Ciphertext,
+                    key_id: primary.record.id,
+                    version,
+                };
+                self.version_snapshot(tenant, &header)?
+            }
+        };
+        Self::check_decrypt(&snapshot).map_err(|error| match error {
+            // check_decrypt speaks of decrypting.
+            Error::KeyState { reason, .. } => Error::KeyState {
+                reason,
+                message: format!(
+                    "cannot verify MACs with version {} of key {}: it is {}",
+                    snapshot.primary.version.0,
+                    snapshot.record.name,
+                    if reason == "BELOW_MIN_DECRYPTION_VERSION" {
+                        "below the key's min_decryption_version"
+                    } else {
+                        super::state_name(snapshot.primary.state)
+                    }
+                ),
+            },
+            other => other,
+        })?;
+        let expected = self.compute_mac(tenant, &snapshot, algorithm, data)?;
+        // A MAC of the wrong length is simply not the MAC; the comparison is constant-time
+        // over the expected length.
+        let valid = mac.len() == expected.len() && bool::from(expected.ct_eq(mac));
+        Ok((
+            valid,
+            MacOutput {
+                mac: Vec::new(),
+                key_id: snapshot.record.id,
+                version: snapshot.primary.version,
+            },
+        ))
+    }
+
+    fn compute_mac(
+        &self,
+        tenant: TenantId,
+        snapshot: &KeySnapshot,
+        algorithm: MacAlgorithm,
+        data: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let key = self.unwrap_stored_kek(tenant, &snapshot.primary.kek)?;
+        Ok(self.hsm.mac(&key, algorithm, data)?)
+    }
+}
+
+fn mac_algorithm(snapshot: &KeySnapshot) -> Result<MacAlgorithm, Error> {
+    match snapshot.record.purpose {
+        Purpose::Mac(algorithm) => Ok(algorithm),
+        purpose => Err(Error::PurposeMismatch {
+            key: snapshot.record.name.clone(),
+            purpose,
+        }),
+    }
+}
