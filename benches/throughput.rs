@@ -1,6 +1,7 @@
 //! keyfront's throughput and latency over real mutual TLS against SoftHSM, next to the limits
 //! it can at best approach on the same machine: a bare tonic echo service behind the same TLS
-//! setup (transport), raw SoftHSM AES-GCM through cryptoki (HSM), raw AES-256-GCM-SIV (crypto).
+//! setup (transport), raw SoftHSM AES-GCM and HMAC-SHA-256 through cryptoki (HSM, HSM HMAC),
+//! raw AES-256-GCM-SIV (crypto).
 //!
 //! Run with `scripts/bench.sh` (release build, a fresh SoftHSM token, writes docs/BENCHMARKS.md).
 //! `cargo test --all-targets` also runs this binary, without `--bench`: it then does nothing.
@@ -214,6 +215,52 @@ fn hsm_limit(config: &pkcs11::Pkcs11Config, seconds: f64) -> f64 {
     rate
 }
 
+/// The HSM limit of MAC keys: raw HMAC-SHA-256 (`C_Sign`) of 32 bytes on a session-object
+/// generic secret key, one session per thread, as many threads as cores.
+fn hmac_limit(config: &pkcs11::Pkcs11Config, seconds: f64) -> f64 {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    let ctx = pkcs11::context(&config.module).expect("context");
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let session = pkcs11::open_logged_in(&ctx, config).expect("session");
+    let key = session
+        .generate_key(
+            &Mechanism::GenericSecretKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(false),
+                Attribute::Sign(true),
+            ],
+        )
+        .expect("key");
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let total: u64 = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let ctx = ctx.clone();
+                scope.spawn(move || {
+                    let session = pkcs11::open_logged_in(&ctx, config).expect("session");
+                    let mut ops = 0u64;
+                    while Instant::now() < deadline {
+                        session
+                            .sign(&Mechanism::Sha256Hmac, key, &[7u8; 32])
+                            .expect("hmac");
+                        ops += 1;
+                    }
+                    ops
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("worker")).sum()
+    });
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let _ = session.destroy_object(key);
+    rate
+}
+
 /// The crypto limit: AES-256-GCM-SIV of 1 KiB on one thread.
 fn crypto_limit(seconds: f64) -> f64 {
     let key = keyfront::crypto::SecretKey::random();
@@ -362,6 +409,11 @@ fn main() {
         let kib = vec![0xA5u8; 1024];
         let ciphertext = app.clone().encrypt(pb::EncryptRequest { key: "default".into(), plaintext: kib.clone(), ..Default::default() }).await.expect("encrypt").into_inner().ciphertext;
         let wrapped = backup.clone().generate_data_key(pb::GenerateDataKeyRequest { key: "default".into(), ..Default::default() }).await.expect("dk").into_inner().wrapped_key;
+        admin
+            .create_key(pb::CreateKeyRequest { tenant: "acme".into(), name: "mac".into(), purpose: pb::KeyPurpose::Mac as i32, algorithm: pb::KeyAlgorithm::HmacSha256 as i32, request_id: String::new() })
+            .await
+            .expect("MAC key");
+        let mac = app.clone().generate_mac(pb::GenerateMacRequest { key: "mac".into(), data: vec![7; 32], ..Default::default() }).await.expect("mac").into_inner().mac;
         let sealed = secrets.clone().seal_secret(pb::SealSecretRequest { key: "secrets".into(), secret: vec![1; 32], ..Default::default() }).await.expect("seal").into_inner().sealed;
 
         let hsm_rate = tokio::task::spawn_blocking({
@@ -370,8 +422,14 @@ fn main() {
         })
         .await
         .expect("hsm limit");
+        let hmac_rate = tokio::task::spawn_blocking({
+            let hsm = hsm.clone();
+            move || hmac_limit(&hsm, seconds)
+        })
+        .await
+        .expect("HMAC limit");
         let crypto_rate = tokio::task::spawn_blocking(move || crypto_limit(seconds)).await.expect("crypto limit");
-        println!("limits: HSM AES-GCM 32 B {hsm_rate:.0}/s; AES-256-GCM-SIV 1 KiB {crypto_rate:.0}/s (1 thread)");
+        println!("limits: HSM AES-GCM 32 B {hsm_rate:.0}/s; HSM HMAC-SHA-256 32 B {hmac_rate:.0}/s; AES-256-GCM-SIV 1 KiB {crypto_rate:.0}/s (1 thread)");
 
         type Call = Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send>> + Send + Sync>;
         fn boxed<F, Fut>(f: F) -> Call
@@ -441,6 +499,24 @@ fn main() {
                 boxed(move || {
                     let mut client = client.clone();
                     async move { client.seal_secret(pb::SealSecretRequest { key: "secrets".into(), secret: vec![1; 32], ..Default::default() }).await.map(drop) }
+                })
+            }),
+            ("GenerateMac 32 B", 1, Some(("HSM HMAC", hmac_rate)), {
+                let client = app.clone();
+                boxed(move || {
+                    let mut client = client.clone();
+                    async move { client.generate_mac(pb::GenerateMacRequest { key: "mac".into(), data: vec![7; 32], ..Default::default() }).await.map(drop) }
+                })
+            }),
+            ("VerifyMac 32 B", 1, Some(("HSM HMAC", hmac_rate)), {
+                let (client, mac) = (app.clone(), mac.clone());
+                boxed(move || {
+                    let (mut client, mac) = (client.clone(), mac.clone());
+                    async move {
+                        let answer = client.verify_mac(pb::VerifyMacRequest { key: "mac".into(), data: vec![7; 32], mac, key_version: 1, ..Default::default() }).await?;
+                        assert!(answer.get_ref().valid, "the benchmark's MAC must verify");
+                        Ok(())
+                    }
                 })
             }),
             ("UnsealSecret 32 B", 1, Some(("HSM", hsm_rate)), {
@@ -539,9 +615,9 @@ fn main() {
                 spent.as_secs_f64() * 1000.0 / f64::from(taken.max(1))
             );
         }
-        (rows, hsm_rate, crypto_rate, snapshot_note)
+        (rows, hsm_rate, hmac_rate, crypto_rate, snapshot_note)
     });
-    let (rows, hsm_rate, crypto_rate, snapshot_note) = rows;
+    let (rows, hsm_rate, hmac_rate, crypto_rate, snapshot_note) = rows;
     let rounds = common::rounds();
 
     let mut table = String::new();
@@ -598,7 +674,8 @@ fn main() {
     let report = format!(
         "Command: `scripts/bench.sh throughput` ({seconds} s per cell). Machine: {machine}.\n\n\
          Limits measured in the same run: HSM (raw SoftHSM AES-GCM encrypt of 32 B through cryptoki, \
-         one session per core, session-object key) **{hsm_rate:.0}/s**; crypto (AES-256-GCM-SIV of 1 KiB, \
+         one session per core, session-object key) **{hsm_rate:.0}/s**; HSM HMAC (raw SoftHSM \
+         HMAC-SHA-256 `C_Sign` of 32 B, the same way) **{hmac_rate:.0}/s**; crypto (AES-256-GCM-SIV of 1 KiB, \
          one thread) **{crypto_rate:.0}/s**; transport (bare tonic echo of the same request, \
          1 KiB or a batch of 100 × 1 KiB, same TLS 1.3 mutual-auth acceptor), measured right before each operation in alternating rounds; each row is the round \
          with the median ratio of {rounds} (`× transport` compares requests/s).\n\n{table}\n\

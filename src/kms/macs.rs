@@ -110,6 +110,42 @@ impl Kms {
         ))
     }
 
+    /// GenerateMac with the HSM called on this thread, when the key is in memory and inline HSM
+    /// calls are allowed; `None` otherwise (then [`Kms::generate_mac`] on a blocking thread).
+    pub fn generate_mac_cached(
+        &self,
+        tenant: &Name,
+        key: &Name,
+        data: &[u8],
+    ) -> Option<Result<MacOutput, Error>> {
+        let tenant = self.inline_tenant(tenant)?;
+        self.cached_primary(tenant, key)?;
+        Some(self.timed_inline(|| self.generate_mac(tenant, key, data)))
+    }
+
+    /// VerifyMac with the HSM called on this thread, when the key's primary and the named
+    /// version are in memory; see [`Kms::generate_mac_cached`].
+    pub fn verify_mac_cached(
+        &self,
+        tenant: &Name,
+        key: &Name,
+        version: Option<KeyVersion>,
+        data: &[u8],
+        mac: &[u8],
+    ) -> Option<Result<(bool, MacOutput), Error>> {
+        let tenant = self.inline_tenant(tenant)?;
+        let primary = self.cached_primary(tenant, key)?;
+        if let Some(version) = version.filter(|v| *v != primary.primary.version) {
+            let header = Header {
+                blob_type: BlobType::Ciphertext,
+                key_id: primary.record.id,
+                version,
+            };
+            self.cached_version(tenant, &header)?;
+        }
+        Some(self.timed_inline(|| self.verify_mac(tenant, key, version, data, mac)))
+    }
+
     fn compute_mac(
         &self,
         tenant: TenantId,

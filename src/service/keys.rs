@@ -68,7 +68,13 @@ impl pb::key_service_server::KeyService for KeyService {
         // The data may be as sensitive as a plaintext (a token, an account number).
         let data = Plaintext::new(r.data);
         let out = call
-            .run(move |kms, tenant| kms.generate_mac(tenant, &key, data.expose_secret()))
+            .run_cached(
+                (key, data),
+                |kms, tenant, (key, data)| {
+                    kms.generate_mac_cached(tenant, key, data.expose_secret())
+                },
+                |kms, tenant, (key, data)| kms.generate_mac(tenant, &key, data.expose_secret()),
+            )
             .await?;
         call.version(out.version.0);
         Ok(Response::new(pb::GenerateMacResponse {
@@ -98,9 +104,15 @@ impl pb::key_service_server::KeyService for KeyService {
         let version = (r.key_version != 0).then_some(crate::ids::KeyVersion(r.key_version));
         let mac = r.mac;
         let (valid, out) = call
-            .run(move |kms, tenant| {
-                kms.verify_mac(tenant, &key, version, data.expose_secret(), &mac)
-            })
+            .run_cached(
+                (key, data, mac),
+                |kms, tenant, (key, data, mac)| {
+                    kms.verify_mac_cached(tenant, key, version, data.expose_secret(), mac)
+                },
+                move |kms, tenant, (key, data, mac)| {
+                    kms.verify_mac(tenant, &key, version, data.expose_secret(), &mac)
+                },
+            )
             .await?;
         call.version(out.version.0);
         Ok(Response::new(pb::VerifyMacResponse {
