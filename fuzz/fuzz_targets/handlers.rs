@@ -6,11 +6,12 @@
 //! Properties, on every call:
 //! - no panic, and never UNKNOWN or INTERNAL: every refusal is a clear status;
 //! - no error message holds a secret (plaintext, secret, password) the request carried;
-//! - a ciphertext, sealed secret or wrapped data key with one byte changed never opens;
+//! - a ciphertext, sealed secret, wrapped data key or MAC with one byte changed never opens
+//!   (or verifies);
 //! - an untouched one that opens gives back exactly what was sealed.
 //!
 //! To reach past the name checks, a step may aim its tenant and key fields at the names that
-//! exist (tenants `t0`, `t1`; keys `k0` for data, `k1` for secrets) and hand on a blob an earlier step produced, changed or not.
+//! exist (tenants `t0`, `t1`; keys `k0` for data, `k1` for secrets, `k2` for MACs) and hand on a blob an earlier step produced, changed or not.
 #![no_main]
 
 use std::net::SocketAddr;
@@ -64,6 +65,8 @@ enum Call {
     HashPassword(pb::HashPasswordRequest),
     LookupDigest(pb::LookupDigestRequest),
     VerifyPassword(pb::VerifyPasswordRequest),
+    GenerateMac(pb::GenerateMacRequest),
+    VerifyMac(pb::VerifyMacRequest),
     CreateTenant(pb::CreateTenantRequest),
     ListTenants(pb::ListTenantsRequest),
     DestroyTenant(pb::DestroyTenantRequest),
@@ -110,6 +113,7 @@ static OPENED: AtomicU64 = AtomicU64::new(0);
 static REFUSED_CHANGED: AtomicU64 = AtomicU64::new(0);
 
 /// A blob a step produced, and what it holds.
+#[derive(Clone)]
 struct Sealed {
     blob: Vec<u8>,
     inner: Vec<u8>,
@@ -118,6 +122,9 @@ struct Sealed {
 struct State {
     runtime: tokio::runtime::Runtime,
     services: InProcess,
+    /// Blobs of every kind made at setup, in t0, which every input starts with: a step can
+    /// reuse (and change) one without having to make it first.
+    seed: Produced,
     _dir: tempfile::TempDir,
 }
 
@@ -222,14 +229,16 @@ fn state() -> &'static State {
                     .create_tenant(request(2, create))
                     .await
                     .expect("create tenant");
-                for (key, purpose) in [
-                    ("k0", pb::KeyPurpose::Data),
-                    ("k1", pb::KeyPurpose::Secrets),
+                for (key, purpose, algorithm) in [
+                    ("k0", pb::KeyPurpose::Data, pb::KeyAlgorithm::Unspecified),
+                    ("k1", pb::KeyPurpose::Secrets, pb::KeyAlgorithm::Unspecified),
+                    ("k2", pb::KeyPurpose::Mac, pb::KeyAlgorithm::HmacSha256),
                 ] {
                     let create = pb::CreateKeyRequest {
                         tenant: tenant.to_owned(),
                         name: key.to_owned(),
                         purpose: purpose.into(),
+                        algorithm: algorithm.into(),
                         ..Default::default()
                     };
                     services
@@ -240,9 +249,61 @@ fn state() -> &'static State {
                 }
             }
         });
+        let mut seed = Produced::default();
+        runtime.block_on(async {
+            let plain = |call| Step {
+                caller: 0,
+                aim: None,
+                reuse: None,
+                call,
+            };
+            let made = &mut seed;
+            for i in 0u8..2 {
+                let data = vec![i; 3 + usize::from(i) * 40];
+                let steps = [
+                    Call::Encrypt(pb::EncryptRequest {
+                        tenant: "t0".into(),
+                        key: "k0".into(),
+                        plaintext: data.clone(),
+                        ..Default::default()
+                    }),
+                    Call::GenerateDataKey(pb::GenerateDataKeyRequest {
+                        tenant: "t0".into(),
+                        key: "k0".into(),
+                        ..Default::default()
+                    }),
+                    Call::SealSecret(pb::SealSecretRequest {
+                        tenant: "t0".into(),
+                        key: "k1".into(),
+                        secret: data.clone(),
+                        ..Default::default()
+                    }),
+                    Call::GenerateMac(pb::GenerateMacRequest {
+                        tenant: "t0".into(),
+                        key: "k2".into(),
+                        data,
+                        ..Default::default()
+                    }),
+                ];
+                for call in steps {
+                    step(&services, made, plain(call)).await;
+                }
+            }
+        });
+        assert_eq!(
+            (
+                seed.ciphertexts.len(),
+                seed.data_keys.len(),
+                seed.secrets.len(),
+                seed.macs.len()
+            ),
+            (2, 2, 2, 2),
+            "the seed blobs"
+        );
         State {
             runtime,
             services,
+            seed,
             _dir: dir,
         }
     })
@@ -302,6 +363,8 @@ aim!(
     HashPasswordRequest { tenant; key },
     LookupDigestRequest { tenant; },
     VerifyPasswordRequest { tenant; key },
+    GenerateMacRequest { tenant; key },
+    VerifyMacRequest { tenant; key },
     CreateTenantRequest { name; },
     DestroyTenantRequest { name; },
     CancelTenantDestructionRequest { name; },
@@ -326,11 +389,13 @@ aim!(
 );
 
 /// What a step hands on to later ones.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Produced {
     ciphertexts: Vec<Sealed>,
     secrets: Vec<Sealed>,
     data_keys: Vec<Sealed>,
+    /// MACs, with the data they are of (in `inner`) and their version.
+    macs: Vec<(Sealed, u32)>,
 }
 
 /// The blob a step reuses: `None` to keep the fuzzer's own; `Some((blob, tampered, inner))`.
@@ -416,6 +481,8 @@ async fn step(s: &InProcess, made: &mut Produced, step: Step) {
         Call::HashPassword(r) => aimed!(r),
         Call::LookupDigest(r) => aimed!(r),
         Call::VerifyPassword(r) => aimed!(r),
+        Call::GenerateMac(r) => aimed!(r),
+        Call::VerifyMac(r) => aimed!(r),
         Call::CreateTenant(r) => aimed!(r),
         Call::DestroyTenant(r) => aimed!(r),
         Call::CancelTenantDestruction(r) => aimed!(r),
@@ -618,6 +685,54 @@ async fn step(s: &InProcess, made: &mut Produced, step: Step) {
                 Some(&debug),
             );
         }
+        Call::GenerateMac(mut r) => {
+            let data = marked(&mut r.data);
+            let debug = format!("{r:?}");
+            match s.keys.generate_mac(request(caller, r)).await {
+                Ok(out) => {
+                    let out = out.into_inner();
+                    made.macs.push((
+                        Sealed {
+                            blob: out.mac,
+                            inner: data,
+                        },
+                        out.key_version,
+                    ));
+                }
+                Err(status) => clear(&status, Some(&debug)),
+            }
+        }
+        Call::VerifyMac(mut r) => {
+            // A MAC made earlier, with its data and version; changed or not.
+            let mut tampered = false;
+            if let Some((index, position, mask)) = reuse {
+                if let Some((sealed, version)) =
+                    made.macs.get(usize::from(index) % made.macs.len().max(1))
+                {
+                    r.mac.clone_from(&sealed.blob);
+                    r.data.clone_from(&sealed.inner);
+                    r.key_version = *version;
+                    r.data_crc32c = None;
+                    if mask != 0 && !r.mac.is_empty() {
+                        let at = usize::from(position) % r.mac.len();
+                        r.mac[at] ^= mask;
+                        tampered = true;
+                    }
+                }
+            }
+            let debug = format!("{r:?}");
+            match s.keys.verify_mac(request(caller, r)).await {
+                Ok(out) => {
+                    assert!(!(tampered && out.get_ref().valid), "a changed MAC verified");
+                    if tampered {
+                        REFUSED_CHANGED.fetch_add(1, Ordering::Relaxed);
+                    } else if out.get_ref().valid {
+                        OPENED.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(status) => clear(&status, Some(&debug)),
+            }
+        }
         Call::CreateTenant(r) => done(s.admin.create_tenant(request(caller, r)).await, None),
         Call::ListTenants(r) => done(s.admin.list_tenants(request(caller, r)).await, None),
         Call::DestroyTenant(r) => done(s.admin.destroy_tenant(request(caller, r)).await, None),
@@ -689,13 +804,15 @@ async fn step(s: &InProcess, made: &mut Produced, step: Step) {
 libfuzzer_sys::fuzz_target!(|steps: Vec<Step>| {
     let state = state();
     state.runtime.block_on(async {
-        let mut made = Produced::default();
+        let mut made = state.seed.clone();
         // A bounded sequence: long ones only slow the run down.
         for one in steps.into_iter().take(16) {
             CALLS.fetch_add(1, Ordering::Relaxed);
             step(&state.services, &mut made, one).await;
         }
-        let produced = made.ciphertexts.len() + made.secrets.len() + made.data_keys.len();
+        let count =
+            |p: &Produced| p.ciphertexts.len() + p.secrets.len() + p.data_keys.len() + p.macs.len();
+        let produced = count(&made) - count(&state.seed);
         PRODUCED.fetch_add(produced as u64, Ordering::Relaxed);
     });
     static INPUTS: AtomicU64 = AtomicU64::new(0);
