@@ -44,6 +44,12 @@ fn heap_peak<T>(f: impl FnOnce() -> T) -> (T, usize) {
     };
     let out = f();
     peak.fetch_max(ALLOCATOR.allocated(), Ordering::Relaxed);
+    if std::env::var_os("KEYFRONT_RESTORE_DEBUG").is_some() {
+        eprintln!(
+            "retained after the phase: {:.1} MiB",
+            ALLOCATOR.allocated().saturating_sub(before) as f64 / 1_048_576.0
+        );
+    }
     done.store(true, Ordering::Relaxed);
     sampler.join().expect("sampler");
     (out, peak.load(Ordering::Relaxed).saturating_sub(before))
