@@ -335,6 +335,79 @@ fn every_bad_input_gets_a_clear_status_and_changes_nothing() {
             assert!(CLEAR.contains(&code), "batch item: {result:?}");
         }
 
+        // MACs: random ones of every length and every mutation of a real one are answered
+        // valid = false; wrong keys, purposes and versions get clear refusals.
+        let data = b"invoice 42".to_vec();
+        let real = app
+            .generate_mac(pb::GenerateMacRequest {
+                key: "mac".into(),
+                data: data.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a MAC")
+            .into_inner();
+        let mut macs: Vec<Vec<u8>> = lengths().map(random_bytes).collect();
+        macs.extend(mutations(&real.mac));
+        for mac in macs {
+            let answer = app
+                .verify_mac(pb::VerifyMacRequest {
+                    key: "mac".into(),
+                    data: data.clone(),
+                    mac: mac.clone(),
+                    key_version: real.key_version,
+                    ..Default::default()
+                })
+                .await
+                .expect("a wrong MAC is an answer, not an error")
+                .into_inner();
+            assert!(!answer.valid, "a MAC of {} bytes verified", mac.len());
+            *tally.codes.entry(Code::Ok).or_default() += 1;
+        }
+        for (key, version) in [
+            ("default", 0),
+            ("secrets", 0),
+            ("nosuch", 0),
+            ("mac", 99),
+            ("../mac", 0),
+            ("", 0),
+        ] {
+            tally.refused(
+                &format!("VerifyMac with key {key:?} version {version}"),
+                app.verify_mac(pb::VerifyMacRequest {
+                    key: key.into(),
+                    data: data.clone(),
+                    mac: real.mac.clone(),
+                    key_version: version,
+                    ..Default::default()
+                })
+                .await,
+            );
+            tally.refused(
+                &format!("GenerateMac with key {key:?}"),
+                app.generate_mac(pb::GenerateMacRequest {
+                    key: if version == 99 {
+                        "default".into()
+                    } else {
+                        key.into()
+                    },
+                    data: data.clone(),
+                    ..Default::default()
+                })
+                .await,
+            );
+        }
+        tally.refused(
+            "GenerateMac with a wrong CRC32C",
+            app.generate_mac(pb::GenerateMacRequest {
+                key: "mac".into(),
+                data: data.clone(),
+                data_crc32c: Some(crc32c::crc32c(&data) ^ 1),
+                ..Default::default()
+            })
+            .await,
+        );
+
         // Password hashes: random, cut and mutated PHC strings.
         let mut hashes: Vec<String> = (0..200)
             .map(|len| {

@@ -166,6 +166,37 @@ fn an_invalid_config_lists_every_problem() {
     );
 }
 
+/// `keyfront dev` makes a MAC key `mac`; `keyfront mac` prints VERSION:BASE64 and
+/// `keyfront verify-mac` checks it (exit status 1 for a MAC that does not match).
+#[test]
+fn mac_then_verify_mac_on_the_dev_server() {
+    let server = DevServer::start();
+    let made = server.pipe(b"invoice 42", "mac", &["--key", "mac"]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let mac = text(&made.stdout).trim().to_owned();
+    assert!(mac.starts_with("1:"), "{mac}");
+    let ok = server.pipe(b"invoice 42", "verify-mac", &["--key", "mac", &mac]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert_eq!(text(&ok.stdout).trim(), "valid");
+    let bad = server.pipe(b"invoice 43", "verify-mac", &["--key", "mac", &mac]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(text(&bad.stdout).trim(), "invalid");
+    let garbled = server.pipe(b"x", "verify-mac", &["--key", "mac", "no-version"]);
+    assert_eq!(garbled.status.code(), Some(1));
+    assert!(
+        text(&garbled.stderr).contains("VERSION:BASE64"),
+        "{}",
+        text(&garbled.stderr)
+    );
+    let wrong_purpose = server.pipe(b"x", "mac", &["--key", "default"]);
+    assert!(
+        text(&wrong_purpose.stderr).contains("purpose DATA"),
+        "{}",
+        text(&wrong_purpose.stderr)
+    );
+    server.stop();
+}
+
 #[test]
 fn dev_then_encrypt_pipe_decrypt_prints_hi_and_leaks_nothing() {
     let server = DevServer::start();

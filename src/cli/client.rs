@@ -79,6 +79,12 @@ pub enum ClientError {
     /// stdin was not base64.
     #[error("stdin is not a base64 ciphertext")]
     Base64,
+    /// The MAC argument is not `VERSION:BASE64MAC`.
+    #[error("the MAC is not VERSION:BASE64 (as `keyfront mac` prints it)")]
+    MacFormat,
+    /// VerifyMac answered that the MAC does not match.
+    #[error("the MAC does not match")]
+    InvalidMac,
     /// The server refused an admin request: who, why, and what to do next.
     #[error("{code} as {who}: {message}\n  next: {next}")]
     Refused {
@@ -203,4 +209,59 @@ pub async fn decrypt(connection: &Connection, key: Option<&str>) -> Result<(), C
     std::io::stdout()
         .write_all(&plaintext)
         .map_err(|e| ClientError::Io("stdout".into(), e))
+}
+
+/// The MAC of stdin under a MAC key; prints `VERSION:BASE64MAC` (what `verify-mac` takes).
+///
+/// # Errors
+/// [`ClientError`].
+pub async fn mac(connection: &Connection, key: &str) -> Result<(), ClientError> {
+    let data = zeroize::Zeroizing::new(stdin()?);
+    let mut client = connection.client().await?;
+    let response = client
+        .generate_mac(pb::GenerateMacRequest {
+            key: key.to_owned(),
+            data_crc32c: Some(crc32c::crc32c(&data)),
+            data: data.to_vec(),
+            tenant: connection.tenant.clone(),
+            grant_id: connection.grant_id.clone(),
+        })
+        .await?
+        .into_inner();
+    println!("{}:{}", response.key_version, STANDARD.encode(response.mac));
+    Ok(())
+}
+
+/// Checks `mac` (`VERSION:BASE64MAC`, as `mac` prints it) against stdin; prints `valid` or
+/// `invalid`, and fails for an invalid MAC.
+///
+/// # Errors
+/// [`ClientError`]; [`ClientError::InvalidMac`] when the MAC does not match.
+pub async fn verify_mac(connection: &Connection, key: &str, mac: &str) -> Result<(), ClientError> {
+    let (version, encoded) = mac.trim().split_once(':').ok_or(ClientError::MacFormat)?;
+    let key_version = version.parse().map_err(|_| ClientError::MacFormat)?;
+    let mac = STANDARD
+        .decode(encoded)
+        .map_err(|_| ClientError::MacFormat)?;
+    let data = zeroize::Zeroizing::new(stdin()?);
+    let mut client = connection.client().await?;
+    let response = client
+        .verify_mac(pb::VerifyMacRequest {
+            key: key.to_owned(),
+            data_crc32c: Some(crc32c::crc32c(&data)),
+            data: data.to_vec(),
+            mac,
+            key_version,
+            tenant: connection.tenant.clone(),
+            grant_id: connection.grant_id.clone(),
+        })
+        .await?
+        .into_inner();
+    if response.valid {
+        println!("valid");
+        Ok(())
+    } else {
+        println!("invalid");
+        Err(ClientError::InvalidMac)
+    }
 }

@@ -356,7 +356,11 @@ pub fn ensure_tenants(config: &Config) -> Result<(), DevError> {
                 kms.create_tenant(&name)?.id
             }
         };
-        for (key, purpose) in [("default", Purpose::Data), ("secrets", Purpose::Secrets)] {
+        for (key, purpose) in [
+            ("default", Purpose::Data),
+            ("secrets", Purpose::Secrets),
+            ("mac", Purpose::Mac(crate::hsm::MacAlgorithm::HmacSha256)),
+        ] {
             let key = key.parse().map_err(|_| crate::Error::TooLarge)?;
             if matches!(kms.key(id, &key), Err(crate::Error::KeyNotFound(_))) {
                 kms.create_key(id, &key, purpose)?;

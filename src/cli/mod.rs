@@ -105,6 +105,24 @@ enum Command {
         #[command(flatten)]
         connection: client::Connection,
     },
+    /// The MAC of stdin under a MAC key; prints VERSION:BASE64MAC.
+    Mac {
+        /// The MAC key's name.
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// Check a MAC (VERSION:BASE64MAC, as `mac` prints it) of stdin; exit status 1 if invalid.
+    VerifyMac {
+        /// The MAC key's name.
+        #[arg(long)]
+        key: String,
+        /// The MAC, as `keyfront mac` printed it.
+        mac: String,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
     /// Administer tenants and keys over AdminService (as an officer): one subcommand per RPC.
     Admin(admin::AdminArgs),
     /// Check audit logs offline.
@@ -164,6 +182,16 @@ pub fn main() -> ExitCode {
         }
         Command::Decrypt { key, connection } => {
             return run_client(async move { client::decrypt(&connection, key.as_deref()).await });
+        }
+        Command::Mac { key, connection } => {
+            return run_client(async move { client::mac(&connection, &key).await });
+        }
+        Command::VerifyMac {
+            key,
+            mac,
+            connection,
+        } => {
+            return run_client(async move { client::verify_mac(&connection, &key, &mac).await });
         }
         Command::Admin(args) => return run_client(admin::run(args)),
         Command::Audit(args) => return audit::run(args),

@@ -212,7 +212,7 @@ mod tests {
     fn messages_with_secrets_print_no_secret() {
         let context: HashMap<_, _> = [("order".to_owned(), "value-4711".to_owned())].into();
         let shown = format!(
-            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             pb::EncryptRequest {
                 plaintext: b"plain-4711".to_vec(),
                 context: context.clone(),
@@ -260,10 +260,19 @@ mod tests {
                 secret: b"plain-4711".to_vec(),
                 ..Default::default()
             },
+            pb::GenerateMacRequest {
+                data: b"plain-4711".to_vec(),
+                ..Default::default()
+            },
+            pb::VerifyMacRequest {
+                data: b"plain-4711".to_vec(),
+                mac: b"mac-4711".to_vec(),
+                ..Default::default()
+            },
         );
         assert!(!shown.contains("4711"), "{shown}");
         assert!(!shown.contains("112, 108"), "{shown}");
-        assert_eq!(shown.matches("REDACTED").count(), 12);
+        assert_eq!(shown.matches("REDACTED").count(), 15);
     }
 
     #[test]
