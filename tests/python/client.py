@@ -1,8 +1,12 @@
 """A keyfront client that is not tonic: Python grpcio against `keyfront dev`.
 
-Generates stubs from proto/ with grpcio-tools, calls Encrypt, Decrypt and GenerateDataKey with
-the dev certificates over mutual TLS, checks a refusal, and lists the services by reflection.
-Exits non-zero on any failure. Run by tests/python_client.rs.
+Generates stubs from proto/ with grpcio-tools, calls Encrypt, Decrypt, GenerateDataKey,
+GenerateMac and VerifyMac with the dev certificates over mutual TLS, checks a refusal, and lists
+the services by reflection. Exits non-zero on any failure. Run by tests/python_client.rs.
+
+It is the example for callers in other languages, not a package: the stubs are generated from
+the proto at run time, so it always speaks the server's current contract (docs/DESIGN.md,
+"Clients").
 """
 
 import argparse
@@ -53,6 +57,15 @@ def main() -> int:
     assert decrypted.plaintext == b"hello from python", decrypted
     print(f"Encrypt/Decrypt: key {encrypted.key_id} v{encrypted.key_version}, "
           f"{len(encrypted.ciphertext)}-byte ciphertext round-tripped")
+
+    made = app.GenerateMac(pb.GenerateMacRequest(key="mac", data=b"invoice 42"))
+    checked = app.VerifyMac(pb.VerifyMacRequest(
+        key="mac", data=b"invoice 42", mac=made.mac, key_version=made.key_version))
+    assert checked.valid, checked
+    forged = app.VerifyMac(pb.VerifyMacRequest(
+        key="mac", data=b"invoice 43", mac=made.mac, key_version=made.key_version))
+    assert not forged.valid, forged
+    print(f"GenerateMac/VerifyMac: {len(made.mac)}-byte MAC of v{made.key_version} verified")
 
     backup = rpc.KeyServiceStub(channel("acme-backup"))
     data_key = backup.GenerateDataKey(pb.GenerateDataKeyRequest(key="default", include_plaintext=True))
