@@ -172,82 +172,75 @@ fn hsm_limit(config: &pkcs11::Pkcs11Config, seconds: f64) -> f64 {
     use cryptoki::mechanism::Mechanism;
     use cryptoki::mechanism::aead::GcmParams;
     use cryptoki::object::{Attribute, KeyType, ObjectClass};
-    let ctx = pkcs11::context(&config.module).expect("context");
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let session = pkcs11::open_logged_in(&ctx, config).expect("session");
-    let key = session
-        .generate_key(
-            &Mechanism::AesKeyGen,
-            &[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(32.into()),
-                Attribute::Token(false),
-                Attribute::Encrypt(true),
-            ],
-        )
-        .expect("key");
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let started = Instant::now();
-    let total: u64 = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                let ctx = ctx.clone();
-                scope.spawn(move || {
-                    let session = pkcs11::open_logged_in(&ctx, config).expect("session");
-                    let mut ops = 0u64;
-                    while Instant::now() < deadline {
-                        let mut iv: [u8; 12] = rand::random();
-                        let params = GcmParams::new(&mut iv, b"aad", 128.into()).expect("params");
-                        session
-                            .encrypt(&Mechanism::AesGcm(params), key, &[7u8; 32])
-                            .expect("encrypt");
-                        ops += 1;
-                    }
-                    ops
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().expect("worker")).sum()
-    });
-    let rate = total as f64 / started.elapsed().as_secs_f64();
-    let _ = session.destroy_object(key);
-    rate
+    raw_rate(
+        config,
+        seconds,
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Encrypt(true),
+        ],
+        |session, key| {
+            let mut iv: [u8; 12] = rand::random();
+            let params = GcmParams::new(&mut iv, b"aad", 128.into()).expect("params");
+            session
+                .encrypt(&Mechanism::AesGcm(params), key, &[7u8; 32])
+                .expect("encrypt");
+        },
+    )
 }
 
 /// The HSM limit of MAC keys: raw HMAC-SHA-256 (`C_Sign`) of 32 bytes on a session-object
-/// generic secret key, one session per thread, as many threads as cores.
+/// generic secret key, the same way.
 fn hmac_limit(config: &pkcs11::Pkcs11Config, seconds: f64) -> f64 {
     use cryptoki::mechanism::Mechanism;
     use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    raw_rate(
+        config,
+        seconds,
+        &Mechanism::GenericSecretKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Sign(true),
+        ],
+        |session, key| {
+            session
+                .sign(&Mechanism::Sha256Hmac, key, &[7u8; 32])
+                .expect("hmac");
+        },
+    )
+}
+
+/// Operations per second of `op` on one session-object key made with `generate` and
+/// `template`: one logged-in session per thread, as many threads as cores, for `seconds`.
+fn raw_rate(
+    config: &pkcs11::Pkcs11Config,
+    seconds: f64,
+    generate: &cryptoki::mechanism::Mechanism<'_>,
+    template: &[cryptoki::object::Attribute],
+    op: impl Fn(&cryptoki::session::Session, cryptoki::object::ObjectHandle) + Sync,
+) -> f64 {
     let ctx = pkcs11::context(&config.module).expect("context");
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let session = pkcs11::open_logged_in(&ctx, config).expect("session");
-    let key = session
-        .generate_key(
-            &Mechanism::GenericSecretKeyGen,
-            &[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::GENERIC_SECRET),
-                Attribute::ValueLen(32.into()),
-                Attribute::Token(false),
-                Attribute::Sign(true),
-            ],
-        )
-        .expect("key");
+    let key = session.generate_key(generate, template).expect("key");
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let total: u64 = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
-                let ctx = ctx.clone();
+                let (ctx, op) = (ctx.clone(), &op);
                 scope.spawn(move || {
                     let session = pkcs11::open_logged_in(&ctx, config).expect("session");
                     let mut ops = 0u64;
                     while Instant::now() < deadline {
-                        session
-                            .sign(&Mechanism::Sha256Hmac, key, &[7u8; 32])
-                            .expect("hmac");
+                        op(&session, key);
                         ops += 1;
                     }
                     ops
