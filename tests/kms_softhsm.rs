@@ -1037,7 +1037,7 @@ fn mac_keys_generate_verify_rotate_and_refuse() {
         assert_eq!(first.mac.len(), algorithm.mac_len());
         let check = |version: Option<KeyVersion>, data: &[u8], mac: &[u8]| {
             kms.verify_mac(acme, &key, version, data, mac)
-                .map(|(valid, out)| (valid, out.version))
+                .map(|out| (out.valid, out.version))
         };
         assert_eq!(
             check(None, b"invoice 42", &first.mac).ok(),
@@ -1130,7 +1130,7 @@ fn mac_keys_generate_verify_rotate_and_refuse() {
             &before.mac
         )
         .expect("verify")
-        .0
+        .valid
     );
 
     // Purposes, both ways.
@@ -1212,10 +1212,10 @@ fn mac_keys_survive_backup_and_restore() {
         (&first, &b"before rotation"[..]),
         (&second, &b"after rotation"[..]),
     ] {
-        let (valid, out) = restored
+        let out = restored
             .verify_mac(acme, &key, Some(made.version), data, &made.mac)
             .expect("verify");
-        assert!(valid, "version {} after the restore", made.version.0);
+        assert!(out.valid, "version {} after the restore", made.version.0);
         assert_eq!(out.version, made.version);
     }
     let again = restored

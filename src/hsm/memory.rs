@@ -138,18 +138,8 @@ impl Hsm for MemoryHsm {
             return Err(Error::InvalidInput("MAC key of another algorithm"));
         }
         Ok(match algorithm {
-            MacAlgorithm::HmacSha256 => {
-                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key.0)
-                    .expect("HMAC accepts any key length");
-                mac.update(data);
-                mac.finalize().into_bytes().to_vec()
-            }
-            MacAlgorithm::HmacSha512 => {
-                let mut mac = <Hmac<sha2::Sha512> as Mac>::new_from_slice(&key.0)
-                    .expect("HMAC accepts any key length");
-                mac.update(data);
-                mac.finalize().into_bytes().to_vec()
-            }
+            MacAlgorithm::HmacSha256 => hmac_of::<Hmac<Sha256>>(&key.0, data),
+            MacAlgorithm::HmacSha512 => hmac_of::<Hmac<sha2::Sha512>>(&key.0, data),
         })
     }
 
@@ -197,8 +187,13 @@ fn random_signing_key() -> p256::ecdsa::SigningKey {
 }
 
 fn hmac_sha256(key: &SecretKey, data: &[u8]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.expose_secret())
-        .expect("HMAC accepts any key length");
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&hmac_of::<Hmac<Sha256>>(key.expose_secret(), data));
+    out
+}
+
+fn hmac_of<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut mac = <M as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
     mac.update(data);
-    mac.finalize().into_bytes().into()
+    mac.finalize().into_bytes().to_vec()
 }

@@ -183,14 +183,6 @@ impl MacAlgorithm {
     pub fn mac_len(self) -> usize {
         self.key_len()
     }
-
-    /// The name the API uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::HmacSha256 => "HMAC_SHA256",
-            Self::HmacSha512 => "HMAC_SHA512",
-        }
-    }
 }
 
 /// What a wrapped blob holds: it decides the template the key is unwrapped into.

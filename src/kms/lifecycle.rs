@@ -508,6 +508,12 @@ impl Kms {
 
     /// Whether a snapshot's version may decrypt: enabled, and not below the key's minimum.
     pub(super) fn check_decrypt(snapshot: &KeySnapshot) -> Result<(), Error> {
+        Self::check_open(snapshot, "decrypt")
+    }
+
+    /// Whether a snapshot's version may `what` (decrypt, verify MACs): what any version, not
+    /// only the primary, may do while it is enabled and not below the key's minimum.
+    pub(super) fn check_open(snapshot: &KeySnapshot, what: &str) -> Result<(), Error> {
         let (record, version) = (&snapshot.record, &snapshot.primary);
         if version.version.0 < record.policy.min_decryption_version {
             return Err(Error::KeyState {
@@ -518,7 +524,7 @@ impl Kms {
                 ),
             });
         }
-        check_enabled(record, version, "decrypt")
+        check_enabled(record, version, what)
     }
 }
 

@@ -6,7 +6,6 @@ use subtle::ConstantTimeEq;
 
 use super::lifecycle::check_enabled;
 use super::{Error, KeySnapshot, Kms};
-use crate::crypto::{BlobType, Header};
 use crate::hsm::MacAlgorithm;
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 use crate::keystore::Purpose;
@@ -19,6 +18,17 @@ pub struct MacOutput {
     /// The key that made it.
     pub key_id: KeyId,
     /// The version that made it: VerifyMac needs it after a rotation.
+    pub version: KeyVersion,
+}
+
+/// VerifyMac's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacCheck {
+    /// Whether the MAC matches.
+    pub valid: bool,
+    /// The key that checked it.
+    pub key_id: KeyId,
+    /// The version that checked it.
     pub version: KeyVersion,
 }
 
@@ -57,7 +67,7 @@ impl Kms {
         version: Option<KeyVersion>,
         data: &[u8],
         mac: &[u8],
-    ) -> Result<(bool, MacOutput), Error> {
+    ) -> Result<MacCheck, Error> {
         let primary = self.primary_snapshot(tenant, key)?;
         let algorithm = mac_algorithm(&primary)?;
         let snapshot = match version {
@@ -70,44 +80,19 @@ impl Kms {
                         version: version.0,
                     });
                 }
-                // The header only locates the version: (key id, version).
-                let header = Header {
-                    blob_type: BlobType::Ciphertext,
-                    key_id: primary.record.id,
-                    version,
-                };
-                self.version_snapshot(tenant, &header)?
+                self.version_snapshot(tenant, primary.record.id, version)?
             }
         };
-        Self::check_decrypt(&snapshot).map_err(|error| match error {
-            // check_decrypt speaks of decrypting.
-            Error::KeyState { reason, .. } => Error::KeyState {
-                reason,
-                message: format!(
-                    "cannot verify MACs with version {} of key {}: it is {}",
-                    snapshot.primary.version.0,
-                    snapshot.record.name,
-                    if reason == "BELOW_MIN_DECRYPTION_VERSION" {
-                        "below the key's min_decryption_version"
-                    } else {
-                        super::state_name(snapshot.primary.state)
-                    }
-                ),
-            },
-            other => other,
-        })?;
+        Self::check_open(&snapshot, "verify MACs")?;
         let expected = self.compute_mac(tenant, &snapshot, algorithm, data)?;
         // A MAC of the wrong length is simply not the MAC; the comparison is constant-time
         // over the expected length.
         let valid = mac.len() == expected.len() && bool::from(expected.ct_eq(mac));
-        Ok((
+        Ok(MacCheck {
             valid,
-            MacOutput {
-                mac: Vec::new(),
-                key_id: snapshot.record.id,
-                version: snapshot.primary.version,
-            },
-        ))
+            key_id: snapshot.record.id,
+            version: snapshot.primary.version,
+        })
     }
 
     /// GenerateMac with the HSM called on this thread, when the key is in memory and inline HSM
@@ -132,16 +117,11 @@ impl Kms {
         version: Option<KeyVersion>,
         data: &[u8],
         mac: &[u8],
-    ) -> Option<Result<(bool, MacOutput), Error>> {
+    ) -> Option<Result<MacCheck, Error>> {
         let tenant = self.inline_tenant(tenant)?;
         let primary = self.cached_primary(tenant, key)?;
         if let Some(version) = version.filter(|v| *v != primary.primary.version) {
-            let header = Header {
-                blob_type: BlobType::Ciphertext,
-                key_id: primary.record.id,
-                version,
-            };
-            self.cached_version(tenant, &header)?;
+            self.cached_version(tenant, primary.record.id, version)?;
         }
         Some(self.timed_inline(|| self.verify_mac(tenant, key, version, data, mac)))
     }

@@ -36,7 +36,7 @@ mod usage;
 pub use access::{GrantRequest, grant_state};
 pub use approvals::{ACCESS_HISTORY, MAX_REQUEST_IDS_PER_TENANT, REQUEST_ID_TTL};
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};
-pub use macs::MacOutput;
+pub use macs::{MacCheck, MacOutput};
 pub use master_key::{MasterKeyStatus, RETIRED_MWK_MARGIN};
 pub use passwords::{
     MAX_PASSWORD_LEN, PEPPER_VERSION, PasswordParams, Verified, password_hash_costs,
@@ -677,7 +677,7 @@ impl Kms {
             Err(error) => return Some(Err(error.into())),
         };
         let (key_id, version) = (blob.header.key_id, blob.header.version);
-        let snapshot = self.cached_version(tenant, &blob.header)?;
+        let snapshot = self.cached_version(tenant, blob.header.key_id, blob.header.version)?;
         let bulk = self.cached_bulk_key(tenant, key_id, version)?;
         let result = (|| {
             let record = &snapshot.record;
@@ -760,7 +760,7 @@ impl Kms {
             Ok(parsed) => parsed,
             Err(error) => return Some(Err(error.into())),
         };
-        self.cached_version(tenant, &parsed.header)?;
+        self.cached_version(tenant, parsed.header.key_id, parsed.header.version)?;
         Some(self.timed_inline(|| open(tenant)))
     }
 
@@ -802,12 +802,17 @@ impl Kms {
         u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn cached_version(&self, tenant: TenantId, header: &Header) -> Option<Arc<KeySnapshot>> {
+    fn cached_version(
+        &self,
+        tenant: TenantId,
+        key_id: KeyId,
+        version: KeyVersion,
+    ) -> Option<Arc<KeySnapshot>> {
         self.versions
             .read()
             .expect("versions lock poisoned")
             .get(&tenant)?
-            .get(&(header.key_id, header.version))
+            .get(&(key_id, version))
             .cloned()
     }
 
@@ -1012,7 +1017,7 @@ impl Kms {
         allowed: Option<&[Name]>,
     ) -> Result<Decrypted, Error> {
         let blob = crypto::parse_blob(ciphertext, BlobType::Ciphertext)?;
-        let snapshot = self.version_snapshot(tenant, &blob.header)?;
+        let snapshot = self.version_snapshot(tenant, blob.header.key_id, blob.header.version)?;
         let (record, version) = (&snapshot.record, &snapshot.primary);
         Self::check_blob_key(&record.name, record.purpose, Purpose::Data, key, allowed)?;
         Self::check_decrypt(&snapshot)?;
@@ -1117,7 +1122,11 @@ impl Kms {
     ) -> Result<(Encrypted, KeyVersion), Error> {
         let decrypted = self.decrypt_scoped(tenant, ciphertext, context, key, allowed)?;
         let header = crypto::parse_blob(ciphertext, BlobType::Ciphertext)?.header;
-        let name = self.version_snapshot(tenant, &header)?.record.name.clone();
+        let name = self
+            .version_snapshot(tenant, header.key_id, header.version)?
+            .record
+            .name
+            .clone();
         let encrypted = self.encrypt(tenant, &name, &decrypted.plaintext, context)?;
         Ok((encrypted, decrypted.version))
     }
@@ -1136,7 +1145,11 @@ impl Kms {
     ) -> Result<(DataKey, KeyVersion), Error> {
         let decrypted = self.decrypt_data_key_scoped(tenant, wrapped, context, allowed)?;
         let header = crypto::parse_blob(wrapped, BlobType::DataKey)?.header;
-        let name = self.version_snapshot(tenant, &header)?.record.name.clone();
+        let name = self
+            .version_snapshot(tenant, header.key_id, header.version)?
+            .record
+            .name
+            .clone();
         let (wrapped, key_id, version) = self.seal_with_kek(
             tenant,
             &name,
@@ -1255,7 +1268,8 @@ impl Kms {
         // Parsed (type included) before anything else: a blob of another type never reaches
         // the HSM.
         let parsed = crypto::parse_blob(blob, blob_type)?;
-        let snapshot = self.version_snapshot(tenant, &parsed.header)?;
+        let snapshot =
+            self.version_snapshot(tenant, parsed.header.key_id, parsed.header.version)?;
         self.open_with_snapshot(tenant, &parsed, &snapshot, purpose, context, allowed)
     }
 
@@ -1300,22 +1314,21 @@ impl Kms {
         }
     }
 
-    /// The key and version a blob's header names, from memory or the store. A key or version
-    /// this tenant does not have is the one opaque [`Error::Decrypt`]: a caller must not learn
-    /// whether a key id exists elsewhere.
+    /// A version of a key (as a blob's header names them), from memory or the store. A key or
+    /// version this tenant does not have is the one opaque [`Error::Decrypt`]: a caller must not
+    /// learn whether a key id exists elsewhere.
     fn version_snapshot(
         &self,
         tenant: TenantId,
-        header: &Header,
+        key_id: KeyId,
+        version: KeyVersion,
     ) -> Result<Arc<KeySnapshot>, Error> {
         self.trusted_or_loaded(
-            || self.cached_version(tenant, header),
+            || self.cached_version(tenant, key_id, version),
             || {
                 self.reading(tenant, |db, epoch| {
-                    let record = db.key(&header.key_id)?.ok_or(Error::Decrypt)?;
-                    let version = db
-                        .version(&record.id, header.version)?
-                        .ok_or(Error::Decrypt)?;
+                    let record = db.key(&key_id)?.ok_or(Error::Decrypt)?;
+                    let version = db.version(&record.id, version)?.ok_or(Error::Decrypt)?;
                     Ok(self.remember_version(tenant, record, version, epoch))
                 })
             },

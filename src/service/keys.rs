@@ -103,7 +103,7 @@ impl pb::key_service_server::KeyService for KeyService {
         let data = Plaintext::new(r.data);
         let version = (r.key_version != 0).then_some(crate::ids::KeyVersion(r.key_version));
         let mac = r.mac;
-        let (valid, out) = call
+        let out = call
             .run_cached(
                 (key, data, mac),
                 |kms, tenant, (key, data, mac)| {
@@ -116,7 +116,7 @@ impl pb::key_service_server::KeyService for KeyService {
             .await?;
         call.version(out.version.0);
         Ok(Response::new(pb::VerifyMacResponse {
-            valid,
+            valid: out.valid,
             key_id: out.key_id.to_string(),
             key_version: out.version.0,
             verified_data_crc32c: verified,

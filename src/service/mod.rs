@@ -88,6 +88,38 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The handlers' state before the HSM is reached (the domain is set once it is).
+    fn new(
+        audit: Arc<AuditLog>,
+        principals: &[PrincipalConfig],
+        revocations: &crate::config::Revocations,
+        limits: Limits,
+        dual_control: crate::config::DualControl,
+        grants: crate::config::Access,
+        backup: &crate::config::Backup,
+    ) -> Self {
+        Self {
+            kms: OnceLock::new(),
+            audit,
+            principals: std::sync::RwLock::new(Arc::new(Principals::new(principals, revocations))),
+            limits,
+            dual_control,
+            access: grants,
+            last_uses: access::LastUses::default(),
+            password_slots: Arc::new(tokio::sync::Semaphore::new(
+                limits.max_concurrent_password_hashes,
+            )),
+            backups: backup.dir.as_ref().map(|dir| {
+                Arc::new(crate::backup::nightly::Backups::new(
+                    dir,
+                    backup.retention_days,
+                    backup.at_secs,
+                ))
+            }),
+            nightly_backups: backup.nightly && backup.dir.is_some(),
+        }
+    }
+
     /// The backups, or FAILED_PRECONDITION when none are configured.
     fn backups(&self) -> Result<Arc<crate::backup::nightly::Backups>, Status> {
         self.backups.clone().ok_or_else(|| {
@@ -467,24 +499,15 @@ impl InProcess {
         principals: &[PrincipalConfig],
         dual_control: crate::config::DualControl,
     ) -> Self {
-        let limits = Limits::default();
-        let shared = Arc::new(Shared {
-            kms: OnceLock::new(),
-            audit: Arc::clone(&audit),
-            principals: std::sync::RwLock::new(Arc::new(Principals::new(
-                principals,
-                &crate::config::Revocations::default(),
-            ))),
-            limits,
+        let shared = Arc::new(Shared::new(
+            Arc::clone(&audit),
+            principals,
+            &crate::config::Revocations::default(),
+            Limits::default(),
             dual_control,
-            access: crate::config::Access::default(),
-            last_uses: access::LastUses::default(),
-            password_slots: Arc::new(tokio::sync::Semaphore::new(
-                limits.max_concurrent_password_hashes,
-            )),
-            backups: None,
-            nightly_backups: false,
-        });
+            crate::config::Access::default(),
+            &crate::config::Backup::default(),
+        ));
         kms.attach_audit(&audit);
         let _ = shared.kms.set(kms);
         Self {
@@ -588,29 +611,15 @@ impl Server {
         };
         let audit = Arc::new(audit);
         let tls = tls::server_config(&server)?;
-        let shared = Arc::new(Shared {
-            kms: OnceLock::new(),
-            audit: Arc::clone(&audit),
-            principals: std::sync::RwLock::new(Arc::new(Principals::new(
-                &self.config.principals,
-                &self.config.revocations,
-            ))),
-            limits: server.limits,
-            dual_control: self.config.dual_control.clone(),
-            access: self.config.access,
-            last_uses: access::LastUses::default(),
-            password_slots: Arc::new(tokio::sync::Semaphore::new(
-                server.limits.max_concurrent_password_hashes,
-            )),
-            backups: self.config.backup.dir.as_ref().map(|dir| {
-                Arc::new(crate::backup::nightly::Backups::new(
-                    dir,
-                    self.config.backup.retention_days,
-                    self.config.backup.at_secs,
-                ))
-            }),
-            nightly_backups: self.config.backup.nightly && self.config.backup.dir.is_some(),
-        });
+        let shared = Arc::new(Shared::new(
+            Arc::clone(&audit),
+            &self.config.principals,
+            &self.config.revocations,
+            server.limits,
+            self.config.dual_control.clone(),
+            self.config.access,
+            &self.config.backup,
+        ));
 
         if let Some(path) = self.config_path.clone() {
             tokio::spawn(reload_on_sighup(path, Arc::clone(&shared)));
