@@ -304,6 +304,156 @@ fn two_nodes_rotating_one_key_concurrently_never_fork_its_history() {
     );
 }
 
+/// A TCP proxy to the test server that, once armed, freezes on the first connection that
+/// runs a `FOR UPDATE`: it forwards the statement, then nothing more in either direction,
+/// and keeps both sockets open. The node's session then sits inside its transaction with the
+/// row locked, as when a network partition cuts a node off in the middle of a write (and a
+/// middlebox, like this proxy, keeps the server's side of the connection up).
+struct FreezingProxy {
+    port: u16,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezingProxy {
+    fn start(url: &str) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let server_port: u16 = url
+            .split(' ')
+            .find_map(|part| part.strip_prefix("port="))
+            .and_then(|port| port.parse().ok())
+            .expect("the test URL names a port");
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("proxy binds");
+        let port = listener.local_addr().expect("addr").port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (armed_, frozen_) = (Arc::clone(&armed), Arc::clone(&frozen));
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                let outbound =
+                    std::net::TcpStream::connect(("127.0.0.1", server_port)).expect("server");
+                let pairs = [
+                    (
+                        true,
+                        inbound.try_clone().expect("clone"),
+                        outbound.try_clone().expect("clone"),
+                    ),
+                    (false, outbound, inbound),
+                ];
+                for (upstream, mut from, mut to) in pairs {
+                    let (armed, frozen) = (Arc::clone(&armed_), Arc::clone(&frozen_));
+                    std::thread::spawn(move || {
+                        let mut locking = false;
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        loop {
+                            let Ok(n) = from.read(&mut buffer) else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            while frozen.load(Ordering::SeqCst) {
+                                // Holds both sockets, forwards nothing: the partition.
+                                std::thread::sleep(std::time::Duration::from_secs(3600));
+                            }
+                            if to.write_all(&buffer[..n]).is_err() {
+                                return;
+                            }
+                            if !upstream || !armed.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            // The statement's text goes in its Parse message; the next
+                            // message from the node executes it and takes the lock.
+                            if locking {
+                                frozen.store(true, Ordering::SeqCst);
+                            } else if buffer[..n].windows(10).any(|w| w == b"FOR UPDATE") {
+                                locking = true;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            port,
+            armed,
+            frozen,
+        }
+    }
+
+    fn url(&self, url: &str) -> String {
+        url.split(' ')
+            .map(|part| match part.starts_with("port=") {
+                true => format!("port={}", self.port),
+                false => part.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+#[test]
+fn a_node_cut_off_inside_a_transaction_does_not_hold_up_the_others() {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let Some(f) = fixture("cutoff") else { return };
+    const BOUND: Duration = Duration::from_secs(2);
+    let node_on = |url: &str| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut options = options(url, &f.namespace);
+        if let keystore::Backend::Postgres(postgres) = &mut options.store.backend {
+            postgres.timeout = BOUND;
+        }
+        let kms = Kms::open(Arc::clone(&f.hsm), dir.path(), options).expect("open");
+        (kms, dir)
+    };
+    let proxy = FreezingProxy::start(&f.url);
+    let (cut_off, _dir_a) = node_on(&proxy.url(&f.url));
+    let (healthy, _dir_b) = node_on(&f.url);
+    proxy.armed.store(true, Ordering::SeqCst);
+    let acme = f.acme;
+    std::thread::scope(|scope| {
+        let cut_off = scope.spawn(|| cut_off.rotate_key(acme, &name("default")));
+        let started = Instant::now();
+        while !proxy.frozen.load(Ordering::SeqCst) {
+            assert!(
+                started.elapsed() < BOUND,
+                "the cut-off node never took a row lock"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The cut-off node's session holds its lock on the server. The healthy node's write
+        // to the same tenant must not wait for it past the operation bound.
+        let started = Instant::now();
+        let rotated = healthy
+            .rotate_key(acme, &name("default"))
+            .expect("the healthy node rotates while the other's session is orphaned");
+        eprintln!(
+            "the healthy node's rotation took {:?} (bound {BOUND:?})",
+            started.elapsed()
+        );
+        assert_eq!(rotated.latest, KeyVersion(3));
+        let refused = cut_off.join().expect("thread");
+        assert!(
+            matches!(refused, Err(Error::Store(keystore::Error::Unavailable(_)))),
+            "the cut-off node is told to retry: {refused:?}"
+        );
+    });
+    // Nothing of the cut-off node's attempt was written.
+    let (fresh, _dir_c) = f.fresh_node();
+    let details = fresh.key_details(acme, &name("default")).expect("details");
+    let versions: Vec<u32> = details.versions.iter().map(|v| v.version.0).collect();
+    assert_eq!(versions, [1, 2, 3]);
+    assert_eq!(
+        decrypts(&fresh, acme, &f.ciphertext).expect("v2 data still decrypts"),
+        b"payload"
+    );
+    // The cut-off node stays blocked on its frozen connection; do not wait for it.
+    std::mem::forget(cut_off);
+}
+
 /// Encrypt through the in-memory path when everything is cached, else the store path.
 fn encrypt_on(
     kms: &Kms,

@@ -372,7 +372,7 @@ fn sixty_four_clients_on_every_key_rpc_with_no_error_and_flat_memory_and_descrip
         }));
     }
 
-    // Samples every 2 s; the baseline is the first sample after the warm-up.
+    // Samples every 2 s; only those after the warm-up count.
     let started = Instant::now();
     let mut samples = Vec::new();
     while started.elapsed() < duration {
@@ -415,9 +415,16 @@ fn sixty_four_clients_on_every_key_rpc_with_no_error_and_flat_memory_and_descrip
         .map(|(_, s)| *s)
         .collect();
     assert!(after.len() >= 4, "too few samples after the warm-up");
-    // Resident memory moves up and down as the allocator returns pages: compare the mean of
-    // the first and of the last quarter after the warm-up (a trend), not single samples.
+    // Resident memory moves up and down as the allocator takes and returns pages, and in a
+    // short run it may still be filling its heaps after the warm-up. What a leak does and a
+    // plateau does not: set new levels. So the mean of the last quarter after the warm-up is
+    // compared with the highest of the first half (and the mean of the first quarter is
+    // printed for the record).
     let quarter = after.len() / 4;
+    let first_half_peak = after[..after.len() / 2]
+        .iter()
+        .map(|(rss, _)| *rss as f64)
+        .fold(0.0, f64::max);
     let mean = |part: &[(u64, usize)]| {
         let n = part.len() as f64;
         (
@@ -433,8 +440,9 @@ fn sixty_four_clients_on_every_key_rpc_with_no_error_and_flat_memory_and_descrip
         .iter()
         .fold((0, 0), |(r, f), (rss, fds)| (r.max(*rss), f.max(*fds)));
     println!(
-        "server RSS after the warm-up ({warm_up:?}): {:.0} MiB (mean of the first quarter), {:.0} MiB (last quarter), {} MiB at most; open fds: {:.0} / {:.0} / {fds_max}",
+        "server RSS after the warm-up ({warm_up:?}): {:.0} MiB (mean of the first quarter), {:.0} MiB (highest of the first half), {:.0} MiB (mean of the last quarter), {} MiB at most; open fds: {:.0} / {:.0} / {fds_max}",
         first.0 / 1024.0,
+        first_half_peak / 1024.0,
         last.0 / 1024.0,
         rss_max / 1024,
         first.1,
@@ -467,10 +475,10 @@ fn sixty_four_clients_on_every_key_rpc_with_no_error_and_flat_memory_and_descrip
         );
     }
     assert!(
-        last.0 <= first.0 * (1.0 + FLAT),
-        "resident memory grew past {}%: {:.0} KiB at first after the warm-up, {:.0} KiB at the end",
+        last.0 <= first_half_peak * (1.0 + FLAT),
+        "resident memory grew past {}%: {:.0} KiB at most in the first half after the warm-up, {:.0} KiB at the end",
         FLAT * 100.0,
-        first.0,
+        first_half_peak,
         last.0
     );
     assert!(

@@ -102,6 +102,22 @@ impl PostgresEngine {
         let mut config = config;
         config.connect_timeout(options.timeout);
         config.application_name("keyfront");
+        // A node cut off in the middle of a transaction leaves its session open on the
+        // server, with its row locks (a guarded batch locks the tenant's head), until the
+        // server notices the connection is gone: hours with default keepalives, never behind
+        // a proxy that keeps its side open. Every other node's write to that tenant would
+        // wait and fail meanwhile. The server ends such a session after half the operation
+        // bound; a healthy node never pauses that long inside a transaction.
+        let idle_in_transaction = (options.timeout / 2).max(Duration::from_millis(200));
+        let session = format!(
+            "-c idle_in_transaction_session_timeout={}",
+            idle_in_transaction.as_millis()
+        );
+        let session = match config.get_options() {
+            Some(given) if !given.trim().is_empty() => format!("{given} {session}"),
+            _ => session,
+        };
+        config.options(session);
         if options.ca_file.is_some() {
             // With a CA, TLS is required: the connection string's default (`prefer`) would
             // fall back to plain text against a server that does not offer TLS.
@@ -798,6 +814,7 @@ fn pg_error(error: tokio_postgres::Error) -> Error {
                 || class == "57"
                 || *code == SqlState::T_R_SERIALIZATION_FAILURE
                 || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
         }
     };
     if unavailable {
