@@ -41,6 +41,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyfront.v1.LookupDigestRequest",
             "keyfront.v1.GenerateMacRequest",
             "keyfront.v1.VerifyMacRequest",
+            "keyfront.v1.SignRequest",
+            "keyfront.v1.VerifyRequest",
         ])
         .compile_with_config(
             config,

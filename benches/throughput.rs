@@ -158,6 +158,24 @@ impl KeyService for Echo {
     ) -> Result<Response<pb::VerifyMacResponse>, Status> {
         Ok(Response::new(pb::VerifyMacResponse::default()))
     }
+    async fn sign(
+        &self,
+        _: Request<pb::SignRequest>,
+    ) -> Result<Response<pb::SignResponse>, Status> {
+        Ok(Response::new(pb::SignResponse::default()))
+    }
+    async fn verify(
+        &self,
+        _: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        Ok(Response::new(pb::VerifyResponse::default()))
+    }
+    async fn get_public_key(
+        &self,
+        _: Request<pb::GetPublicKeyRequest>,
+    ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
+        Ok(Response::new(pb::GetPublicKeyResponse::default()))
+    }
     async fn lookup_digest(
         &self,
         _: Request<pb::LookupDigestRequest>,

@@ -10,7 +10,15 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use keyfront::hsm::faulty::{FaultyHsm, Op};
 use keyfront::hsm::memory::MemoryHsm;
 use keyfront::hsm::pkcs11::{self, MWK_LABEL_PREFIX, Pkcs11Hsm};
-use keyfront::hsm::{Error, HmacKey, Hsm, MacAlgorithm, MwkGeneration, WrappedKek, WrappedKind};
+use keyfront::hsm::{
+    Error, HmacKey, Hsm, MacAlgorithm, MwkGeneration, SignAlgorithm, WrappedKek, WrappedKind,
+};
+
+const SIGN_ALGORITHMS: [SignAlgorithm; 3] = [
+    SignAlgorithm::EcdsaP256Sha256,
+    SignAlgorithm::EcdsaP384Sha384,
+    SignAlgorithm::RsaPss3072Sha256,
+];
 
 /// The behaviour every implementation promises.
 fn contract(hsm: &dyn Hsm) {
@@ -101,6 +109,97 @@ fn contract(hsm: &dyn Hsm) {
     assert_eq!(signature.len(), 64);
 
     mac_contract(hsm, &kek);
+    signing_contract(hsm, &kek);
+}
+
+/// Signing keys: generated with the private key only wrapped, unwrapped by kind; signatures
+/// verify in software (the RustCrypto crates) under the public key the HSM gave, and only for
+/// the digest signed; a signing key neither encrypts nor MACs, a KEK does not sign, and a
+/// tampered blob does not unwrap.
+fn signing_contract(hsm: &dyn Hsm, kek: &keyfront::hsm::Kek) {
+    for algorithm in SIGN_ALGORITHMS {
+        let (wrapped, spki) = hsm.generate_signing_key(algorithm).expect("generate");
+        assert_eq!(wrapped.kind(), algorithm.wrapped_kind());
+        assert_eq!(wrapped.generation(), hsm.mwk_generation());
+        let bytes = wrapped.to_bytes();
+        assert_eq!(
+            bytes[0],
+            match algorithm {
+                SignAlgorithm::RsaPss3072Sha256 => keyfront::hsm::RSA_PRIVATE_KEY_BLOB_TYPE,
+                _ => keyfront::hsm::EC_PRIVATE_KEY_BLOB_TYPE,
+            }
+        );
+        assert_eq!(WrappedKek::from_bytes(&bytes).as_ref(), Some(&wrapped));
+        let pem = algorithm
+            .public_key_pem(&spki)
+            .expect("a public key of the algorithm");
+        assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----\n"), "{pem}");
+        let key = hsm.unwrap_kek(&wrapped).expect("unwrap");
+        // Many signatures: ECDSA's are random, and every one must verify (high S included).
+        for i in 0..12u8 {
+            let digest = algorithm.digest(&[i; 5]);
+            let signature = hsm.sign_digest(&key, algorithm, &digest).expect("sign");
+            assert!(
+                algorithm.verify(&spki, &digest, &signature),
+                "{algorithm:?} #{i}"
+            );
+            let other = algorithm.digest(&[i; 6]);
+            assert!(!algorithm.verify(&spki, &other, &signature));
+            let mut forged = signature.clone();
+            let last = forged.len() - 1;
+            forged[last] ^= 0x01;
+            assert!(!algorithm.verify(&spki, &digest, &forged));
+        }
+        let digest = algorithm.digest(b"message");
+        assert!(matches!(
+            hsm.sign_digest(&key, algorithm, &digest[1..]),
+            Err(Error::InvalidInput(_))
+        ));
+        // Another key of the algorithm: its signatures do not verify under this public key.
+        let (other, _) = hsm.generate_signing_key(algorithm).expect("another");
+        let other = hsm.unwrap_kek(&other).expect("unwrap");
+        let signature = hsm.sign_digest(&other, algorithm, &digest).expect("sign");
+        assert!(!algorithm.verify(&spki, &digest, &signature));
+        // Purposes hold inside the HSM.
+        assert!(hsm.encrypt(&key, b"aad", b"x").is_err());
+        assert!(hsm.mac(&key, MacAlgorithm::HmacSha256, b"m").is_err());
+        assert!(hsm.sign_digest(kek, algorithm, &digest).is_err());
+        let mut tampered = wrapped.wrapped().to_vec();
+        tampered[5] ^= 0x01;
+        let tampered = WrappedKek::of_kind(wrapped.kind(), wrapped.generation(), tampered);
+        assert!(hsm.unwrap_kek(&tampered).is_err());
+        // The same bytes read as a KEK or MAC key blob give nothing that signs.
+        for kind in [WrappedKind::Kek, WrappedKind::MacKey] {
+            let confused =
+                WrappedKek::of_kind(kind, wrapped.generation(), wrapped.wrapped().to_vec());
+            if let Ok(confused) = hsm.unwrap_kek(&confused) {
+                assert!(hsm.sign_digest(&confused, algorithm, &digest).is_err());
+            }
+        }
+    }
+}
+
+/// Master key rotation re-wraps signing keys by kind: the key pair stays the same.
+#[test]
+fn softhsm_rewraps_signing_keys_under_a_new_mwk() {
+    let config = common::initialized_token("signrewrap");
+    let hsm = common::open_hsm(&config);
+    for algorithm in SIGN_ALGORITHMS {
+        let (wrapped, spki) = hsm.generate_signing_key(algorithm).expect("signing key");
+        let generation = hsm.create_mwk().expect("new MWK");
+        let rewrapped = hsm.rewrap_kek(&wrapped).expect("rewrap");
+        assert_eq!(rewrapped.kind(), wrapped.kind());
+        assert_eq!(rewrapped.generation(), generation);
+        let digest = algorithm.digest(b"m");
+        let signature = hsm
+            .sign_digest(
+                &hsm.unwrap_kek(&rewrapped).expect("unwrap"),
+                algorithm,
+                &digest,
+            )
+            .expect("sign");
+        assert!(algorithm.verify(&spki, &digest, &signature));
+    }
 }
 
 /// MAC keys: generated wrapped, unwrapped by kind, deterministic, one key per algorithm,

@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use cryptoki::error::RvError;
 
-use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, WrappedKek};
+use super::{
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm,
+    WrappedKek,
+};
 use crate::crypto::Plaintext;
 
 /// The operations of the [`Hsm`] trait that cost an HSM call.
@@ -34,9 +37,13 @@ pub enum Op {
     GenerateMacKey,
     /// [`Hsm::mac`]
     Mac,
+    /// [`Hsm::generate_signing_key`]
+    GenerateSigningKey,
+    /// [`Hsm::sign_digest`]
+    SignDigest,
 }
 
-const OPS: usize = 10;
+const OPS: usize = 12;
 
 /// Wraps an [`Hsm`], counting calls per operation and failing them on request.
 pub struct FaultyHsm<H> {
@@ -152,6 +159,24 @@ impl<H: Hsm> Hsm for FaultyHsm<H> {
     fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error> {
         self.enter(Op::Mac)?;
         self.inner.mac(key, algorithm, data)
+    }
+
+    fn generate_signing_key(
+        &self,
+        algorithm: SignAlgorithm,
+    ) -> Result<(WrappedKek, Vec<u8>), Error> {
+        self.enter(Op::GenerateSigningKey)?;
+        self.inner.generate_signing_key(algorithm)
+    }
+
+    fn sign_digest(
+        &self,
+        key: &Kek,
+        algorithm: SignAlgorithm,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        self.enter(Op::SignDigest)?;
+        self.inner.sign_digest(key, algorithm, digest)
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {

@@ -10,8 +10,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, WrappedKek,
-    WrappedKind,
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm,
+    WrappedKek, WrappedKind,
 };
 use crate::crypto::{self, NONCE_LEN, Plaintext, SecretKey};
 
@@ -29,6 +29,13 @@ struct MemoryKek(SecretKey);
 
 /// An unwrapped MAC key: its bytes, zeroized on drop.
 struct MemoryMacKey(zeroize::Zeroizing<Vec<u8>>);
+
+/// A signing key unwrapped "in the HSM" (each type zeroizes itself on drop).
+enum MemorySigningKey {
+    P256(p256::ecdsa::SigningKey),
+    P384(p384::ecdsa::SigningKey),
+    Rsa(Box<rsa::RsaPrivateKey>),
+}
 
 impl MemoryHsm {
     /// A fake token with fresh random keys, MWK generation 1.
@@ -52,6 +59,7 @@ impl Default for MemoryHsm {
 
 const WRAP_AAD: &[u8] = b"keyfront/memory-hsm/kek";
 const MAC_WRAP_AAD: &[u8] = b"keyfront/memory-hsm/mac-key";
+const PRIVATE_WRAP_AAD: &[u8] = b"keyfront/memory-hsm/private-key";
 
 impl Hsm for MemoryHsm {
     fn mwk_generation(&self) -> MwkGeneration {
@@ -68,6 +76,12 @@ impl Hsm for MemoryHsm {
     fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
         if wrapped.generation() != self.generation {
             return Err(Error::UnknownMwk(wrapped.generation()));
+        }
+        if matches!(
+            wrapped.kind(),
+            WrappedKind::EcPrivateKey | WrappedKind::RsaPrivateKey
+        ) {
+            return unwrap_signing_key(&self.mwk, wrapped);
         }
         if wrapped.kind() == WrappedKind::MacKey {
             let key = crypto::open(&self.mwk, MAC_WRAP_AAD, wrapped.wrapped())
@@ -143,6 +157,76 @@ impl Hsm for MemoryHsm {
         })
     }
 
+    fn generate_signing_key(
+        &self,
+        algorithm: SignAlgorithm,
+    ) -> Result<(WrappedKek, Vec<u8>), Error> {
+        use p256::pkcs8::{EncodePrivateKey, EncodePublicKey};
+        let internal = Error::Internal {
+            rv: None,
+            function: "generate_signing_key",
+        };
+        let mut rng = rsa::rand_core::OsRng;
+        let (pkcs8, spki) = match algorithm {
+            SignAlgorithm::EcdsaP256Sha256 => {
+                let key = p256::SecretKey::random(&mut rng);
+                (key.to_pkcs8_der(), key.public_key().to_public_key_der())
+            }
+            SignAlgorithm::EcdsaP384Sha384 => {
+                let key = p384::SecretKey::random(&mut rng);
+                (key.to_pkcs8_der(), key.public_key().to_public_key_der())
+            }
+            SignAlgorithm::RsaPss3072Sha256 => {
+                let key = rsa::RsaPrivateKey::new(&mut rng, 3072).map_err(|_| internal.clone())?;
+                (key.to_pkcs8_der(), key.to_public_key().to_public_key_der())
+            }
+        };
+        let (pkcs8, spki) = (
+            pkcs8.map_err(|_| internal.clone())?,
+            spki.map_err(|_| internal)?,
+        );
+        let mut wrapped = Vec::new();
+        crypto::seal(&self.mwk, PRIVATE_WRAP_AAD, pkcs8.as_bytes(), &mut wrapped);
+        Ok((
+            WrappedKek::of_kind(algorithm.wrapped_kind(), self.generation, wrapped),
+            spki.as_bytes().to_vec(),
+        ))
+    }
+
+    fn sign_digest(
+        &self,
+        key: &Kek,
+        algorithm: SignAlgorithm,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        use p256::ecdsa::signature::hazmat::{PrehashSigner, RandomizedPrehashSigner};
+        if digest.len() != algorithm.digest_len() {
+            return Err(Error::InvalidInput("a digest of the wrong length"));
+        }
+        let other = Error::InvalidInput("a signing key of another algorithm");
+        let key = key.downcast::<MemorySigningKey>()?;
+        match (algorithm, key) {
+            (SignAlgorithm::EcdsaP256Sha256, MemorySigningKey::P256(key)) => {
+                let signature: p256::ecdsa::Signature =
+                    key.sign_prehash(digest).map_err(|_| other)?;
+                Ok(signature.to_der().as_bytes().to_vec())
+            }
+            (SignAlgorithm::EcdsaP384Sha384, MemorySigningKey::P384(key)) => {
+                let signature: p384::ecdsa::Signature =
+                    key.sign_prehash(digest).map_err(|_| other)?;
+                Ok(signature.to_der().as_bytes().to_vec())
+            }
+            (SignAlgorithm::RsaPss3072Sha256, MemorySigningKey::Rsa(key)) => {
+                let signer = rsa::pss::SigningKey::<Sha256>::new((**key).clone());
+                let signature = signer
+                    .sign_prehash_with_rng(&mut rsa::rand_core::OsRng, digest)
+                    .map_err(|_| other)?;
+                Ok(Box::<[u8]>::from(signature).into_vec())
+            }
+            _ => Err(other),
+        }
+    }
+
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {
         rand::fill(out);
         Ok(())
@@ -174,6 +258,26 @@ impl Hsm for MemoryHsm {
             .as_bytes()
             .to_vec()
     }
+}
+
+/// A private key blob back into a signing key; the curve comes from the PKCS#8 inside.
+fn unwrap_signing_key(mwk: &SecretKey, wrapped: &WrappedKek) -> Result<Kek, Error> {
+    use p256::pkcs8::DecodePrivateKey;
+    let pkcs8 =
+        crypto::open(mwk, PRIVATE_WRAP_AAD, wrapped.wrapped()).map_err(|_| Error::Integrity)?;
+    let der = pkcs8.expose_secret();
+    let key = match wrapped.kind() {
+        WrappedKind::RsaPrivateKey => rsa::RsaPrivateKey::from_pkcs8_der(der)
+            .map(|k| MemorySigningKey::Rsa(Box::new(k)))
+            .map_err(|_| Error::Integrity)?,
+        _ => match p256::ecdsa::SigningKey::from_pkcs8_der(der) {
+            Ok(key) => MemorySigningKey::P256(key),
+            Err(_) => p384::ecdsa::SigningKey::from_pkcs8_der(der)
+                .map(MemorySigningKey::P384)
+                .map_err(|_| Error::Integrity)?,
+        },
+    };
+    Ok(Kek::new(Arc::new(key)))
 }
 
 fn random_signing_key() -> p256::ecdsa::SigningKey {

@@ -3,7 +3,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, WrappedKek};
+use super::{
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm,
+    WrappedKek,
+};
 use crate::crypto::Plaintext;
 
 /// Wraps an HSM with metrics.
@@ -60,6 +63,26 @@ impl Hsm for MeteredHsm {
 
     fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error> {
         timed("mac", || self.inner.mac(key, algorithm, data))
+    }
+
+    fn generate_signing_key(
+        &self,
+        algorithm: SignAlgorithm,
+    ) -> Result<(WrappedKek, Vec<u8>), Error> {
+        timed("generate_signing_key", || {
+            self.inner.generate_signing_key(algorithm)
+        })
+    }
+
+    fn sign_digest(
+        &self,
+        key: &Kek,
+        algorithm: SignAlgorithm,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        timed("sign_digest", || {
+            self.inner.sign_digest(key, algorithm, digest)
+        })
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {

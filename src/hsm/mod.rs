@@ -23,6 +23,9 @@ pub mod memory;
 pub mod metered;
 pub mod pkcs11;
 pub mod reconnect;
+pub mod signing;
+
+pub use signing::SignAlgorithm;
 
 /// GCM IV length used by the HSM's AES-GCM (96 bits).
 pub const IV_LEN: usize = 12;
@@ -40,7 +43,8 @@ pub trait Hsm: Send + Sync {
     fn generate_kek(&self) -> Result<WrappedKek, Error>;
 
     /// Unwraps a KEK blob into a sensitive, non-extractable object inside the HSM: an AES key
-    /// for AES-GCM, or a MAC key for [`Hsm::mac`], as the blob's kind says.
+    /// for AES-GCM, a MAC key for [`Hsm::mac`] or a private key for [`Hsm::sign_digest`], as
+    /// the blob's kind says.
     ///
     /// Implementations cache handles (bounded); the object is destroyed only after the last
     /// [`Kek`] referring to it is dropped.
@@ -82,6 +86,31 @@ pub trait Hsm: Send + Sync {
     /// [`Error::InvalidHandle`] for a handle that is not a MAC key of this HSM,
     /// [`Error::Unavailable`] if the HSM is gone.
     fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error>;
+
+    /// Generates a key pair for `algorithm` inside the HSM. The private key comes back only
+    /// wrapped under the current MWK (of kind [`SignAlgorithm::wrapped_kind`]);
+    /// [`Hsm::unwrap_kek`] brings it back as a sensitive object that can only sign with that
+    /// algorithm. The public key comes back as SubjectPublicKeyInfo DER.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if the HSM cannot be reached; nothing is left behind on the token.
+    fn generate_signing_key(
+        &self,
+        algorithm: SignAlgorithm,
+    ) -> Result<(WrappedKek, Vec<u8>), Error>;
+
+    /// The signature of a digest (of [`SignAlgorithm::digest_len`] bytes) inside the HSM, under
+    /// an unwrapped signing key; ECDSA signatures in DER.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a digest of the wrong length, [`Error::InvalidHandle`] for a
+    /// handle that is not a signing key of this HSM, [`Error::Unavailable`] if the HSM is gone.
+    fn sign_digest(
+        &self,
+        key: &Kek,
+        algorithm: SignAlgorithm,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, Error>;
 
     /// Fills `out` with random bytes from the HSM's RNG.
     ///
@@ -192,6 +221,10 @@ pub enum WrappedKind {
     Kek,
     /// An HMAC key (sign and verify with its MAC only). Blob type [`MAC_KEY_BLOB_TYPE`].
     MacKey,
+    /// An EC private key (ECDSA signing only). Blob type [`EC_PRIVATE_KEY_BLOB_TYPE`].
+    EcPrivateKey,
+    /// An RSA private key (RSA-PSS signing only). Blob type [`RSA_PRIVATE_KEY_BLOB_TYPE`].
+    RsaPrivateKey,
 }
 
 /// A generation of the master wrapping key; also its CKA_ID (u32 big-endian) on the token.
@@ -217,7 +250,11 @@ pub struct WrappedKek {
 pub const KEK_BLOB_TYPE: u8 = 0x05;
 /// Type byte of a serialized MAC key blob; the same layout as a KEK blob.
 pub const MAC_KEY_BLOB_TYPE: u8 = 0x06;
-/// Format version of a serialized KEK or MAC key blob.
+/// Type byte of a serialized EC private key blob (PKCS#8 wrapped with KWP); same layout.
+pub const EC_PRIVATE_KEY_BLOB_TYPE: u8 = 0x07;
+/// Type byte of a serialized RSA private key blob (PKCS#8 wrapped with KWP); same layout.
+pub const RSA_PRIVATE_KEY_BLOB_TYPE: u8 = 0x08;
+/// Format version of a serialized KEK, MAC key or private key blob.
 pub const KEK_BLOB_VERSION: u8 = 1;
 
 impl WrappedKek {
@@ -250,12 +287,15 @@ impl WrappedKek {
         &self.wrapped
     }
 
-    /// `0x05 (KEK) or 0x06 (MAC key) ‖ format version ‖ MWK generation (u32 BE) ‖ KWP output`.
+    /// `0x05 (KEK), 0x06 (MAC key), 0x07 (EC private key) or 0x08 (RSA private key) ‖ format
+    /// version ‖ MWK generation (u32 BE) ‖ KWP output`.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(6 + self.wrapped.len());
         out.push(match self.kind {
             WrappedKind::Kek => KEK_BLOB_TYPE,
             WrappedKind::MacKey => MAC_KEY_BLOB_TYPE,
+            WrappedKind::EcPrivateKey => EC_PRIVATE_KEY_BLOB_TYPE,
+            WrappedKind::RsaPrivateKey => RSA_PRIVATE_KEY_BLOB_TYPE,
         });
         out.push(KEK_BLOB_VERSION);
         out.extend_from_slice(&self.generation.0.to_be_bytes());
@@ -269,6 +309,8 @@ impl WrappedKek {
         let kind = match head[0] {
             KEK_BLOB_TYPE => WrappedKind::Kek,
             MAC_KEY_BLOB_TYPE => WrappedKind::MacKey,
+            EC_PRIVATE_KEY_BLOB_TYPE => WrappedKind::EcPrivateKey,
+            RSA_PRIVATE_KEY_BLOB_TYPE => WrappedKind::RsaPrivateKey,
             _ => return None,
         };
         if head[1] != KEK_BLOB_VERSION || wrapped.is_empty() {

@@ -24,8 +24,8 @@ use cryptoki::types::AuthPin;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, WrappedKek,
-    WrappedKind, function_name,
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm,
+    WrappedKek, WrappedKind, function_name, signing,
 };
 use crate::crypto::Plaintext;
 
@@ -42,6 +42,8 @@ pub const AUDIT_LABEL: &str = "keyfront-audit-1";
 
 /// DER of the P-256 curve OID (1.2.840.10045.3.1.7), for CKA_EC_PARAMS.
 const P256_OID_DER: [u8; 10] = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+/// DER of the OID secp384r1 (1.3.132.0.34), the CKA_EC_PARAMS of a P-384 key.
+const P384_OID_DER: [u8; 7] = [0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x22];
 /// Highest MWK generation probed when opening (rotation adds one at a time).
 const MAX_MWK_GENERATIONS: u32 = 1024;
 
@@ -268,9 +270,112 @@ fn ec_point(session: &Session, public: ObjectHandle) -> Result<Vec<u8>, Error> {
         })
         .unwrap_or_default();
     Ok(match point.as_slice() {
-        [0x04, 65, rest @ ..] if rest.len() == 65 => rest.to_vec(),
+        [0x04, len, rest @ ..] if *len < 0x80 && rest.len() == usize::from(*len) => rest.to_vec(),
         _ => point,
     })
+}
+
+/// The public key of a key pair just generated, as SubjectPublicKeyInfo DER.
+fn public_spki(
+    session: &Session,
+    public: ObjectHandle,
+    algorithm: SignAlgorithm,
+) -> Result<Vec<u8>, Error> {
+    let malformed = Error::Internal {
+        rv: None,
+        function: "C_GetAttributeValue",
+    };
+    match algorithm {
+        SignAlgorithm::EcdsaP256Sha256 | SignAlgorithm::EcdsaP384Sha384 => {
+            signing::ec_spki(algorithm, &ec_point(session, public)?).ok_or(malformed)
+        }
+        SignAlgorithm::RsaPss3072Sha256 => {
+            let (mut modulus, mut exponent) = (Vec::new(), Vec::new());
+            let attributes = session
+                .get_attributes(
+                    public,
+                    &[AttributeType::Modulus, AttributeType::PublicExponent],
+                )
+                .map_err(to_error)?;
+            for attribute in attributes {
+                match attribute {
+                    Attribute::Modulus(m) => modulus = m,
+                    Attribute::PublicExponent(e) => exponent = e,
+                    _ => {}
+                }
+            }
+            signing::rsa_spki(&modulus, &exponent).ok_or(malformed)
+        }
+    }
+}
+
+/// The key pair templates of a signing key. The private key is a session object, sensitive,
+/// extractable only so that it can be wrapped under the MWK right after (and destroyed).
+fn signing_key_templates(
+    algorithm: SignAlgorithm,
+) -> (Mechanism<'static>, Vec<Attribute>, Vec<Attribute>) {
+    let (mechanism, key_type, public) = match algorithm {
+        SignAlgorithm::EcdsaP256Sha256 => (
+            Mechanism::EccKeyPairGen,
+            KeyType::EC,
+            vec![Attribute::EcParams(P256_OID_DER.to_vec())],
+        ),
+        SignAlgorithm::EcdsaP384Sha384 => (
+            Mechanism::EccKeyPairGen,
+            KeyType::EC,
+            vec![Attribute::EcParams(P384_OID_DER.to_vec())],
+        ),
+        SignAlgorithm::RsaPss3072Sha256 => (
+            Mechanism::RsaPkcsKeyPairGen,
+            KeyType::RSA,
+            vec![
+                Attribute::ModulusBits(3072.into()),
+                Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+            ],
+        ),
+    };
+    let mut public_template = vec![
+        Attribute::Token(false),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+    ];
+    public_template.extend(public);
+    let private_template = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(key_type),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ];
+    (mechanism, public_template, private_template)
+}
+
+/// How a signing key exists while in use: a sensitive, non-extractable session object that
+/// can only sign with its one mechanism (`extractable` only to re-wrap it under a new MWK).
+fn private_key_template(kind: WrappedKind, extractable: bool) -> Vec<Attribute> {
+    let (key_type, mechanism) = match kind {
+        WrappedKind::RsaPrivateKey => (KeyType::RSA, MechanismType::RSA_PKCS_PSS),
+        _ => (KeyType::EC, MechanismType::ECDSA),
+    };
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(key_type),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(extractable),
+        Attribute::Sign(!extractable),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![mechanism]),
+    ]
 }
 
 /// The MWK: a token AES-256 key that can only wrap and unwrap with AES-KWP and never leaves
@@ -565,6 +670,9 @@ impl Hsm for Pkcs11Hsm {
         let template = match wrapped.kind() {
             WrappedKind::Kek => kek_unwrap_template(),
             WrappedKind::MacKey => mac_key_unwrap_template(),
+            kind @ (WrappedKind::EcPrivateKey | WrappedKind::RsaPrivateKey) => {
+                private_key_template(kind, false)
+            }
         };
         let handle = self
             .pool
@@ -662,6 +770,72 @@ impl Hsm for Pkcs11Hsm {
             });
         }
         Ok(mac)
+    }
+
+    fn generate_signing_key(
+        &self,
+        algorithm: SignAlgorithm,
+    ) -> Result<(WrappedKek, Vec<u8>), Error> {
+        // As generate_kek: under the newest MWK on the token.
+        self.refresh_mwks()?;
+        let current = self.mwk_generation();
+        let mwk = self.mwk(current)?;
+        let (mechanism, public_template, private_template) = signing_key_templates(algorithm);
+        let (wrapped, spki) = self
+            .pool
+            .with(|s| {
+                let (public, private) =
+                    s.generate_key_pair(&mechanism, &public_template, &private_template)?;
+                let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, private);
+                let spki = public_spki(s, public, algorithm);
+                // Both destroyed before looking at the results: the wrappable private key must
+                // not outlive this call either way.
+                let destroyed = (s.destroy_object(private), s.destroy_object(public));
+                let wrapped = wrapped?;
+                destroyed.0?;
+                destroyed.1?;
+                Ok((wrapped, spki))
+            })
+            .map_err(to_error)?;
+        Ok((
+            WrappedKek::of_kind(algorithm.wrapped_kind(), current, wrapped),
+            spki?,
+        ))
+    }
+
+    fn sign_digest(
+        &self,
+        key: &Kek,
+        algorithm: SignAlgorithm,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        if digest.len() != algorithm.digest_len() {
+            return Err(Error::InvalidInput("a digest of the wrong length"));
+        }
+        let object = key.downcast::<KekObject>()?;
+        let internal = Error::Internal {
+            rv: None,
+            function: "C_Sign",
+        };
+        match algorithm {
+            SignAlgorithm::EcdsaP256Sha256 | SignAlgorithm::EcdsaP384Sha384 => {
+                let raw = self
+                    .pool
+                    .with(|s| s.sign(&Mechanism::Ecdsa, object.handle, digest))
+                    .map_err(to_error)?;
+                signing::ecdsa_der(algorithm, &raw).ok_or(internal)
+            }
+            SignAlgorithm::RsaPss3072Sha256 => {
+                let params = cryptoki::mechanism::rsa::PkcsPssParams {
+                    hash_alg: MechanismType::SHA256,
+                    mgf: cryptoki::mechanism::rsa::PkcsMgfType::MGF1_SHA256,
+                    s_len: 32.into(),
+                };
+                self.pool
+                    .with(|s| s.sign(&Mechanism::RsaPkcsPss(params), object.handle, digest))
+                    .map_err(to_error)
+            }
+        }
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {
@@ -767,6 +941,9 @@ impl Hsm for Pkcs11Hsm {
         let template = match wrapped.kind() {
             WrappedKind::Kek => kek_rewrap_template(),
             WrappedKind::MacKey => mac_key_rewrap_template(),
+            kind @ (WrappedKind::EcPrivateKey | WrappedKind::RsaPrivateKey) => {
+                private_key_template(kind, true)
+            }
         };
         let rewrapped = self
             .pool

@@ -7,7 +7,10 @@
 
 use std::sync::{Arc, RwLock};
 
-use super::{Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, WrappedKek};
+use super::{
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm,
+    WrappedKek,
+};
 use crate::crypto::Plaintext;
 
 /// Opens a fresh HSM instance.
@@ -112,6 +115,22 @@ impl Hsm for ReconnectingHsm {
         self.current().mac(key, algorithm, data)
     }
 
+    fn generate_signing_key(
+        &self,
+        algorithm: SignAlgorithm,
+    ) -> Result<(WrappedKek, Vec<u8>), Error> {
+        self.current().generate_signing_key(algorithm)
+    }
+
+    fn sign_digest(
+        &self,
+        key: &Kek,
+        algorithm: SignAlgorithm,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        self.current().sign_digest(key, algorithm, digest)
+    }
+
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {
         self.current().random(out)
     }
@@ -179,6 +198,12 @@ impl Hsm for Unreachable {
         Err(unreachable())
     }
     fn mac(&self, _: &Kek, _: MacAlgorithm, _: &[u8]) -> Result<Vec<u8>, Error> {
+        Err(unreachable())
+    }
+    fn generate_signing_key(&self, _: SignAlgorithm) -> Result<(WrappedKek, Vec<u8>), Error> {
+        Err(unreachable())
+    }
+    fn sign_digest(&self, _: &Kek, _: SignAlgorithm, _: &[u8]) -> Result<Vec<u8>, Error> {
         Err(unreachable())
     }
     fn random(&self, _: &mut [u8]) -> Result<(), Error> {

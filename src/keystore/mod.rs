@@ -147,6 +147,10 @@ pub enum Purpose {
     /// GenerateMac and VerifyMac with this algorithm; each version's key is an HMAC key
     /// wrapped under the MWK (no bulk key).
     Mac(crate::hsm::MacAlgorithm),
+    /// Sign and Verify with this algorithm, GetPublicKey; each version's private key was
+    /// generated in the HSM and is stored wrapped under the MWK, its public key (SPKI DER) in
+    /// the version's `bulk_key` field.
+    Sign(crate::hsm::SignAlgorithm),
 }
 
 impl Purpose {
@@ -156,6 +160,7 @@ impl Purpose {
             Self::Data => "DATA",
             Self::Secrets => "SECRETS",
             Self::Mac(_) => "MAC",
+            Self::Sign(_) => "SIGN",
         }
     }
 }
@@ -243,7 +248,9 @@ pub struct VersionRecord {
     pub state: VersionState,
     /// `WrappedKek::to_bytes`.
     pub kek: Vec<u8>,
-    /// A BULK_KEY blob (`crypto::BlobType::BulkKey`).
+    /// A BULK_KEY blob (`crypto::BlobType::BulkKey`); empty for a MAC key; the public key
+    /// (SubjectPublicKeyInfo DER) for a signing key. (One field for the three keeps the
+    /// stored layout of existing records: postcard encodes fields by position.)
     pub bulk_key: Vec<u8>,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: u64,

@@ -31,6 +31,7 @@ mod macs;
 mod master_key;
 mod passwords;
 pub mod scheduler;
+mod signing;
 mod usage;
 
 pub use access::{GrantRequest, grant_state};
@@ -41,6 +42,7 @@ pub use master_key::{MasterKeyStatus, RETIRED_MWK_MARGIN};
 pub use passwords::{
     MAX_PASSWORD_LEN, PEPPER_VERSION, PasswordParams, Verified, password_hash_costs,
 };
+pub use signing::{PublicKey, Signable, Signature, SignatureCheck};
 pub use usage::{DEFAULT_MAX_BULK_USES, DEFAULT_MAX_KEK_USES};
 use usage::{Taken, Usage, UseKind};
 
@@ -1550,7 +1552,8 @@ impl Kms {
     }
 
     /// A new version: KEK generated in the HSM, bulk key from the HSM's RNG encrypted by it.
-    /// A MAC key's version is an HMAC key generated in the HSM, and has no bulk key.
+    /// A MAC key's version is an HMAC key generated in the HSM, and has no bulk key; a SIGN
+    /// key's is a key pair generated in the HSM, with its public key where the bulk key goes.
     fn new_version(
         &self,
         tenant: TenantId,
@@ -1559,15 +1562,19 @@ impl Kms {
         purpose: Purpose,
         policy: &KeyPolicy,
     ) -> Result<VersionRecord, Error> {
-        if let Purpose::Mac(algorithm) = purpose {
-            let wrapped = self.hsm.generate_mac_key(algorithm)?;
+        let without_bulk_key = match purpose {
+            Purpose::Mac(algorithm) => Some((self.hsm.generate_mac_key(algorithm)?, Vec::new())),
+            Purpose::Sign(algorithm) => Some(self.hsm.generate_signing_key(algorithm)?),
+            Purpose::Data | Purpose::Secrets => None,
+        };
+        if let Some((wrapped, public_key)) = without_bulk_key {
             return Ok(VersionRecord {
                 version,
                 state: VersionState::Enabled,
                 kek: wrapped.to_bytes(),
-                bulk_key: Vec::new(),
+                bulk_key: public_key,
                 created_at: self.clock.now_secs(),
-                // A MAC key has no nonces to wear out: its uses are not counted.
+                // MAC and signing keys have no nonces to wear out: their uses are not counted.
                 reserved_kek_uses: 0,
                 reserved_bulk_uses: 0,
             });

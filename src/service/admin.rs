@@ -10,7 +10,7 @@ use super::auth::{Rpc, parse_name};
 use super::{Shared, pb};
 use crate::config::DualOperation;
 use crate::config::TenantScope;
-use crate::hsm::MacAlgorithm;
+use crate::hsm::{MacAlgorithm, SignAlgorithm};
 use crate::ids::KeyVersion;
 use crate::ids::Name;
 use crate::keystore::{ApprovalRecord, ApprovalState, PendingOperation};
@@ -61,11 +61,13 @@ fn key_message(tenant: &str, record: &KeyRecord) -> pb::Key {
             Purpose::Data => pb::KeyPurpose::Data,
             Purpose::Secrets => pb::KeyPurpose::Secrets,
             Purpose::Mac(_) => pb::KeyPurpose::Mac,
+            Purpose::Sign(_) => pb::KeyPurpose::Sign,
         } as i32,
         algorithm: match record.purpose {
             Purpose::Data | Purpose::Secrets => pb::KeyAlgorithm::Aes256,
             Purpose::Mac(MacAlgorithm::HmacSha256) => pb::KeyAlgorithm::HmacSha256,
             Purpose::Mac(MacAlgorithm::HmacSha512) => pb::KeyAlgorithm::HmacSha512,
+            Purpose::Sign(algorithm) => super::convert::sign_algorithm(algorithm),
         } as i32,
         primary_version: record.primary.0,
         latest_version: record.latest.0,
@@ -86,11 +88,24 @@ fn purpose(purpose: i32, algorithm: i32) -> Result<Purpose, Status> {
         (Ok(pb::KeyPurpose::Mac), _) => Err(Status::invalid_argument(
             "algorithm: a MAC key needs KEY_ALGORITHM_HMAC_SHA256 or KEY_ALGORITHM_HMAC_SHA512",
         )),
+        (Ok(pb::KeyPurpose::Sign), A::EcdsaP256Sha256) => {
+            Ok(Purpose::Sign(SignAlgorithm::EcdsaP256Sha256))
+        }
+        (Ok(pb::KeyPurpose::Sign), A::EcdsaP384Sha384) => {
+            Ok(Purpose::Sign(SignAlgorithm::EcdsaP384Sha384))
+        }
+        (Ok(pb::KeyPurpose::Sign), A::RsaPss3072Sha256) => {
+            Ok(Purpose::Sign(SignAlgorithm::RsaPss3072Sha256))
+        }
+        (Ok(pb::KeyPurpose::Sign), _) => Err(Status::invalid_argument(
+            "algorithm: a SIGN key needs KEY_ALGORITHM_ECDSA_P256_SHA256, \
+             KEY_ALGORITHM_ECDSA_P384_SHA384 or KEY_ALGORITHM_RSA_PSS_3072_SHA256",
+        )),
         (Ok(pb::KeyPurpose::Data | pb::KeyPurpose::Secrets), _) => Err(Status::invalid_argument(
             "algorithm: DATA and SECRETS keys are KEY_ALGORITHM_AES_256 (or leave it unspecified)",
         )),
         _ => Err(Status::invalid_argument(
-            "purpose: KEY_PURPOSE_DATA, KEY_PURPOSE_SECRETS or KEY_PURPOSE_MAC",
+            "purpose: KEY_PURPOSE_DATA, KEY_PURPOSE_SECRETS, KEY_PURPOSE_MAC or KEY_PURPOSE_SIGN",
         )),
     }
 }

@@ -143,6 +143,12 @@ pub enum Rpc {
     GenerateMac,
     /// KeyService/VerifyMac
     VerifyMac,
+    /// KeyService/Sign
+    Sign,
+    /// KeyService/Verify
+    Verify,
+    /// KeyService/GetPublicKey
+    GetPublicKey,
     /// AdminService/CreateTenant
     CreateTenant,
     /// AdminService/ListTenants
@@ -196,7 +202,7 @@ pub enum Rpc {
 }
 
 /// The KeyService RPCs, which a support grant may name.
-pub const DATA_PLANE: [Rpc; 15] = [
+pub const DATA_PLANE: [Rpc; 18] = [
     Rpc::Encrypt,
     Rpc::Decrypt,
     Rpc::BatchEncrypt,
@@ -212,6 +218,9 @@ pub const DATA_PLANE: [Rpc; 15] = [
     Rpc::ReEncryptDataKey,
     Rpc::GenerateMac,
     Rpc::VerifyMac,
+    Rpc::Sign,
+    Rpc::Verify,
+    Rpc::GetPublicKey,
 ];
 
 impl Rpc {
@@ -226,7 +235,10 @@ impl Rpc {
             | Self::BatchDecrypt
             | Self::ReEncrypt
             | Self::GenerateMac
-            | Self::VerifyMac => &[Role::App],
+            | Self::VerifyMac
+            | Self::Sign
+            | Self::Verify
+            | Self::GetPublicKey => &[Role::App],
             Self::GenerateDataKey | Self::DecryptDataKey | Self::ReEncryptDataKey => {
                 &[Role::Backup]
             }

@@ -51,6 +51,30 @@ pub fn crc(data: &[u8]) -> u32 {
     crc32c::crc32c(data)
 }
 
+/// The API's name of a signing algorithm.
+pub fn sign_algorithm(algorithm: crate::hsm::SignAlgorithm) -> pb::KeyAlgorithm {
+    use crate::hsm::SignAlgorithm as S;
+    match algorithm {
+        S::EcdsaP256Sha256 => pb::KeyAlgorithm::EcdsaP256Sha256,
+        S::EcdsaP384Sha384 => pb::KeyAlgorithm::EcdsaP384Sha384,
+        S::RsaPss3072Sha256 => pb::KeyAlgorithm::RsaPss3072Sha256,
+    }
+}
+
+/// Whether a Sign or Verify request gives a digest (else the message itself).
+///
+/// # Errors
+/// INVALID_ARGUMENT for a value that is not a MessageType.
+pub fn is_digest(message_type: i32) -> Result<bool, Status> {
+    match pb::MessageType::try_from(message_type) {
+        Ok(pb::MessageType::Unspecified | pb::MessageType::Raw) => Ok(false),
+        Ok(pb::MessageType::Digest) => Ok(true),
+        Err(_) => Err(Status::invalid_argument(
+            "message_type: MESSAGE_TYPE_RAW or MESSAGE_TYPE_DIGEST",
+        )),
+    }
+}
+
 struct Redacted(usize);
 
 impl fmt::Debug for Redacted {
@@ -185,6 +209,31 @@ impl fmt::Debug for pb::VerifyMacRequest {
     }
 }
 
+/// A message to sign may be anything the caller keeps private: only its length is shown.
+impl fmt::Debug for pb::SignRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignRequest")
+            .field("key", &self.key)
+            .field("message", &Redacted(self.message.len()))
+            .field("message_type", &self.message_type)
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+impl fmt::Debug for pb::VerifyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyRequest")
+            .field("key", &self.key)
+            .field("message", &Redacted(self.message.len()))
+            .field("message_type", &self.message_type)
+            .field("signature", &Redacted(self.signature.len()))
+            .field("key_version", &self.key_version)
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
 impl fmt::Debug for pb::LookupDigestRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LookupDigestRequest")
@@ -212,7 +261,7 @@ mod tests {
     fn messages_with_secrets_print_no_secret() {
         let context: HashMap<_, _> = [("order".to_owned(), "value-4711".to_owned())].into();
         let shown = format!(
-            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             pb::EncryptRequest {
                 plaintext: b"plain-4711".to_vec(),
                 context: context.clone(),
@@ -269,10 +318,19 @@ mod tests {
                 mac: b"mac-4711".to_vec(),
                 ..Default::default()
             },
+            pb::SignRequest {
+                message: b"plain-4711".to_vec(),
+                ..Default::default()
+            },
+            pb::VerifyRequest {
+                message: b"plain-4711".to_vec(),
+                signature: b"sig-4711".to_vec(),
+                ..Default::default()
+            },
         );
         assert!(!shown.contains("4711"), "{shown}");
         assert!(!shown.contains("112, 108"), "{shown}");
-        assert_eq!(shown.matches("REDACTED").count(), 15);
+        assert_eq!(shown.matches("REDACTED").count(), 18);
     }
 
     #[test]

@@ -5,10 +5,11 @@
 use tonic::{Request, Response, Status};
 
 use super::auth::{Rpc, parse_name};
-use super::convert::{self, crc, verify_crc};
+use super::convert::{self, crc, is_digest, sign_algorithm, verify_crc};
 use super::{Shared, pb};
 use crate::crypto::Plaintext;
 use crate::ids::Name;
+use crate::kms::Signable;
 
 use std::sync::Arc;
 
@@ -120,6 +121,102 @@ impl pb::key_service_server::KeyService for KeyService {
             key_id: out.key_id.to_string(),
             key_version: out.version.0,
             verified_data_crc32c: verified,
+        }))
+    }
+
+    async fn sign(
+        &self,
+        request: Request<pb::SignRequest>,
+    ) -> Result<Response<pb::SignResponse>, Status> {
+        let r = request.get_ref();
+        let call =
+            self.shared
+                .begin_under(&request, &r.grant_id, Rpc::Sign, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        let digest = is_digest(r.message_type)?;
+        let verified = verify_crc(&r.message, r.message_crc32c, "message_crc32c")?;
+        // The message may be as private as a plaintext.
+        let message = Plaintext::new(r.message);
+        let out = call
+            .run(move |kms, tenant| {
+                let message = message.expose_secret();
+                let signable = match digest {
+                    true => Signable::Digest(message),
+                    false => Signable::Message(message),
+                };
+                kms.sign(tenant, &key, signable)
+            })
+            .await?;
+        call.version(out.version.0);
+        Ok(Response::new(pb::SignResponse {
+            signature: out.signature,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            algorithm: sign_algorithm(out.algorithm) as i32,
+            verified_message_crc32c: verified,
+        }))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let r = request.get_ref();
+        let call =
+            self.shared
+                .begin_under(&request, &r.grant_id, Rpc::Verify, &r.tenant, Some(&r.key))?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        let digest = is_digest(r.message_type)?;
+        let verified = verify_crc(&r.message, r.message_crc32c, "message_crc32c")?;
+        let message = Plaintext::new(r.message);
+        let version = (r.key_version != 0).then_some(crate::ids::KeyVersion(r.key_version));
+        let signature = r.signature;
+        let out = call
+            .run(move |kms, tenant| {
+                let message = message.expose_secret();
+                let signable = match digest {
+                    true => Signable::Digest(message),
+                    false => Signable::Message(message),
+                };
+                kms.verify(tenant, &key, version, signable, &signature)
+            })
+            .await?;
+        call.version(out.version.0);
+        Ok(Response::new(pb::VerifyResponse {
+            valid: out.valid,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            verified_message_crc32c: verified,
+        }))
+    }
+
+    async fn get_public_key(
+        &self,
+        request: Request<pb::GetPublicKeyRequest>,
+    ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
+        let r = request.get_ref();
+        let call = self.shared.begin_under(
+            &request,
+            &r.grant_id,
+            Rpc::GetPublicKey,
+            &r.tenant,
+            Some(&r.key),
+        )?;
+        let r = request.into_inner();
+        let key = parse_name(&r.key, "key")?;
+        let version = (r.key_version != 0).then_some(crate::ids::KeyVersion(r.key_version));
+        let out = call
+            .run(move |kms, tenant| kms.public_key(tenant, &key, version))
+            .await?;
+        call.version(out.version.0);
+        Ok(Response::new(pb::GetPublicKeyResponse {
+            public_key_der: out.der,
+            public_key_pem: out.pem,
+            key_id: out.key_id.to_string(),
+            key_version: out.version.0,
+            algorithm: sign_algorithm(out.algorithm) as i32,
         }))
     }
 
