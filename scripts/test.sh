@@ -31,10 +31,14 @@ export KEYFRONT_TEST_POSTGRES_DIR="$TEST_PG" KEYFRONT_TEST_POSTGRES_PORT="$port"
 trap './scripts/postgres.sh stop "$TEST_PG"' EXIT
 
 # The partition test (tests/cluster.rs) puts a node in a network namespace: it needs root and
-# `ip` (iproute2); without root it is skipped with a message.
-if [ "$(id -u)" -eq 0 ] && ! command -v ip >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null 2>&1 ||
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; }
+# `ip` (iproute2); without root it is skipped with a message. The signing tests (tests/grpc.rs)
+# check signatures with the openssl command, which knows nothing of keyfront.
+missing=()
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ "$(id -u)" -eq 0 ] && [ "${#missing[@]}" -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; }
 fi
 
 KEYFRONT_TEST_PYTHON=$(./tests/python/setup.sh)

@@ -764,6 +764,30 @@ async fn call(h: &Harness, principal: &str, rpc: &str, blobs: &Blobs) -> Code {
             })
             .await,
         ),
+        "Sign" => code(
+            keys.sign(pb::SignRequest {
+                key: "signer".into(),
+                message: b"m".to_vec(),
+                ..Default::default()
+            })
+            .await,
+        ),
+        "Verify" => code(
+            keys.verify(pb::VerifyRequest {
+                key: "signer".into(),
+                message: b"m".to_vec(),
+                signature: blobs.signature.clone(),
+                ..Default::default()
+            })
+            .await,
+        ),
+        "GetPublicKey" => code(
+            keys.get_public_key(pb::GetPublicKeyRequest {
+                key: "signer".into(),
+                ..Default::default()
+            })
+            .await,
+        ),
         "CreateTenant" => code(
             admin
                 .create_tenant(pb::CreateTenantRequest {
@@ -898,6 +922,23 @@ struct Blobs {
     data_key: Vec<u8>,
     sealed: Vec<u8>,
     mac: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+/// Creates acme's SIGN key `name`.
+async fn create_signing_key(h: &Harness, name: &str, algorithm: pb::KeyAlgorithm) -> pb::Key {
+    h.admin()
+        .await
+        .create_key(pb::CreateKeyRequest {
+            tenant: "acme".into(),
+            name: name.into(),
+            purpose: pb::KeyPurpose::Sign as i32,
+            algorithm: algorithm as i32,
+            request_id: String::new(),
+        })
+        .await
+        .expect("create SIGN key")
+        .into_inner()
 }
 
 /// Creates acme's MAC key `mac` (HMAC-SHA-256).
@@ -965,18 +1006,35 @@ async fn blobs(h: &Harness) -> Blobs {
         .expect("seal")
         .into_inner()
         .sealed;
+    create_signing_key(h, "signer", pb::KeyAlgorithm::EcdsaP256Sha256).await;
+    let signature = h
+        .keys("acme-app")
+        .await
+        .sign(pb::SignRequest {
+            key: "signer".into(),
+            message: b"m".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("sign")
+        .into_inner()
+        .signature;
     Blobs {
         ciphertext,
         data_key,
         sealed,
         mac,
+        signature,
     }
 }
 
-const RPCS: [&str; 28] = [
+const RPCS: [&str; 31] = [
     "Encrypt",
     "GenerateMac",
     "VerifyMac",
+    "Sign",
+    "Verify",
+    "GetPublicKey",
     "Decrypt",
     "BatchEncrypt",
     "BatchDecrypt",
@@ -1023,6 +1081,9 @@ async fn each_role_can_call_exactly_its_rpcs() {
                 "ReEncrypt",
                 "GenerateMac",
                 "VerifyMac",
+                "Sign",
+                "Verify",
+                "GetPublicKey",
             ],
         ),
         (
@@ -4360,6 +4421,328 @@ async fn mac_keys_story() {
     for file in audit_files(&h.dir.path().join("audit")) {
         let text = std::fs::read_to_string(file).expect("audit");
         assert!(!text.contains(&marker), "MAC data in the audit log");
+    }
+    h.stop().await;
+}
+
+/// Signing keys over gRPC: CreateKey with purpose SIGN and an algorithm (and refusals of
+/// mismatched pairs), Sign of a message and of a digest with CRC32C, Verify, GetPublicKey whose
+/// PEM and DER verify the signature outside keyfront (openssl), a signature of the old version
+/// verifying after RotateKey, purposes in both directions with clear statuses, bad message
+/// types and digest lengths refused, and audit lines that never hold the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_story() {
+    let h = Harness::start(false).await;
+    let mut admin = h.admin().await;
+    for (purpose, algorithm) in [
+        (pb::KeyPurpose::Sign, pb::KeyAlgorithm::Unspecified),
+        (pb::KeyPurpose::Sign, pb::KeyAlgorithm::Aes256),
+        (pb::KeyPurpose::Sign, pb::KeyAlgorithm::HmacSha256),
+        (pb::KeyPurpose::Data, pb::KeyAlgorithm::EcdsaP256Sha256),
+        (pb::KeyPurpose::Mac, pb::KeyAlgorithm::RsaPss3072Sha256),
+    ] {
+        let refused = admin
+            .create_key(pb::CreateKeyRequest {
+                tenant: "acme".into(),
+                name: "refused".into(),
+                purpose: purpose as i32,
+                algorithm: algorithm as i32,
+                request_id: String::new(),
+            })
+            .await
+            .expect_err("mismatched purpose and algorithm");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    }
+    let mut app = h.keys("acme-app").await;
+    let message = [b"release ".as_slice(), PLAINTEXT_MARKER].concat();
+    for (name, algorithm, openssl_digest) in [
+        ("p256", pb::KeyAlgorithm::EcdsaP256Sha256, "-sha256"),
+        ("p384", pb::KeyAlgorithm::EcdsaP384Sha384, "-sha384"),
+        ("rsa", pb::KeyAlgorithm::RsaPss3072Sha256, "-sha256"),
+    ] {
+        let key = create_signing_key(&h, name, algorithm).await;
+        assert_eq!(key.purpose, pb::KeyPurpose::Sign as i32);
+        assert_eq!(key.algorithm, algorithm as i32);
+        let signed = app
+            .sign(pb::SignRequest {
+                key: name.into(),
+                message: message.clone(),
+                message_crc32c: Some(crc32c::crc32c(&message)),
+                ..Default::default()
+            })
+            .await
+            .expect("sign")
+            .into_inner();
+        assert!(signed.verified_message_crc32c);
+        assert_eq!(signed.key_version, 1);
+        assert_eq!(signed.algorithm, algorithm as i32);
+        let public = app
+            .get_public_key(pb::GetPublicKeyRequest {
+                key: name.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("public key")
+            .into_inner();
+        assert_eq!(public.key_version, 1);
+        assert_eq!(public.algorithm, algorithm as i32);
+        // openssl, knowing nothing of keyfront, verifies the signature with the PEM.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = |f: &str| dir.path().join(f);
+        std::fs::write(path("key.pem"), &public.public_key_pem).expect("pem");
+        std::fs::write(path("message"), &message).expect("message");
+        std::fs::write(path("signature"), &signed.signature).expect("signature");
+        let mut openssl = std::process::Command::new("openssl");
+        openssl
+            .args(["dgst", openssl_digest, "-verify"])
+            .arg(path("key.pem"));
+        if algorithm == pb::KeyAlgorithm::RsaPss3072Sha256 {
+            openssl.args([
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:32",
+            ]);
+        }
+        let verified = openssl
+            .arg("-signature")
+            .arg(path("signature"))
+            .arg(path("message"))
+            .output()
+            .expect("openssl runs");
+        assert!(
+            verified.status.success(),
+            "{name}: openssl: {}",
+            String::from_utf8_lossy(&verified.stdout)
+        );
+        // The DER is the same key as the PEM.
+        let pem_body: String = public
+            .public_key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        use base64::Engine;
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(pem_body)
+                .expect("base64"),
+            public.public_key_der
+        );
+
+        let verify = |message: Vec<u8>,
+                      message_type: pb::MessageType,
+                      signature: Vec<u8>,
+                      key_version: u32| {
+            pb::VerifyRequest {
+                key: name.into(),
+                message,
+                message_type: message_type as i32,
+                signature,
+                key_version,
+                ..Default::default()
+            }
+        };
+        let answer = app
+            .verify(verify(
+                message.clone(),
+                pb::MessageType::Raw,
+                signed.signature.clone(),
+                1,
+            ))
+            .await
+            .expect("verify")
+            .into_inner();
+        assert!(answer.valid);
+        assert_eq!(answer.key_version, 1);
+        let mut wrong = signed.signature.clone();
+        let last = wrong.len() - 1;
+        wrong[last] ^= 1;
+        assert!(
+            !app.verify(verify(message.clone(), pb::MessageType::Raw, wrong, 1))
+                .await
+                .expect("verify")
+                .into_inner()
+                .valid
+        );
+        // A digest made by the caller.
+        use sha2::Digest;
+        let digest = match algorithm {
+            pb::KeyAlgorithm::EcdsaP384Sha384 => sha2::Sha384::digest(&message).to_vec(),
+            _ => sha2::Sha256::digest(&message).to_vec(),
+        };
+        assert!(
+            app.verify(verify(
+                digest.clone(),
+                pb::MessageType::Digest,
+                signed.signature.clone(),
+                1
+            ))
+            .await
+            .expect("verify a digest")
+            .into_inner()
+            .valid
+        );
+        let by_digest = app
+            .sign(pb::SignRequest {
+                key: name.into(),
+                message: digest.clone(),
+                message_type: pb::MessageType::Digest as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("sign a digest")
+            .into_inner();
+        assert!(
+            app.verify(verify(
+                message.clone(),
+                pb::MessageType::Raw,
+                by_digest.signature,
+                1
+            ))
+            .await
+            .expect("verify")
+            .into_inner()
+            .valid
+        );
+        let refused = app
+            .sign(pb::SignRequest {
+                key: name.into(),
+                message: digest[1..].to_vec(),
+                message_type: pb::MessageType::Digest as i32,
+                ..Default::default()
+            })
+            .await
+            .expect_err("a digest of the wrong length");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("digest"), "{refused:?}");
+        let refused = app
+            .sign(pb::SignRequest {
+                key: name.into(),
+                message: message.clone(),
+                message_type: 9,
+                ..Default::default()
+            })
+            .await
+            .expect_err("an unknown message type");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        let refused = app
+            .sign(pb::SignRequest {
+                key: name.into(),
+                message: message.clone(),
+                message_crc32c: Some(crc32c::crc32c(&message) ^ 1),
+                ..Default::default()
+            })
+            .await
+            .expect_err("bad crc");
+        assert_eq!(refused.code(), Code::InvalidArgument);
+
+        admin
+            .rotate_key(pb::RotateKeyRequest {
+                tenant: "acme".into(),
+                name: name.into(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("rotate");
+        assert!(
+            app.verify(verify(
+                message.clone(),
+                pb::MessageType::Raw,
+                signed.signature.clone(),
+                1
+            ))
+            .await
+            .expect("verify the old version")
+            .into_inner()
+            .valid
+        );
+        let primary = app
+            .verify(verify(
+                message.clone(),
+                pb::MessageType::Raw,
+                signed.signature.clone(),
+                0,
+            ))
+            .await
+            .expect("verify with the primary")
+            .into_inner();
+        assert!(!primary.valid);
+        assert_eq!(primary.key_version, 2);
+        let missing = app
+            .get_public_key(pb::GetPublicKeyRequest {
+                key: name.into(),
+                key_version: 7,
+                ..Default::default()
+            })
+            .await
+            .expect_err("no version 7");
+        assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    }
+
+    // Purposes: a SIGN key does not encrypt or MAC, a DATA key does not sign.
+    let refused = app
+        .encrypt(pb::EncryptRequest {
+            key: "p256".into(),
+            plaintext: b"p".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a SIGN key cannot encrypt");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(refused.message().contains("purpose SIGN"), "{refused:?}");
+    let refused = app
+        .generate_mac(pb::GenerateMacRequest {
+            key: "p256".into(),
+            data: b"m".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a SIGN key cannot MAC");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    for rpc in ["Sign", "GetPublicKey"] {
+        let refused = match rpc {
+            "Sign" => app
+                .sign(pb::SignRequest {
+                    key: "default".into(),
+                    message: b"m".to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            _ => app
+                .get_public_key(pb::GetPublicKeyRequest {
+                    key: "default".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        }
+        .expect_err("a DATA key has no signatures");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{rpc}");
+        assert!(refused.message().contains("purpose DATA"), "{refused:?}");
+    }
+
+    // Each call has an audit line with the key and version; the message is nowhere.
+    let lines = h.audit_lines();
+    let signing: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            l["kind"] == "request"
+                && l["rpc"].as_str().is_some_and(|r| {
+                    r.ends_with("/Sign") || r.ends_with("/Verify") || r.ends_with("GetPublicKey")
+                })
+        })
+        .collect();
+    assert!(signing.len() >= 30, "{} signing audit lines", signing.len());
+    assert!(
+        signing
+            .iter()
+            .any(|l| l["key"] == "rsa" && l["version"] == 2)
+    );
+    let marker = String::from_utf8_lossy(PLAINTEXT_MARKER).into_owned();
+    for file in audit_files(&h.dir.path().join("audit")) {
+        let text = std::fs::read_to_string(file).expect("audit");
+        assert!(!text.contains(&marker), "a signed message in the audit log");
     }
     h.stop().await;
 }

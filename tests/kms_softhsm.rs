@@ -1226,3 +1226,326 @@ fn mac_keys_survive_backup_and_restore() {
         "HMAC is deterministic: the same key came back"
     );
 }
+
+/// Signing keys on SoftHSM: every algorithm signs messages and digests; signatures verify in
+/// software and with openssl-free RustCrypto verifiers under the public key GetPublicKey gives;
+/// older versions' signatures verify after a rotation and a master key rotation; disabled and
+/// below-minimum versions refuse; a wrong signature is simply invalid; purposes hold both ways.
+#[test]
+fn signing_keys_sign_verify_rotate_and_refuse() {
+    use keyfront::hsm::SignAlgorithm;
+    use keyfront::kms::{PolicyUpdate, Signable};
+    use p256::pkcs8::DecodePublicKey;
+
+    let (kms, _dir, _) = common::softhsm_kms("signkeys");
+    let acme = tenant(&kms, "acme");
+    for (key, algorithm) in [
+        ("p256", SignAlgorithm::EcdsaP256Sha256),
+        ("p384", SignAlgorithm::EcdsaP384Sha384),
+        ("rsa", SignAlgorithm::RsaPss3072Sha256),
+    ] {
+        let key = name(key);
+        kms.create_key(acme, &key, Purpose::Sign(algorithm))
+            .expect("signing key");
+        let message = b"release 1.2.3";
+        let first = kms
+            .sign(acme, &key, Signable::Message(message))
+            .expect("sign");
+        assert_eq!(first.version, KeyVersion(1));
+        assert_eq!(first.algorithm, algorithm);
+        let check = |version: Option<KeyVersion>, signable: Signable<'_>, signature: &[u8]| {
+            kms.verify(acme, &key, version, signable, signature)
+                .map(|out| (out.valid, out.version))
+        };
+        let valid_v1 = Some((true, KeyVersion(1)));
+        let invalid_v1 = Some((false, KeyVersion(1)));
+        assert_eq!(
+            check(None, Signable::Message(message), &first.signature).ok(),
+            valid_v1
+        );
+        // The digest of the message is the same thing signed.
+        let digest = algorithm.digest(message);
+        assert_eq!(
+            check(None, Signable::Digest(&digest), &first.signature).ok(),
+            valid_v1
+        );
+        let by_digest = kms
+            .sign(acme, &key, Signable::Digest(&digest))
+            .expect("sign");
+        assert_eq!(
+            check(None, Signable::Message(message), &by_digest.signature).ok(),
+            valid_v1
+        );
+        assert_eq!(
+            check(None, Signable::Message(b"release 1.2.4"), &first.signature).ok(),
+            invalid_v1
+        );
+        assert_eq!(
+            check(None, Signable::Message(message), &first.signature[1..]).ok(),
+            invalid_v1
+        );
+        assert_eq!(
+            check(None, Signable::Message(message), b"").ok(),
+            invalid_v1
+        );
+        assert!(matches!(
+            kms.sign(acme, &key, Signable::Digest(&digest[1..])),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            check(None, Signable::Digest(b"short"), &first.signature),
+            Err(Error::InvalidArgument(_))
+        ));
+
+        // The public key verifies the signature outside keyfront too.
+        let public = kms.public_key(acme, &key, None).expect("public key");
+        assert_eq!(public.version, KeyVersion(1));
+        assert!(public.pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+        let outside = match algorithm {
+            SignAlgorithm::EcdsaP256Sha256 => {
+                use p256::ecdsa::signature::Verifier;
+                let key = p256::ecdsa::VerifyingKey::from_public_key_der(&public.der).expect("key");
+                let signature = p256::ecdsa::Signature::from_der(&first.signature).expect("DER");
+                key.verify(message, &signature).is_ok()
+            }
+            SignAlgorithm::EcdsaP384Sha384 => {
+                use p384::ecdsa::signature::Verifier;
+                let key = p384::ecdsa::VerifyingKey::from_public_key_der(&public.der).expect("key");
+                let signature = p384::ecdsa::Signature::from_der(&first.signature).expect("DER");
+                key.verify(message, &signature).is_ok()
+            }
+            SignAlgorithm::RsaPss3072Sha256 => {
+                use rsa::signature::Verifier;
+                let key = rsa::RsaPublicKey::from_public_key_der(&public.der).expect("key");
+                let signature =
+                    rsa::pss::Signature::try_from(first.signature.as_slice()).expect("len");
+                assert_eq!(first.signature.len(), 384);
+                rsa::pss::VerifyingKey::<sha2::Sha256>::new(key)
+                    .verify(message, &signature)
+                    .is_ok()
+            }
+        };
+        assert!(
+            outside,
+            "{algorithm:?}: the public key verifies the signature"
+        );
+
+        kms.rotate_key(acme, &key).expect("rotate");
+        let second = kms
+            .sign(acme, &key, Signable::Message(message))
+            .expect("sign");
+        assert_eq!(second.version, KeyVersion(2));
+        let public2 = kms.public_key(acme, &key, None).expect("public key");
+        assert_ne!(public2.der, public.der, "a new version is a new key pair");
+        assert_eq!(
+            kms.public_key(acme, &key, Some(KeyVersion(1)))
+                .expect("v1")
+                .der,
+            public.der
+        );
+        // The old signature verifies under the version it names, not under the new primary.
+        assert_eq!(
+            check(
+                Some(KeyVersion(1)),
+                Signable::Message(message),
+                &first.signature
+            )
+            .ok(),
+            valid_v1
+        );
+        assert_eq!(
+            check(None, Signable::Message(message), &first.signature).ok(),
+            Some((false, KeyVersion(2)))
+        );
+        assert!(matches!(
+            check(
+                Some(KeyVersion(3)),
+                Signable::Message(message),
+                &first.signature
+            ),
+            Err(Error::VersionNotFound { version: 3, .. })
+        ));
+
+        kms.disable_version(acme, &key, KeyVersion(1))
+            .expect("disable");
+        assert!(matches!(
+            check(
+                Some(KeyVersion(1)),
+                Signable::Message(message),
+                &first.signature
+            ),
+            Err(Error::KeyState {
+                reason: "VERSION_DISABLED",
+                ..
+            })
+        ));
+        assert!(matches!(
+            kms.public_key(acme, &key, Some(KeyVersion(1))),
+            Err(Error::KeyState {
+                reason: "VERSION_DISABLED",
+                ..
+            })
+        ));
+        kms.enable_version(acme, &key, KeyVersion(1))
+            .expect("enable");
+        kms.update_policy(
+            acme,
+            &key,
+            &PolicyUpdate {
+                min_decryption_version: Some(2),
+                ..PolicyUpdate::default()
+            },
+        )
+        .expect("min version");
+        assert!(matches!(
+            check(
+                Some(KeyVersion(1)),
+                Signable::Message(message),
+                &first.signature
+            ),
+            Err(Error::KeyState {
+                reason: "BELOW_MIN_DECRYPTION_VERSION",
+                ..
+            })
+        ));
+        kms.disable_version(acme, &key, KeyVersion(2))
+            .expect("disable primary");
+        assert!(matches!(
+            kms.sign(acme, &key, Signable::Message(b"x")),
+            Err(Error::KeyState {
+                reason: "VERSION_DISABLED",
+                ..
+            })
+        ));
+        kms.enable_version(acme, &key, KeyVersion(2))
+            .expect("enable primary");
+    }
+
+    // A master key rotation re-wraps signing keys; the key pairs stay.
+    let before = kms
+        .sign(acme, &name("p256"), Signable::Message(b"m"))
+        .expect("sign");
+    kms.rotate_master_key().expect("rotate the master key");
+    let after = kms
+        .sign(acme, &name("p256"), Signable::Message(b"m"))
+        .expect("sign");
+    for signature in [&before.signature, &after.signature] {
+        assert!(
+            kms.verify(
+                acme,
+                &name("p256"),
+                Some(before.version),
+                Signable::Message(b"m"),
+                signature
+            )
+            .expect("verify")
+            .valid
+        );
+    }
+
+    // Purposes, both ways.
+    let ctx = EncryptionContext::new();
+    assert!(matches!(
+        kms.encrypt(acme, &name("p256"), &Plaintext::copy_from(b"p"), &ctx),
+        Err(Error::PurposeMismatch {
+            purpose: Purpose::Sign(_),
+            ..
+        })
+    ));
+    assert!(matches!(
+        kms.generate_data_key(acme, &name("rsa"), &ctx),
+        Err(Error::PurposeMismatch { .. })
+    ));
+    assert!(matches!(
+        kms.seal_secret(acme, &name("p384"), &Plaintext::copy_from(b"s"), &ctx),
+        Err(Error::PurposeMismatch { .. })
+    ));
+    assert!(matches!(
+        kms.generate_mac(acme, &name("p256"), b"m"),
+        Err(Error::PurposeMismatch { .. })
+    ));
+    kms.create_key(
+        acme,
+        &name("mac"),
+        Purpose::Mac(keyfront::hsm::MacAlgorithm::HmacSha256),
+    )
+    .expect("MAC key");
+    for other in ["default", "secrets", "mac"] {
+        assert!(matches!(
+            kms.sign(acme, &name(other), Signable::Message(b"m")),
+            Err(Error::PurposeMismatch { .. })
+        ));
+        assert!(matches!(
+            kms.verify(
+                acme,
+                &name(other),
+                None,
+                Signable::Message(b"m"),
+                &before.signature
+            ),
+            Err(Error::PurposeMismatch { .. })
+        ));
+        assert!(matches!(
+            kms.public_key(acme, &name(other), None),
+            Err(Error::PurposeMismatch { .. })
+        ));
+    }
+}
+
+/// A signing key survives a snapshot and a restore onto the same token: the same key pairs
+/// come back (old signatures verify, new ones verify under the old public keys).
+#[test]
+fn signing_keys_survive_backup_and_restore() {
+    use keyfront::hsm::SignAlgorithm;
+    use keyfront::kms::Signable;
+
+    let (kms, dir, config) = common::softhsm_kms("signrestore");
+    let acme = tenant(&kms, "acme");
+    let key = name("signer");
+    kms.create_key(acme, &key, Purpose::Sign(SignAlgorithm::EcdsaP384Sha384))
+        .expect("signing key");
+    let first = kms
+        .sign(acme, &key, Signable::Message(b"one"))
+        .expect("sign");
+    kms.rotate_key(acme, &key).expect("rotate");
+    let second = kms
+        .sign(acme, &key, Signable::Message(b"two"))
+        .expect("sign");
+    let public = kms.public_key(acme, &key, None).expect("public key");
+    let archive = keyfront::backup::create(&kms, &dir.path().join("backups"))
+        .expect("snapshot")
+        .path;
+    drop(kms);
+
+    let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
+    let target = dir.path().join("restored");
+    keyfront::backup::restore::restore(&hsm, &archive, None, &target, Default::default())
+        .expect("restore");
+    let restored = Kms::open(hsm, &target, KmsOptions::default()).expect("open the restored store");
+    let acme = restored
+        .store()
+        .tenant_by_name(&name("acme"))
+        .expect("lookup")
+        .expect("acme restored")
+        .id;
+    for (made, message) in [(&first, &b"one"[..]), (&second, &b"two"[..])] {
+        let out = restored
+            .verify(
+                acme,
+                &key,
+                Some(made.version),
+                Signable::Message(message),
+                &made.signature,
+            )
+            .expect("verify");
+        assert!(out.valid, "version {} after the restore", made.version.0);
+    }
+    let again = restored
+        .sign(acme, &key, Signable::Message(b"three"))
+        .expect("sign");
+    let digest = SignAlgorithm::EcdsaP384Sha384.digest(b"three");
+    assert!(
+        SignAlgorithm::EcdsaP384Sha384.verify(&public.der, &digest, &again.signature),
+        "the same private key came back"
+    );
+}
