@@ -408,6 +408,115 @@ fn every_bad_input_gets_a_clear_status_and_changes_nothing() {
             .await,
         );
 
+        // Signatures: random ones of every length and every mutation of a real one are
+        // answered valid = false; digests of every wrong length, unknown message types, wrong
+        // keys, purposes and versions get clear refusals.
+        let message = b"release 1.0".to_vec();
+        let real = app
+            .sign(pb::SignRequest {
+                key: "signing".into(),
+                message: message.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a signature")
+            .into_inner();
+        let mut signatures: Vec<Vec<u8>> = lengths().map(random_bytes).collect();
+        signatures.extend(mutations(&real.signature));
+        for signature in signatures {
+            let answer = app
+                .verify(pb::VerifyRequest {
+                    key: "signing".into(),
+                    message: message.clone(),
+                    signature: signature.clone(),
+                    key_version: real.key_version,
+                    ..Default::default()
+                })
+                .await
+                .expect("a wrong signature is an answer, not an error")
+                .into_inner();
+            assert!(
+                !answer.valid,
+                "a signature of {} bytes verified",
+                signature.len()
+            );
+            *tally.codes.entry(Code::Ok).or_default() += 1;
+        }
+        for digest in lengths().filter(|len| *len != 32).map(random_bytes) {
+            tally.refused(
+                &format!("Sign of a {}-byte digest", digest.len()),
+                app.sign(pb::SignRequest {
+                    key: "signing".into(),
+                    message: digest,
+                    message_type: pb::MessageType::Digest as i32,
+                    ..Default::default()
+                })
+                .await,
+            );
+        }
+        for message_type in [3, -1, i32::MAX] {
+            tally.refused(
+                &format!("Sign with message type {message_type}"),
+                app.sign(pb::SignRequest {
+                    key: "signing".into(),
+                    message: message.clone(),
+                    message_type,
+                    ..Default::default()
+                })
+                .await,
+            );
+        }
+        for (key, version) in [
+            ("default", 0),
+            ("mac", 0),
+            ("nosuch", 0),
+            ("signing", 99),
+            ("../signing", 0),
+            ("", 0),
+        ] {
+            tally.refused(
+                &format!("Verify with key {key:?} version {version}"),
+                app.verify(pb::VerifyRequest {
+                    key: key.into(),
+                    message: message.clone(),
+                    signature: real.signature.clone(),
+                    key_version: version,
+                    ..Default::default()
+                })
+                .await,
+            );
+            tally.refused(
+                &format!("GetPublicKey with key {key:?} version {version}"),
+                app.get_public_key(pb::GetPublicKeyRequest {
+                    key: key.into(),
+                    key_version: version,
+                    ..Default::default()
+                })
+                .await,
+            );
+            if version == 0 {
+                tally.refused(
+                    &format!("Sign with key {key:?}"),
+                    app.sign(pb::SignRequest {
+                        key: key.into(),
+                        message: message.clone(),
+                        ..Default::default()
+                    })
+                    .await,
+                );
+            }
+        }
+        tally.refused(
+            "Sign with a wrong CRC32C",
+            app.sign(pb::SignRequest {
+                key: "signing".into(),
+                message: message.clone(),
+                message_crc32c: Some(crc32c::crc32c(&message) ^ 1),
+                ..Default::default()
+            })
+            .await,
+        );
+
         // Password hashes: random, cut and mutated PHC strings.
         let mut hashes: Vec<String> = (0..200)
             .map(|len| {

@@ -197,6 +197,78 @@ fn mac_then_verify_mac_on_the_dev_server() {
     server.stop();
 }
 
+/// `keyfront dev` makes a SIGN key `signing` (ECDSA P-256); `keyfront sign` prints
+/// VERSION:BASE64, `keyfront verify` checks it (exit status 1 when invalid), and the PEM that
+/// `keyfront public-key` prints verifies the signature with openssl.
+#[test]
+fn sign_verify_and_public_key_on_the_dev_server() {
+    use base64::Engine;
+    let server = DevServer::start();
+    let signed = server.pipe(b"release 1.0", "sign", &["--key", "signing"]);
+    assert!(signed.status.success(), "{}", text(&signed.stderr));
+    let signature = text(&signed.stdout).trim().to_owned();
+    assert!(signature.starts_with("1:"), "{signature}");
+    let ok = server.pipe(b"release 1.0", "verify", &["--key", "signing", &signature]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert_eq!(text(&ok.stdout).trim(), "valid");
+    let bad = server.pipe(b"release 1.1", "verify", &["--key", "signing", &signature]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(text(&bad.stdout).trim(), "invalid");
+    let garbled = server.pipe(b"x", "verify", &["--key", "signing", "no-version"]);
+    assert_eq!(garbled.status.code(), Some(1));
+    assert!(
+        text(&garbled.stderr).contains("VERSION:BASE64"),
+        "{}",
+        text(&garbled.stderr)
+    );
+    // A digest made elsewhere signs and verifies as the message does.
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(b"release 1.0");
+    let by_digest = server.pipe(
+        &digest,
+        "verify",
+        &["--key", "signing", "--digest", &signature],
+    );
+    assert!(by_digest.status.success(), "{}", text(&by_digest.stderr));
+    let short = server.pipe(&digest[1..], "sign", &["--key", "signing", "--digest"]);
+    assert_eq!(short.status.code(), Some(1));
+    assert!(
+        text(&short.stderr).contains("digest"),
+        "{}",
+        text(&short.stderr)
+    );
+
+    let public = server.pipe(b"", "public-key", &["--key", "signing"]);
+    assert!(public.status.success(), "{}", text(&public.stderr));
+    let pem = text(&public.stdout);
+    assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"), "{pem}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("key.pem"), &pem).expect("pem");
+    std::fs::write(dir.path().join("message"), b"release 1.0").expect("message");
+    let (_, encoded) = signature.split_once(':').expect("VERSION:BASE64");
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .expect("base64");
+    std::fs::write(dir.path().join("signature"), raw).expect("signature");
+    let openssl = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(dir.path().join("key.pem"))
+        .arg("-signature")
+        .arg(dir.path().join("signature"))
+        .arg(dir.path().join("message"))
+        .output()
+        .expect("openssl runs");
+    assert!(openssl.status.success(), "{}", text(&openssl.stdout));
+
+    let wrong_purpose = server.pipe(b"x", "sign", &["--key", "default"]);
+    assert!(
+        text(&wrong_purpose.stderr).contains("purpose DATA"),
+        "{}",
+        text(&wrong_purpose.stderr)
+    );
+    server.stop();
+}
+
 #[test]
 fn dev_then_encrypt_pipe_decrypt_prints_hi_and_leaks_nothing() {
     let server = DevServer::start();

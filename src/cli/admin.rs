@@ -38,6 +38,12 @@ pub enum PurposeArg {
     HmacSha256,
     /// GenerateMac, VerifyMac with HMAC-SHA-512.
     HmacSha512,
+    /// Sign, Verify, GetPublicKey with ECDSA on P-256 over SHA-256.
+    EcdsaP256,
+    /// Sign, Verify, GetPublicKey with ECDSA on P-384 over SHA-384.
+    EcdsaP384,
+    /// Sign, Verify, GetPublicKey with RSA-PSS 3072 over SHA-256.
+    RsaPss3072,
 }
 
 /// Every AdminService RPC.
@@ -377,11 +383,17 @@ async fn execute(channel: Channel, command: AdminCommand) -> Result<Output, toni
                     PurposeArg::Data => pb::KeyPurpose::Data,
                     PurposeArg::Secrets => pb::KeyPurpose::Secrets,
                     PurposeArg::HmacSha256 | PurposeArg::HmacSha512 => pb::KeyPurpose::Mac,
+                    PurposeArg::EcdsaP256 | PurposeArg::EcdsaP384 | PurposeArg::RsaPss3072 => {
+                        pb::KeyPurpose::Sign
+                    }
                 } as i32,
                 algorithm: match purpose {
                     PurposeArg::Data | PurposeArg::Secrets => pb::KeyAlgorithm::Unspecified,
                     PurposeArg::HmacSha256 => pb::KeyAlgorithm::HmacSha256,
                     PurposeArg::HmacSha512 => pb::KeyAlgorithm::HmacSha512,
+                    PurposeArg::EcdsaP256 => pb::KeyAlgorithm::EcdsaP256Sha256,
+                    PurposeArg::EcdsaP384 => pb::KeyAlgorithm::EcdsaP384Sha384,
+                    PurposeArg::RsaPss3072 => pb::KeyAlgorithm::RsaPss3072Sha256,
                 } as i32,
                 request_id,
             })
@@ -666,6 +678,7 @@ fn purpose(value: i32) -> &'static str {
         Ok(pb::KeyPurpose::Data) => "DATA",
         Ok(pb::KeyPurpose::Secrets) => "SECRETS",
         Ok(pb::KeyPurpose::Mac) => "MAC",
+        Ok(pb::KeyPurpose::Sign) => "SIGN",
         _ => "UNSPECIFIED",
     }
 }

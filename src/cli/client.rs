@@ -85,6 +85,12 @@ pub enum ClientError {
     /// VerifyMac answered that the MAC does not match.
     #[error("the MAC does not match")]
     InvalidMac,
+    /// The signature argument is not `VERSION:BASE64SIGNATURE`.
+    #[error("the signature is not VERSION:BASE64 (as `keyfront sign` prints it)")]
+    SignatureFormat,
+    /// Verify answered that the signature is not valid.
+    #[error("the signature is not valid")]
+    InvalidSignature,
     /// The server refused an admin request: who, why, and what to do next.
     #[error("{code} as {who}: {message}\n  next: {next}")]
     Refused {
@@ -263,5 +269,105 @@ pub async fn verify_mac(connection: &Connection, key: &str, mac: &str) -> Result
     } else {
         println!("invalid");
         Err(ClientError::InvalidMac)
+    }
+}
+
+/// The signature of stdin (the message, or with `digest` its digest) under a SIGN key; prints
+/// `VERSION:BASE64SIGNATURE` (what `verify` takes).
+///
+/// # Errors
+/// [`ClientError`].
+pub async fn sign(connection: &Connection, key: &str, digest: bool) -> Result<(), ClientError> {
+    let message = zeroize::Zeroizing::new(stdin()?);
+    let mut client = connection.client().await?;
+    let response = client
+        .sign(pb::SignRequest {
+            key: key.to_owned(),
+            message_crc32c: Some(crc32c::crc32c(&message)),
+            message: message.to_vec(),
+            message_type: message_type(digest),
+            tenant: connection.tenant.clone(),
+            grant_id: connection.grant_id.clone(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "{}:{}",
+        response.key_version,
+        STANDARD.encode(response.signature)
+    );
+    Ok(())
+}
+
+/// Checks `signature` (`VERSION:BASE64SIGNATURE`, as `sign` prints it) against stdin; prints
+/// `valid` or `invalid`, and fails for an invalid signature.
+///
+/// # Errors
+/// [`ClientError`]; [`ClientError::InvalidSignature`] when it is not valid.
+pub async fn verify(
+    connection: &Connection,
+    key: &str,
+    signature: &str,
+    digest: bool,
+) -> Result<(), ClientError> {
+    let (version, encoded) = signature
+        .trim()
+        .split_once(':')
+        .ok_or(ClientError::SignatureFormat)?;
+    let key_version = version.parse().map_err(|_| ClientError::SignatureFormat)?;
+    let signature = STANDARD
+        .decode(encoded)
+        .map_err(|_| ClientError::SignatureFormat)?;
+    let message = zeroize::Zeroizing::new(stdin()?);
+    let mut client = connection.client().await?;
+    let response = client
+        .verify(pb::VerifyRequest {
+            key: key.to_owned(),
+            message_crc32c: Some(crc32c::crc32c(&message)),
+            message: message.to_vec(),
+            message_type: message_type(digest),
+            signature,
+            key_version,
+            tenant: connection.tenant.clone(),
+            grant_id: connection.grant_id.clone(),
+        })
+        .await?
+        .into_inner();
+    if response.valid {
+        println!("valid");
+        Ok(())
+    } else {
+        println!("invalid");
+        Err(ClientError::InvalidSignature)
+    }
+}
+
+/// Prints the PEM public key of a version of a SIGN key (0: the primary).
+///
+/// # Errors
+/// [`ClientError`].
+pub async fn public_key(
+    connection: &Connection,
+    key: &str,
+    version: u32,
+) -> Result<(), ClientError> {
+    let mut client = connection.client().await?;
+    let response = client
+        .get_public_key(pb::GetPublicKeyRequest {
+            key: key.to_owned(),
+            key_version: version,
+            tenant: connection.tenant.clone(),
+            grant_id: connection.grant_id.clone(),
+        })
+        .await?
+        .into_inner();
+    print!("{}", response.public_key_pem);
+    Ok(())
+}
+
+fn message_type(digest: bool) -> i32 {
+    match digest {
+        true => pb::MessageType::Digest as i32,
+        false => pb::MessageType::Raw as i32,
     }
 }

@@ -360,6 +360,10 @@ pub fn ensure_tenants(config: &Config) -> Result<(), DevError> {
             ("default", Purpose::Data),
             ("secrets", Purpose::Secrets),
             ("mac", Purpose::Mac(crate::hsm::MacAlgorithm::HmacSha256)),
+            (
+                "signing",
+                Purpose::Sign(crate::hsm::SignAlgorithm::EcdsaP256Sha256),
+            ),
         ] {
             let key = key.parse().map_err(|_| crate::Error::TooLarge)?;
             if matches!(kms.key(id, &key), Err(crate::Error::KeyNotFound(_))) {

@@ -123,6 +123,42 @@ enum Command {
         #[command(flatten)]
         connection: client::Connection,
     },
+    /// The signature of stdin under a SIGN key; prints VERSION:BASE64SIGNATURE.
+    Sign {
+        /// The SIGN key's name.
+        #[arg(long)]
+        key: String,
+        /// stdin is the message's digest (SHA-256, or SHA-384 for ECDSA P-384), not the message.
+        #[arg(long)]
+        digest: bool,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// Check a signature (VERSION:BASE64SIGNATURE, as `sign` prints it) of stdin; exit status 1
+    /// if invalid.
+    Verify {
+        /// The SIGN key's name.
+        #[arg(long)]
+        key: String,
+        /// stdin is the message's digest, not the message.
+        #[arg(long)]
+        digest: bool,
+        /// The signature, as `keyfront sign` printed it.
+        signature: String,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// Print the public key (PEM) of a SIGN key's version, to verify signatures elsewhere.
+    PublicKey {
+        /// The SIGN key's name.
+        #[arg(long)]
+        key: String,
+        /// The version (0: the primary).
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
     /// Administer tenants and keys over AdminService (as an officer): one subcommand per RPC.
     Admin(admin::AdminArgs),
     /// Check audit logs offline.
@@ -192,6 +228,30 @@ pub fn main() -> ExitCode {
             connection,
         } => {
             return run_client(async move { client::verify_mac(&connection, &key, &mac).await });
+        }
+        Command::Sign {
+            key,
+            digest,
+            connection,
+        } => {
+            return run_client(async move { client::sign(&connection, &key, digest).await });
+        }
+        Command::Verify {
+            key,
+            digest,
+            signature,
+            connection,
+        } => {
+            return run_client(async move {
+                client::verify(&connection, &key, &signature, digest).await
+            });
+        }
+        Command::PublicKey {
+            key,
+            version,
+            connection,
+        } => {
+            return run_client(async move { client::public_key(&connection, &key, version).await });
         }
         Command::Admin(args) => return run_client(admin::run(args)),
         Command::Audit(args) => return audit::run(args),
