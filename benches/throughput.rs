@@ -193,14 +193,20 @@ fn hsm_limit(config: &pkcs11::Pkcs11Config, seconds: f64) -> f64 {
     raw_rate(
         config,
         seconds,
-        &Mechanism::AesKeyGen,
-        &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32.into()),
-            Attribute::Token(false),
-            Attribute::Encrypt(true),
-        ],
+        |session| {
+            session
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Token(false),
+                        Attribute::Encrypt(true),
+                    ],
+                )
+                .expect("key")
+        },
         |session, key| {
             let mut iv: [u8; 12] = rand::random();
             let params = GcmParams::new(&mut iv, b"aad", 128.into()).expect("params");
@@ -219,14 +225,20 @@ fn hmac_limit(config: &pkcs11::Pkcs11Config, seconds: f64) -> f64 {
     raw_rate(
         config,
         seconds,
-        &Mechanism::GenericSecretKeyGen,
-        &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::ValueLen(32.into()),
-            Attribute::Token(false),
-            Attribute::Sign(true),
-        ],
+        |session| {
+            session
+                .generate_key(
+                    &Mechanism::GenericSecretKeyGen,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::GENERIC_SECRET),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Token(false),
+                        Attribute::Sign(true),
+                    ],
+                )
+                .expect("key")
+        },
         |session, key| {
             session
                 .sign(&Mechanism::Sha256Hmac, key, &[7u8; 32])
@@ -235,19 +247,93 @@ fn hmac_limit(config: &pkcs11::Pkcs11Config, seconds: f64) -> f64 {
     )
 }
 
-/// Operations per second of `op` on one session-object key made with `generate` and
-/// `template`: one logged-in session per thread, as many threads as cores, for `seconds`.
+/// The HSM limits of a signing algorithm: raw `C_Sign` and `C_Verify` of a 32-byte digest
+/// (`CKM_ECDSA` on P-256, or `CKM_RSA_PKCS_PSS` with SHA-256/MGF1-SHA-256/salt 32 on RSA-3072)
+/// with session-object keys, the same way.
+fn signing_limits(config: &pkcs11::Pkcs11Config, seconds: f64, rsa: bool) -> (f64, f64) {
+    use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+    use cryptoki::mechanism::{Mechanism, MechanismType};
+    use cryptoki::object::Attribute;
+    // Made per call: a Mechanism holds raw pointers and cannot be shared between threads.
+    let mechanism = move || match rsa {
+        true => Mechanism::RsaPkcsPss(PkcsPssParams {
+            hash_alg: MechanismType::SHA256,
+            mgf: PkcsMgfType::MGF1_SHA256,
+            s_len: 32.into(),
+        }),
+        false => Mechanism::Ecdsa,
+    };
+    let pair = |session: &cryptoki::session::Session| {
+        let (generate, public) = match rsa {
+            true => (
+                Mechanism::RsaPkcsKeyPairGen,
+                vec![
+                    Attribute::ModulusBits(3072.into()),
+                    Attribute::PublicExponent(vec![1, 0, 1]),
+                ],
+            ),
+            false => (
+                Mechanism::EccKeyPairGen,
+                // secp256r1
+                vec![Attribute::EcParams(vec![
+                    0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07,
+                ])],
+            ),
+        };
+        let mut public = public;
+        public.extend([Attribute::Token(false), Attribute::Verify(true)]);
+        session
+            .generate_key_pair(
+                &generate,
+                &public,
+                &[
+                    Attribute::Token(false),
+                    Attribute::Sign(true),
+                    Attribute::Sensitive(true),
+                ],
+            )
+            .expect("key pair")
+    };
+    let digest = [7u8; 32];
+    let sign = raw_rate(
+        config,
+        seconds,
+        |session| pair(session).1,
+        |session, key| {
+            session.sign(&mechanism(), key, &digest).expect("sign");
+        },
+    );
+    let signature = std::sync::OnceLock::new();
+    let verify = raw_rate(
+        config,
+        seconds,
+        |session| {
+            let (public, private) = pair(session);
+            let _ = signature.set(session.sign(&mechanism(), private, &digest).expect("sign"));
+            public
+        },
+        |session, key| {
+            let signature = signature.get().expect("signed");
+            session
+                .verify(&mechanism(), key, &digest, signature)
+                .expect("verify");
+        },
+    );
+    (sign, verify)
+}
+
+/// Operations per second of `op` on one session-object key made by `make`: one logged-in
+/// session per thread, as many threads as cores, for `seconds`.
 fn raw_rate(
     config: &pkcs11::Pkcs11Config,
     seconds: f64,
-    generate: &cryptoki::mechanism::Mechanism<'_>,
-    template: &[cryptoki::object::Attribute],
+    make: impl FnOnce(&cryptoki::session::Session) -> cryptoki::object::ObjectHandle,
     op: impl Fn(&cryptoki::session::Session, cryptoki::object::ObjectHandle) + Sync,
 ) -> f64 {
     let ctx = pkcs11::context(&config.module).expect("context");
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let session = pkcs11::open_logged_in(&ctx, config).expect("session");
-    let key = session.generate_key(generate, template).expect("key");
+    let key = make(&session);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let total: u64 = std::thread::scope(|scope| {
@@ -425,6 +511,18 @@ fn main() {
             .await
             .expect("MAC key");
         let mac = app.clone().generate_mac(pb::GenerateMacRequest { key: "mac".into(), data: vec![7; 32], ..Default::default() }).await.expect("mac").into_inner().mac;
+        for (name, algorithm) in [("p256", pb::KeyAlgorithm::EcdsaP256Sha256), ("rsa", pb::KeyAlgorithm::RsaPss3072Sha256)] {
+            admin
+                .create_key(pb::CreateKeyRequest { tenant: "acme".into(), name: name.into(), purpose: pb::KeyPurpose::Sign as i32, algorithm: algorithm as i32, request_id: String::new() })
+                .await
+                .expect("SIGN key");
+        }
+        let digest = vec![7u8; 32];
+        let mut signatures = HashMap::new();
+        for name in ["p256", "rsa"] {
+            let signed = app.clone().sign(pb::SignRequest { key: name.into(), message: digest.clone(), message_type: pb::MessageType::Digest as i32, ..Default::default() }).await.expect("sign").into_inner();
+            signatures.insert(name, signed.signature);
+        }
         let sealed = secrets.clone().seal_secret(pb::SealSecretRequest { key: "secrets".into(), secret: vec![1; 32], ..Default::default() }).await.expect("seal").into_inner().sealed;
 
         let hsm_rate = tokio::task::spawn_blocking({
@@ -439,8 +537,17 @@ fn main() {
         })
         .await
         .expect("HMAC limit");
+        let ((ecdsa_sign, ecdsa_verify), (rsa_sign, rsa_verify)) = tokio::task::spawn_blocking({
+            let hsm = hsm.clone();
+            move || (signing_limits(&hsm, seconds, false), signing_limits(&hsm, seconds, true))
+        })
+        .await
+        .expect("signing limits");
         let crypto_rate = tokio::task::spawn_blocking(move || crypto_limit(seconds)).await.expect("crypto limit");
-        println!("limits: HSM AES-GCM 32 B {hsm_rate:.0}/s; HSM HMAC-SHA-256 32 B {hmac_rate:.0}/s; AES-256-GCM-SIV 1 KiB {crypto_rate:.0}/s (1 thread)");
+        println!("limits: HSM AES-GCM 32 B {hsm_rate:.0}/s; HSM HMAC-SHA-256 32 B {hmac_rate:.0}/s; HSM ECDSA P-256 sign {ecdsa_sign:.0}/s, verify {ecdsa_verify:.0}/s; HSM RSA-PSS 3072 sign {rsa_sign:.0}/s, verify {rsa_verify:.0}/s; AES-256-GCM-SIV 1 KiB {crypto_rate:.0}/s (1 thread)");
+        let signing_limits = format!(
+            "HSM ECDSA P-256 (raw `C_Sign`/`C_Verify` of a 32-byte digest) sign **{ecdsa_sign:.0}/s**, verify **{ecdsa_verify:.0}/s**; HSM RSA-PSS 3072 sign **{rsa_sign:.0}/s**, verify **{rsa_verify:.0}/s**"
+        );
 
         type Call = Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send>> + Send + Sync>;
         fn boxed<F, Fut>(f: F) -> Call
@@ -449,6 +556,24 @@ fn main() {
             Fut: Future<Output = Result<(), Status>> + Send + 'static,
         {
             Arc::new(move || Box::pin(f()))
+        }
+        fn sign_call(app: &KeyServiceClient<tonic::transport::Channel>, key: &'static str, digest: &[u8]) -> Call {
+            let (client, digest) = (app.clone(), digest.to_vec());
+            boxed(move || {
+                let (mut client, message) = (client.clone(), digest.clone());
+                async move { client.sign(pb::SignRequest { key: key.into(), message, message_type: pb::MessageType::Digest as i32, ..Default::default() }).await.map(drop) }
+            })
+        }
+        fn verify_call(app: &KeyServiceClient<tonic::transport::Channel>, key: &'static str, digest: &[u8], signature: &[u8]) -> Call {
+            let (client, digest, signature) = (app.clone(), digest.to_vec(), signature.to_vec());
+            boxed(move || {
+                let (mut client, message, signature) = (client.clone(), digest.clone(), signature.clone());
+                async move {
+                    let answer = client.verify(pb::VerifyRequest { key: key.into(), message, message_type: pb::MessageType::Digest as i32, signature, key_version: 1, ..Default::default() }).await?;
+                    assert!(answer.get_ref().valid, "the benchmark's signature must verify");
+                    Ok(())
+                }
+            })
         }
         let echo_call = {
             let (client, kib) = (echo.clone(), kib.clone());
@@ -530,6 +655,10 @@ fn main() {
                     }
                 })
             }),
+            ("Sign ECDSA P-256 (digest)", 1, Some(("HSM ECDSA sign", ecdsa_sign)), sign_call(&app, "p256", &digest)),
+            ("Verify ECDSA P-256 (digest)", 1, Some(("HSM ECDSA verify", ecdsa_verify)), verify_call(&app, "p256", &digest, &signatures["p256"])),
+            ("Sign RSA-PSS 3072 (digest)", 1, Some(("HSM RSA-PSS sign", rsa_sign)), sign_call(&app, "rsa", &digest)),
+            ("Verify RSA-PSS 3072 (digest)", 1, Some(("HSM RSA-PSS verify", rsa_verify)), verify_call(&app, "rsa", &digest, &signatures["rsa"])),
             ("UnsealSecret 32 B", 1, Some(("HSM", hsm_rate)), {
                 let (client, sealed) = (secrets.clone(), sealed.clone());
                 boxed(move || {
@@ -626,9 +755,9 @@ fn main() {
                 spent.as_secs_f64() * 1000.0 / f64::from(taken.max(1))
             );
         }
-        (rows, hsm_rate, hmac_rate, crypto_rate, snapshot_note)
+        (rows, hsm_rate, hmac_rate, crypto_rate, snapshot_note, signing_limits)
     });
-    let (rows, hsm_rate, hmac_rate, crypto_rate, snapshot_note) = rows;
+    let (rows, hsm_rate, hmac_rate, crypto_rate, snapshot_note, signing_limits) = rows;
     let rounds = common::rounds();
 
     let mut table = String::new();
@@ -686,7 +815,7 @@ fn main() {
         "Command: `scripts/bench.sh throughput` ({seconds} s per cell). Machine: {machine}.\n\n\
          Limits measured in the same run: HSM (raw SoftHSM AES-GCM encrypt of 32 B through cryptoki, \
          one session per core, session-object key) **{hsm_rate:.0}/s**; HSM HMAC (raw SoftHSM \
-         HMAC-SHA-256 `C_Sign` of 32 B, the same way) **{hmac_rate:.0}/s**; crypto (AES-256-GCM-SIV of 1 KiB, \
+         HMAC-SHA-256 `C_Sign` of 32 B, the same way) **{hmac_rate:.0}/s**; {signing_limits}; crypto (AES-256-GCM-SIV of 1 KiB, \
          one thread) **{crypto_rate:.0}/s**; transport (bare tonic echo of the same request, \
          1 KiB or a batch of 100 × 1 KiB, same TLS 1.3 mutual-auth acceptor), measured right before each operation in alternating rounds; each row is the round \
          with the median ratio of {rounds} (`× transport` compares requests/s).\n\n{table}\n\

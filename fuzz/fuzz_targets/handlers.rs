@@ -36,7 +36,7 @@ use tonic::{Code, Request, Status};
 /// Put before every secret the fuzzer sends, so a leak is recognizable in a message.
 const MARK: &[u8] = b"\x01kf-secret\x02";
 const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
-const KEYS: [&str; 3] = ["k0", "k1", "k2"];
+const KEYS: [&str; 4] = ["k0", "k1", "k2", "k3"];
 
 /// Who calls: the index picks one of these, or a caller without a usable identity.
 const CALLERS: [&str; 8] = [
@@ -67,6 +67,9 @@ enum Call {
     VerifyPassword(pb::VerifyPasswordRequest),
     GenerateMac(pb::GenerateMacRequest),
     VerifyMac(pb::VerifyMacRequest),
+    Sign(pb::SignRequest),
+    Verify(pb::VerifyRequest),
+    GetPublicKey(pb::GetPublicKeyRequest),
     CreateTenant(pb::CreateTenantRequest),
     ListTenants(pb::ListTenantsRequest),
     DestroyTenant(pb::DestroyTenantRequest),
@@ -233,6 +236,11 @@ fn state() -> &'static State {
                     ("k0", pb::KeyPurpose::Data, pb::KeyAlgorithm::Unspecified),
                     ("k1", pb::KeyPurpose::Secrets, pb::KeyAlgorithm::Unspecified),
                     ("k2", pb::KeyPurpose::Mac, pb::KeyAlgorithm::HmacSha256),
+                    (
+                        "k3",
+                        pb::KeyPurpose::Sign,
+                        pb::KeyAlgorithm::EcdsaP256Sha256,
+                    ),
                 ] {
                     let create = pb::CreateKeyRequest {
                         tenant: tenant.to_owned(),
@@ -281,7 +289,13 @@ fn state() -> &'static State {
                     Call::GenerateMac(pb::GenerateMacRequest {
                         tenant: "t0".into(),
                         key: "k2".into(),
-                        data,
+                        data: data.clone(),
+                        ..Default::default()
+                    }),
+                    Call::Sign(pb::SignRequest {
+                        tenant: "t0".into(),
+                        key: "k3".into(),
+                        message: data,
                         ..Default::default()
                     }),
                 ];
@@ -295,9 +309,10 @@ fn state() -> &'static State {
                 seed.ciphertexts.len(),
                 seed.data_keys.len(),
                 seed.secrets.len(),
-                seed.macs.len()
+                seed.macs.len(),
+                seed.signatures.len()
             ),
-            (2, 2, 2, 2),
+            (2, 2, 2, 2, 2),
             "the seed blobs"
         );
         State {
@@ -365,6 +380,9 @@ aim!(
     VerifyPasswordRequest { tenant; key },
     GenerateMacRequest { tenant; key },
     VerifyMacRequest { tenant; key },
+    SignRequest { tenant; key },
+    VerifyRequest { tenant; key },
+    GetPublicKeyRequest { tenant; key },
     CreateTenantRequest { name; },
     DestroyTenantRequest { name; },
     CancelTenantDestructionRequest { name; },
@@ -396,6 +414,8 @@ struct Produced {
     data_keys: Vec<Sealed>,
     /// MACs, with the data they are of (in `inner`) and their version.
     macs: Vec<(Sealed, u32)>,
+    /// Signatures, with the message they are of (in `inner`) and their version.
+    signatures: Vec<(Sealed, u32)>,
 }
 
 /// The blob a step reuses: `None` to keep the fuzzer's own; `Some((blob, tampered, inner))`.
@@ -483,6 +503,9 @@ async fn step(s: &InProcess, made: &mut Produced, step: Step) {
         Call::VerifyPassword(r) => aimed!(r),
         Call::GenerateMac(r) => aimed!(r),
         Call::VerifyMac(r) => aimed!(r),
+        Call::Sign(r) => aimed!(r),
+        Call::Verify(r) => aimed!(r),
+        Call::GetPublicKey(r) => aimed!(r),
         Call::CreateTenant(r) => aimed!(r),
         Call::DestroyTenant(r) => aimed!(r),
         Call::CancelTenantDestruction(r) => aimed!(r),
@@ -733,6 +756,60 @@ async fn step(s: &InProcess, made: &mut Produced, step: Step) {
                 Err(status) => clear(&status, Some(&debug)),
             }
         }
+        Call::Sign(mut r) => {
+            let message = marked(&mut r.message);
+            let debug = format!("{r:?}");
+            match s.keys.sign(request(caller, r)).await {
+                Ok(out) => {
+                    let out = out.into_inner();
+                    made.signatures.push((
+                        Sealed {
+                            blob: out.signature,
+                            inner: message,
+                        },
+                        out.key_version,
+                    ));
+                }
+                Err(status) => clear(&status, Some(&debug)),
+            }
+        }
+        Call::Verify(mut r) => {
+            // A signature made earlier, with its message and version; changed or not.
+            let mut tampered = false;
+            if let Some((index, position, mask)) = reuse {
+                if let Some((sealed, version)) = made
+                    .signatures
+                    .get(usize::from(index) % made.signatures.len().max(1))
+                {
+                    r.signature.clone_from(&sealed.blob);
+                    r.message.clone_from(&sealed.inner);
+                    r.message_type = pb::MessageType::Raw.into();
+                    r.key_version = *version;
+                    r.message_crc32c = None;
+                    if mask != 0 && !r.signature.is_empty() {
+                        let at = usize::from(position) % r.signature.len();
+                        r.signature[at] ^= mask;
+                        tampered = true;
+                    }
+                }
+            }
+            let debug = format!("{r:?}");
+            match s.keys.verify(request(caller, r)).await {
+                Ok(out) => {
+                    assert!(
+                        !(tampered && out.get_ref().valid),
+                        "a changed signature verified"
+                    );
+                    if tampered {
+                        REFUSED_CHANGED.fetch_add(1, Ordering::Relaxed);
+                    } else if out.get_ref().valid {
+                        OPENED.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(status) => clear(&status, Some(&debug)),
+            }
+        }
+        Call::GetPublicKey(r) => done(s.keys.get_public_key(request(caller, r)).await, None),
         Call::CreateTenant(r) => done(s.admin.create_tenant(request(caller, r)).await, None),
         Call::ListTenants(r) => done(s.admin.list_tenants(request(caller, r)).await, None),
         Call::DestroyTenant(r) => done(s.admin.destroy_tenant(request(caller, r)).await, None),
@@ -810,8 +887,13 @@ libfuzzer_sys::fuzz_target!(|steps: Vec<Step>| {
             CALLS.fetch_add(1, Ordering::Relaxed);
             step(&state.services, &mut made, one).await;
         }
-        let count =
-            |p: &Produced| p.ciphertexts.len() + p.secrets.len() + p.data_keys.len() + p.macs.len();
+        let count = |p: &Produced| {
+            p.ciphertexts.len()
+                + p.secrets.len()
+                + p.data_keys.len()
+                + p.macs.len()
+                + p.signatures.len()
+        };
         let produced = count(&made) - count(&state.seed);
         PRODUCED.fetch_add(produced as u64, Ordering::Relaxed);
     });
