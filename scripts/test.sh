@@ -50,7 +50,11 @@ fi
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --locked --all-targets --quiet -- -D warnings
   cargo clippy --locked --all-targets --features test-hooks --quiet -- -D warnings
+  cargo clippy --locked -p keyfront-client --all-targets --quiet -- -D warnings
 fi
-RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps --quiet
+# The client library: unit tests and the examples in its docs (tests/client_crate.rs runs it
+# against a real keyfront with the rest).
+cargo test --locked -p keyfront-client
 # test-hooks: the test clock (never in a release build).
 cargo test --locked --all-targets --features test-hooks

@@ -82,6 +82,11 @@ impl DevServer {
             .local_addr()
             .expect("addr")
             .port();
+        Self::start_in_on(dir, port, env)
+    }
+
+    /// [`DevServer::start_in_with_env`] on a given port (a restart where clients expect it).
+    pub fn start_in_on(dir: tempfile::TempDir, port: u16, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
             .args(["dev", "--dir"])
             .arg(dir.path())
