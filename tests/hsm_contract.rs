@@ -145,10 +145,14 @@ fn signing_contract(hsm: &dyn Hsm, kek: &keyfront::hsm::Kek) {
             );
             let other = algorithm.digest(&[i; 6]);
             assert!(!algorithm.verify(&spki, &other, &signature));
+            // The whole-message path (ring) agrees with the digest path (RustCrypto).
+            assert!(algorithm.verify_message(&spki, &[i; 5], &signature));
+            assert!(!algorithm.verify_message(&spki, &[i; 6], &signature));
             let mut forged = signature.clone();
             let last = forged.len() - 1;
             forged[last] ^= 0x01;
             assert!(!algorithm.verify(&spki, &digest, &forged));
+            assert!(!algorithm.verify_message(&spki, &[i; 5], &forged));
         }
         let digest = algorithm.digest(b"message");
         assert!(matches!(
