@@ -151,6 +151,60 @@ impl Kms {
         })
     }
 
+    /// Sign with the HSM called on this thread, when the key is in memory and inline HSM calls
+    /// are allowed; `None` otherwise (then [`Kms::sign`] on a blocking thread).
+    pub fn sign_cached(
+        &self,
+        tenant: &Name,
+        key: &Name,
+        signable: Signable<'_>,
+    ) -> Option<Result<Signature, Error>> {
+        let tenant = self.inline_tenant(tenant)?;
+        self.cached_primary(tenant, key)?;
+        Some(self.timed_inline(|| self.sign(tenant, key, signable)))
+    }
+
+    /// Verify on this thread (no HSM call), when the key's primary and the named version are
+    /// in memory; see [`Kms::sign_cached`].
+    pub fn verify_cached(
+        &self,
+        tenant: &Name,
+        key: &Name,
+        version: Option<KeyVersion>,
+        signable: Signable<'_>,
+        signature: &[u8],
+    ) -> Option<Result<SignatureCheck, Error>> {
+        let tenant = self.inline_tenant(tenant)?;
+        self.cached_signing_version(tenant, key, version)?;
+        Some(self.verify(tenant, key, version, signable, signature))
+    }
+
+    /// GetPublicKey on this thread, when the version is in memory; see [`Kms::sign_cached`].
+    pub fn public_key_cached(
+        &self,
+        tenant: &Name,
+        key: &Name,
+        version: Option<KeyVersion>,
+    ) -> Option<Result<PublicKey, Error>> {
+        let tenant = self.inline_tenant(tenant)?;
+        self.cached_signing_version(tenant, key, version)?;
+        Some(self.public_key(tenant, key, version))
+    }
+
+    /// Whether the primary of `key` and `version` are both in memory.
+    fn cached_signing_version(
+        &self,
+        tenant: TenantId,
+        key: &Name,
+        version: Option<KeyVersion>,
+    ) -> Option<()> {
+        let primary = self.cached_primary(tenant, key)?;
+        if let Some(version) = version.filter(|v| *v != primary.primary.version) {
+            self.cached_version(tenant, primary.record.id, version)?;
+        }
+        Some(())
+    }
+
     /// The snapshot of `version` of a SIGN key (`None`: the primary), and its algorithm.
     fn signing_version(
         &self,

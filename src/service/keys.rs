@@ -139,14 +139,15 @@ impl pb::key_service_server::KeyService for KeyService {
         // The message may be as private as a plaintext.
         let message = Plaintext::new(r.message);
         let out = call
-            .run(move |kms, tenant| {
-                let message = message.expose_secret();
-                let signable = match digest {
-                    true => Signable::Digest(message),
-                    false => Signable::Message(message),
-                };
-                kms.sign(tenant, &key, signable)
-            })
+            .run_cached(
+                (key, message),
+                |kms, tenant, (key, message)| {
+                    kms.sign_cached(tenant, key, signable(digest, message.expose_secret()))
+                },
+                move |kms, tenant, (key, message)| {
+                    kms.sign(tenant, &key, signable(digest, message.expose_secret()))
+                },
+            )
             .await?;
         call.version(out.version.0);
         Ok(Response::new(pb::SignResponse {
@@ -174,14 +175,17 @@ impl pb::key_service_server::KeyService for KeyService {
         let version = (r.key_version != 0).then_some(crate::ids::KeyVersion(r.key_version));
         let signature = r.signature;
         let out = call
-            .run(move |kms, tenant| {
-                let message = message.expose_secret();
-                let signable = match digest {
-                    true => Signable::Digest(message),
-                    false => Signable::Message(message),
-                };
-                kms.verify(tenant, &key, version, signable, &signature)
-            })
+            .run_cached(
+                (key, message, signature),
+                |kms, tenant, (key, message, signature)| {
+                    let signable = signable(digest, message.expose_secret());
+                    kms.verify_cached(tenant, key, version, signable, signature)
+                },
+                move |kms, tenant, (key, message, signature)| {
+                    let signable = signable(digest, message.expose_secret());
+                    kms.verify(tenant, &key, version, signable, &signature)
+                },
+            )
             .await?;
         call.version(out.version.0);
         Ok(Response::new(pb::VerifyResponse {
@@ -208,7 +212,11 @@ impl pb::key_service_server::KeyService for KeyService {
         let key = parse_name(&r.key, "key")?;
         let version = (r.key_version != 0).then_some(crate::ids::KeyVersion(r.key_version));
         let out = call
-            .run(move |kms, tenant| kms.public_key(tenant, &key, version))
+            .run_cached(
+                key,
+                |kms, tenant, key| kms.public_key_cached(tenant, key, version),
+                move |kms, tenant, key| kms.public_key(tenant, &key, version),
+            )
             .await?;
         call.version(out.version.0);
         Ok(Response::new(pb::GetPublicKeyResponse {
@@ -715,5 +723,13 @@ impl pb::key_service_server::KeyService for KeyService {
             matches: verified.matches,
             rehash_needed: verified.rehash_needed,
         }))
+    }
+}
+
+/// What Sign and Verify are given, by the request's message type.
+fn signable(digest: bool, message: &[u8]) -> Signable<'_> {
+    match digest {
+        true => Signable::Digest(message),
+        false => Signable::Message(message),
     }
 }
