@@ -244,11 +244,7 @@ pub async fn mac(connection: &Connection, key: &str) -> Result<(), ClientError> 
 /// # Errors
 /// [`ClientError`]; [`ClientError::InvalidMac`] when the MAC does not match.
 pub async fn verify_mac(connection: &Connection, key: &str, mac: &str) -> Result<(), ClientError> {
-    let (version, encoded) = mac.trim().split_once(':').ok_or(ClientError::MacFormat)?;
-    let key_version = version.parse().map_err(|_| ClientError::MacFormat)?;
-    let mac = STANDARD
-        .decode(encoded)
-        .map_err(|_| ClientError::MacFormat)?;
+    let (key_version, mac) = versioned(mac).ok_or(ClientError::MacFormat)?;
     let data = zeroize::Zeroizing::new(stdin()?);
     let mut client = connection.client().await?;
     let response = client
@@ -310,14 +306,7 @@ pub async fn verify(
     signature: &str,
     digest: bool,
 ) -> Result<(), ClientError> {
-    let (version, encoded) = signature
-        .trim()
-        .split_once(':')
-        .ok_or(ClientError::SignatureFormat)?;
-    let key_version = version.parse().map_err(|_| ClientError::SignatureFormat)?;
-    let signature = STANDARD
-        .decode(encoded)
-        .map_err(|_| ClientError::SignatureFormat)?;
+    let (key_version, signature) = versioned(signature).ok_or(ClientError::SignatureFormat)?;
     let message = zeroize::Zeroizing::new(stdin()?);
     let mut client = connection.client().await?;
     let response = client
@@ -370,4 +359,10 @@ fn message_type(digest: bool) -> i32 {
         true => pb::MessageType::Digest as i32,
         false => pb::MessageType::Raw as i32,
     }
+}
+
+/// `VERSION:BASE64` (as `mac` and `sign` print a MAC or a signature) as its two parts.
+fn versioned(text: &str) -> Option<(u32, Vec<u8>)> {
+    let (version, encoded) = text.trim().split_once(':')?;
+    Some((version.parse().ok()?, STANDARD.decode(encoded).ok()?))
 }

@@ -70,19 +70,7 @@ impl Kms {
     ) -> Result<MacCheck, Error> {
         let primary = self.primary_snapshot(tenant, key)?;
         let algorithm = mac_algorithm(&primary)?;
-        let snapshot = match version {
-            None => primary,
-            Some(version) if version == primary.primary.version => primary,
-            Some(version) => {
-                if version.0 == 0 || version > primary.record.latest {
-                    return Err(Error::VersionNotFound {
-                        key: key.clone(),
-                        version: version.0,
-                    });
-                }
-                self.version_snapshot(tenant, primary.record.id, version)?
-            }
-        };
+        let snapshot = self.named_version(tenant, key, primary, version)?;
         Self::check_open(&snapshot, "verify MACs")?;
         let expected = self.compute_mac(tenant, &snapshot, algorithm, data)?;
         // A MAC of the wrong length is simply not the MAC; the comparison is constant-time
@@ -119,10 +107,7 @@ impl Kms {
         mac: &[u8],
     ) -> Option<Result<MacCheck, Error>> {
         let tenant = self.inline_tenant(tenant)?;
-        let primary = self.cached_primary(tenant, key)?;
-        if let Some(version) = version.filter(|v| *v != primary.primary.version) {
-            self.cached_version(tenant, primary.record.id, version)?;
-        }
+        self.cached_named_version(tenant, key, version)?;
         Some(self.timed_inline(|| self.verify_mac(tenant, key, version, data, mac)))
     }
 

@@ -1337,6 +1337,46 @@ impl Kms {
         )
     }
 
+    /// The snapshot of a version a caller names of the key whose primary is `primary` (`None`,
+    /// or the primary's own number: the primary itself): VerifyMac, Verify, GetPublicKey.
+    ///
+    /// # Errors
+    /// [`Error::VersionNotFound`] for a version the key never had.
+    fn named_version(
+        &self,
+        tenant: TenantId,
+        key: &Name,
+        primary: Arc<KeySnapshot>,
+        version: Option<KeyVersion>,
+    ) -> Result<Arc<KeySnapshot>, Error> {
+        match version {
+            None => Ok(primary),
+            Some(version) if version == primary.primary.version => Ok(primary),
+            Some(version) if version.0 == 0 || version > primary.record.latest => {
+                Err(Error::VersionNotFound {
+                    key: key.clone(),
+                    version: version.0,
+                })
+            }
+            Some(version) => self.version_snapshot(tenant, primary.record.id, version),
+        }
+    }
+
+    /// Whether the primary of `key` and the version a caller names are both in memory, so that
+    /// [`Kms::named_version`] needs no store read (the inline paths).
+    fn cached_named_version(
+        &self,
+        tenant: TenantId,
+        key: &Name,
+        version: Option<KeyVersion>,
+    ) -> Option<()> {
+        let primary = self.cached_primary(tenant, key)?;
+        if let Some(version) = version.filter(|v| *v != primary.primary.version) {
+            self.cached_version(tenant, primary.record.id, version)?;
+        }
+        Some(())
+    }
+
     /// Whether the in-memory view may decide a request. Always on a single node; on a shared
     /// store, once the commits other nodes announced are applied to it, and only while the
     /// change feed is fresh (see `keystore::changes`).

@@ -175,7 +175,7 @@ impl Kms {
         signature: &[u8],
     ) -> Option<Result<SignatureCheck, Error>> {
         let tenant = self.inline_tenant(tenant)?;
-        self.cached_signing_version(tenant, key, version)?;
+        self.cached_named_version(tenant, key, version)?;
         Some(self.verify(tenant, key, version, signable, signature))
     }
 
@@ -187,22 +187,8 @@ impl Kms {
         version: Option<KeyVersion>,
     ) -> Option<Result<PublicKey, Error>> {
         let tenant = self.inline_tenant(tenant)?;
-        self.cached_signing_version(tenant, key, version)?;
+        self.cached_named_version(tenant, key, version)?;
         Some(self.public_key(tenant, key, version))
-    }
-
-    /// Whether the primary of `key` and `version` are both in memory.
-    fn cached_signing_version(
-        &self,
-        tenant: TenantId,
-        key: &Name,
-        version: Option<KeyVersion>,
-    ) -> Option<()> {
-        let primary = self.cached_primary(tenant, key)?;
-        if let Some(version) = version.filter(|v| *v != primary.primary.version) {
-            self.cached_version(tenant, primary.record.id, version)?;
-        }
-        Some(())
     }
 
     /// The snapshot of `version` of a SIGN key (`None`: the primary), and its algorithm.
@@ -214,20 +200,10 @@ impl Kms {
     ) -> Result<(Arc<KeySnapshot>, SignAlgorithm), Error> {
         let primary = self.primary_snapshot(tenant, key)?;
         let algorithm = sign_algorithm(&primary)?;
-        let snapshot = match version {
-            None => primary,
-            Some(version) if version == primary.primary.version => primary,
-            Some(version) => {
-                if version.0 == 0 || version > primary.record.latest {
-                    return Err(Error::VersionNotFound {
-                        key: key.clone(),
-                        version: version.0,
-                    });
-                }
-                self.version_snapshot(tenant, primary.record.id, version)?
-            }
-        };
-        Ok((snapshot, algorithm))
+        Ok((
+            self.named_version(tenant, key, primary, version)?,
+            algorithm,
+        ))
     }
 }
 
