@@ -113,10 +113,15 @@ impl Kms {
     /// # Errors
     /// Storage errors; [`Error::AuditUnavailable`].
     pub fn prune_access_history(&self) -> Result<(usize, usize), Error> {
-        let before = self
-            .clock
-            .now_secs()
-            .saturating_sub(ACCESS_HISTORY.as_secs());
+        self.prune_access_history_at(self.clock.now_secs())
+    }
+
+    /// [`Kms::prune_access_history`] as of `now` (see [`Kms::run_due_destructions_at`]).
+    ///
+    /// # Errors
+    /// As [`Kms::prune_access_history`].
+    pub fn prune_access_history_at(&self, now: u64) -> Result<(usize, usize), Error> {
+        let before = now.saturating_sub(ACCESS_HISTORY.as_secs());
         let (grants, approvals) = self.store.prune_ended_access(before)?;
         if grants + approvals > 0 {
             self.system_event(
@@ -136,10 +141,15 @@ impl Kms {
     /// # Errors
     /// Storage errors.
     pub fn prune_request_ids(&self) -> Result<usize, Error> {
-        let before = self
-            .clock
-            .now_secs()
-            .saturating_sub(REQUEST_ID_TTL.as_secs());
+        self.prune_request_ids_at(self.clock.now_secs())
+    }
+
+    /// [`Kms::prune_request_ids`] as of `now` (see [`Kms::run_due_destructions_at`]).
+    ///
+    /// # Errors
+    /// As [`Kms::prune_request_ids`].
+    pub fn prune_request_ids_at(&self, now: u64) -> Result<usize, Error> {
+        let before = now.saturating_sub(REQUEST_ID_TTL.as_secs());
         Ok(self
             .store
             .prune_done_requests(before, MAX_REQUEST_IDS_PER_TENANT)?)

@@ -231,9 +231,21 @@ impl Kms {
     /// # Errors
     /// Storage errors (versions destroyed before the error stay destroyed).
     pub fn run_due_destructions(&self) -> Result<Vec<(TenantId, Name, KeyVersion)>, Error> {
-        let now = self.clock.now_secs();
+        self.run_due_destructions_at(self.clock.now_secs())
+    }
+
+    /// [`Kms::run_due_destructions`] as of `now` (seconds since the Unix epoch): the scheduler
+    /// passes the wall time it checked against monotonic time, so a clock jump after that
+    /// check cannot make anything due.
+    ///
+    /// # Errors
+    /// As [`Kms::run_due_destructions`].
+    pub fn run_due_destructions_at(
+        &self,
+        now: u64,
+    ) -> Result<Vec<(TenantId, Name, KeyVersion)>, Error> {
         let mut destroyed = Vec::new();
-        self.destroy_retired_master_keys()?;
+        self.destroy_retired_master_keys_at(now)?;
         for (tenant, at) in self.store.pending_tenant_destructions()? {
             // A leader that lost its lease stops before the next node starts.
             if !self.store.is_leader() {

@@ -143,10 +143,17 @@ impl Kms {
     /// # Errors
     /// HSM and storage errors.
     pub fn destroy_retired_master_keys(&self) -> Result<Vec<MwkGeneration>, Error> {
+        self.destroy_retired_master_keys_at(self.clock.now_secs())
+    }
+
+    /// [`Kms::destroy_retired_master_keys`] as of `now` (see [`Kms::run_due_destructions_at`]).
+    ///
+    /// # Errors
+    /// As [`Kms::destroy_retired_master_keys`].
+    pub fn destroy_retired_master_keys_at(&self, now: u64) -> Result<Vec<MwkGeneration>, Error> {
         if self.store.mwk_rotation()?.is_some() {
             return Ok(Vec::new()); // blobs may still need an old generation
         }
-        let now = self.clock.now_secs();
         let mut destroyed = Vec::new();
         for (generation, at) in self.store.retired_mwks()? {
             if at <= now {

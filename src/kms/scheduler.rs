@@ -61,16 +61,22 @@ pub async fn run(kms: Weak<Kms>, interval: Duration) {
             continue;
         }
         // Expiring request_ids and removing ended grants trust the wall clock too: paused
-        // with the destructions.
-        job(&kms, "expiring request_ids", Kms::prune_request_ids).await;
-        job(
-            &kms,
-            "pruning ended grants and approvals",
-            Kms::prune_access_history,
-        )
+        // with the destructions. Every one of these runs as of `wall`, the reading checked
+        // above: a jump while the tick runs (during the rotations, say) must not make anything
+        // due that the check did not see. (A test caught that race: a version destroyed
+        // although the pause was raised.)
+        job(&kms, "expiring request_ids", move |kms| {
+            kms.prune_request_ids_at(wall)
+        })
         .await;
-        if let Some(destroyed) =
-            job(&kms, "scheduled destructions", Kms::run_due_destructions).await
+        job(&kms, "pruning ended grants and approvals", move |kms| {
+            kms.prune_access_history_at(wall)
+        })
+        .await;
+        if let Some(destroyed) = job(&kms, "scheduled destructions", move |kms| {
+            kms.run_due_destructions_at(wall)
+        })
+        .await
         {
             crate::metrics::global().versions_destroyed(destroyed.len());
         }
