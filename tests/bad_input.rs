@@ -444,6 +444,18 @@ fn every_bad_input_gets_a_clear_status_and_changes_nothing() {
         }
         for digest in lengths().filter(|len| *len != 32).map(random_bytes) {
             tally.refused(
+                &format!("Verify of a {}-byte digest", digest.len()),
+                app.verify(pb::VerifyRequest {
+                    key: "signing".into(),
+                    message: digest.clone(),
+                    message_type: pb::MessageType::Digest as i32,
+                    signature: real.signature.clone(),
+                    key_version: real.key_version,
+                    ..Default::default()
+                })
+                .await,
+            );
+            tally.refused(
                 &format!("Sign of a {}-byte digest", digest.len()),
                 app.sign(pb::SignRequest {
                     key: "signing".into(),
@@ -461,6 +473,17 @@ fn every_bad_input_gets_a_clear_status_and_changes_nothing() {
                     key: "signing".into(),
                     message: message.clone(),
                     message_type,
+                    ..Default::default()
+                })
+                .await,
+            );
+            tally.refused(
+                &format!("Verify with message type {message_type}"),
+                app.verify(pb::VerifyRequest {
+                    key: "signing".into(),
+                    message: message.clone(),
+                    message_type,
+                    signature: real.signature.clone(),
                     ..Default::default()
                 })
                 .await,

@@ -259,13 +259,7 @@ pub async fn verify_mac(connection: &Connection, key: &str, mac: &str) -> Result
         })
         .await?
         .into_inner();
-    if response.valid {
-        println!("valid");
-        Ok(())
-    } else {
-        println!("invalid");
-        Err(ClientError::InvalidMac)
-    }
+    verdict(response.valid, ClientError::InvalidMac)
 }
 
 /// The signature of stdin (the message, or with `digest` its digest) under a SIGN key; prints
@@ -322,13 +316,13 @@ pub async fn verify(
         })
         .await?
         .into_inner();
-    if response.valid {
-        println!("valid");
-        Ok(())
-    } else {
-        println!("invalid");
-        Err(ClientError::InvalidSignature)
-    }
+    verdict(response.valid, ClientError::InvalidSignature)
+}
+
+/// Prints `valid` or `invalid`; an invalid answer is `invalid` as the error (exit status 1).
+fn verdict(valid: bool, invalid: ClientError) -> Result<(), ClientError> {
+    println!("{}", if valid { "valid" } else { "invalid" });
+    if valid { Ok(()) } else { Err(invalid) }
 }
 
 /// Prints the PEM public key of a version of a SIGN key (0: the primary).

@@ -34,7 +34,7 @@ struct MemoryMacKey(zeroize::Zeroizing<Vec<u8>>);
 enum MemorySigningKey {
     P256(p256::ecdsa::SigningKey),
     P384(p384::ecdsa::SigningKey),
-    Rsa(Box<rsa::RsaPrivateKey>),
+    Rsa(Box<rsa::pss::SigningKey<Sha256>>),
 }
 
 impl MemoryHsm {
@@ -217,8 +217,7 @@ impl Hsm for MemoryHsm {
                 Ok(signature.to_der().as_bytes().to_vec())
             }
             (SignAlgorithm::RsaPss3072Sha256, MemorySigningKey::Rsa(key)) => {
-                let signer = rsa::pss::SigningKey::<Sha256>::new((**key).clone());
-                let signature = signer
+                let signature = key
                     .sign_prehash_with_rng(&mut rsa::rand_core::OsRng, digest)
                     .map_err(|_| other)?;
                 Ok(Box::<[u8]>::from(signature).into_vec())
@@ -268,7 +267,7 @@ fn unwrap_signing_key(mwk: &SecretKey, wrapped: &WrappedKek) -> Result<Kek, Erro
     let der = pkcs8.expose_secret();
     let key = match wrapped.kind() {
         WrappedKind::RsaPrivateKey => rsa::RsaPrivateKey::from_pkcs8_der(der)
-            .map(|k| MemorySigningKey::Rsa(Box::new(k)))
+            .map(|k| MemorySigningKey::Rsa(Box::new(rsa::pss::SigningKey::new(k))))
             .map_err(|_| Error::Integrity)?,
         _ => match p256::ecdsa::SigningKey::from_pkcs8_der(der) {
             Ok(key) => MemorySigningKey::P256(key),

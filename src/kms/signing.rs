@@ -110,9 +110,9 @@ impl Kms {
         signature: &[u8],
     ) -> Result<SignatureCheck, Error> {
         let (snapshot, algorithm) = self.signing_version(tenant, key, version)?;
-        if let Signable::Digest(_) = signable {
+        if let Signable::Digest(digest) = signable {
             // A digest of the wrong length is refused, as in Sign.
-            digest_of(algorithm, signable)?;
+            check_digest(algorithm, digest)?;
         }
         Self::check_open(&snapshot, "verify signatures")?;
         let public = &snapshot.primary.bulk_key;
@@ -220,11 +220,20 @@ fn sign_algorithm(snapshot: &KeySnapshot) -> Result<SignAlgorithm, Error> {
 fn digest_of(algorithm: SignAlgorithm, signable: Signable<'_>) -> Result<Vec<u8>, Error> {
     match signable {
         Signable::Message(message) => Ok(algorithm.digest(message)),
-        Signable::Digest(digest) if digest.len() == algorithm.digest_len() => Ok(digest.to_vec()),
-        Signable::Digest(digest) => Err(Error::InvalidArgument(format!(
-            "message: a digest for this key is {} bytes, not {}",
-            algorithm.digest_len(),
-            digest.len()
-        ))),
+        Signable::Digest(digest) => {
+            check_digest(algorithm, digest)?;
+            Ok(digest.to_vec())
+        }
     }
+}
+
+fn check_digest(algorithm: SignAlgorithm, digest: &[u8]) -> Result<(), Error> {
+    if digest.len() == algorithm.digest_len() {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "message: a digest for this key is {} bytes, not {}",
+        algorithm.digest_len(),
+        digest.len()
+    )))
 }
