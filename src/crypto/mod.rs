@@ -12,6 +12,7 @@
 
 mod aead;
 mod format;
+pub mod import;
 mod secret;
 
 pub use aead::{NONCE_LEN, TAG_LEN, dangerous_seal_with_nonce, open, seal};

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use cryptoki::error::RvError;
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm,
-    WrappedKek,
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Kek, MacAlgorithm,
+    MwkGeneration, SignAlgorithm, WrappedKek,
 };
 use crate::crypto::Plaintext;
 
@@ -41,6 +41,10 @@ pub enum Op {
     GenerateSigningKey,
     /// [`Hsm::sign_digest`]
     SignDigest,
+    /// [`Hsm::generate_import_key`].
+    GenerateImportKey,
+    /// [`Hsm::import_key`].
+    ImportKey,
 }
 
 const OPS: usize = 12;
@@ -177,6 +181,26 @@ impl<H: Hsm> Hsm for FaultyHsm<H> {
     ) -> Result<Vec<u8>, Error> {
         self.enter(Op::SignDigest)?;
         self.inner.sign_digest(key, algorithm, digest)
+    }
+
+    fn generate_import_key(
+        &self,
+        wrapping: ImportWrapping,
+    ) -> Result<(WrappedKek, Vec<u8>), Error> {
+        self.enter(Op::GenerateImportKey)?;
+        self.inner.generate_import_key(wrapping)
+    }
+
+    fn import_key(
+        &self,
+        import_key: &WrappedKek,
+        wrapping: ImportWrapping,
+        material: &[u8],
+        target: ImportTarget,
+    ) -> Result<WrappedKek, Error> {
+        self.enter(Op::ImportKey)?;
+        self.inner
+            .import_key(import_key, wrapping, material, target)
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {

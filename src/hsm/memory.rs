@@ -10,8 +10,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm,
-    WrappedKek, WrappedKind,
+    Error, GcmSealed, HmacKey, Hsm, IMPORT_KEY_BITS, IMPORT_OAEP_LEN, IV_LEN, ImportTarget,
+    ImportWrapping, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm, WrappedKek, WrappedKind,
 };
 use crate::crypto::{self, NONCE_LEN, Plaintext, SecretKey};
 
@@ -60,6 +60,7 @@ impl Default for MemoryHsm {
 const WRAP_AAD: &[u8] = b"keyfront/memory-hsm/kek";
 const MAC_WRAP_AAD: &[u8] = b"keyfront/memory-hsm/mac-key";
 const PRIVATE_WRAP_AAD: &[u8] = b"keyfront/memory-hsm/private-key";
+const IMPORT_WRAP_AAD: &[u8] = b"keyfront/memory-hsm/import-key";
 
 impl Hsm for MemoryHsm {
     fn mwk_generation(&self) -> MwkGeneration {
@@ -76,6 +77,11 @@ impl Hsm for MemoryHsm {
     fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
         if wrapped.generation() != self.generation {
             return Err(Error::UnknownMwk(wrapped.generation()));
+        }
+        if wrapped.kind() == WrappedKind::ImportKey {
+            return Err(Error::InvalidInput(
+                "an import key unwraps only key material for import",
+            ));
         }
         if matches!(
             wrapped.kind(),
@@ -224,6 +230,94 @@ impl Hsm for MemoryHsm {
             }
             _ => Err(other),
         }
+    }
+
+    fn generate_import_key(
+        &self,
+        wrapping: ImportWrapping,
+    ) -> Result<(WrappedKek, Vec<u8>), Error> {
+        use p256::pkcs8::{EncodePrivateKey, EncodePublicKey};
+        // A real HSM may lack OAEP with SHA-256 (SoftHSM 2.6 does); this fake has both.
+        let _ = wrapping;
+        let internal = Error::Internal {
+            rv: None,
+            function: "generate_import_key",
+        };
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, IMPORT_KEY_BITS)
+            .map_err(|_| internal.clone())?;
+        let pkcs8 = key.to_pkcs8_der().map_err(|_| internal.clone())?;
+        let spki = key
+            .to_public_key()
+            .to_public_key_der()
+            .map_err(|_| internal)?;
+        let mut wrapped = Vec::new();
+        crypto::seal(&self.mwk, IMPORT_WRAP_AAD, pkcs8.as_bytes(), &mut wrapped);
+        Ok((
+            WrappedKek::of_kind(WrappedKind::ImportKey, self.generation, wrapped),
+            spki.as_bytes().to_vec(),
+        ))
+    }
+
+    fn import_key(
+        &self,
+        import_key: &WrappedKek,
+        wrapping: ImportWrapping,
+        material: &[u8],
+        target: ImportTarget,
+    ) -> Result<WrappedKek, Error> {
+        use p256::pkcs8::DecodePrivateKey;
+        if import_key.kind() != WrappedKind::ImportKey {
+            return Err(Error::InvalidInput("not an import key"));
+        }
+        if import_key.generation() != self.generation {
+            return Err(Error::UnknownMwk(import_key.generation()));
+        }
+        let pkcs8 = crypto::open(&self.mwk, IMPORT_WRAP_AAD, import_key.wrapped())
+            .map_err(|_| Error::Integrity)?;
+        let private = rsa::RsaPrivateKey::from_pkcs8_der(pkcs8.expose_secret())
+            .map_err(|_| Error::Integrity)?;
+        let oaep = |block: &[u8]| {
+            let padding = if wrapping.sha256() {
+                rsa::Oaep::new::<Sha256>()
+            } else {
+                rsa::Oaep::new::<sha1::Sha1>()
+            };
+            private
+                .decrypt(padding, block)
+                .map(zeroize::Zeroizing::new)
+                .map_err(|_| Error::Integrity)
+        };
+        let key =
+            if wrapping.aes_key_wrap() {
+                let (block, wrapped) = material
+                    .split_at_checked(IMPORT_OAEP_LEN)
+                    .ok_or(Error::Integrity)?;
+                let ephemeral = oaep(block)?;
+                let ephemeral: zeroize::Zeroizing<[u8; 32]> =
+                    zeroize::Zeroizing::new(ephemeral.as_slice().try_into().map_err(|_| {
+                        Error::InvalidInput("the ephemeral AES key is not 256 bits")
+                    })?);
+                let kek = aes_kw::KekAes256::from(*ephemeral);
+                zeroize::Zeroizing::new(
+                    kek.unwrap_with_padding_vec(wrapped)
+                        .map_err(|_| Error::Integrity)?,
+                )
+            } else {
+                if material.len() != IMPORT_OAEP_LEN {
+                    return Err(Error::Integrity);
+                }
+                oaep(material)?
+            };
+        if key.len() != target.key_len() {
+            return Err(Error::InvalidInput("key material of the wrong length"));
+        }
+        let aad = match target {
+            ImportTarget::Kek => WRAP_AAD,
+            ImportTarget::MacKey(_) => MAC_WRAP_AAD,
+        };
+        let mut wrapped = Vec::new();
+        crypto::seal(&self.mwk, aad, &key, &mut wrapped);
+        Ok(WrappedKek::of_kind(target.kind(), self.generation, wrapped))
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm,
-    WrappedKek,
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Kek, MacAlgorithm,
+    MwkGeneration, SignAlgorithm, WrappedKek,
 };
 use crate::crypto::Plaintext;
 
@@ -82,6 +82,28 @@ impl Hsm for MeteredHsm {
     ) -> Result<Vec<u8>, Error> {
         timed("sign_digest", || {
             self.inner.sign_digest(key, algorithm, digest)
+        })
+    }
+
+    fn generate_import_key(
+        &self,
+        wrapping: ImportWrapping,
+    ) -> Result<(WrappedKek, Vec<u8>), Error> {
+        timed("generate_import_key", || {
+            self.inner.generate_import_key(wrapping)
+        })
+    }
+
+    fn import_key(
+        &self,
+        import_key: &WrappedKek,
+        wrapping: ImportWrapping,
+        material: &[u8],
+        target: ImportTarget,
+    ) -> Result<WrappedKek, Error> {
+        timed("import_key", || {
+            self.inner
+                .import_key(import_key, wrapping, material, target)
         })
     }
 

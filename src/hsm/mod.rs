@@ -112,6 +112,36 @@ pub trait Hsm: Send + Sync {
         digest: &[u8],
     ) -> Result<Vec<u8>, Error>;
 
+    /// Generates an RSA-3072 key pair that key material for import is wrapped to (BYOK). The
+    /// private key comes back only wrapped under the current MWK (a [`WrappedKind::ImportKey`]
+    /// blob) and can only ever unwrap, with RSA-OAEP; the public key comes back as
+    /// SubjectPublicKeyInfo DER.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] if the HSM cannot unwrap with `wrapping`'s OAEP hash (it is
+    /// asked, not assumed); [`Error::Unavailable`] if the HSM cannot be reached.
+    fn generate_import_key(&self, wrapping: ImportWrapping)
+    -> Result<(WrappedKek, Vec<u8>), Error>;
+
+    /// Unwraps key material a caller wrapped to an import key's public key with `wrapping`,
+    /// inside the HSM, into a key of `target`, and returns it only wrapped under the current
+    /// MWK (as [`Hsm::generate_kek`] or [`Hsm::generate_mac_key`] would have). The material is
+    /// never in clear outside the HSM: RSA-AES key wrap is done as two unwraps, RSA-OAEP of the
+    /// ephemeral AES key into a session object and AES-KWP of the material under it.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if the material does not unwrap under this import key (tampered, or
+    /// wrapped to another key); [`Error::InvalidInput`] for material of the wrong length or an
+    /// `import_key` blob that is not an import key; [`Error::Unsupported`] as
+    /// [`Hsm::generate_import_key`].
+    fn import_key(
+        &self,
+        import_key: &WrappedKek,
+        wrapping: ImportWrapping,
+        material: &[u8],
+        target: ImportTarget,
+    ) -> Result<WrappedKek, Error>;
+
     /// Fills `out` with random bytes from the HSM's RNG.
     ///
     /// # Errors
@@ -214,6 +244,76 @@ impl MacAlgorithm {
     }
 }
 
+/// How a caller wraps key material for import, as AWS KMS names them: RSA-OAEP of the
+/// material itself (it must fit: at most 318 bytes with SHA-1, 318 - 2·(32 - 20) with SHA-256),
+/// or RSA-AES key wrap (RSA-OAEP of an ephemeral AES-256 key, then AES-KWP (RFC 5649) of the
+/// material under it). MGF1 uses the OAEP hash; the OAEP label is empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ImportWrapping {
+    /// RSAES-OAEP with SHA-1.
+    RsaesOaepSha1,
+    /// RSAES-OAEP with SHA-256.
+    RsaesOaepSha256,
+    /// RSA-AES key wrap, its OAEP with SHA-1.
+    RsaAesKeyWrapSha1,
+    /// RSA-AES key wrap, its OAEP with SHA-256.
+    RsaAesKeyWrapSha256,
+}
+
+impl ImportWrapping {
+    /// Whether its OAEP hash is SHA-256 (else SHA-1).
+    pub fn sha256(self) -> bool {
+        matches!(self, Self::RsaesOaepSha256 | Self::RsaAesKeyWrapSha256)
+    }
+
+    /// Whether the material is AES-KWP-wrapped under an RSA-OAEP-wrapped ephemeral key.
+    pub fn aes_key_wrap(self) -> bool {
+        matches!(self, Self::RsaAesKeyWrapSha1 | Self::RsaAesKeyWrapSha256)
+    }
+
+    /// The name the API uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RsaesOaepSha1 => "RSAES_OAEP_SHA_1",
+            Self::RsaesOaepSha256 => "RSAES_OAEP_SHA_256",
+            Self::RsaAesKeyWrapSha1 => "RSA_AES_KEY_WRAP_SHA_1",
+            Self::RsaAesKeyWrapSha256 => "RSA_AES_KEY_WRAP_SHA_256",
+        }
+    }
+}
+
+/// The modulus of an import key, in bits.
+pub const IMPORT_KEY_BITS: usize = 3072;
+/// The length of one RSA-OAEP block under an import key.
+pub const IMPORT_OAEP_LEN: usize = IMPORT_KEY_BITS / 8;
+
+/// What imported key material becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ImportTarget {
+    /// An AES-256 KEK (purposes DATA and SECRETS): 32 bytes.
+    Kek,
+    /// An HMAC key for this algorithm: as long as [`MacAlgorithm::key_len`].
+    MacKey(MacAlgorithm),
+}
+
+impl ImportTarget {
+    /// The material's length in bytes.
+    pub fn key_len(self) -> usize {
+        match self {
+            Self::Kek => 32,
+            Self::MacKey(algorithm) => algorithm.key_len(),
+        }
+    }
+
+    /// The kind of blob it is stored as.
+    pub fn kind(self) -> WrappedKind {
+        match self {
+            Self::Kek => WrappedKind::Kek,
+            Self::MacKey(_) => WrappedKind::MacKey,
+        }
+    }
+}
+
 /// What a wrapped blob holds: it decides the template the key is unwrapped into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WrappedKind {
@@ -225,6 +325,10 @@ pub enum WrappedKind {
     EcPrivateKey,
     /// An RSA private key (RSA-PSS signing only). Blob type [`RSA_PRIVATE_KEY_BLOB_TYPE`].
     RsaPrivateKey,
+    /// The RSA private key of import parameters (RSA-OAEP unwrapping only, by
+    /// [`Hsm::import_key`]; [`Hsm::unwrap_kek`] refuses it). Blob type
+    /// [`IMPORT_KEY_BLOB_TYPE`].
+    ImportKey,
 }
 
 /// A generation of the master wrapping key; also its CKA_ID (u32 big-endian) on the token.
@@ -254,6 +358,8 @@ pub const MAC_KEY_BLOB_TYPE: u8 = 0x06;
 pub const EC_PRIVATE_KEY_BLOB_TYPE: u8 = 0x07;
 /// Type byte of a serialized RSA private key blob (PKCS#8 wrapped with KWP); same layout.
 pub const RSA_PRIVATE_KEY_BLOB_TYPE: u8 = 0x08;
+/// Type byte of a serialized import key blob (PKCS#8 wrapped with KWP); same layout.
+pub const IMPORT_KEY_BLOB_TYPE: u8 = 0x09;
 /// Format version of a serialized KEK, MAC key or private key blob.
 pub const KEK_BLOB_VERSION: u8 = 1;
 
@@ -287,8 +393,8 @@ impl WrappedKek {
         &self.wrapped
     }
 
-    /// `0x05 (KEK), 0x06 (MAC key), 0x07 (EC private key) or 0x08 (RSA private key) ‖ format
-    /// version ‖ MWK generation (u32 BE) ‖ KWP output`.
+    /// `0x05 (KEK), 0x06 (MAC key), 0x07 (EC private key), 0x08 (RSA private key) or 0x09
+    /// (import key) ‖ format version ‖ MWK generation (u32 BE) ‖ KWP output`.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(6 + self.wrapped.len());
         out.push(match self.kind {
@@ -296,6 +402,7 @@ impl WrappedKek {
             WrappedKind::MacKey => MAC_KEY_BLOB_TYPE,
             WrappedKind::EcPrivateKey => EC_PRIVATE_KEY_BLOB_TYPE,
             WrappedKind::RsaPrivateKey => RSA_PRIVATE_KEY_BLOB_TYPE,
+            WrappedKind::ImportKey => IMPORT_KEY_BLOB_TYPE,
         });
         out.push(KEK_BLOB_VERSION);
         out.extend_from_slice(&self.generation.0.to_be_bytes());
@@ -311,6 +418,7 @@ impl WrappedKek {
             MAC_KEY_BLOB_TYPE => WrappedKind::MacKey,
             EC_PRIVATE_KEY_BLOB_TYPE => WrappedKind::EcPrivateKey,
             RSA_PRIVATE_KEY_BLOB_TYPE => WrappedKind::RsaPrivateKey,
+            IMPORT_KEY_BLOB_TYPE => WrappedKind::ImportKey,
             _ => return None,
         };
         if head[1] != KEK_BLOB_VERSION || wrapped.is_empty() {
@@ -411,6 +519,10 @@ pub enum Error {
         /// The PKCS#11 function that failed.
         function: &'static str,
     },
+    /// The HSM cannot do what was asked (which, never a value): e.g. RSA-OAEP with SHA-256 on
+    /// SoftHSM 2.6.
+    #[error("the HSM does not support {0}")]
+    Unsupported(&'static str),
     /// A blob names an MWK generation this token does not hold.
     #[error("no MWK of generation {0} on this token")]
     UnknownMwk(MwkGeneration),

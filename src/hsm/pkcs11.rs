@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,9 @@ use cryptoki::types::AuthPin;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm,
-    WrappedKek, WrappedKind, function_name, signing,
+    Error, GcmSealed, HmacKey, Hsm, IMPORT_KEY_BITS, IMPORT_OAEP_LEN, IV_LEN, ImportTarget,
+    ImportWrapping, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm, WrappedKek, WrappedKind,
+    function_name, signing,
 };
 use crate::crypto::Plaintext;
 
@@ -289,23 +290,68 @@ fn public_spki(
         SignAlgorithm::EcdsaP256Sha256 | SignAlgorithm::EcdsaP384Sha384 => {
             signing::ec_spki(algorithm, &ec_point(session, public)?).ok_or(malformed)
         }
-        SignAlgorithm::RsaPss3072Sha256 => {
-            let (mut modulus, mut exponent) = (Vec::new(), Vec::new());
-            let attributes = session
-                .get_attributes(
-                    public,
-                    &[AttributeType::Modulus, AttributeType::PublicExponent],
-                )
-                .map_err(to_error)?;
-            for attribute in attributes {
-                match attribute {
-                    Attribute::Modulus(m) => modulus = m,
-                    Attribute::PublicExponent(e) => exponent = e,
-                    _ => {}
-                }
-            }
-            signing::rsa_spki(&modulus, &exponent).ok_or(malformed)
+        SignAlgorithm::RsaPss3072Sha256 => rsa_public_spki(session, public).map_err(to_error)?,
+    }
+}
+
+/// An RSA public key object as SubjectPublicKeyInfo DER (the inner error: malformed).
+fn rsa_public_spki(
+    session: &Session,
+    public: ObjectHandle,
+) -> Result<Result<Vec<u8>, Error>, CkError> {
+    let (mut modulus, mut exponent) = (Vec::new(), Vec::new());
+    let attributes = session.get_attributes(
+        public,
+        &[AttributeType::Modulus, AttributeType::PublicExponent],
+    )?;
+    for attribute in attributes {
+        match attribute {
+            Attribute::Modulus(m) => modulus = m,
+            Attribute::PublicExponent(e) => exponent = e,
+            _ => {}
         }
+    }
+    Ok(
+        signing::rsa_spki(&modulus, &exponent).ok_or(Error::Internal {
+            rv: None,
+            function: "C_GetAttributeValue",
+        }),
+    )
+}
+
+/// Whether the token unwraps RSA-OAEP with SHA-256 under `private` (whose public key is
+/// `spki`): a random 32-byte secret is wrapped to it in software and unwrapped in the token
+/// into a session object, destroyed at once. A refusal of the parameters is "no"; any other
+/// failure is an error.
+fn unwraps_oaep_sha256(
+    session: &Session,
+    private: ObjectHandle,
+    spki: &[u8],
+) -> Result<bool, CkError> {
+    use rsa::pkcs8::DecodePublicKey;
+    let unexpected = || CkError::Pkcs11(RvError::FunctionFailed, Function::UnwrapKey);
+    let public = rsa::RsaPublicKey::from_public_key_der(spki).map_err(|_| unexpected())?;
+    let probe: zeroize::Zeroizing<[u8; 32]> = zeroize::Zeroizing::new(rand::random());
+    let block = public
+        .encrypt(
+            &mut rsa::rand_core::OsRng,
+            rsa::Oaep::new::<Sha256>(),
+            probe.as_slice(),
+        )
+        .map_err(|_| unexpected())?;
+    let params = oaep_params(ImportWrapping::RsaesOaepSha256);
+    match session.unwrap_key(
+        &Mechanism::RsaPkcsOaep(params),
+        private,
+        &block,
+        &ephemeral_key_template(),
+    ) {
+        Ok(key) => {
+            session.destroy_object(key)?;
+            Ok(true)
+        }
+        Err(error) if oaep_refused(&error) => Ok(false),
+        Err(error) => Err(error),
     }
 }
 
@@ -376,6 +422,158 @@ fn private_key_template(kind: WrappedKind, extractable: bool) -> Vec<Attribute> 
         Attribute::Derive(false),
         Attribute::AllowedMechanisms(vec![mechanism]),
     ]
+}
+
+const IMPORT_KEY_ONLY: Error =
+    Error::InvalidInput("an import key unwraps only key material for import");
+
+/// The key pair templates of an import key: RSA-3072, the private key a sensitive session
+/// object that can only unwrap, extractable only so that it can be wrapped under the MWK right
+/// after (and destroyed).
+fn import_key_templates() -> (Vec<Attribute>, Vec<Attribute>) {
+    let public = vec![
+        Attribute::Token(false),
+        Attribute::Encrypt(true),
+        Attribute::Verify(false),
+        Attribute::Wrap(false),
+        Attribute::ModulusBits((IMPORT_KEY_BITS as u64).into()),
+        Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+    ];
+    let private = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Sign(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(true),
+        Attribute::Derive(false),
+    ];
+    (public, private)
+}
+
+/// An import key while it unwraps material: sensitive, not extractable, RSA-OAEP unwrapping
+/// only.
+fn import_key_unwrap_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(true),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::RSA_PKCS_OAEP]),
+    ]
+}
+
+/// The ephemeral AES key of RSA-AES key wrap: a session object that can only unwrap with KWP.
+fn ephemeral_key_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(true),
+        Attribute::Sign(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_KEY_WRAP_PAD]),
+    ]
+}
+
+/// RSA-OAEP parameters of `wrapping`: its hash, MGF1 with the same hash, no label.
+fn oaep_params(wrapping: ImportWrapping) -> cryptoki::mechanism::rsa::PkcsOaepParams<'static> {
+    use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
+    if wrapping.sha256() {
+        PkcsOaepParams::new(
+            MechanismType::SHA256,
+            PkcsMgfType::MGF1_SHA256,
+            PkcsOaepSource::empty(),
+        )
+    } else {
+        PkcsOaepParams::new(
+            MechanismType::SHA1,
+            PkcsMgfType::MGF1_SHA1,
+            PkcsOaepSource::empty(),
+        )
+    }
+}
+
+/// Whether the token refused RSA-OAEP's parameters (not the data): the hash it cannot do.
+fn oaep_refused(error: &CkError) -> bool {
+    matches!(
+        error,
+        CkError::Pkcs11(
+            RvError::ArgumentsBad | RvError::MechanismParamInvalid | RvError::MechanismInvalid,
+            Function::UnwrapKey
+        )
+    )
+}
+
+/// Bounds on the length of a secret key that was unwrapped (`None`: unknown, which the caller
+/// takes as a wrong length). A token should set CKA_VALUE_LEN itself, and then the bounds are
+/// exact. SoftHSM 2.6 sets none on an unwrapped generic secret and refuses one in the
+/// template; the key is then wrapped with AES-KW under a throwaway session key, destroyed at
+/// once (the key is never in clear outside the token). SoftHSM zero-pads AES-KW input to 8
+/// bytes, so the output of 8·⌈n/8⌉ + 8 bytes bounds n to 8 values. (It does not wrap with
+/// AES-CBC-PAD, which would pin n down, and has no CKM_CONCATENATE_* derivations.)
+fn secret_len(session: &Session, key: ObjectHandle) -> Result<Option<(usize, usize)>, CkError> {
+    if let len @ 1.. = value_len(session, key)? {
+        return Ok(Some((len, len)));
+    }
+    let measure = session.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(false),
+            Attribute::Sign(false),
+            Attribute::Derive(false),
+            Attribute::AllowedMechanisms(vec![MechanismType::AES_KEY_WRAP]),
+        ],
+    )?;
+    let wrapped = session.wrap_key(&Mechanism::AesKeyWrap, measure, key);
+    session.destroy_object(measure)?;
+    match wrapped {
+        Ok(wrapped) if wrapped.len() >= 16 => Ok(Some((wrapped.len() - 15, wrapped.len() - 8))),
+        Ok(_) => Ok(None),
+        Err(CkError::Pkcs11(rv, function))
+            if !to_error(CkError::Pkcs11(rv, function)).is_unavailable() =>
+        {
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// A secret key's CKA_VALUE_LEN (0 when the token does not say).
+fn value_len(session: &Session, key: ObjectHandle) -> Result<usize, CkError> {
+    Ok(session
+        .get_attributes(key, &[AttributeType::ValueLen])?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::ValueLen(len) => usize::try_from(u64::from(len)).ok(),
+            _ => None,
+        })
+        .unwrap_or(0))
 }
 
 /// The MWK: a token AES-256 key that can only wrap and unwrap with AES-KWP and never leaves
@@ -547,7 +745,15 @@ pub struct Pkcs11Hsm {
     kek_cache: quick_cache::sync::Cache<Vec<u8>, Arc<KekObject>>,
     // Rebuilt under the new MWK when the master key rotates.
     canary: std::sync::RwLock<Arc<Canary>>,
+    // Whether the token unwraps RSA-OAEP with SHA-256: OAEP_UNKNOWN until the first import key
+    // for a SHA-256 wrapping asks it (SoftHSM 2.6 does SHA-1 only).
+    oaep_sha256: AtomicU8,
 }
+
+const OAEP_UNKNOWN: u8 = 0;
+const OAEP_SUPPORTED: u8 = 1;
+const OAEP_UNSUPPORTED: u8 = 2;
+const OAEP_SHA256_UNSUPPORTED: Error = Error::Unsupported("RSA-OAEP with SHA-256");
 
 impl Pkcs11Hsm {
     /// Logs in to the token and finds keyfront's keys on it (`find_objects` is called only here
@@ -623,6 +829,7 @@ impl Pkcs11Hsm {
             audit_private,
             audit_public,
             kek_cache: quick_cache::sync::Cache::new(config.kek_cache_capacity.get()),
+            oaep_sha256: AtomicU8::new(OAEP_UNKNOWN),
         })
     }
 
@@ -673,6 +880,7 @@ impl Hsm for Pkcs11Hsm {
             kind @ (WrappedKind::EcPrivateKey | WrappedKind::RsaPrivateKey) => {
                 private_key_template(kind, false)
             }
+            WrappedKind::ImportKey => return Err(IMPORT_KEY_ONLY),
         };
         let handle = self
             .pool
@@ -838,6 +1046,160 @@ impl Hsm for Pkcs11Hsm {
         }
     }
 
+    fn generate_import_key(
+        &self,
+        wrapping: ImportWrapping,
+    ) -> Result<(WrappedKek, Vec<u8>), Error> {
+        if wrapping.sha256() && self.oaep_sha256.load(Ordering::Relaxed) == OAEP_UNSUPPORTED {
+            return Err(OAEP_SHA256_UNSUPPORTED);
+        }
+        // As generate_kek: under the newest MWK on the token.
+        self.refresh_mwks()?;
+        let current = self.mwk_generation();
+        let mwk = self.mwk(current)?;
+        let (public_template, private_template) = import_key_templates();
+        let ask_sha256 =
+            wrapping.sha256() && self.oaep_sha256.load(Ordering::Relaxed) == OAEP_UNKNOWN;
+        let (wrapped, spki, sha256) = self
+            .pool
+            .with(|s| {
+                let (public, private) = s.generate_key_pair(
+                    &Mechanism::RsaPkcsKeyPairGen,
+                    &public_template,
+                    &private_template,
+                )?;
+                let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, private);
+                let spki = rsa_public_spki(s, public);
+                // The token is asked once whether it unwraps OAEP with SHA-256: a random key
+                // wrapped to this public key in software must come back through C_UnwrapKey.
+                let sha256 = match (&spki, ask_sha256) {
+                    (Ok(Ok(spki)), true) => Some(unwraps_oaep_sha256(s, private, spki)),
+                    _ => None,
+                };
+                let destroyed = (s.destroy_object(private), s.destroy_object(public));
+                let wrapped = wrapped?;
+                destroyed.0?;
+                destroyed.1?;
+                Ok((wrapped, spki?, sha256.transpose()?))
+            })
+            .map_err(to_error)?;
+        if let Some(supported) = sha256 {
+            let answer = if supported {
+                OAEP_SUPPORTED
+            } else {
+                OAEP_UNSUPPORTED
+            };
+            self.oaep_sha256.store(answer, Ordering::Relaxed);
+            if !supported {
+                return Err(OAEP_SHA256_UNSUPPORTED);
+            }
+        }
+        Ok((
+            WrappedKek::of_kind(WrappedKind::ImportKey, current, wrapped),
+            spki?,
+        ))
+    }
+
+    fn import_key(
+        &self,
+        import_key: &WrappedKek,
+        wrapping: ImportWrapping,
+        material: &[u8],
+        target: ImportTarget,
+    ) -> Result<WrappedKek, Error> {
+        if import_key.kind() != WrappedKind::ImportKey {
+            return Err(Error::InvalidInput("not an import key"));
+        }
+        if wrapping.sha256() && self.oaep_sha256.load(Ordering::Relaxed) == OAEP_UNSUPPORTED {
+            return Err(OAEP_SHA256_UNSUPPORTED);
+        }
+        let (block, kwp) = if wrapping.aes_key_wrap() {
+            material
+                .split_at_checked(IMPORT_OAEP_LEN)
+                .filter(|(_, kwp)| !kwp.is_empty())
+                .ok_or(Error::Integrity)?
+        } else if material.len() == IMPORT_OAEP_LEN {
+            (material, &[][..])
+        } else {
+            return Err(Error::Integrity);
+        };
+        self.refresh_mwks()?;
+        let current = self.mwk_generation();
+        let mwk = self.mwk(current)?;
+        let import_mwk = self.mwk(import_key.generation())?;
+        // Whichever the target, the material is unwrapped as a generic secret: its length can
+        // then be checked (an AES unwrap would refuse a wrong length with the same codes as
+        // tampering), and a KWP blob holds only the bytes, which `unwrap_kek` later brings
+        // back as the kind the blob names.
+        let template = mac_key_rewrap_template();
+        let params = oaep_params(wrapping);
+        let result = self.pool.with(|s| {
+            let private = s.unwrap_key(
+                &Mechanism::AesKeyWrapPad,
+                import_mwk,
+                import_key.wrapped(),
+                &import_key_unwrap_template(),
+            )?;
+            let key = if wrapping.aes_key_wrap() {
+                s.unwrap_key(
+                    &Mechanism::RsaPkcsOaep(params),
+                    private,
+                    block,
+                    &ephemeral_key_template(),
+                )
+                .and_then(|ephemeral| {
+                    let length = value_len(s, ephemeral);
+                    // 0: the token does not say (SoftHSM 2.6), and the ephemeral key is not
+                    // extractable to be measured; KWP then runs with the key it has.
+                    let key = match length {
+                        Ok(32 | 0) => s
+                            .unwrap_key(&Mechanism::AesKeyWrapPad, ephemeral, kwp, &template)
+                            .map(Some),
+                        Ok(_) => Ok(None),
+                        Err(error) => Err(error),
+                    };
+                    s.destroy_object(ephemeral)?;
+                    key
+                })
+            } else {
+                s.unwrap_key(&Mechanism::RsaPkcsOaep(params), private, block, &template)
+                    .map(Some)
+            };
+            let destroyed = s.destroy_object(private);
+            let Some(key) = key? else {
+                destroyed?;
+                return Ok(Err(Error::InvalidInput(
+                    "the ephemeral AES key is not 256 bits",
+                )));
+            };
+            // Where the token does not report the length (SoftHSM 2.6), it is known to within
+            // 8 bytes (docs/DESIGN.md, key import).
+            let wrapped = match secret_len(s, key) {
+                Ok(Some((low, high))) if (low..=high).contains(&target.key_len()) => {
+                    s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, key).map(Ok)
+                }
+                Ok(_) => Ok(Err(Error::InvalidInput("key material of the wrong length"))),
+                Err(error) => Err(error),
+            };
+            // Destroyed before looking at the wrap's result: the wrappable object must not
+            // outlive this call either way.
+            let destroyed_key = s.destroy_object(key);
+            let wrapped = wrapped?;
+            destroyed?;
+            destroyed_key?;
+            Ok(wrapped)
+        });
+        let wrapped = match result {
+            Ok(wrapped) => wrapped?,
+            Err(error) if wrapping.sha256() && oaep_refused(&error) => {
+                self.oaep_sha256.store(OAEP_UNSUPPORTED, Ordering::Relaxed);
+                return Err(OAEP_SHA256_UNSUPPORTED);
+            }
+            Err(error) => return Err(to_error(error)),
+        };
+        Ok(WrappedKek::of_kind(target.kind(), current, wrapped))
+    }
+
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {
         self.pool
             .with(|s| s.generate_random_slice(out))
@@ -944,6 +1306,9 @@ impl Hsm for Pkcs11Hsm {
             kind @ (WrappedKind::EcPrivateKey | WrappedKind::RsaPrivateKey) => {
                 private_key_template(kind, true)
             }
+            // Import parameters expire long before a retired MWK is destroyed (24 hours
+            // against the backup retention), so they are never re-wrapped.
+            WrappedKind::ImportKey => return Err(IMPORT_KEY_ONLY),
         };
         let rewrapped = self
             .pool

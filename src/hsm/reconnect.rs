@@ -8,8 +8,8 @@
 use std::sync::{Arc, RwLock};
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm,
-    WrappedKek,
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Kek, MacAlgorithm,
+    MwkGeneration, SignAlgorithm, WrappedKek,
 };
 use crate::crypto::Plaintext;
 
@@ -131,6 +131,24 @@ impl Hsm for ReconnectingHsm {
         self.current().sign_digest(key, algorithm, digest)
     }
 
+    fn generate_import_key(
+        &self,
+        wrapping: ImportWrapping,
+    ) -> Result<(WrappedKek, Vec<u8>), Error> {
+        self.current().generate_import_key(wrapping)
+    }
+
+    fn import_key(
+        &self,
+        import_key: &WrappedKek,
+        wrapping: ImportWrapping,
+        material: &[u8],
+        target: ImportTarget,
+    ) -> Result<WrappedKek, Error> {
+        self.current()
+            .import_key(import_key, wrapping, material, target)
+    }
+
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {
         self.current().random(out)
     }
@@ -204,6 +222,18 @@ impl Hsm for Unreachable {
         Err(unreachable())
     }
     fn sign_digest(&self, _: &Kek, _: SignAlgorithm, _: &[u8]) -> Result<Vec<u8>, Error> {
+        Err(unreachable())
+    }
+    fn generate_import_key(&self, _: ImportWrapping) -> Result<(WrappedKek, Vec<u8>), Error> {
+        Err(unreachable())
+    }
+    fn import_key(
+        &self,
+        _: &WrappedKek,
+        _: ImportWrapping,
+        _: &[u8],
+        _: ImportTarget,
+    ) -> Result<WrappedKek, Error> {
         Err(unreachable())
     }
     fn random(&self, _: &mut [u8]) -> Result<(), Error> {

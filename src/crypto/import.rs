@@ -1,0 +1,63 @@
+//! The key owner's side of key import (BYOK): wrapping material to the public key of import
+//! parameters, as AWS KMS's documentation has its users do with OpenSSL. `keyfront import-key`
+//! and the tests use it; keyfront itself only ever unwraps, inside the HSM.
+
+use rsa::pkcs8::DecodePublicKey;
+use zeroize::Zeroizing;
+
+use crate::hsm::{IMPORT_KEY_BITS, ImportWrapping};
+
+/// Why material could not be wrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WrapError {
+    /// The public key is not an RSA SubjectPublicKeyInfo of the import key's size.
+    #[error("the import public key is not an RSA-{IMPORT_KEY_BITS} SubjectPublicKeyInfo")]
+    PublicKey,
+    /// The material does not fit one RSA-OAEP block (use an RSA-AES key wrap algorithm).
+    #[error("the key material is too long for {0}; use an RSA_AES_KEY_WRAP algorithm")]
+    TooLong(&'static str),
+    /// Empty material.
+    #[error("the key material is empty")]
+    Empty,
+}
+
+/// `material` wrapped for import with `wrapping` to `public_key_der` (SubjectPublicKeyInfo):
+/// one RSA-OAEP block, or for RSA-AES key wrap an RSA-OAEP block of a fresh AES-256 key
+/// followed by the material wrapped under it with AES-KWP (RFC 5649).
+///
+/// # Errors
+/// [`WrapError`].
+pub fn wrap_for_import(
+    public_key_der: &[u8],
+    wrapping: ImportWrapping,
+    material: &[u8],
+) -> Result<Vec<u8>, WrapError> {
+    if material.is_empty() {
+        return Err(WrapError::Empty);
+    }
+    let public =
+        rsa::RsaPublicKey::from_public_key_der(public_key_der).map_err(|_| WrapError::PublicKey)?;
+    if rsa::traits::PublicKeyParts::size(&public) != IMPORT_KEY_BITS / 8 {
+        return Err(WrapError::PublicKey);
+    }
+    let oaep = |data: &[u8]| {
+        let padding = if wrapping.sha256() {
+            rsa::Oaep::new::<sha2::Sha256>()
+        } else {
+            rsa::Oaep::new::<sha1::Sha1>()
+        };
+        public
+            .encrypt(&mut rsa::rand_core::OsRng, padding, data)
+            .map_err(|_| WrapError::TooLong(wrapping.name()))
+    };
+    if !wrapping.aes_key_wrap() {
+        return oaep(material);
+    }
+    let ephemeral: Zeroizing<[u8; 32]> = Zeroizing::new(rand::random());
+    let mut out = oaep(ephemeral.as_slice())?;
+    let kwp = aes_kw::KekAes256::from(*ephemeral)
+        .wrap_with_padding_vec(material)
+        .map_err(|_| WrapError::TooLong(wrapping.name()))?;
+    out.extend_from_slice(&kwp);
+    Ok(out)
+}
