@@ -102,6 +102,11 @@ impl From<Error> for tonic::Status {
         match error {
             Error::Decrypt => Self::invalid_argument("decryption failed"),
             Error::Hsm(e) if e.is_unavailable() => Self::unavailable("HSM unavailable; retry"),
+            // What the token cannot do (e.g. RSA-OAEP with SHA-256 on SoftHSM 2.6): asking
+            // again will not help, another algorithm may.
+            Error::Hsm(crate::hsm::Error::Unsupported(what)) => {
+                Self::failed_precondition(format!("the HSM does not support {what}"))
+            }
             Error::KeyNotFound(name) => Self::not_found(format!("key {name} not found")),
             Error::PermissionDenied => Self::permission_denied("permission denied"),
             Error::PurposeMismatch { key, purpose } => Self::permission_denied(format!(
