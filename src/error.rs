@@ -104,7 +104,7 @@ impl From<Error> for tonic::Status {
             Error::Hsm(e) if e.is_unavailable() => Self::unavailable("HSM unavailable; retry"),
             // What the token cannot do (e.g. RSA-OAEP with SHA-256 on SoftHSM 2.6): asking
             // again will not help, another algorithm may.
-            Error::Hsm(crate::hsm::Error::Unsupported(what)) => {
+            Error::Hsm(hsm::Error::Unsupported(what)) => {
                 Self::failed_precondition(format!("the HSM does not support {what}"))
             }
             Error::KeyNotFound(name) => Self::not_found(format!("key {name} not found")),
