@@ -61,3 +61,13 @@ pub fn wrap_for_import(
     out.extend_from_slice(&kwp);
     Ok(out)
 }
+
+/// An import public key (SubjectPublicKeyInfo DER) as PEM (`-----BEGIN PUBLIC KEY-----`), for
+/// `openssl pkeyutl`; `None` if it is not an RSA key of the import key's size.
+pub fn public_key_pem(public_key_der: &[u8]) -> Option<String> {
+    use rsa::pkcs8::EncodePublicKey;
+    rsa::RsaPublicKey::from_public_key_der(public_key_der)
+        .ok()
+        .filter(|key| rsa::traits::PublicKeyParts::size(key) == IMPORT_KEY_BITS / 8)
+        .and_then(|key| key.to_public_key_pem(rsa::pkcs8::LineEnding::LF).ok())
+}

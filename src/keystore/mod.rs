@@ -413,6 +413,56 @@ pub enum ApprovalState {
     },
 }
 
+/// What makes a key imported (BYOK), as its tenant database holds it beside the key record
+/// (a record of its own: key and version records are postcard, whose fields are positional).
+/// A key without one holds generated material only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRecord {
+    /// Whether RotateKey and the scheduler may add versions of generated material.
+    pub allow_generated_rotation: bool,
+    /// The versions made from imported material, in version order.
+    pub versions: Vec<ImportedVersion>,
+}
+
+impl ImportRecord {
+    /// The import of `version`, if its material was imported.
+    pub fn version(&self, version: KeyVersion) -> Option<&ImportedVersion> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+}
+
+/// One version made from imported material.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedVersion {
+    /// The version.
+    pub version: KeyVersion,
+    /// When it was imported, seconds since the Unix epoch.
+    pub imported_at: u64,
+    /// After this (seconds since the Unix epoch) the material refuses every use (`None`:
+    /// never).
+    pub expires_at: Option<u64>,
+}
+
+/// Import parameters of a key name (GetImportParameters): the wrapping key pair, generated in
+/// the HSM, its private key wrapped under the MWK. One per key name; newer ones replace it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportParametersRecord {
+    /// Random id (hex) the caller passes back as the import token.
+    pub token: String,
+    /// The key name they are for (the key may not exist yet).
+    pub key: Name,
+    /// How the material must be wrapped.
+    pub wrapping: crate::hsm::ImportWrapping,
+    /// The private key: `WrappedKek::to_bytes` of an import key blob.
+    pub private_key: Vec<u8>,
+    /// The public key, SubjectPublicKeyInfo DER.
+    pub public_key: Vec<u8>,
+    /// When they were made, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// After this they are refused.
+    pub expires_at: u64,
+}
+
 /// A record to write in a tenant commit.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum TenantWrite {
@@ -420,6 +470,10 @@ pub enum TenantWrite {
     Key(KeyRecord),
     /// Insert or replace a version record.
     Version(KeyId, VersionRecord),
+    /// Insert or replace a key's import record.
+    Import(KeyId, ImportRecord),
+    /// Insert or replace the import parameters of a key name.
+    ImportParameters(ImportParametersRecord),
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {

@@ -20,13 +20,18 @@ use super::engine::{Batch, Database, Engine, Guard, RawRecords};
 use super::journal::{Journal, JournalEntry};
 use super::record::{MAC_LEN, RecordMac};
 use super::system::SystemDb;
-use super::{Error, KeyRecord, TenantWrite, VersionRecord, decode, encode, prefixed};
+use super::{
+    Error, ImportParametersRecord, ImportRecord, KeyRecord, TenantWrite, VersionRecord, decode,
+    encode, prefixed,
+};
 use crate::ids::{ID_LEN, KeyId, KeyVersion, Name, TenantId};
 
 pub(super) const HEAD_KEY: &[u8] = b"head";
 pub(super) const KEY_PREFIX: &[u8] = b"k/";
 const NAME_PREFIX: &[u8] = b"n/";
 pub(super) const VERSION_PREFIX: &[u8] = b"v/";
+const IMPORT_PREFIX: &[u8] = b"i/";
+const IMPORT_PARAMETERS_PREFIX: &[u8] = b"p/";
 
 /// The anchor of a tenant database: last commit's sequence and the digest of all records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,6 +287,38 @@ impl TenantDb {
         Ok(Some(record))
     }
 
+    /// The import record of a key, if its material was ever imported.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if a record fails its MAC.
+    pub fn import(&self, key: &KeyId) -> Result<Option<ImportRecord>, Error> {
+        self.read(&prefixed(IMPORT_PREFIX, key.as_bytes()))?
+            .map(|payload| decode(&payload))
+            .transpose()
+    }
+
+    /// The import parameters of a key name, if any were made (expired ones included).
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if a record fails its MAC or is filed under another name.
+    pub fn import_parameters(&self, name: &Name) -> Result<Option<ImportParametersRecord>, Error> {
+        let Some(payload) = self.read(&prefixed(
+            IMPORT_PARAMETERS_PREFIX,
+            name.as_str().as_bytes(),
+        ))?
+        else {
+            return Ok(None);
+        };
+        let record: ImportParametersRecord = decode(&payload)?;
+        if &record.key != name {
+            return Err(Error::Integrity {
+                database: self.id.to_string(),
+                reason: "import parameters under another name",
+            });
+        }
+        Ok(Some(record))
+    }
+
     /// Applies `writes` atomically as one commit, flushed to disk before returning, then
     /// anchors the new head in the system database.
     ///
@@ -323,6 +360,16 @@ impl TenantDb {
                 }
                 TenantWrite::Version(key_id, record) => {
                     let key = version_key(&key_id, record.version);
+                    let value = self.mac.seal(db_id, &key, seq, &encode(&record)?);
+                    staged.insert(key, value);
+                }
+                TenantWrite::Import(key_id, record) => {
+                    let key = prefixed(IMPORT_PREFIX, key_id.as_bytes());
+                    let value = self.mac.seal(db_id, &key, seq, &encode(&record)?);
+                    staged.insert(key, value);
+                }
+                TenantWrite::ImportParameters(record) => {
+                    let key = prefixed(IMPORT_PARAMETERS_PREFIX, record.key.as_str().as_bytes());
                     let value = self.mac.seal(db_id, &key, seq, &encode(&record)?);
                     staged.insert(key, value);
                 }

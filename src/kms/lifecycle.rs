@@ -35,6 +35,8 @@ pub struct KeyDetails {
     pub record: KeyRecord,
     /// Every version, oldest first (blobs included; callers must not return them).
     pub versions: Vec<VersionRecord>,
+    /// Its import record, if its material was ever imported.
+    pub import: Option<crate::keystore::ImportRecord>,
 }
 
 impl Kms {
@@ -53,7 +55,12 @@ impl Kms {
                     versions.push(version);
                 }
             }
-            Ok(KeyDetails { record, versions })
+            let import = db.import(&record.id)?;
+            Ok(KeyDetails {
+                record,
+                versions,
+                import,
+            })
         })
     }
 
@@ -414,6 +421,12 @@ impl Kms {
                 self.store.remove_rotation_check(tenant, key_id)?;
                 continue;
             };
+            if Self::check_generated_rotation(&db, &record).is_err() {
+                // Imported material only: its owner rotates it by importing (a usage limit
+                // then refuses encryptions until they do).
+                self.store.remove_rotation_check(tenant, key_id)?;
+                continue;
+            }
             let primary = self.version(&db, &record, record.primary)?;
             let period = record.policy.rotation_period_secs;
             let by_age = period.is_some_and(|p| primary.created_at.saturating_add(p) <= now);
@@ -514,18 +527,45 @@ impl Kms {
     }
 
     /// Whether a snapshot's version may encrypt: it must be enabled.
-    pub(super) fn check_encrypt(snapshot: &KeySnapshot) -> Result<(), Error> {
-        check_enabled(&snapshot.record, &snapshot.primary, "encrypt")
+    pub(super) fn check_encrypt(&self, snapshot: &KeySnapshot) -> Result<(), Error> {
+        self.check_use(snapshot, "encrypt")
+    }
+
+    /// Whether a snapshot's version may `what` (encrypt, sign, generate a MAC): it is enabled
+    /// and its material, if imported with an expiry, has not expired.
+    pub(super) fn check_use(&self, snapshot: &KeySnapshot, what: &str) -> Result<(), Error> {
+        check_enabled(&snapshot.record, &snapshot.primary, what)?;
+        self.check_material(snapshot, what)
+    }
+
+    /// Whether a snapshot's imported material has expired (the clock is read only for
+    /// material with an expiry).
+    fn check_material(&self, snapshot: &KeySnapshot, what: &str) -> Result<(), Error> {
+        match snapshot.expires_at {
+            Some(at) if self.clock.now_secs() >= at => Err(Error::KeyState {
+                reason: "KEY_MATERIAL_EXPIRED",
+                message: format!(
+                    "cannot {what}: the imported key material of version {} of key {} expired at {}",
+                    snapshot.primary.version.0,
+                    snapshot.record.name,
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(at)
+                    )
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Whether a snapshot's version may decrypt: enabled, and not below the key's minimum.
-    pub(super) fn check_decrypt(snapshot: &KeySnapshot) -> Result<(), Error> {
-        Self::check_open(snapshot, "decrypt")
+    pub(super) fn check_decrypt(&self, snapshot: &KeySnapshot) -> Result<(), Error> {
+        self.check_open(snapshot, "decrypt")
     }
 
     /// Whether a snapshot's version may `what` (decrypt, verify MACs): what any version, not
-    /// only the primary, may do while it is enabled and not below the key's minimum.
-    pub(super) fn check_open(snapshot: &KeySnapshot, what: &str) -> Result<(), Error> {
+    /// only the primary, may do while it is enabled, not below the key's minimum, and its
+    /// imported material has not expired.
+    pub(super) fn check_open(&self, snapshot: &KeySnapshot, what: &str) -> Result<(), Error> {
         let (record, version) = (&snapshot.record, &snapshot.primary);
         if version.version.0 < record.policy.min_decryption_version {
             return Err(Error::KeyState {
@@ -536,7 +576,8 @@ impl Kms {
                 ),
             });
         }
-        check_enabled(record, version, what)
+        check_enabled(record, version, what)?;
+        self.check_material(snapshot, what)
     }
 }
 

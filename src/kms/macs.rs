@@ -4,7 +4,6 @@
 
 use subtle::ConstantTimeEq;
 
-use super::lifecycle::check_enabled;
 use super::{Error, KeySnapshot, Kms};
 use crate::hsm::MacAlgorithm;
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
@@ -46,7 +45,7 @@ impl Kms {
     ) -> Result<MacOutput, Error> {
         let snapshot = self.primary_snapshot(tenant, key)?;
         let algorithm = mac_algorithm(&snapshot)?;
-        check_enabled(&snapshot.record, &snapshot.primary, "generate a MAC")?;
+        self.check_use(&snapshot, "generate a MAC")?;
         let mac = self.compute_mac(tenant, &snapshot, algorithm, data)?;
         Ok(MacOutput {
             mac,
@@ -71,7 +70,7 @@ impl Kms {
         let primary = self.primary_snapshot(tenant, key)?;
         let algorithm = mac_algorithm(&primary)?;
         let snapshot = self.named_version(tenant, key, primary, version)?;
-        Self::check_open(&snapshot, "verify MACs")?;
+        self.check_open(&snapshot, "verify MACs")?;
         let expected = self.compute_mac(tenant, &snapshot, algorithm, data)?;
         // A MAC of the wrong length is simply not the MAC; the comparison is constant-time
         // over the expected length.

@@ -26,6 +26,7 @@ use crate::keystore::{
 
 mod access;
 mod approvals;
+mod import;
 mod lifecycle;
 mod macs;
 mod master_key;
@@ -36,6 +37,8 @@ mod usage;
 
 pub use access::{GrantRequest, grant_state};
 pub use approvals::{ACCESS_HISTORY, MAX_REQUEST_IDS_PER_TENANT, REQUEST_ID_TTL};
+use import::material_expiry;
+pub use import::{IMPORT_PARAMETERS_TTL, Import};
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};
 pub use macs::{MacCheck, MacOutput};
 pub use master_key::{MasterKeyStatus, RETIRED_MWK_MARGIN};
@@ -190,6 +193,9 @@ type PerTenant<K> = HashMap<TenantId, HashMap<K, Arc<KeySnapshot>>>;
 struct KeySnapshot {
     record: KeyRecord,
     primary: VersionRecord,
+    // When the version's imported material expires (key import); `None` for generated
+    // material or material imported without an expiry.
+    expires_at: Option<u64>,
     // The version's usage counters (shared by every snapshot of it).
     usage: Arc<Usage>,
 }
@@ -522,7 +528,7 @@ impl Kms {
             let id = KeyId::random();
             let version = KeyVersion(1);
             let version_record =
-                self.new_version(tenant, id, version, purpose, &KeyPolicy::default())?;
+                self.new_version(tenant, id, version, purpose, &KeyPolicy::default(), None)?;
             let record = KeyRecord {
                 id,
                 name: name.clone(),
@@ -539,7 +545,7 @@ impl Kms {
             ])?;
             self.register_new_version(tenant, record.id, &version_record);
             let epoch = self.epoch();
-            self.remember_primary(tenant, record.clone(), version_record, epoch);
+            self.remember_primary(tenant, record.clone(), version_record, None, epoch);
             Ok(record)
         })
     }
@@ -575,6 +581,7 @@ impl Kms {
             let mut record = db
                 .key_by_name(name)?
                 .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
+            Self::check_generated_rotation(&db, &record)?;
             let next = KeyVersion(
                 record
                     .latest
@@ -582,8 +589,14 @@ impl Kms {
                     .checked_add(1)
                     .ok_or(Error::VersionsExhausted)?,
             );
-            let version_record =
-                self.new_version(tenant, record.id, next, record.purpose, &record.policy)?;
+            let version_record = self.new_version(
+                tenant,
+                record.id,
+                next,
+                record.purpose,
+                &record.policy,
+                None,
+            )?;
             record.primary = next;
             record.latest = next;
             record.generation += 1;
@@ -595,7 +608,7 @@ impl Kms {
             crate::failpoint::hit("rotate-key:committed");
             self.register_new_version(tenant, record.id, &version_record);
             let epoch = self.epoch();
-            self.remember_primary(tenant, record.clone(), version_record, epoch);
+            self.remember_primary(tenant, record.clone(), version_record, None, epoch);
             Ok(record)
         })
     }
@@ -641,7 +654,7 @@ impl Kms {
         let tenant = self.tenant_ids.get(tenant)?;
         let snapshot = self.cached_primary(tenant, key)?;
         if let Err(error) = Self::check_purpose(&snapshot.record, Purpose::Data)
-            .and_then(|()| Self::check_encrypt(&snapshot))
+            .and_then(|()| self.check_encrypt(&snapshot))
         {
             return Some(Err(error));
         }
@@ -684,7 +697,7 @@ impl Kms {
         let result = (|| {
             let record = &snapshot.record;
             Self::check_blob_key(&record.name, record.purpose, Purpose::Data, key, allowed)?;
-            Self::check_decrypt(&snapshot)?;
+            self.check_decrypt(&snapshot)?;
             let aad = crypto::aad(BlobType::Ciphertext, &tenant, &key_id, version, context)?;
             let plaintext = crypto::open(&bulk.key, &aad, &ciphertext[HEADER_LEN..])?;
             Ok(Decrypted {
@@ -823,6 +836,7 @@ impl Kms {
         tenant: TenantId,
         record: KeyRecord,
         version: VersionRecord,
+        expires_at: Option<u64>,
         epoch: u64,
     ) -> Arc<KeySnapshot> {
         if version.state != VersionState::Enabled {
@@ -833,6 +847,7 @@ impl Kms {
         let snapshot = Arc::new(KeySnapshot {
             record,
             primary: version,
+            expires_at,
             usage,
         });
         self.insert_version(tenant, &snapshot, epoch);
@@ -894,7 +909,7 @@ impl Kms {
     ) -> Result<Arc<KeySnapshot>, Error> {
         let snapshot = self.primary_snapshot(tenant, name)?;
         Self::check_purpose(&snapshot.record, purpose)?;
-        Self::check_encrypt(&snapshot)?;
+        self.check_encrypt(&snapshot)?;
         Ok(snapshot)
     }
 
@@ -908,7 +923,8 @@ impl Kms {
                         .key_by_name(name)?
                         .ok_or_else(|| Error::KeyNotFound(name.clone()))?;
                     let primary = self.version(db, &record, record.primary)?;
-                    Ok(self.remember_primary(tenant, record, primary, epoch))
+                    let expires_at = material_expiry(db, &record, record.primary)?;
+                    Ok(self.remember_primary(tenant, record, primary, expires_at, epoch))
                 })
             },
         )
@@ -923,12 +939,14 @@ impl Kms {
         tenant: TenantId,
         record: KeyRecord,
         primary: VersionRecord,
+        expires_at: Option<u64>,
         epoch: u64,
     ) -> Arc<KeySnapshot> {
         let usage = self.usage(tenant, record.id, &primary);
         let snapshot = Arc::new(KeySnapshot {
             record,
             primary,
+            expires_at,
             usage,
         });
         // One snapshot serves both maps.
@@ -1022,7 +1040,7 @@ impl Kms {
         let snapshot = self.version_snapshot(tenant, blob.header.key_id, blob.header.version)?;
         let (record, version) = (&snapshot.record, &snapshot.primary);
         Self::check_blob_key(&record.name, record.purpose, Purpose::Data, key, allowed)?;
-        Self::check_decrypt(&snapshot)?;
+        self.check_decrypt(&snapshot)?;
         let bulk = self.bulk_key(tenant, record, version)?;
         let aad = crypto::aad(
             BlobType::Ciphertext,
@@ -1287,7 +1305,7 @@ impl Kms {
     ) -> Result<Decrypted, Error> {
         let (record, version) = (&snapshot.record, &snapshot.primary);
         Self::check_blob_key(&record.name, record.purpose, purpose, None, allowed)?;
-        Self::check_decrypt(snapshot)?;
+        self.check_decrypt(snapshot)?;
         let blob_type = parsed.header.blob_type;
         let kek = self.unwrap_stored_kek(tenant, &version.kek)?;
         let aad = crypto::aad(blob_type, &tenant, &record.id, version.version, context)?;
@@ -1331,7 +1349,8 @@ impl Kms {
                 self.reading(tenant, |db, epoch| {
                     let record = db.key(&key_id)?.ok_or(Error::Decrypt)?;
                     let version = db.version(&record.id, version)?.ok_or(Error::Decrypt)?;
-                    Ok(self.remember_version(tenant, record, version, epoch))
+                    let expires_at = material_expiry(db, &record, version.version)?;
+                    Ok(self.remember_version(tenant, record, version, expires_at, epoch))
                 })
             },
         )
@@ -1594,6 +1613,8 @@ impl Kms {
     /// A new version: KEK generated in the HSM, bulk key from the HSM's RNG encrypted by it.
     /// A MAC key's version is an HMAC key generated in the HSM, and has no bulk key; a SIGN
     /// key's is a key pair generated in the HSM, with its public key where the bulk key goes.
+    ///
+    /// `imported`: the version's KEK or MAC key, imported (key import) instead of generated.
     fn new_version(
         &self,
         tenant: TenantId,
@@ -1601,11 +1622,15 @@ impl Kms {
         version: KeyVersion,
         purpose: Purpose,
         policy: &KeyPolicy,
+        imported: Option<WrappedKek>,
     ) -> Result<VersionRecord, Error> {
-        let without_bulk_key = match purpose {
-            Purpose::Mac(algorithm) => Some((self.hsm.generate_mac_key(algorithm)?, Vec::new())),
-            Purpose::Sign(algorithm) => Some(self.hsm.generate_signing_key(algorithm)?),
-            Purpose::Data | Purpose::Secrets => None,
+        let without_bulk_key = match (purpose, &imported) {
+            (Purpose::Mac(_), Some(key)) => Some((key.clone(), Vec::new())),
+            (Purpose::Mac(algorithm), None) => {
+                Some((self.hsm.generate_mac_key(algorithm)?, Vec::new()))
+            }
+            (Purpose::Sign(algorithm), _) => Some(self.hsm.generate_signing_key(algorithm)?),
+            (Purpose::Data | Purpose::Secrets, _) => None,
         };
         if let Some((wrapped, public_key)) = without_bulk_key {
             return Ok(VersionRecord {
@@ -1619,7 +1644,10 @@ impl Kms {
                 reserved_bulk_uses: 0,
             });
         }
-        let wrapped = self.hsm.generate_kek()?;
+        let wrapped = match imported {
+            Some(kek) => kek,
+            None => self.hsm.generate_kek()?,
+        };
         let kek = self.hsm.unwrap_kek(&wrapped)?;
         let mut raw = [0u8; 32];
         self.hsm.random(&mut raw)?;

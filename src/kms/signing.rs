@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use super::lifecycle::check_enabled;
 use super::{Error, KeySnapshot, Kms};
 use crate::hsm::SignAlgorithm;
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
@@ -85,7 +84,7 @@ impl Kms {
         let snapshot = self.primary_snapshot(tenant, key)?;
         let algorithm = sign_algorithm(&snapshot)?;
         let digest = digest_of(algorithm, signable)?;
-        check_enabled(&snapshot.record, &snapshot.primary, "sign")?;
+        self.check_use(&snapshot, "sign")?;
         let private = self.unwrap_stored_kek(tenant, &snapshot.primary.kek)?;
         let signature = self.hsm.sign_digest(&private, algorithm, &digest)?;
         Ok(Signature {
@@ -114,7 +113,7 @@ impl Kms {
             // A digest of the wrong length is refused, as in Sign.
             check_digest(algorithm, digest)?;
         }
-        Self::check_open(&snapshot, "verify signatures")?;
+        self.check_open(&snapshot, "verify signatures")?;
         let public = &snapshot.primary.bulk_key;
         let valid = match signable {
             Signable::Message(message) => algorithm.verify_message(public, message, signature),
@@ -139,7 +138,7 @@ impl Kms {
         version: Option<KeyVersion>,
     ) -> Result<PublicKey, Error> {
         let (snapshot, algorithm) = self.signing_version(tenant, key, version)?;
-        Self::check_open(&snapshot, "give out its public key")?;
+        self.check_open(&snapshot, "give out its public key")?;
         let der = snapshot.primary.bulk_key.clone();
         let pem = algorithm.public_key_pem(&der)?;
         Ok(PublicKey {

@@ -10,12 +10,14 @@ use super::auth::{Rpc, parse_name};
 use super::{Shared, pb};
 use crate::config::DualOperation;
 use crate::config::TenantScope;
-use crate::hsm::{MacAlgorithm, SignAlgorithm};
+use crate::hsm::{ImportWrapping, MacAlgorithm, SignAlgorithm};
 use crate::ids::KeyVersion;
 use crate::ids::Name;
 use crate::keystore::{ApprovalRecord, ApprovalState, PendingOperation};
-use crate::keystore::{KeyRecord, Purpose, TenantRecord, VersionRecord, VersionState};
-use crate::kms::{Kms, PolicyUpdate};
+use crate::keystore::{
+    ImportRecord, KeyRecord, Purpose, TenantRecord, VersionRecord, VersionState,
+};
+use crate::kms::{Import, Kms, PolicyUpdate};
 
 /// Default and largest page sizes of List calls.
 const DEFAULT_PAGE: usize = 100;
@@ -43,9 +45,11 @@ fn tenant_message(record: &TenantRecord) -> pb::Tenant {
     }
 }
 
-fn key_message(tenant: &str, record: &KeyRecord) -> pb::Key {
+fn key_message(tenant: &str, record: &KeyRecord, import: Option<&ImportRecord>) -> pb::Key {
     let secs = |s: Option<u64>| s.map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
     pb::Key {
+        origin: origin(import.is_some()) as i32,
+        allow_generated_rotation: import.is_some_and(|i| i.allow_generated_rotation),
         policy: Some(pb::KeyPolicy {
             min_decryption_version: record.policy.min_decryption_version,
             rotation_period_seconds: secs(record.policy.rotation_period_secs),
@@ -110,7 +114,38 @@ fn purpose(purpose: i32, algorithm: i32) -> Result<Purpose, Status> {
     }
 }
 
-fn version_message(version: &VersionRecord) -> pb::KeyVersion {
+/// Longest import token accepted (they are 32 hex digits).
+const MAX_IMPORT_TOKEN_LEN: usize = 64;
+/// Longest wrapped material accepted: one RSA-OAEP block and a KWP of up to 4 KiB.
+const MAX_WRAPPED_MATERIAL_LEN: usize = 384 + 4096 + 16;
+
+fn wrapping_algorithm(value: i32) -> Result<ImportWrapping, Status> {
+    use pb::WrappingAlgorithm as W;
+    match W::try_from(value) {
+        Ok(W::RsaesOaepSha1) => Ok(ImportWrapping::RsaesOaepSha1),
+        Ok(W::RsaesOaepSha256) => Ok(ImportWrapping::RsaesOaepSha256),
+        Ok(W::RsaAesKeyWrapSha1) => Ok(ImportWrapping::RsaAesKeyWrapSha1),
+        Ok(W::RsaAesKeyWrapSha256) => Ok(ImportWrapping::RsaAesKeyWrapSha256),
+        _ => Err(Status::invalid_argument(
+            "wrapping_algorithm: RSAES_OAEP_SHA_1, RSAES_OAEP_SHA_256, RSA_AES_KEY_WRAP_SHA_1 or RSA_AES_KEY_WRAP_SHA_256",
+        )),
+    }
+}
+
+fn origin(imported: bool) -> pb::KeyOrigin {
+    if imported {
+        pb::KeyOrigin::External
+    } else {
+        pb::KeyOrigin::Generated
+    }
+}
+
+/// A version as the API shows it; its origin and material expiry only where the key's import
+/// record was read (GetKey).
+fn version_message(
+    version: &VersionRecord,
+    import: Option<Option<&ImportRecord>>,
+) -> pb::KeyVersion {
     let time = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
     let (state, destroy_time) = match version.state {
         VersionState::Enabled => (pb::KeyVersionState::Enabled, 0),
@@ -120,11 +155,17 @@ fn version_message(version: &VersionRecord) -> pb::KeyVersion {
         }
         VersionState::Destroyed { at } => (pb::KeyVersionState::Destroyed, time(at)),
     };
+    let imported = import.map(|i| i.and_then(|i| i.version(version.version)));
     pb::KeyVersion {
         version: version.version.0,
         state: state as i32,
         create_time: time(version.created_at),
         destroy_time,
+        origin: imported.map_or(pb::KeyOrigin::Unspecified, |v| origin(v.is_some())) as i32,
+        expire_time: imported
+            .flatten()
+            .and_then(|v| v.expires_at)
+            .map_or(0, time),
     }
 }
 
@@ -346,9 +387,107 @@ impl pb::admin_service_server::AdminService for AdminService {
             .run(move |kms, tenant| kms.create_key(tenant, &name, purpose))
             .await?;
         call.version(record.primary.0);
-        let message = key_message(&r.tenant, &record);
+        let message = key_message(&r.tenant, &record, None);
         self.shared
             .remember(&call, Rpc::CreateKey, &r.request_id, &message)
+            .await;
+        Ok(Response::new(message))
+    }
+
+    async fn get_import_parameters(
+        &self,
+        request: Request<pb::GetImportParametersRequest>,
+    ) -> Result<Response<pb::ImportParameters>, Status> {
+        let r = request.get_ref();
+        let call =
+            self.shared
+                .begin(&request, Rpc::GetImportParameters, &r.tenant, Some(&r.name))?;
+        let r = request.into_inner();
+        let name = parse_name(&r.name, "name")?;
+        let wrapping = wrapping_algorithm(r.wrapping_algorithm)?;
+        let parameters = call
+            .run(move |kms, tenant| kms.get_import_parameters(tenant, &name, wrapping))
+            .await?;
+        let public_key_pem = crate::crypto::import::public_key_pem(&parameters.public_key)
+            .ok_or_else(|| {
+                tracing::error!("import parameters hold a public key that is not RSA-3072");
+                Status::internal("internal error")
+            })?;
+        Ok(Response::new(pb::ImportParameters {
+            tenant: r.tenant,
+            name: r.name,
+            import_token: parameters.token,
+            public_key_der: parameters.public_key,
+            public_key_pem,
+            wrapping_algorithm: r.wrapping_algorithm,
+            expire_time: i64::try_from(parameters.expires_at).unwrap_or(i64::MAX),
+        }))
+    }
+
+    async fn import_key_material(
+        &self,
+        request: Request<pb::ImportKeyMaterialRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .shared
+            .begin(&request, Rpc::ImportKeyMaterial, &r.tenant, Some(&r.name))?;
+        let r = request.into_inner();
+        call.client_request_id(&r.request_id);
+        if let Some(done) = self
+            .shared
+            .replay(&call, Rpc::ImportKeyMaterial, &r.request_id)
+            .await?
+        {
+            return Ok(Response::new(done));
+        }
+        let name = parse_name(&r.name, "name")?;
+        let purpose = if r.purpose == 0 && r.algorithm == 0 {
+            None
+        } else {
+            Some(purpose(r.purpose, r.algorithm)?)
+        };
+        if r.import_token.is_empty() || r.import_token.len() > MAX_IMPORT_TOKEN_LEN {
+            return Err(Status::invalid_argument(
+                "import_token: the token GetImportParameters returned",
+            ));
+        }
+        if r.encrypted_key_material.is_empty()
+            || r.encrypted_key_material.len() > MAX_WRAPPED_MATERIAL_LEN
+        {
+            return Err(Status::invalid_argument(format!(
+                "encrypted_key_material: 1 to {MAX_WRAPPED_MATERIAL_LEN} bytes"
+            )));
+        }
+        let expires_at = match u64::try_from(r.valid_to) {
+            Ok(0) => None,
+            Ok(at) => Some(at),
+            Err(_) => {
+                return Err(Status::invalid_argument(
+                    "valid_to: seconds since the Unix epoch, or 0 for never",
+                ));
+            }
+        };
+        let allow_generated_rotation = r.allow_generated_rotation;
+        let (token, material) = (r.import_token, r.encrypted_key_material);
+        let record = call
+            .run(move |kms, tenant| {
+                let import = Import {
+                    token: &token,
+                    material: &material,
+                    purpose,
+                    expires_at,
+                    allow_generated_rotation,
+                };
+                let record = kms.import_key_material(tenant, &name, &import)?;
+                Ok((kms.key_import(tenant, record.id)?, record))
+            })
+            .await;
+        let (import, record) = record?;
+        call.version(record.primary.0);
+        let message = key_message(&r.tenant, &record, import.as_ref());
+        self.shared
+            .remember(&call, Rpc::ImportKeyMaterial, &r.request_id, &message)
             .await;
         Ok(Response::new(message))
     }
@@ -366,8 +505,13 @@ impl pb::admin_service_server::AdminService for AdminService {
         let details = call
             .run(move |kms, tenant| kms.key_details(tenant, &name))
             .await?;
-        let mut message = key_message(&r.tenant, &details.record);
-        message.versions = details.versions.iter().map(version_message).collect();
+        let import = details.import.as_ref();
+        let mut message = key_message(&r.tenant, &details.record, import);
+        message.versions = details
+            .versions
+            .iter()
+            .map(|v| version_message(v, Some(import)))
+            .collect();
         Ok(Response::new(message))
     }
 
@@ -380,11 +524,22 @@ impl pb::admin_service_server::AdminService for AdminService {
             .shared
             .begin(&request, Rpc::ListKeys, &r.tenant, None)?;
         let r = request.into_inner();
-        let mut keys = call.run(|kms, tenant| kms.keys(tenant)).await?;
-        keys.sort_by(|a, b| a.name.cmp(&b.name));
-        let (keys, next_page_token) = page(keys, |k| k.name.as_str(), r.page_size, &r.page_token)?;
+        let mut keys = call
+            .run(|kms, tenant| {
+                kms.keys(tenant)?
+                    .into_iter()
+                    .map(|k| Ok((kms.key_import(tenant, k.id)?, k)))
+                    .collect::<Result<Vec<_>, crate::error::Error>>()
+            })
+            .await?;
+        keys.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        let (keys, next_page_token) =
+            page(keys, |(_, k)| k.name.as_str(), r.page_size, &r.page_token)?;
         Ok(Response::new(pb::ListKeysResponse {
-            keys: keys.iter().map(|k| key_message(&r.tenant, k)).collect(),
+            keys: keys
+                .iter()
+                .map(|(import, k)| key_message(&r.tenant, k, import.as_ref()))
+                .collect(),
             next_page_token,
         }))
     }
@@ -407,11 +562,14 @@ impl pb::admin_service_server::AdminService for AdminService {
             return Ok(Response::new(done));
         }
         let name = parse_name(&r.name, "name")?;
-        let record = call
-            .run(move |kms, tenant| kms.rotate_key(tenant, &name))
+        let (import, record) = call
+            .run(move |kms, tenant| {
+                let record = kms.rotate_key(tenant, &name)?;
+                Ok((kms.key_import(tenant, record.id)?, record))
+            })
             .await?;
         call.version(record.primary.0);
-        let message = key_message(&r.tenant, &record);
+        let message = key_message(&r.tenant, &record, import.as_ref());
         self.shared
             .remember(&call, Rpc::RotateKey, &r.request_id, &message)
             .await;
@@ -540,10 +698,13 @@ impl pb::admin_service_server::AdminService for AdminService {
                 }
             }
         }
-        let record = call
-            .run(move |kms, tenant| kms.update_policy(tenant, &name, &update))
+        let (import, record) = call
+            .run(move |kms, tenant| {
+                let record = kms.update_policy(tenant, &name, &update)?;
+                Ok((kms.key_import(tenant, record.id)?, record))
+            })
             .await?;
-        let message = key_message(&r.tenant, &record);
+        let message = key_message(&r.tenant, &record, import.as_ref());
         self.shared
             .remember(&call, Rpc::UpdateKeyPolicy, &r.request_id, &message)
             .await;
@@ -824,7 +985,7 @@ impl AdminService {
         let record = call
             .run(move |kms, tenant| change(kms, tenant, &name, version))
             .await?;
-        let message = version_message(&record);
+        let message = version_message(&record, None);
         self.shared
             .remember(&call, rpc, &r.request_id, &message)
             .await;

@@ -187,6 +187,10 @@ pub enum Rpc {
     CreateBackup,
     /// AdminService/GetBackupStatus
     GetBackupStatus,
+    /// AdminService/GetImportParameters
+    GetImportParameters,
+    /// AdminService/ImportKeyMaterial
+    ImportKeyMaterial,
     /// AccessService/RequestSupportAccess
     RequestSupportAccess,
     /// AccessService/ApproveSupportAccess
@@ -264,7 +268,9 @@ impl Rpc {
             | Self::RotateMasterKey
             | Self::GetMasterKeyStatus
             | Self::ListApprovals
-            | Self::CreateBackup => &[Role::Officer],
+            | Self::CreateBackup
+            | Self::GetImportParameters
+            | Self::ImportKeyMaterial => &[Role::Officer],
             Self::GetBackupStatus => &[Role::Officer, Role::Auditor],
             Self::RequestSupportAccess => &[Role::Support],
             Self::ApproveSupportAccess | Self::DenySupportAccess => &[Role::TenantAdmin],
@@ -305,6 +311,8 @@ impl Rpc {
                 | Self::CancelTenantDestruction
                 | Self::CreateKey
                 | Self::RotateKey
+                | Self::GetImportParameters
+                | Self::ImportKeyMaterial
                 | Self::UpdateKeyPolicy
                 | Self::DisableKeyVersion
                 | Self::EnableKeyVersion
