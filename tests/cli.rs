@@ -269,6 +269,149 @@ fn sign_verify_and_public_key_on_the_dev_server() {
     server.stop();
 }
 
+/// Key import through the CLI, both ways a key owner does it: material wrapped elsewhere with
+/// `openssl pkeyutl` for the PEM `admin import-parameters` wrote (RSAES-OAEP-SHA-1, as AWS KMS
+/// documents it), and `admin import-key --material` wrapping here (RSA-AES key wrap). The
+/// imported HMAC key MACs as `openssl dgst -hmac` does with the same bytes; the imported DATA
+/// key encrypts and decrypts; RotateKey is refused; GetKey shows the origin.
+#[test]
+fn key_import_with_openssl_and_with_the_cli() {
+    let server = DevServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let admin = |args: &[&str]| {
+        let out = server.pipe(b"", "admin", args);
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+
+    let (code, json, stderr) = admin(&[
+        "import-parameters",
+        "acme",
+        "webhooks",
+        "--wrapping",
+        "rsaes-oaep-sha1",
+        "--public-key-out",
+        &path("import.pem"),
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let parameters: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let token = parameters["import_token"].as_str().expect("token").to_owned();
+    assert_eq!(parameters["wrapping_algorithm"], "RSAES_OAEP_SHA_1");
+    let material: [u8; 32] = rand::random();
+    std::fs::write(path("material"), material).expect("material");
+    let openssl = Command::new("openssl")
+        .args(["pkeyutl", "-encrypt", "-pubin", "-inkey", &path("import.pem")])
+        .args(["-in", &path("material"), "-out", &path("wrapped")])
+        .args(["-pkeyopt", "rsa_padding_mode:oaep"])
+        .args(["-pkeyopt", "rsa_oaep_md:sha1", "-pkeyopt", "rsa_mgf1_md:sha1"])
+        .output()
+        .expect("openssl runs");
+    assert!(openssl.status.success(), "{}", text(&openssl.stderr));
+    let (code, json, stderr) = admin(&[
+        "import-key",
+        "acme",
+        "webhooks",
+        "--purpose",
+        "hmac-sha256",
+        "--wrapped",
+        &path("wrapped"),
+        "--token",
+        &token,
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let key: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(key["origin"], "EXTERNAL");
+    assert_eq!(key["primary_version"], 1);
+
+    let made = server.pipe(b"event 7", "mac", &["--key", "webhooks"]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let (_, encoded) = text(&made.stdout)
+        .trim()
+        .split_once(':')
+        .map(|(v, m)| (v.to_owned(), m.to_owned()))
+        .expect("VERSION:BASE64");
+    std::fs::write(path("event"), b"event 7").expect("event");
+    let reference = Command::new("openssl")
+        .args(["dgst", "-sha256", "-binary", "-mac", "HMAC"])
+        .args(["-macopt", &format!("hexkey:{}", hex::encode(material))])
+        .arg(path("event"))
+        .output()
+        .expect("openssl runs");
+    assert!(reference.status.success(), "{}", text(&reference.stderr));
+    use base64::Engine;
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .expect("base64"),
+        reference.stdout,
+        "the imported key MACs as openssl does with the same bytes"
+    );
+
+    // Wrapped here: RSA-AES key wrap, with an expiry, into a DATA key.
+    let data_material: [u8; 32] = rand::random();
+    std::fs::write(path("data-material"), data_material).expect("material");
+    let (code, _, stderr) = admin(&[
+        "import-key",
+        "acme",
+        "byok",
+        "--purpose",
+        "data",
+        "--material",
+        &path("data-material"),
+        "--valid-for",
+        "365d",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let sealed = server.pipe(b"customer data", "encrypt", &["--key", "byok"]);
+    assert!(sealed.status.success(), "{}", text(&sealed.stderr));
+    let opened = server.pipe(&sealed.stdout, "decrypt", &[]);
+    assert!(opened.status.success(), "{}", text(&opened.stderr));
+    assert_eq!(opened.stdout, b"customer data");
+    let (code, json, stderr) = admin(&["get-key", "acme", "byok", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let key: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(key["origin"], "EXTERNAL");
+    assert_eq!(key["versions"][0]["origin"], "EXTERNAL");
+    assert!(key["versions"][0]["expire_time"].as_i64().is_some(), "{json}");
+
+    // Refusals name what to do.
+    let (code, _, stderr) = admin(&["rotate-key", "acme", "byok"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("FAILED_PRECONDITION") && stderr.contains("ImportKeyMaterial"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = admin(&["import-parameters", "acme", "default"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("KEY_NOT_IMPORTED"), "{stderr}");
+    let (code, _, stderr) = admin(&[
+        "import-key",
+        "acme",
+        "webhooks",
+        "--wrapped",
+        &path("wrapped"),
+        "--token",
+        "0123",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("IMPORT_TOKEN_MISMATCH"), "{stderr}");
+    let (code, _, stderr) = admin(&[
+        "import-parameters",
+        "acme",
+        "webhooks",
+        "--wrapping",
+        "rsaes-oaep-sha256",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("FAILED_PRECONDITION") && stderr.contains("SHA-256"),
+        "SoftHSM 2.6 has no RSA-OAEP with SHA-256: {stderr}"
+    );
+    server.stop();
+}
+
 #[test]
 fn dev_then_encrypt_pipe_decrypt_prints_hi_and_leaks_nothing() {
     let server = DevServer::start();

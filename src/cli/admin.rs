@@ -46,6 +46,54 @@ pub enum PurposeArg {
     RsaPss3072,
 }
 
+/// How key material is wrapped for import (`GetImportParameters`).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum WrappingArg {
+    /// RSAES-OAEP with SHA-1 of the material itself.
+    RsaesOaepSha1,
+    /// RSAES-OAEP with SHA-256 of the material itself.
+    RsaesOaepSha256,
+    /// RSA-OAEP-SHA-1 of an AES-256 key, then AES-KWP of the material under it.
+    RsaAesKeyWrapSha1,
+    /// RSA-OAEP-SHA-256 of an AES-256 key, then AES-KWP of the material under it.
+    RsaAesKeyWrapSha256,
+}
+
+impl WrappingArg {
+    fn wire(self) -> pb::WrappingAlgorithm {
+        match self {
+            Self::RsaesOaepSha1 => pb::WrappingAlgorithm::RsaesOaepSha1,
+            Self::RsaesOaepSha256 => pb::WrappingAlgorithm::RsaesOaepSha256,
+            Self::RsaAesKeyWrapSha1 => pb::WrappingAlgorithm::RsaAesKeyWrapSha1,
+            Self::RsaAesKeyWrapSha256 => pb::WrappingAlgorithm::RsaAesKeyWrapSha256,
+        }
+    }
+
+    fn wrapping(self) -> crate::hsm::ImportWrapping {
+        use crate::hsm::ImportWrapping as W;
+        match self {
+            Self::RsaesOaepSha1 => W::RsaesOaepSha1,
+            Self::RsaesOaepSha256 => W::RsaesOaepSha256,
+            Self::RsaAesKeyWrapSha1 => W::RsaAesKeyWrapSha1,
+            Self::RsaAesKeyWrapSha256 => W::RsaAesKeyWrapSha256,
+        }
+    }
+}
+
+impl PurposeArg {
+    fn wire(self) -> (pb::KeyPurpose, pb::KeyAlgorithm) {
+        match self {
+            Self::Data => (pb::KeyPurpose::Data, pb::KeyAlgorithm::Unspecified),
+            Self::Secrets => (pb::KeyPurpose::Secrets, pb::KeyAlgorithm::Unspecified),
+            Self::HmacSha256 => (pb::KeyPurpose::Mac, pb::KeyAlgorithm::HmacSha256),
+            Self::HmacSha512 => (pb::KeyPurpose::Mac, pb::KeyAlgorithm::HmacSha512),
+            Self::EcdsaP256 => (pb::KeyPurpose::Sign, pb::KeyAlgorithm::EcdsaP256Sha256),
+            Self::EcdsaP384 => (pb::KeyPurpose::Sign, pb::KeyAlgorithm::EcdsaP384Sha384),
+            Self::RsaPss3072 => (pb::KeyPurpose::Sign, pb::KeyAlgorithm::RsaPss3072Sha256),
+        }
+    }
+}
+
 /// Every AdminService RPC.
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
@@ -106,6 +154,55 @@ pub enum AdminCommand {
         tenant: String,
         /// The key.
         name: String,
+        /// Makes a retry idempotent.
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Key import: new import parameters for a key name (an imported key, or a name not
+    /// taken yet). Prints the import token and writes the public key as PEM, for wrapping the
+    /// material elsewhere (e.g. `openssl pkeyutl`).
+    ImportParameters {
+        /// The tenant.
+        tenant: String,
+        /// The key's name.
+        name: String,
+        /// How the material will be wrapped.
+        #[arg(long, value_enum, default_value_t = WrappingArg::RsaAesKeyWrapSha1)]
+        wrapping: WrappingArg,
+        /// Where to write the public key (PEM).
+        #[arg(long)]
+        public_key_out: Option<std::path::PathBuf>,
+    },
+    /// Key import: import key material into a key (created at version 1 if the name is not
+    /// taken, else a new primary version). Either `--material FILE` (the raw key bytes: this
+    /// command gets import parameters and wraps them here) or `--wrapped FILE --token TOKEN`
+    /// (material wrapped elsewhere for `import-parameters`).
+    ImportKey {
+        /// The tenant.
+        tenant: String,
+        /// The key's name.
+        name: String,
+        /// For a new key: what it is for (data, secrets, hmac-sha256, hmac-sha512).
+        #[arg(long, value_enum)]
+        purpose: Option<PurposeArg>,
+        /// The raw key material (32 bytes for data and secrets keys, 32 or 64 for HMAC keys).
+        #[arg(long, conflicts_with_all = ["wrapped", "token"], required_unless_present = "wrapped")]
+        material: Option<std::path::PathBuf>,
+        /// Material already wrapped for the parameters `--token` names.
+        #[arg(long, requires = "token")]
+        wrapped: Option<std::path::PathBuf>,
+        /// The import token of `import-parameters`.
+        #[arg(long, requires = "wrapped")]
+        token: Option<String>,
+        /// How `--material` is wrapped.
+        #[arg(long, value_enum, default_value_t = WrappingArg::RsaAesKeyWrapSha1)]
+        wrapping: WrappingArg,
+        /// The material expires after this long, e.g. "365d" (default: never).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        valid_for: Option<Duration>,
+        /// Let RotateKey and the scheduler add generated versions to this key.
+        #[arg(long)]
+        allow_generated_rotation: bool,
         /// Makes a retry idempotent.
         #[arg(long, default_value = "")]
         request_id: String,
@@ -379,26 +476,111 @@ async fn execute(channel: Channel, command: AdminCommand) -> Result<Output, toni
             .create_key(pb::CreateKeyRequest {
                 tenant,
                 name,
-                purpose: match purpose {
-                    PurposeArg::Data => pb::KeyPurpose::Data,
-                    PurposeArg::Secrets => pb::KeyPurpose::Secrets,
-                    PurposeArg::HmacSha256 | PurposeArg::HmacSha512 => pb::KeyPurpose::Mac,
-                    PurposeArg::EcdsaP256 | PurposeArg::EcdsaP384 | PurposeArg::RsaPss3072 => {
-                        pb::KeyPurpose::Sign
-                    }
-                } as i32,
-                algorithm: match purpose {
-                    PurposeArg::Data | PurposeArg::Secrets => pb::KeyAlgorithm::Unspecified,
-                    PurposeArg::HmacSha256 => pb::KeyAlgorithm::HmacSha256,
-                    PurposeArg::HmacSha512 => pb::KeyAlgorithm::HmacSha512,
-                    PurposeArg::EcdsaP256 => pb::KeyAlgorithm::EcdsaP256Sha256,
-                    PurposeArg::EcdsaP384 => pb::KeyAlgorithm::EcdsaP384Sha384,
-                    PurposeArg::RsaPss3072 => pb::KeyAlgorithm::RsaPss3072Sha256,
-                } as i32,
+                purpose: purpose.wire().0 as i32,
+                algorithm: purpose.wire().1 as i32,
                 request_id,
             })
             .await?
             .into_inner()),
+        AdminCommand::ImportParameters {
+            tenant,
+            name,
+            wrapping,
+            public_key_out,
+        } => {
+            let parameters = admin
+                .get_import_parameters(pb::GetImportParametersRequest {
+                    tenant,
+                    name,
+                    wrapping_algorithm: wrapping.wire() as i32,
+                })
+                .await?
+                .into_inner();
+            if let Some(path) = &public_key_out {
+                std::fs::write(path, &parameters.public_key_pem).map_err(|e| {
+                    tonic::Status::failed_precondition(format!(
+                        "cannot write {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+            import_parameters(&parameters)
+        }
+        AdminCommand::ImportKey {
+            tenant,
+            name,
+            purpose,
+            material,
+            wrapped,
+            token,
+            wrapping,
+            valid_for,
+            allow_generated_rotation,
+            request_id,
+        } => {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(|e| {
+                    tonic::Status::failed_precondition(format!(
+                        "cannot read {}: {e}",
+                        path.display()
+                    ))
+                })
+            };
+            let (import_token, encrypted_key_material) = match (material, wrapped, token) {
+                (_, Some(wrapped), Some(token)) => (token, read(&wrapped)?),
+                (Some(material), _, _) => {
+                    let material = zeroize::Zeroizing::new(read(&material)?);
+                    let parameters = admin
+                        .get_import_parameters(pb::GetImportParametersRequest {
+                            tenant: tenant.clone(),
+                            name: name.clone(),
+                            wrapping_algorithm: wrapping.wire() as i32,
+                        })
+                        .await?
+                        .into_inner();
+                    let wrapped = crate::crypto::import::wrap_for_import(
+                        &parameters.public_key_der,
+                        wrapping.wrapping(),
+                        &material,
+                    )
+                    .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+                    (parameters.import_token, wrapped)
+                }
+                _ => {
+                    return Err(tonic::Status::invalid_argument(
+                        "give --material, or --wrapped with --token",
+                    ));
+                }
+            };
+            let valid_to = match valid_for {
+                Some(period) => std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .saturating_add(period)
+                    .as_secs()
+                    .try_into()
+                    .unwrap_or(i64::MAX),
+                None => 0,
+            };
+            let (purpose, algorithm) = purpose.map_or(
+                (pb::KeyPurpose::Unspecified, pb::KeyAlgorithm::Unspecified),
+                PurposeArg::wire,
+            );
+            key(admin
+                .import_key_material(pb::ImportKeyMaterialRequest {
+                    tenant,
+                    name,
+                    import_token,
+                    encrypted_key_material,
+                    purpose: purpose as i32,
+                    algorithm: algorithm as i32,
+                    valid_to,
+                    allow_generated_rotation,
+                    request_id,
+                })
+                .await?
+                .into_inner())
+        }
         AdminCommand::GetKey { tenant, name } => key(admin
             .get_key(pb::GetKeyRequest { tenant, name })
             .await?
@@ -687,6 +869,42 @@ fn state(value: i32) -> &'static str {
     pb::KeyVersionState::try_from(value).map_or("UNSPECIFIED", |s| s.as_str_name())
 }
 
+fn import_parameters(parameters: &pb::ImportParameters) -> Output {
+    let wrapping = pb::WrappingAlgorithm::try_from(parameters.wrapping_algorithm)
+        .map_or("UNKNOWN", |w| w.as_str_name());
+    Output {
+        json: json!({
+            "tenant": parameters.tenant,
+            "name": parameters.name,
+            "import_token": parameters.import_token,
+            "wrapping_algorithm": wrapping,
+            "expire_time": parameters.expire_time,
+            "public_key_pem": parameters.public_key_pem,
+        }),
+        table: format!(
+            "{}\n{}",
+            table(
+                &["KEY", "IMPORT TOKEN", "WRAPPING", "EXPIRES"],
+                &[vec![
+                    format!("{}/{}", parameters.tenant, parameters.name),
+                    parameters.import_token.clone(),
+                    wrapping.to_owned(),
+                    time(parameters.expire_time),
+                ]],
+            ),
+            parameters.public_key_pem
+        ),
+    }
+}
+
+fn origin(value: i32) -> &'static str {
+    match pb::KeyOrigin::try_from(value) {
+        Ok(pb::KeyOrigin::Generated) => "GENERATED",
+        Ok(pb::KeyOrigin::External) => "EXTERNAL",
+        _ => "-",
+    }
+}
+
 fn key_json(key: &pb::Key) -> Value {
     let policy = key.policy.unwrap_or_default();
     json!({
@@ -694,6 +912,8 @@ fn key_json(key: &pb::Key) -> Value {
         "name": key.name,
         "id": key.id,
         "purpose": purpose(key.purpose),
+        "origin": origin(key.origin),
+        "allow_generated_rotation": key.allow_generated_rotation,
         "primary_version": key.primary_version,
         "latest_version": key.latest_version,
         "create_time": key.create_time,
@@ -714,6 +934,8 @@ fn version_json(v: &pb::KeyVersion) -> Value {
         "state": state(v.state),
         "create_time": v.create_time,
         "destroy_time": (v.destroy_time > 0).then_some(v.destroy_time),
+        "origin": origin(v.origin),
+        "expire_time": (v.expire_time > 0).then_some(v.expire_time),
     })
 }
 
@@ -724,6 +946,7 @@ fn key(key: pb::Key) -> Output {
         &[
             "KEY",
             "PURPOSE",
+            "ORIGIN",
             "PRIMARY",
             "LATEST",
             "MIN DECRYPT",
@@ -733,6 +956,7 @@ fn key(key: pb::Key) -> Output {
         &[vec![
             format!("{}/{}", key.tenant, key.name),
             purpose(key.purpose).to_owned(),
+            origin(key.origin).to_owned(),
             key.primary_version.to_string(),
             key.latest_version.to_string(),
             policy.min_decryption_version.to_string(),
@@ -765,12 +989,24 @@ fn versions_table(versions: &[pb::KeyVersion], primary: u32) -> String {
                     }
                 ),
                 state(v.state).to_owned(),
+                origin(v.origin).to_owned(),
                 time(v.create_time),
                 time(v.destroy_time),
+                time(v.expire_time),
             ]
         })
         .collect::<Vec<_>>();
-    table(&["VERSION", "STATE", "CREATED", "DESTROY AT"], &rows)
+    table(
+        &[
+            "VERSION",
+            "STATE",
+            "ORIGIN",
+            "CREATED",
+            "DESTROY AT",
+            "MATERIAL EXPIRES",
+        ],
+        &rows,
+    )
 }
 
 fn keys(list: Vec<pb::Key>) -> Output {
