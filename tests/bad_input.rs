@@ -690,6 +690,130 @@ fn every_bad_input_gets_a_clear_status_and_changes_nothing() {
                 })
                 .await,
         );
+        // Key import: material of every length, every mutation of real wrapped material, a
+        // wrong token, bad algorithms and expiries; no key appears (the key list is compared
+        // at the end).
+        let parameters = admin
+            .get_import_parameters(pb::GetImportParametersRequest {
+                tenant: "acme".into(),
+                name: "imported".into(),
+                wrapping_algorithm: pb::WrappingAlgorithm::RsaAesKeyWrapSha1 as i32,
+            })
+            .await
+            .expect("import parameters")
+            .into_inner();
+        let real = keyfront::crypto::import::wrap_for_import(
+            &parameters.public_key_der,
+            keyfront::hsm::ImportWrapping::RsaAesKeyWrapSha1,
+            &[9; 32],
+        )
+        .expect("wrap");
+        let import = |material: Vec<u8>, token: &str| pb::ImportKeyMaterialRequest {
+            tenant: "acme".into(),
+            name: "imported".into(),
+            import_token: token.to_owned(),
+            encrypted_key_material: material,
+            purpose: pb::KeyPurpose::Data as i32,
+            ..Default::default()
+        };
+        let token = parameters.import_token.clone();
+        let wrong_material = lengths()
+            .map(|len| (format!("{len} random bytes"), random_bytes(len)))
+            .chain(
+                mutations(&real)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, m)| (format!("mutation {i}"), m)),
+            );
+        for (what, material) in wrong_material {
+            tally.refused(
+                &format!("ImportKeyMaterial of {what}"),
+                admin.import_key_material(import(material, &token)).await,
+            );
+        }
+        for bad_token in ["", "0", &"f".repeat(32), &"x".repeat(10_000)] {
+            tally.refused(
+                &format!("ImportKeyMaterial with token {:.20}", bad_token),
+                admin
+                    .import_key_material(import(real.clone(), bad_token))
+                    .await,
+            );
+        }
+        for (what, request) in [
+            (
+                "valid_to in the past",
+                pb::ImportKeyMaterialRequest {
+                    valid_to: 1,
+                    ..import(real.clone(), &token)
+                },
+            ),
+            (
+                "negative valid_to",
+                pb::ImportKeyMaterialRequest {
+                    valid_to: -5,
+                    ..import(real.clone(), &token)
+                },
+            ),
+            (
+                "purpose SIGN",
+                pb::ImportKeyMaterialRequest {
+                    purpose: pb::KeyPurpose::Sign as i32,
+                    algorithm: pb::KeyAlgorithm::EcdsaP256Sha256 as i32,
+                    ..import(real.clone(), &token)
+                },
+            ),
+            (
+                "no purpose for a new key",
+                pb::ImportKeyMaterialRequest {
+                    purpose: 0,
+                    ..import(real.clone(), &token)
+                },
+            ),
+            (
+                "an HMAC-SHA-512 key of 32 bytes",
+                pb::ImportKeyMaterialRequest {
+                    purpose: pb::KeyPurpose::Mac as i32,
+                    algorithm: pb::KeyAlgorithm::HmacSha512 as i32,
+                    ..import(real.clone(), &token)
+                },
+            ),
+            (
+                "into a generated key",
+                pb::ImportKeyMaterialRequest {
+                    name: "default".into(),
+                    ..import(real.clone(), &token)
+                },
+            ),
+        ] {
+            tally.refused(
+                &format!("ImportKeyMaterial with {what}"),
+                admin.import_key_material(request).await,
+            );
+        }
+        for algorithm in [0, 2, 4, 5, 99, -1] {
+            tally.refused(
+                &format!("GetImportParameters with wrapping algorithm {algorithm}"),
+                admin
+                    .get_import_parameters(pb::GetImportParametersRequest {
+                        tenant: "acme".into(),
+                        name: "imported".into(),
+                        wrapping_algorithm: algorithm,
+                    })
+                    .await,
+            );
+        }
+        for (tenant, name) in [("acme", "default"), ("nope", "x"), ("acme", "../x")] {
+            tally.refused(
+                &format!("GetImportParameters for {tenant}/{name}"),
+                admin
+                    .get_import_parameters(pb::GetImportParametersRequest {
+                        tenant: tenant.into(),
+                        name: name.into(),
+                        wrapping_algorithm: pb::WrappingAlgorithm::RsaesOaepSha1 as i32,
+                    })
+                    .await,
+            );
+        }
         tally.refused(
             "BatchEncrypt of 100,000 items",
             app.batch_encrypt(pb::BatchEncryptRequest {

@@ -296,15 +296,29 @@ fn key_import_with_openssl_and_with_the_cli() {
     ]);
     assert_eq!(code, Some(0), "{stderr}");
     let parameters: serde_json::Value = serde_json::from_str(&json).expect("JSON");
-    let token = parameters["import_token"].as_str().expect("token").to_owned();
+    let token = parameters["import_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
     assert_eq!(parameters["wrapping_algorithm"], "RSAES_OAEP_SHA_1");
     let material: [u8; 32] = rand::random();
     std::fs::write(path("material"), material).expect("material");
     let openssl = Command::new("openssl")
-        .args(["pkeyutl", "-encrypt", "-pubin", "-inkey", &path("import.pem")])
+        .args([
+            "pkeyutl",
+            "-encrypt",
+            "-pubin",
+            "-inkey",
+            &path("import.pem"),
+        ])
         .args(["-in", &path("material"), "-out", &path("wrapped")])
         .args(["-pkeyopt", "rsa_padding_mode:oaep"])
-        .args(["-pkeyopt", "rsa_oaep_md:sha1", "-pkeyopt", "rsa_mgf1_md:sha1"])
+        .args([
+            "-pkeyopt",
+            "rsa_oaep_md:sha1",
+            "-pkeyopt",
+            "rsa_mgf1_md:sha1",
+        ])
         .output()
         .expect("openssl runs");
     assert!(openssl.status.success(), "{}", text(&openssl.stderr));
@@ -374,7 +388,10 @@ fn key_import_with_openssl_and_with_the_cli() {
     let key: serde_json::Value = serde_json::from_str(&json).expect("JSON");
     assert_eq!(key["origin"], "EXTERNAL");
     assert_eq!(key["versions"][0]["origin"], "EXTERNAL");
-    assert!(key["versions"][0]["expire_time"].as_i64().is_some(), "{json}");
+    assert!(
+        key["versions"][0]["expire_time"].as_i64().is_some(),
+        "{json}"
+    );
 
     // Refusals name what to do.
     let (code, _, stderr) = admin(&["rotate-key", "acme", "byok"]);

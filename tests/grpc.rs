@@ -913,6 +913,33 @@ async fn call(h: &Harness, principal: &str, rpc: &str, blobs: &Blobs) -> Code {
                 .await,
         ),
         "GetBackupStatus" => code(admin.get_backup_status(pb::GetBackupStatusRequest {}).await),
+        "GetImportParameters" => code(
+            admin
+                .get_import_parameters(pb::GetImportParametersRequest {
+                    tenant: "acme".into(),
+                    name: format!("i{:08x}", rand::random::<u32>()),
+                    wrapping_algorithm: pb::WrappingAlgorithm::RsaesOaepSha1 as i32,
+                })
+                .await,
+        ),
+        // Parameters made by the officer; the principal imports for them.
+        "ImportKeyMaterial" => {
+            let name = format!("i{:08x}", rand::random::<u32>());
+            let (token, wrapped) =
+                wrapped_for_import(h, &name, pb::WrappingAlgorithm::RsaesOaepSha1, &[7; 32]).await;
+            code(
+                admin
+                    .import_key_material(pb::ImportKeyMaterialRequest {
+                        tenant: "acme".into(),
+                        name,
+                        import_token: token,
+                        encrypted_key_material: wrapped,
+                        purpose: pb::KeyPurpose::Data as i32,
+                        ..Default::default()
+                    })
+                    .await,
+            )
+        }
         other => panic!("unknown rpc {other}"),
     }
 }
@@ -923,6 +950,38 @@ struct Blobs {
     sealed: Vec<u8>,
     mac: Vec<u8>,
     signature: Vec<u8>,
+}
+
+/// New import parameters (made by the officer) for acme's key `name`, and `material` wrapped
+/// for them as a key owner would.
+async fn wrapped_for_import(
+    h: &Harness,
+    name: &str,
+    algorithm: pb::WrappingAlgorithm,
+    material: &[u8],
+) -> (String, Vec<u8>) {
+    let parameters = h
+        .admin()
+        .await
+        .get_import_parameters(pb::GetImportParametersRequest {
+            tenant: "acme".into(),
+            name: name.into(),
+            wrapping_algorithm: algorithm as i32,
+        })
+        .await
+        .expect("import parameters")
+        .into_inner();
+    let wrapping = match algorithm {
+        pb::WrappingAlgorithm::RsaesOaepSha1 => keyfront::hsm::ImportWrapping::RsaesOaepSha1,
+        pb::WrappingAlgorithm::RsaAesKeyWrapSha1 => {
+            keyfront::hsm::ImportWrapping::RsaAesKeyWrapSha1
+        }
+        other => panic!("{other:?}"),
+    };
+    let wrapped =
+        keyfront::crypto::import::wrap_for_import(&parameters.public_key_der, wrapping, material)
+            .expect("wrap");
+    (parameters.import_token, wrapped)
 }
 
 /// Creates acme's SIGN key `name`.
@@ -1028,7 +1087,7 @@ async fn blobs(h: &Harness) -> Blobs {
     }
 }
 
-const RPCS: [&str; 31] = [
+const RPCS: [&str; 33] = [
     "Encrypt",
     "GenerateMac",
     "VerifyMac",
@@ -1060,6 +1119,8 @@ const RPCS: [&str; 31] = [
     "ListApprovals",
     "GetMasterKeyStatus",
     "GetBackupStatus",
+    "GetImportParameters",
+    "ImportKeyMaterial",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1110,6 +1171,8 @@ async fn each_role_can_call_exactly_its_rpcs() {
                 "ListApprovals",
                 "GetMasterKeyStatus",
                 "GetBackupStatus",
+                "GetImportParameters",
+                "ImportKeyMaterial",
             ],
         ),
     ];
@@ -4744,5 +4807,212 @@ async fn signing_keys_story() {
         let text = std::fs::read_to_string(file).expect("audit");
         assert!(!text.contains(&marker), "a signed message in the audit log");
     }
+    h.stop().await;
+}
+
+/// Key import over gRPC: parameters (PEM, DER, expiry), a DATA key created from imported
+/// material serving Encrypt and Decrypt, GetKey and ListKeys reporting origin and expiry,
+/// ImportKeyMaterial idempotent under its request_id, RotateKey refused for imported keys
+/// unless allowed, the SHA-256 algorithms refused on SoftHSM 2.6, and audit lines that never
+/// hold the wrapped material.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_import_story() {
+    let h = Harness::start(false).await;
+    let mut admin = h.admin().await;
+    let parameters = admin
+        .get_import_parameters(pb::GetImportParametersRequest {
+            tenant: "acme".into(),
+            name: "byok".into(),
+            wrapping_algorithm: pb::WrappingAlgorithm::RsaAesKeyWrapSha1 as i32,
+        })
+        .await
+        .expect("parameters")
+        .into_inner();
+    assert!(
+        parameters
+            .public_key_pem
+            .starts_with("-----BEGIN PUBLIC KEY-----"),
+        "{}",
+        parameters.public_key_pem
+    );
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_secs(),
+    )
+    .expect("i64");
+    assert!((parameters.expire_time - now - 86_400).abs() < 60);
+    let wrapped = keyfront::crypto::import::wrap_for_import(
+        &parameters.public_key_der,
+        keyfront::hsm::ImportWrapping::RsaAesKeyWrapSha1,
+        &[0x5a; 32],
+    )
+    .expect("wrap");
+    let request = pb::ImportKeyMaterialRequest {
+        tenant: "acme".into(),
+        name: "byok".into(),
+        import_token: parameters.import_token.clone(),
+        encrypted_key_material: wrapped.clone(),
+        purpose: pb::KeyPurpose::Data as i32,
+        valid_to: now + 3600,
+        request_id: "import-1".into(),
+        ..Default::default()
+    };
+    let key = admin
+        .import_key_material(request.clone())
+        .await
+        .expect("import")
+        .into_inner();
+    assert_eq!(key.origin, pb::KeyOrigin::External as i32);
+    assert_eq!(key.primary_version, 1);
+    assert!(!key.allow_generated_rotation);
+    let again = admin
+        .import_key_material(request)
+        .await
+        .expect("the same request_id")
+        .into_inner();
+    assert_eq!(
+        again, key,
+        "a retry returns the first answer, no second version"
+    );
+
+    let mut app = h.keys("acme-app").await;
+    let sealed = app
+        .encrypt(pb::EncryptRequest {
+            key: "byok".into(),
+            plaintext: b"bring your own key".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("encrypt")
+        .into_inner();
+    let opened = app
+        .decrypt(pb::DecryptRequest {
+            ciphertext: sealed.ciphertext,
+            ..Default::default()
+        })
+        .await
+        .expect("decrypt")
+        .into_inner();
+    assert_eq!(opened.plaintext, b"bring your own key");
+
+    let details = admin
+        .get_key(pb::GetKeyRequest {
+            tenant: "acme".into(),
+            name: "byok".into(),
+        })
+        .await
+        .expect("get key")
+        .into_inner();
+    assert_eq!(details.latest_version, 1);
+    assert_eq!(details.versions[0].origin, pb::KeyOrigin::External as i32);
+    assert_eq!(details.versions[0].expire_time, now + 3600);
+    let listed = admin
+        .list_keys(pb::ListKeysRequest {
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .keys;
+    for key in &listed {
+        let expected = if key.name == "byok" {
+            pb::KeyOrigin::External
+        } else {
+            pb::KeyOrigin::Generated
+        };
+        assert_eq!(key.origin, expected as i32, "{}", key.name);
+    }
+
+    let refused = admin
+        .rotate_key(pb::RotateKeyRequest {
+            tenant: "acme".into(),
+            name: "byok".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("imported keys rotate by import");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("ImportKeyMaterial"),
+        "{refused:?}"
+    );
+    // Version 2 with generated rotation allowed; then RotateKey adds version 3.
+    let parameters = admin
+        .get_import_parameters(pb::GetImportParametersRequest {
+            tenant: "acme".into(),
+            name: "byok".into(),
+            wrapping_algorithm: pb::WrappingAlgorithm::RsaesOaepSha1 as i32,
+        })
+        .await
+        .expect("parameters")
+        .into_inner();
+    let wrapped = keyfront::crypto::import::wrap_for_import(
+        &parameters.public_key_der,
+        keyfront::hsm::ImportWrapping::RsaesOaepSha1,
+        &[0x6b; 32],
+    )
+    .expect("wrap");
+    let key = admin
+        .import_key_material(pb::ImportKeyMaterialRequest {
+            tenant: "acme".into(),
+            name: "byok".into(),
+            import_token: parameters.import_token,
+            encrypted_key_material: wrapped.clone(),
+            allow_generated_rotation: true,
+            ..Default::default()
+        })
+        .await
+        .expect("import version 2")
+        .into_inner();
+    assert_eq!(key.primary_version, 2);
+    assert!(key.allow_generated_rotation);
+    let rotated = admin
+        .rotate_key(pb::RotateKeyRequest {
+            tenant: "acme".into(),
+            name: "byok".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("allowed now")
+        .into_inner();
+    assert_eq!(rotated.primary_version, 3);
+    assert_eq!(rotated.origin, pb::KeyOrigin::External as i32);
+
+    for algorithm in [
+        pb::WrappingAlgorithm::RsaesOaepSha256,
+        pb::WrappingAlgorithm::RsaAesKeyWrapSha256,
+    ] {
+        let refused = admin
+            .get_import_parameters(pb::GetImportParametersRequest {
+                tenant: "acme".into(),
+                name: "byok".into(),
+                wrapping_algorithm: algorithm as i32,
+            })
+            .await
+            .expect_err("SoftHSM 2.6 has no RSA-OAEP with SHA-256");
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("SHA-256"), "{refused:?}");
+    }
+
+    let audit = std::fs::read_to_string(h.dir.path().join("audit/audit.log")).expect("audit");
+    use base64::Engine;
+    for secret in [
+        hex::encode(&wrapped[..32]),
+        base64::engine::general_purpose::STANDARD.encode(&wrapped[..30]),
+    ] {
+        assert!(
+            !audit.contains(&secret),
+            "wrapped material in the audit log"
+        );
+    }
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .filter(|l: &serde_json::Value| l["rpc"] == "ImportKeyMaterial")
+        .collect();
+    assert!(lines.len() >= 2, "ImportKeyMaterial is audited: {lines:?}");
     h.stop().await;
 }

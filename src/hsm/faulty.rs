@@ -47,7 +47,8 @@ pub enum Op {
     ImportKey,
 }
 
-const OPS: usize = 12;
+// One counter per operation: the last variant's index plus one.
+const OPS: usize = Op::ImportKey as usize + 1;
 
 /// Wraps an [`Hsm`], counting calls per operation and failing them on request.
 pub struct FaultyHsm<H> {
