@@ -89,6 +89,8 @@ enum Call {
     ListApprovals(pb::ListApprovalsRequest),
     CreateBackup(pb::CreateBackupRequest),
     GetBackupStatus(pb::GetBackupStatusRequest),
+    // GetImportParameters is left out: each makes an RSA-3072 key pair (up to seconds).
+    ImportKeyMaterial(pb::ImportKeyMaterialRequest),
     RequestSupportAccess(pb::RequestSupportAccessRequest),
     ApproveSupportAccess(pb::DecideSupportAccessRequest),
     DenySupportAccess(pb::DecideSupportAccessRequest),
@@ -390,6 +392,7 @@ aim!(
     GetKeyRequest { tenant; name },
     ListKeysRequest { tenant; },
     RotateKeyRequest { tenant; name },
+    ImportKeyMaterialRequest { tenant; name },
     UpdateKeyPolicyRequest { tenant; name },
     KeyVersionRequest { tenant; name },
     RequestSupportAccessRequest { tenant; },
@@ -527,6 +530,7 @@ async fn step(s: &InProcess, made: &mut Produced, step: Step) {
         Call::ListApprovals(r) => aimed!(r),
         Call::CreateBackup(r) => aimed!(r),
         Call::GetBackupStatus(r) => aimed!(r),
+        Call::ImportKeyMaterial(r) => aimed!(r),
         Call::ApproveSupportAccess(r) | Call::DenySupportAccess(r) => aimed!(r),
         Call::RevokeGrant(r) => aimed!(r),
         Call::ReviewAccess(r) => aimed!(r),
@@ -857,6 +861,9 @@ async fn step(s: &InProcess, made: &mut Produced, step: Step) {
         Call::ListApprovals(r) => done(s.admin.list_approvals(request(caller, r)).await, None),
         Call::CreateBackup(r) => done(s.admin.create_backup(request(caller, r)).await, None),
         Call::GetBackupStatus(r) => done(s.admin.get_backup_status(request(caller, r)).await, None),
+        Call::ImportKeyMaterial(r) => {
+            done(s.admin.import_key_material(request(caller, r)).await, None)
+        }
         Call::RequestSupportAccess(r) => {
             done(
                 s.access.request_support_access(request(caller, r)).await,

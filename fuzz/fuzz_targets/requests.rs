@@ -123,6 +123,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
                 UnsealSecretRequest,
                 CreateBackupRequest,
                 GetBackupStatusRequest,
+                GetImportParametersRequest,
+                ImportKeyMaterialRequest,
                 RotateMasterKeyRequest,
                 GetMasterKeyStatusRequest,
                 ApproveOperationRequest,
