@@ -428,8 +428,8 @@ const IMPORT_KEY_ONLY: Error =
     Error::InvalidInput("an import key unwraps only key material for import");
 
 /// The key pair templates of an import key: RSA-3072, the private key a sensitive session
-/// object that can only unwrap, extractable only so that it can be wrapped under the MWK right
-/// after (and destroyed).
+/// object that can only unwrap with RSA-OAEP ([`import_private_template`]), extractable only so
+/// that it can be wrapped under the MWK right after (and destroyed).
 fn import_key_templates() -> (Vec<Attribute>, Vec<Attribute>) {
     let public = vec![
         Attribute::Token(false),
@@ -439,31 +439,19 @@ fn import_key_templates() -> (Vec<Attribute>, Vec<Attribute>) {
         Attribute::ModulusBits((IMPORT_KEY_BITS as u64).into()),
         Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
     ];
-    let private = vec![
-        Attribute::Class(ObjectClass::PRIVATE_KEY),
-        Attribute::KeyType(KeyType::RSA),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(true),
-        Attribute::Sign(false),
-        Attribute::Decrypt(false),
-        Attribute::Unwrap(true),
-        Attribute::Derive(false),
-    ];
-    (public, private)
+    (public, import_private_template(true))
 }
 
-/// An import key while it unwraps material: sensitive, not extractable, RSA-OAEP unwrapping
-/// only.
-fn import_key_unwrap_template() -> Vec<Attribute> {
+/// An import key's private key: sensitive, RSA-OAEP unwrapping only; `extractable` only while
+/// it is made, to be wrapped under the MWK. In use it is not.
+fn import_private_template(extractable: bool) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(KeyType::RSA),
         Attribute::Token(false),
         Attribute::Private(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
+        Attribute::Extractable(extractable),
         Attribute::Sign(false),
         Attribute::Decrypt(false),
         Attribute::Unwrap(true),
@@ -1138,7 +1126,7 @@ impl Hsm for Pkcs11Hsm {
                 &Mechanism::AesKeyWrapPad,
                 import_mwk,
                 import_key.wrapped(),
-                &import_key_unwrap_template(),
+                &import_private_template(false),
             )?;
             let key = if wrapping.aes_key_wrap() {
                 s.unwrap_key(
