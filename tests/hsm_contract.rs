@@ -640,9 +640,7 @@ fn import_contract(hsm: &dyn Hsm, sha256: Option<bool>, gcm_siv: bool, exact_len
         );
         assert_eq!(
             hsm.unwrap_kek(&import_key).err(),
-            Some(Error::InvalidInput(
-                "an import key unwraps only key material for import"
-            )),
+            Some(keyfront::hsm::IMPORT_KEY_ONLY),
             "an import key is no KEK"
         );
 

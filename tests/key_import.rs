@@ -118,7 +118,8 @@ fn imported_keys_use_exactly_the_imported_material_and_expire() {
     );
     let record = kms
         .import_key_material(acme, &byok, &import(&token, &wrapped, Some(Purpose::Data)))
-        .expect("import");
+        .expect("import")
+        .0;
     assert_eq!(
         (record.primary, record.latest),
         (KeyVersion(1), KeyVersion(1))
@@ -166,7 +167,8 @@ fn imported_keys_use_exactly_the_imported_material_and_expire() {
                 ..import(&token, &wrapped, None)
             },
         )
-        .expect("import v2");
+        .expect("import v2")
+        .0;
     assert_eq!(record.primary, KeyVersion(2));
     let data_key = kms
         .generate_data_key(acme, &byok, &context)

@@ -35,19 +35,10 @@ pub fn wrap_for_import(
     if material.is_empty() {
         return Err(WrapError::Empty);
     }
-    let public =
-        rsa::RsaPublicKey::from_public_key_der(public_key_der).map_err(|_| WrapError::PublicKey)?;
-    if rsa::traits::PublicKeyParts::size(&public) != IMPORT_KEY_BITS / 8 {
-        return Err(WrapError::PublicKey);
-    }
+    let public = import_public_key(public_key_der).ok_or(WrapError::PublicKey)?;
     let oaep = |data: &[u8]| {
-        let padding = if wrapping.sha256() {
-            rsa::Oaep::new::<sha2::Sha256>()
-        } else {
-            rsa::Oaep::new::<sha1::Sha1>()
-        };
         public
-            .encrypt(&mut rsa::rand_core::OsRng, padding, data)
+            .encrypt(&mut rsa::rand_core::OsRng, oaep(wrapping), data)
             .map_err(|_| WrapError::TooLong(wrapping.name()))
     };
     if !wrapping.aes_key_wrap() {
@@ -66,8 +57,25 @@ pub fn wrap_for_import(
 /// `openssl pkeyutl`; `None` if it is not an RSA key of the import key's size.
 pub fn public_key_pem(public_key_der: &[u8]) -> Option<String> {
     use rsa::pkcs8::EncodePublicKey;
-    rsa::RsaPublicKey::from_public_key_der(public_key_der)
+    import_public_key(public_key_der)?
+        .to_public_key_pem(rsa::pkcs8::LineEnding::LF)
+        .ok()
+}
+
+/// The OAEP padding of `wrapping`: its hash, MGF1 on the same hash, no label (what the HSM
+/// unwraps with, and the memory fake decrypts with).
+pub(crate) fn oaep(wrapping: ImportWrapping) -> rsa::Oaep {
+    if wrapping.sha256() {
+        rsa::Oaep::new::<sha2::Sha256>()
+    } else {
+        rsa::Oaep::new::<sha1::Sha1>()
+    }
+}
+
+/// An import public key from its SubjectPublicKeyInfo DER, if it is RSA of the import key's
+/// size.
+fn import_public_key(der: &[u8]) -> Option<rsa::RsaPublicKey> {
+    rsa::RsaPublicKey::from_public_key_der(der)
         .ok()
         .filter(|key| rsa::traits::PublicKeyParts::size(key) == IMPORT_KEY_BITS / 8)
-        .and_then(|key| key.to_public_key_pem(rsa::pkcs8::LineEnding::LF).ok())
 }

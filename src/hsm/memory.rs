@@ -10,8 +10,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IMPORT_KEY_BITS, IMPORT_OAEP_LEN, IV_LEN, ImportTarget,
-    ImportWrapping, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm, WrappedKek, WrappedKind,
+    Error, GcmSealed, HmacKey, Hsm, IMPORT_KEY_BITS, IMPORT_KEY_ONLY, IMPORT_OAEP_LEN, IV_LEN,
+    ImportTarget, ImportWrapping, Kek, MacAlgorithm, MwkGeneration, NOT_AN_IMPORT_KEY,
+    SignAlgorithm, WrappedKek, WrappedKind,
 };
 use crate::crypto::{self, NONCE_LEN, Plaintext, SecretKey};
 
@@ -79,9 +80,7 @@ impl Hsm for MemoryHsm {
             return Err(Error::UnknownMwk(wrapped.generation()));
         }
         if wrapped.kind() == WrappedKind::ImportKey {
-            return Err(Error::InvalidInput(
-                "an import key unwraps only key material for import",
-            ));
+            return Err(IMPORT_KEY_ONLY);
         }
         if matches!(
             wrapped.kind(),
@@ -267,7 +266,7 @@ impl Hsm for MemoryHsm {
     ) -> Result<WrappedKek, Error> {
         use p256::pkcs8::DecodePrivateKey;
         if import_key.kind() != WrappedKind::ImportKey {
-            return Err(Error::InvalidInput("not an import key"));
+            return Err(NOT_AN_IMPORT_KEY);
         }
         if import_key.generation() != self.generation {
             return Err(Error::UnknownMwk(import_key.generation()));
@@ -277,13 +276,8 @@ impl Hsm for MemoryHsm {
         let private = rsa::RsaPrivateKey::from_pkcs8_der(pkcs8.expose_secret())
             .map_err(|_| Error::Integrity)?;
         let oaep = |block: &[u8]| {
-            let padding = if wrapping.sha256() {
-                rsa::Oaep::new::<Sha256>()
-            } else {
-                rsa::Oaep::new::<sha1::Sha1>()
-            };
             private
-                .decrypt(padding, block)
+                .decrypt(crypto::import::oaep(wrapping), block)
                 .map(zeroize::Zeroizing::new)
                 .map_err(|_| Error::Integrity)
         };

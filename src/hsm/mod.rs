@@ -282,6 +282,12 @@ impl ImportWrapping {
     }
 }
 
+/// [`Hsm::unwrap_kek`] (and master key rotation) given an import key blob.
+pub const IMPORT_KEY_ONLY: Error =
+    Error::InvalidInput("an import key unwraps only key material for import");
+/// [`Hsm::import_key`] given a blob that is not an import key.
+pub const NOT_AN_IMPORT_KEY: Error = Error::InvalidInput("not an import key");
+
 /// The modulus of an import key, in bits.
 pub const IMPORT_KEY_BITS: usize = 3072;
 /// The length of one RSA-OAEP block under an import key.

@@ -24,9 +24,9 @@ use cryptoki::types::AuthPin;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IMPORT_KEY_BITS, IMPORT_OAEP_LEN, IV_LEN, ImportTarget,
-    ImportWrapping, Kek, MacAlgorithm, MwkGeneration, SignAlgorithm, WrappedKek, WrappedKind,
-    function_name, signing,
+    Error, GcmSealed, HmacKey, Hsm, IMPORT_KEY_BITS, IMPORT_KEY_ONLY, IMPORT_OAEP_LEN, IV_LEN,
+    ImportTarget, ImportWrapping, Kek, MacAlgorithm, MwkGeneration, NOT_AN_IMPORT_KEY,
+    SignAlgorithm, WrappedKek, WrappedKind, function_name, signing,
 };
 use crate::crypto::Plaintext;
 
@@ -423,9 +423,6 @@ fn private_key_template(kind: WrappedKind, extractable: bool) -> Vec<Attribute> 
         Attribute::AllowedMechanisms(vec![mechanism]),
     ]
 }
-
-const IMPORT_KEY_ONLY: Error =
-    Error::InvalidInput("an import key unwraps only key material for import");
 
 /// The key pair templates of an import key: RSA-3072, the private key a sensitive session
 /// object that can only unwrap with RSA-OAEP ([`import_private_template`]), extractable only so
@@ -1096,7 +1093,7 @@ impl Hsm for Pkcs11Hsm {
         target: ImportTarget,
     ) -> Result<WrappedKek, Error> {
         if import_key.kind() != WrappedKind::ImportKey {
-            return Err(Error::InvalidInput("not an import key"));
+            return Err(NOT_AN_IMPORT_KEY);
         }
         if wrapping.sha256() && self.oaep_sha256.load(Ordering::Relaxed) == OAEP_UNSUPPORTED {
             return Err(OAEP_SHA256_UNSUPPORTED);

@@ -109,13 +109,13 @@ impl Kms {
     /// that does not unwrap (tampered, wrapped to other parameters or with another algorithm)
     /// or has the wrong length, an expiry in the past, or a SIGN purpose;
     /// [`Error::PurposeMismatch`] for an existing key of another purpose. Nothing is stored
-    /// on any error.
+    /// on any error. Returns the key and its import record as committed.
     pub fn import_key_material(
         &self,
         tenant: TenantId,
         name: &Name,
         import: &Import<'_>,
-    ) -> Result<KeyRecord, Error> {
+    ) -> Result<(KeyRecord, ImportRecord), Error> {
         if matches!(import.purpose, Some(Purpose::Sign(_))) {
             return Err(Error::InvalidArgument(
                 "SIGN keys cannot be imported; import DATA, SECRETS or MAC keys".into(),
@@ -221,7 +221,7 @@ impl Kms {
             db.commit(vec![
                 TenantWrite::Version(record.id, version_record.clone()),
                 TenantWrite::Key(record.clone()),
-                TenantWrite::Import(record.id, import_record),
+                TenantWrite::Import(record.id, import_record.clone()),
             ])?;
             self.register_new_version(tenant, record.id, &version_record);
             if let (true, Some(period)) = (
@@ -240,7 +240,7 @@ impl Kms {
                 import.expires_at,
                 epoch,
             );
-            Ok(record)
+            Ok((record, import_record))
         })
     }
 
@@ -252,17 +252,31 @@ impl Kms {
         self.reading(tenant, |db, _| Ok(db.import(&key)?))
     }
 
-    /// Whether RotateKey may add a generated version to `record`.
+    /// Whether RotateKey and the scheduler may add a generated version to `record`: a key of
+    /// generated material, or an imported one whose last import allowed it.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub(super) fn allows_generated_rotation(
+        db: &TenantDb,
+        record: &KeyRecord,
+    ) -> Result<bool, Error> {
+        Ok(db
+            .import(&record.id)?
+            .is_none_or(|import| import.allow_generated_rotation))
+    }
+
+    /// [`Kms::allows_generated_rotation`], as RotateKey's refusal.
     pub(super) fn check_generated_rotation(db: &TenantDb, record: &KeyRecord) -> Result<(), Error> {
-        match db.import(&record.id)? {
-            Some(import) if !import.allow_generated_rotation => Err(Error::KeyState {
+        match Self::allows_generated_rotation(db, record)? {
+            false => Err(Error::KeyState {
                 reason: "IMPORTED_KEY",
                 message: format!(
                     "key {} holds imported key material and its policy does not allow generated versions; import new material (ImportKeyMaterial) to rotate it",
                     record.name
                 ),
             }),
-            _ => Ok(()),
+            true => Ok(()),
         }
     }
 
@@ -295,9 +309,7 @@ impl Kms {
                 "IMPORT_PARAMETERS_EXPIRED",
                 format!(
                     "the import parameters of key {name} expired at {}; call GetImportParameters again",
-                    humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH + Duration::from_secs(parameters.expires_at)
-                    )
+                    super::rfc3339(parameters.expires_at)
                 ),
             ));
         }

@@ -421,7 +421,7 @@ impl Kms {
                 self.store.remove_rotation_check(tenant, key_id)?;
                 continue;
             };
-            if Self::check_generated_rotation(&db, &record).is_err() {
+            if !Self::allows_generated_rotation(&db, &record)? {
                 // Imported material only: its owner rotates it by importing (a usage limit
                 // then refuses encryptions until they do).
                 self.store.remove_rotation_check(tenant, key_id)?;
@@ -548,9 +548,7 @@ impl Kms {
                     "cannot {what}: the imported key material of version {} of key {} expired at {}",
                     snapshot.primary.version.0,
                     snapshot.record.name,
-                    humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(at)
-                    )
+                    super::rfc3339(at)
                 ),
             }),
             _ => Ok(()),
@@ -576,8 +574,7 @@ impl Kms {
                 ),
             });
         }
-        check_enabled(record, version, what)?;
-        self.check_material(snapshot, what)
+        self.check_use(snapshot, what)
     }
 }
 

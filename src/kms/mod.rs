@@ -49,6 +49,11 @@ pub use signing::{PublicKey, Signable, Signature, SignatureCheck};
 pub use usage::{DEFAULT_MAX_BULK_USES, DEFAULT_MAX_KEK_USES};
 use usage::{Taken, Usage, UseKind};
 
+/// A time (seconds since the Unix epoch) as messages show it.
+fn rfc3339(secs: u64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// The label HMAC'd inside the HSM with the storage root key to derive the storage MAC key.
 pub const STORAGE_KEY_DERIVATION_LABEL: &[u8] = b"keyfront/v1/storage-mac-key";
 /// The label for the key that HMACs context values in audit lines.

@@ -479,13 +479,12 @@ impl pb::admin_service_server::AdminService for AdminService {
                     expires_at,
                     allow_generated_rotation,
                 };
-                let record = kms.import_key_material(tenant, &name, &import)?;
-                Ok((kms.key_import(tenant, record.id)?, record))
+                kms.import_key_material(tenant, &name, &import)
             })
             .await;
-        let (import, record) = record?;
+        let (record, import) = record?;
         call.version(record.primary.0);
-        let message = key_message(&r.tenant, &record, import.as_ref());
+        let message = key_message(&r.tenant, &record, Some(&import));
         self.shared
             .remember(&call, Rpc::ImportKeyMaterial, &r.request_id, &message)
             .await;
