@@ -2591,6 +2591,88 @@ async fn the_scheduler_rotates_by_age_and_by_usage() {
     assert_eq!(encrypt(&mut globex, b"fresh").await.key_version, 2);
 }
 
+/// Issue 24, defect 1: rotation checks and remembered request_ids shared the system prefix
+/// `r/`. Once one mutation carried a request_id (the Rust client's always do), every
+/// scheduler tick failed reading the other's records: no key rotated by age again, and no
+/// request_id was ever pruned.
+#[cfg(feature = "test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_rotation_and_request_id_expiry_go_on_after_a_request_id_is_stored() {
+    let harness = Harness::start_with(false, |_, kms| {
+        kms.scheduler_interval = Duration::from_millis(50);
+    })
+    .await;
+    let mut admin = harness.admin().await;
+    let rotate = |tenant: &str, request_id: &str| pb::RotateKeyRequest {
+        tenant: tenant.into(),
+        name: "default".into(),
+        request_id: request_id.into(),
+    };
+    // A mutation with a request_id, on another tenant than the key with a period.
+    let first = admin
+        .rotate_key(rotate("globex", "rid-seam"))
+        .await
+        .expect("rotate with a request_id")
+        .into_inner();
+    assert_eq!(first.primary_version, 2);
+    let again = admin
+        .rotate_key(rotate("globex", "rid-seam"))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(again.primary_version, 2, "within a day: the first answer, nothing rotated");
+    admin
+        .update_key_policy(pb::UpdateKeyPolicyRequest {
+            tenant: "acme".into(),
+            name: "default".into(),
+            rotation_period_seconds: Some(86_400),
+            ..Default::default()
+        })
+        .await
+        .expect("period");
+    let primary = |admin: &mut AdminServiceClient<Channel>, tenant: &'static str| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get_key(pb::GetKeyRequest {
+                    tenant: tenant.into(),
+                    name: "default".into(),
+                })
+                .await
+                .expect("get key")
+                .into_inner()
+                .primary_version
+        }
+    };
+    harness.clock.advance(Duration::from_secs(86_400 + 60));
+    let mut version = 0;
+    // Up to 20 s: the scheduler ticks on a loaded machine too.
+    for _ in 0..400 {
+        version = primary(&mut admin, "acme").await;
+        if version == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(version, 2, "rotated by age although a request_id is stored");
+
+    // Over a day passed: the scheduler pruned the request_id, so the same id is a new call.
+    let mut after_expiry = 0;
+    for _ in 0..400 {
+        after_expiry = admin
+            .rotate_key(rotate("globex", "rid-seam"))
+            .await
+            .expect("after expiry")
+            .into_inner()
+            .primary_version;
+        if after_expiry == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(after_expiry, 3, "the expired request_id was pruned: a new call");
+}
+
 /// Dual control (issue 5): an operation under it is recorded, not done; its requester cannot
 /// approve it; a second officer can, and then it takes effect; approvals expire.
 #[cfg(feature = "test-hooks")]

@@ -1549,3 +1549,16 @@ fn signing_keys_survive_backup_and_restore() {
         "the same private key came back"
     );
 }
+
+/// Issue 24, defect 1: a store whose request_ids shared the rotation checks' prefix is
+/// migrated at open, and scheduled rotation and request_id pruning work again (sled).
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_store_of_key_layout_1_is_migrated_at_open() {
+    let config = common::initialized_token("layout");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
+    common::check_key_layout_migration(|| {
+        Kms::open(Arc::clone(&hsm), dir.path(), KmsOptions::default()).expect("open kms")
+    });
+}

@@ -939,3 +939,18 @@ fn a_master_key_rotation_on_one_node_is_followed_by_the_others_on_the_shared_hsm
     );
     assert_eq!(hsm_d.mwk_generation(), status.current);
 }
+
+/// Issue 24, defect 1, on PostgreSQL: a system schema whose request_ids shared the rotation
+/// checks' prefix is migrated when a node opens it.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_postgres_store_of_key_layout_1_is_migrated_at_open() {
+    let Some(url) = common::postgres::url() else {
+        return;
+    };
+    let namespace = common::postgres::namespace("layout");
+    let config = common::initialized_token("pg-layout");
+    let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::check_key_layout_migration(|| node(&hsm, &url, &namespace, dir.path()));
+}

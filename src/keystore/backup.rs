@@ -15,11 +15,12 @@ use super::engine::Batch;
 pub use super::engine::RawRecords;
 use super::journal::JournalEntry;
 use super::record::RecordMac;
-use super::system::{
-    APPROVAL_PREFIX, HEAD_PREFIX, KeyStore, NAME_PREFIX, PendingDestruction, StoreOptions,
-    TENANT_DESTRUCTION_PREFIX, TENANT_PREFIX, TOMBSTONE_PREFIX, Tombstone,
+use super::layout::{
+    APPROVAL_PREFIX, HEAD_KEY, HEAD_PREFIX, KEY_PREFIX, NAME_PREFIX, TENANT_DESTRUCTION_PREFIX,
+    TENANT_PREFIX, TOMBSTONE_PREFIX, VERSION_PREFIX,
 };
-use super::tenant::{HEAD_KEY, KEY_PREFIX, TenantDb, TenantHead, VERSION_PREFIX};
+use super::system::{KeyStore, PendingDestruction, StoreOptions, Tombstone};
+use super::tenant::{TenantDb, TenantHead};
 use super::{
     ApprovalState, Error, GrantState, KeyRecord, TenantRecord, VersionRecord, VersionState, decode,
     encode, now_secs, prefixed,

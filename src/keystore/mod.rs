@@ -20,6 +20,7 @@ pub mod backup;
 pub mod changes;
 mod engine;
 pub mod journal;
+mod layout;
 pub mod lease;
 mod postgres;
 mod record;
@@ -85,6 +86,14 @@ pub enum Error {
     /// No tenant with that id.
     #[error("tenant {0} not found")]
     TenantNotFound(TenantId),
+    /// The store was written by a newer keyfront, whose key layout this build does not know.
+    #[error("the store follows key layout {found}; this keyfront knows layouts up to {known} (a newer keyfront wrote it)")]
+    NewerLayout {
+        /// The layout the store follows.
+        found: u32,
+        /// The newest layout this build knows.
+        known: u32,
+    },
     /// The tenant's destruction is not scheduled.
     #[error("tenant {0} is not scheduled for destruction")]
     NotScheduled(TenantId),

@@ -8,6 +8,12 @@ use std::sync::{Arc, Mutex, Weak};
 use serde::{Deserialize, Serialize};
 
 use super::engine::{Batch, Database, Engine};
+use super::layout::{
+    APPROVAL_PREFIX, AUDIT_HEAD_KEY, DESTRUCTION_PREFIX, GRANT_PREFIX, HEAD_PREFIX,
+    LAST_USE_PREFIX, LAYOUT_KEY, LAYOUT1_REQUEST_PREFIX, META_KEY, MWK_RETIRED_PREFIX, MWK_ROTATION_KEY, NAME_PREFIX,
+    REQUEST_PREFIX, ROTATION_PREFIX, SEQ_KEY, TENANT_DESTRUCTION_PREFIX, TENANT_PREFIX,
+    SYSTEM_LAYOUT, TOMBSTONE_PREFIX,
+};
 use super::journal::{Journal, JournalEntry};
 use super::record::RecordMac;
 use super::tenant::{TenantDb, TenantHead};
@@ -15,38 +21,6 @@ use super::{Error, TenantRecord, decode, encode, now_secs, prefixed};
 use crate::ids::{ID_LEN, KeyId, KeyVersion, Name, TenantId};
 
 const DB_ID: &[u8] = b"system";
-const META_KEY: &[u8] = b"meta";
-const SEQ_KEY: &[u8] = b"seq";
-pub(super) const TENANT_PREFIX: &[u8] = b"t/";
-pub(super) const NAME_PREFIX: &[u8] = b"n/";
-pub(super) const HEAD_PREFIX: &[u8] = b"h/";
-pub(super) const TOMBSTONE_PREFIX: &[u8] = b"x/";
-// Pending version destructions: d/ ‖ tenant id ‖ key id ‖ version (u32 BE) → when (u64).
-// A superset of the truth: written before the tenant commit that schedules, removed after the
-// one that cancels or destroys, so a crash can leave an extra entry but never lose one.
-const DESTRUCTION_PREFIX: &[u8] = b"d/";
-// Keys with a rotation period: r/ ‖ tenant id ‖ key id → when to look at it next (u64). The
-// date is never later than the key's real due date: set to "now" when a period is set, and
-// recomputed from the key only by the scheduler; a stray entry is dropped by the scheduler.
-const ROTATION_PREFIX: &[u8] = b"r/";
-// Master key rotation: the journal (m/rotation → MwkRotation) while one runs, and the retired
-// generations with their destruction dates (m/retired/ ‖ generation u32 BE → u64).
-const MWK_ROTATION_KEY: &[u8] = b"m/rotation";
-pub(super) const MWK_RETIRED_PREFIX: &[u8] = b"m/retired/";
-// Dual control: a/ ‖ approval id → ApprovalRecord.
-pub(super) const APPROVAL_PREFIX: &[u8] = b"a/";
-// Pending tenant destructions: D/ ‖ tenant id → when (u64), committed with the tenant record.
-pub(super) const TENANT_DESTRUCTION_PREFIX: &[u8] = b"D/";
-/// The audit chain head, as of the last signed checkpoint.
-pub(super) const AUDIT_HEAD_KEY: &[u8] = b"audit/head";
-// g/<grant id> -> GrantRecord: support access grants.
-const GRANT_PREFIX: &[u8] = b"g/";
-/// Responses of mutations by request_id: `r/<tenant name or *>/<sha256(identity ‖ 0 ‖ id)>`.
-const REQUEST_PREFIX: &[u8] = b"r/";
-// u/<identity> -> LastUse: when each principal was last authorized (written at most once a
-// minute per principal).
-const LAST_USE_PREFIX: &[u8] = b"u/";
-
 /// Tuning of the key store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -163,6 +137,10 @@ impl SystemDb {
                 };
                 let mut batch = Batch::default();
                 batch.insert(META_KEY, mac.seal(DB_ID, META_KEY, 1, &encode(&meta)?));
+                batch.insert(
+                    LAYOUT_KEY,
+                    mac.seal(DB_ID, LAYOUT_KEY, 1, &encode(&SYSTEM_LAYOUT)?),
+                );
                 batch.insert(SEQ_KEY, mac.seal(DB_ID, SEQ_KEY, 1, &[]));
                 // Guarded on the meta record's absence: of two nodes starting on an empty
                 // database, one creates it and the other reads it back.
@@ -176,11 +154,72 @@ impl SystemDb {
                 1
             }
         };
-        Ok(Self {
+        let system = Self {
             db,
             mac,
             seq: Mutex::new(seq),
-        })
+        };
+        system.migrate()?;
+        Ok(system)
+    }
+
+    /// Brings the stored records to this build's key layout ([`SYSTEM_LAYOUT`]) in one
+    /// guarded commit: on a shared store the nodes that start together migrate once, and a
+    /// node that loses the race reads the layout the winner wrote. A store written by a newer
+    /// layout is refused: this build would misread it.
+    fn migrate(&self) -> Result<(), Error> {
+        loop {
+            let raw = self.db.get(LAYOUT_KEY)?;
+            let layout: u32 = match &raw {
+                // Stores made before the layout was recorded follow layout 1.
+                None => 1,
+                Some(raw) => {
+                    let record = self.mac.open(DB_ID, LAYOUT_KEY, raw).ok_or(Error::Integrity {
+                        database: "system".into(),
+                        reason: "the layout record fails its MAC",
+                    })?;
+                    decode(record.payload)?
+                }
+            };
+            if layout > SYSTEM_LAYOUT {
+                return Err(Error::NewerLayout {
+                    found: layout,
+                    known: SYSTEM_LAYOUT,
+                });
+            }
+            if layout == SYSTEM_LAYOUT {
+                return Ok(());
+            }
+            // Layout 1 -> 2: remembered request_ids leave `r/` (the rotation checks' prefix)
+            // for `q/`. A rotation check's key is `r/` ‖ tenant id ‖ key id; a request's is
+            // `r/` ‖ scope ‖ `/` ‖ 64 hex digits, always longer.
+            let mut inserts = Vec::new();
+            let mut removes = Vec::new();
+            for (key, _) in self.db.scan_prefix(LAYOUT1_REQUEST_PREFIX)? {
+                let rest = &key[LAYOUT1_REQUEST_PREFIX.len()..];
+                if rest.len() == 2 * ID_LEN {
+                    continue;
+                }
+                let payload = self.read(&key)?.ok_or(Error::Encoding)?;
+                inserts.push((prefixed(REQUEST_PREFIX, rest), payload));
+                removes.push(key);
+            }
+            let moved = inserts.len();
+            inserts.push((LAYOUT_KEY.to_vec(), encode(&SYSTEM_LAYOUT)?));
+            let guard = super::engine::Guard {
+                key: LAYOUT_KEY,
+                value: raw.as_deref(),
+            };
+            if self.apply(Batch::default(), inserts, removes, Some(guard))? {
+                tracing::info!(
+                    from = layout,
+                    to = SYSTEM_LAYOUT,
+                    request_ids_moved = moved,
+                    "system database migrated to a new key layout"
+                );
+                return Ok(());
+            }
+        }
     }
 
     /// One atomic, flushed system commit.
@@ -984,6 +1023,23 @@ impl KeyStore {
             self.system.commit(vec![], removes)?;
         }
         Ok(removed)
+    }
+
+    /// Rewrites the system database as a keyfront of key layout 1 left it: remembered
+    /// request_ids under `r/`, beside the rotation checks, and no layout record. Tests only:
+    /// the store then needs [`SystemDb::migrate`] at its next open.
+    ///
+    /// # Errors
+    /// Storage and integrity errors.
+    #[cfg(feature = "test-hooks")]
+    pub fn dangerous_rewrite_as_layout1(&self) -> Result<(), Error> {
+        let mut inserts = Vec::new();
+        let mut removes = vec![LAYOUT_KEY.to_vec()];
+        for (rest, done) in self.scan::<super::DoneRequest>(REQUEST_PREFIX)? {
+            inserts.push((prefixed(LAYOUT1_REQUEST_PREFIX, &rest), encode(&done)?));
+            removes.push(prefixed(REQUEST_PREFIX, &rest));
+        }
+        self.system.commit(inserts, removes)
     }
 
     /// Writes (creates or updates) an approval.

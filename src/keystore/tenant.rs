@@ -26,12 +26,10 @@ use super::{
 };
 use crate::ids::{ID_LEN, KeyId, KeyVersion, Name, TenantId};
 
-pub(super) const HEAD_KEY: &[u8] = b"head";
-pub(super) const KEY_PREFIX: &[u8] = b"k/";
-const NAME_PREFIX: &[u8] = b"n/";
-pub(super) const VERSION_PREFIX: &[u8] = b"v/";
-const IMPORT_PREFIX: &[u8] = b"i/";
-const IMPORT_PARAMETERS_PREFIX: &[u8] = b"p/";
+use super::layout::{
+    HEAD_KEY, IMPORT_PARAMETERS_PREFIX, IMPORT_PREFIX, KEY_NAME_PREFIX as NAME_PREFIX,
+    KEY_PREFIX, VERSION_PREFIX,
+};
 
 /// The anchor of a tenant database: last commit's sequence and the digest of all records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

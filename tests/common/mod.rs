@@ -107,3 +107,77 @@ pub fn softhsm_kms(prefix: &str) -> (Kms, tempfile::TempDir, Pkcs11Config) {
     let kms = Kms::open(hsm, dir.path(), KmsOptions::default()).expect("open kms");
     (kms, dir, config)
 }
+
+/// Issue 24, defect 1, on whichever store `open` opens (each call a new node on the same
+/// store): rotation checks and remembered request_ids once shared the `r/` prefix, so a single
+/// stored request_id stopped scheduled rotation for every tenant and request_ids were never
+/// pruned. A store left by that layout is migrated at open: both work again, on the records it
+/// holds.
+#[cfg(feature = "test-hooks")]
+pub fn check_key_layout_migration(open: impl Fn() -> Kms) {
+    use keyfront::kms::PolicyUpdate;
+    let name = |s: &str| -> keyfront::ids::Name { s.parse().expect("name") };
+    let kms = open();
+    let tenant = kms.create_tenant(&name("acme")).expect("tenant").id;
+    kms.create_key(tenant, &name("default"), keyfront::keystore::Purpose::Data)
+        .expect("key");
+    kms.update_policy(
+        tenant,
+        &name("default"),
+        &PolicyUpdate {
+            rotation_period_secs: Some(60),
+            ..PolicyUpdate::default()
+        },
+    )
+    .expect("period");
+    let done = keyfront::keystore::DoneRequest {
+        rpc: "RotateKey".into(),
+        response: vec![1, 2, 3],
+        at: 1,
+    };
+    kms.store()
+        .put_done_request("acme", "spiffe://x/officer", "rid-1", &done)
+        .expect("remember");
+    // Both owners read their own records only.
+    assert_eq!(kms.store().rotation_checks().expect("checks").len(), 1);
+    assert_eq!(
+        kms.store().prune_done_requests(2, 100).expect("prune"),
+        1,
+        "the old response is pruned"
+    );
+    kms.store()
+        .put_done_request("acme", "spiffe://x/officer", "rid-2", &done)
+        .expect("remember");
+
+    // What layout 1 left behind: the two owners' records under one prefix.
+    kms.store()
+        .dangerous_rewrite_as_layout1()
+        .expect("rewrite as layout 1");
+    assert!(
+        kms.store().rotation_checks().is_err(),
+        "layout 1 is what stopped scheduled rotation"
+    );
+    drop(kms);
+
+    let kms = open();
+    let checks = kms.store().rotation_checks().expect("rotation checks read again");
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    assert_eq!(checks[0].0, tenant);
+    assert_eq!(
+        kms.store()
+            .done_request("acme", "spiffe://x/officer", "rid-2")
+            .expect("read"),
+        Some(done),
+        "the remembered response moved with the migration"
+    );
+    assert_eq!(
+        kms.store().prune_done_requests(2, 100).expect("prune"),
+        1,
+        "and is pruned like any other"
+    );
+    assert_eq!(kms.store().rotation_checks().expect("checks").len(), 1);
+    drop(kms);
+    // A second open finds nothing to migrate.
+    let kms = open();
+    assert_eq!(kms.store().rotation_checks().expect("checks").len(), 1);
+}
