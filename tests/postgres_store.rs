@@ -954,3 +954,100 @@ fn a_postgres_store_of_key_layout_1_is_migrated_at_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     common::check_key_layout_migration(|| node(&hsm, &url, &namespace, dir.path()));
 }
+
+/// Issue 24, defect 2: PostgreSQL refusing this node's login (class 28, as after a password
+/// rotation) or a privilege (42501) is an outage of the store for the caller: writes answer
+/// UNAVAILABLE (the client library retries it), cached keys go on encrypting and decrypting on
+/// every node, as with a stopped server, and the error names the SQLSTATE and the server's
+/// message (tokio-postgres's own text is only "db error").
+#[test]
+fn a_login_or_privilege_refused_by_postgres_is_an_outage_and_cached_keys_go_on() {
+    let Some(url) = common::postgres::url() else {
+        return;
+    };
+    let sql = common::postgres::Sql::connect(&url);
+    let role = format!("kf_login_{:08x}", rand::random::<u32>());
+    sql.execute(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE postgres TO {role}"
+    ));
+    let role_url = url.replace("user=postgres", &format!("user={role}"));
+    assert_ne!(role_url, url, "the test URL names its user");
+    let namespace = common::postgres::namespace("login");
+    let config = common::initialized_token("pg-login");
+    let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
+    let (dir_a, dir_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let a = node(&hsm, &role_url, &namespace, dir_a.path());
+    let acme = a.create_tenant(&name("acme")).expect("tenant").id;
+    a.create_key(acme, &name("default"), Purpose::Data)
+        .expect("key");
+    let b = node(&hsm, &role_url, &namespace, dir_b.path());
+    let ciphertext = encrypt(&a, acme, b"before");
+    // B's first Encrypt reserves uses (a commit, announced to A, whose view of acme is then
+    // read again): A uses the key once more after it, so both hold a current view.
+    for kms in [&a, &b, &a] {
+        assert_eq!(decrypts(kms, acme, &ciphertext).expect("decrypt"), b"before");
+        encrypt(kms, acme, b"warm");
+    }
+    let outage = |kms: &Kms, sqlstate: &str| {
+        // The pool's sessions that the server ended answer "connection closed" first (also
+        // UNAVAILABLE); the next ones meet the refusal itself.
+        let mut text = String::new();
+        for _ in 0..20 {
+            let error = kms
+                .rotate_key(acme, &name("default"))
+                .expect_err("a write while PostgreSQL refuses");
+            text = error.to_string();
+            assert!(
+                matches!(&error, Error::Store(keystore::Error::Unavailable(_))),
+                "{error:?}"
+            );
+            assert_eq!(tonic::Status::from(error).code(), tonic::Code::Unavailable);
+            if text.contains("SQLSTATE") {
+                break;
+            }
+        }
+        assert!(text.contains(&format!("SQLSTATE {sqlstate}")), "{text}");
+        assert!(!text.contains("db error") && !text.contains("host="), "{text}");
+        let ciphertext = encrypt(kms, acme, b"during");
+        assert_eq!(decrypts(kms, acme, &ciphertext).expect("decrypt"), b"during");
+    };
+
+    // The privileges on the tables taken away (42501); the sessions stay.
+    let schemas = [format!("{namespace}_system"), format!("{namespace}_t_{acme}")];
+    for schema in &schemas {
+        sql.execute(&format!(
+            "REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {role}"
+        ));
+    }
+    for kms in [&a, &b] {
+        outage(kms, "42501");
+    }
+    for schema in &schemas {
+        sql.execute(&format!("GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {role}"));
+    }
+    // The login refused (28000, as after a password rotation), every session of the role
+    // ended: the change listeners cannot reconnect either.
+    sql.execute(&format!(
+        "ALTER ROLE {role} NOLOGIN; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+    ));
+    for kms in [&a, &b] {
+        outage(kms, "28000");
+    }
+    // Allowed again: writes go through, nothing was half-written.
+    sql.execute(&format!("ALTER ROLE {role} LOGIN"));
+    let mut rotated = None;
+    for _ in 0..100 {
+        match a.rotate_key(acme, &name("default")) {
+            Ok(record) => {
+                rotated = Some(record);
+                break;
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+    assert_eq!(rotated.expect("rotates once allowed").primary, KeyVersion(2));
+    let dir_c = tempfile::tempdir().expect("dir");
+    let fresh = node(&hsm, &role_url, &namespace, dir_c.path());
+    assert_eq!(decrypts(&fresh, acme, &ciphertext).expect("decrypt"), b"before");
+}

@@ -801,26 +801,59 @@ fn tls_connector(
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-/// The one mapping of PostgreSQL errors: a server that cannot be reached, is shutting down,
-/// or ran out of connections is `Unavailable` (retry); anything else is a store error whose
-/// details are logged where it is mapped to a status, never sent to a client.
+/// The one mapping of PostgreSQL errors.
+///
+/// Policy: whatever keeps this node from using the store now, and may pass without a change to
+/// the request, is `Unavailable` (the caller retries; cached keys go on serving): a server
+/// that cannot be reached, is shutting down or ran out of connections (classes 08, 53, 57), a
+/// conflict that a retry resolves (serialization failure, deadlock, a session ended idle in a
+/// transaction), and the server refusing this node's login or a privilege (class 28, 42501):
+/// for the caller that is an outage of the store, and an operator fixes it on the server, as
+/// after a password rotation. Anything else is a store error (a bug, or a schema that is not
+/// keyfront's), INTERNAL for the caller.
+///
+/// The text keeps what tokio-postgres's `Display` drops for server errors ("db error"): the
+/// SQLSTATE and the server's message. Neither holds a connection string or a record value.
 fn pg_error(error: tokio_postgres::Error) -> Error {
     let unavailable = match error.code() {
         None => true,
         Some(code) => {
             let class = code.code().get(..2).unwrap_or("");
             class == "08"
+                || class == "28"
                 || class == "53"
                 || class == "57"
+                || *code == SqlState::INSUFFICIENT_PRIVILEGE
                 || *code == SqlState::T_R_SERIALIZATION_FAILURE
                 || *code == SqlState::T_R_DEADLOCK_DETECTED
                 || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
         }
     };
+    let text = error_text(&error);
     if unavailable {
-        Error::Unavailable(error.to_string())
+        Error::Unavailable(text)
     } else {
-        Error::Postgres(error.to_string())
+        Error::Postgres(text)
+    }
+}
+
+/// A PostgreSQL error for the log: the server's SQLSTATE and message when the server answered,
+/// else tokio-postgres's description (which names the cause: refused, timed out, closed).
+fn error_text(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!(
+            "PostgreSQL refused: SQLSTATE {} ({}): {}",
+            db.code().code(),
+            db.severity(),
+            db.message()
+        ),
+        None => {
+            use std::error::Error as _;
+            match error.source() {
+                Some(source) => format!("{error}: {source}"),
+                None => error.to_string(),
+            }
+        }
     }
 }
 
