@@ -96,7 +96,8 @@ impl From<Error> for tonic::Status {
     ///
     /// Policy: the caller's own mistakes get a specific code and a message that names the rule;
     /// every decryption failure is one opaque INVALID_ARGUMENT; an HSM that cannot be reached is
-    /// UNAVAILABLE (retry); everything else is INTERNAL with a generic message, its details
+    /// UNAVAILABLE (retry); a store that fails its integrity checks is DATA_LOSS (counted, and
+    /// its details logged); everything else is INTERNAL with a generic message, its details
     /// logged once here and never sent.
     fn from(error: Error) -> Self {
         match error {
@@ -136,6 +137,27 @@ impl From<Error> for tonic::Status {
                 // The disk or the files failed under the store, not the request: retryable.
                 tracing::error!(error = %e, "key store I/O failed");
                 Self::unavailable("key store I/O failed; the request was not completed; retry")
+            }
+            Error::Store(
+                error @ (keystore::Error::Integrity { .. } | keystore::Error::Rollback(_)),
+            ) => {
+                // Damage, not a bug: a record altered, moved, deleted or rolled back. Clients
+                // and load balancers tell DATA_LOSS apart from INTERNAL; the details (which
+                // record, which check) are for operators and stay in the log.
+                let system = matches!(
+                    &error,
+                    keystore::Error::Integrity { database, .. } if database == "system"
+                );
+                let database = if system { "system" } else { "tenant" };
+                crate::metrics::global().store_integrity_failure(database);
+                tracing::error!(alert = "store_integrity", %error, "a key store failed its integrity check");
+                Self::data_loss(if system {
+                    "the system key store failed its integrity check (damaged or rolled back); \
+                     nothing was done; operators: see the server log"
+                } else {
+                    "this tenant's key store failed its integrity check (damaged or rolled back); \
+                     nothing was done; operators: see the server log"
+                })
             }
             Error::Store(keystore::Error::Stale(_)) => Self::aborted(
                 "the tenant changed on another node while this request ran; nothing was written; retry",

@@ -62,6 +62,12 @@ struct HsmLabels {
     outcome: &'static str,
 }
 
+/// Labels naming a database of the key store (`system` or `tenant`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DatabaseLabels {
+    database: &'static str,
+}
+
 /// Labels of a cache lookup.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheLabels {
@@ -81,6 +87,7 @@ pub struct Metrics {
     open_tenants: Gauge,
     scheduler_paused: Gauge,
     versions_destroyed: Counter,
+    store_integrity_failures: Family<DatabaseLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -102,6 +109,13 @@ impl Metrics {
         let open_tenants = Gauge::default();
         let scheduler_paused = Gauge::default();
         let versions_destroyed = Counter::default();
+        let store_integrity_failures = Family::<DatabaseLabels, Counter>::default();
+        registry.register(
+            "store_integrity_failures",
+            "Requests refused because a key store database failed its integrity checks \
+             (a record altered, moved, deleted or rolled back), by database (system, tenant)",
+            store_integrity_failures.clone(),
+        );
         registry.register(
             "scheduler_paused",
             "1 while scheduled destructions are paused because the wall clock jumped",
@@ -158,7 +172,16 @@ impl Metrics {
             open_tenants,
             scheduler_paused,
             versions_destroyed,
+            store_integrity_failures,
         }
+    }
+
+    /// Counts a request refused because `database` (`system` or `tenant`) failed its
+    /// integrity checks.
+    pub fn store_integrity_failure(&self, database: &'static str) {
+        self.store_integrity_failures
+            .get_or_create(&DatabaseLabels { database })
+            .inc();
     }
 
     /// Records whether the scheduler's destructions are paused.

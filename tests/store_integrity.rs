@@ -81,16 +81,34 @@ fn first_key_with_prefix(db: &sled::Db, prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (key.to_vec(), value.to_vec())
 }
 
+/// An integrity failure, which the caller receives as DATA_LOSS naming the tenant's store as
+/// damaged (issue 24, defect 3: it was INTERNAL "internal error"), counted in the metrics.
 fn assert_integrity_failure(result: Result<impl std::fmt::Debug, Error>) {
-    assert!(
-        matches!(
-            result,
-            Err(Error::Store(
-                keystore::Error::Integrity { .. } | keystore::Error::Rollback(_)
-            ))
-        ),
-        "{result:?}"
-    );
+    let counted = || {
+        keyfront::metrics::global()
+            .encode()
+            .lines()
+            .find(|l| l.starts_with("keyfront_store_integrity_failures_total{database=\"tenant\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = counted();
+    match result {
+        Err(
+            error @ Error::Store(keystore::Error::Integrity { .. } | keystore::Error::Rollback(_)),
+        ) => {
+            let status = tonic::Status::from(error);
+            assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+            assert!(
+                status
+                    .message()
+                    .starts_with("this tenant's key store failed its integrity check"),
+                "{status:?}"
+            );
+            assert!(counted() > before, "counted in keyfront_store_integrity_failures");
+        }
+        other => panic!("expected an integrity failure, got {other:?}"),
+    }
 }
 
 fn use_acme(kms: &Kms, fixture: &Fixture) -> Result<(), Error> {
