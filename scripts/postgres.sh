@@ -9,7 +9,9 @@
 # DIR holds the cluster (DIR/data) and its log (DIR/log); it takes TCP only (no socket). Authentication is
 # "trust" on loopback: for throwaway test and dev clusters only, never for production.
 # As root the server runs as the user "postgres" (made by the Debian package); otherwise as
-# the calling user.
+# the calling user. That user must be able to enter DIR: when root's DIR is out of its reach
+# (a checkout under a home directory of mode 700), the cluster lives in
+# /var/tmp/keyfront-postgres-<hash of DIR>/ instead, and DIR/data is a symbolic link to it.
 set -euo pipefail
 
 usage() {
@@ -65,21 +67,36 @@ case "$ACTION" in
     fi
     mkdir -p "$DIR"
     DIR=$(cd "$DIR" && pwd)
+    HOME_DIR=$DIR
     if [ "$(id -u)" -eq 0 ]; then
       id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql postgres
       chown postgres "$DIR"
+      if ! runuser -u postgres -- test -x "$DIR" -a -w "$DIR" 2>/dev/null; then
+        # A directory above DIR is closed to "postgres" (mode 700 home directories are).
+        HOME_DIR=/var/tmp/keyfront-postgres-$(printf '%s' "$DIR" | sha256sum | cut -c1-16)
+        if [ ! -L "$DIR/data" ]; then
+          rm -rf "$HOME_DIR" "$DIR/data"
+        fi
+        mkdir -p "$HOME_DIR"
+        chown postgres "$HOME_DIR"
+        chmod 700 "$HOME_DIR"
+        ln -sfn "$HOME_DIR/data" "$DIR/data"
+        echo "scripts/postgres.sh: the user postgres cannot enter $DIR; the cluster lives in $HOME_DIR (linked from $DIR/data)" >&2
+      fi
     fi
-    if [ ! -f "$DIR/data/PG_VERSION" ]; then
-      as_owner "$BIN/initdb" -D "$DIR/data" -U postgres --auth=trust -E UTF8 >"$DIR/initdb.log" 2>&1 || {
+    if [ ! -f "$HOME_DIR/data/PG_VERSION" ]; then
+      as_owner "$BIN/initdb" -D "$HOME_DIR/data" -U postgres --auth=trust -E UTF8 >"$DIR/initdb.log" 2>&1 || {
         cat "$DIR/initdb.log" >&2
+        echo "scripts/postgres.sh: initdb failed in $HOME_DIR/data as user $(as_owner id -un); that user must be able to enter and write every directory on the way" >&2
         exit 1
       }
     fi
-    if ! as_owner "$BIN/pg_ctl" -D "$DIR/data" status >/dev/null 2>&1; then
-      as_owner "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log" -w -t 60 start \
+    if ! as_owner "$BIN/pg_ctl" -D "$HOME_DIR/data" status >/dev/null 2>&1; then
+      as_owner "$BIN/pg_ctl" -D "$HOME_DIR/data" -l "$HOME_DIR/log" -w -t 60 start \
         -o "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories= -c max_connections=300 -c fsync=on" \
         >/dev/null || {
-        tail -n 30 "$DIR/log" >&2 || true
+        tail -n 30 "$HOME_DIR/log" >&2 || true
+        echo "scripts/postgres.sh: PostgreSQL did not start on 127.0.0.1:$PORT (its log is above: $HOME_DIR/log)" >&2
         exit 1
       }
     fi
@@ -89,7 +106,9 @@ case "$ACTION" in
     BIN=$(pg_bin || true)
     [ -n "$BIN" ] || exit 0
     [ -f "$DIR/data/PG_VERSION" ] || exit 0
-    as_owner "$BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+    # DIR/data may be a link to a cluster kept where the user postgres can reach it.
+    DATA=$(readlink -f "$DIR/data")
+    as_owner "$BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null 2>&1 || true
     ;;
   *)
     usage
