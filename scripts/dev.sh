@@ -9,5 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./softhsm/install.sh
-cargo build --release --locked --quiet
+if [ ! -x target/release/keyfront ]; then
+  echo "scripts/dev.sh: building keyfront (release). The first build compiles every dependency: about 10 minutes on 2 cores; later runs take seconds." >&2
+fi
+cargo build --release --locked
 exec ./target/release/keyfront dev --dir "${KEYFRONT_DEV_DIR:-.keyfront-dev}" "$@"

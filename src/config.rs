@@ -896,6 +896,20 @@ impl Config {
     /// # Errors
     /// [`ConfigError`], listing every invalid value at once.
     pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        Self::load_checking(path, env, true)
+    }
+
+    /// [`Config::load`] for the commands that do not serve (`init`, `selfcheck`, `backup`):
+    /// the `[server]` section's certificate files need not exist yet (an operator runs the
+    /// ceremony before the certificates are issued); everything else is checked the same.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn load_offline(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        Self::load_checking(path, env, false)
+    }
+
+    fn load_checking(path: &Path, env: &dyn Env, serving: bool) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -905,7 +919,7 @@ impl Config {
             message: e.message().to_owned(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        raw.validate(base, env)
+        raw.validate(base, env, serving)
             .map_err(|problems| ConfigError::Invalid {
                 path: path.to_path_buf(),
                 problems,
@@ -914,7 +928,12 @@ impl Config {
 }
 
 impl RawConfig {
-    fn validate(self, base: &Path, env: &dyn Env) -> Result<Config, Vec<ConfigProblem>> {
+    fn validate(
+        self,
+        base: &Path,
+        env: &dyn Env,
+        serving: bool,
+    ) -> Result<Config, Vec<ConfigProblem>> {
         let mut problems = Vec::new();
         let module = base.join(&self.hsm.module);
         if !module.exists() {
@@ -1006,7 +1025,9 @@ impl RawConfig {
                 self.backup.retention_days,
             ));
         }
-        let server = self.server.map(|raw| raw.validate(base, &mut problems));
+        let server = self
+            .server
+            .map(|raw| raw.validate(base, serving, &mut problems));
         let principals = validate_principals(self.principals, &mut problems);
         match pin {
             Some(pin) if problems.is_empty() => Ok(Config {
@@ -1071,10 +1092,16 @@ impl RawConfig {
 }
 
 impl RawServer {
-    fn validate(self, base: &Path, problems: &mut Vec<ConfigProblem>) -> ServerConfig {
+    /// `serving`: the certificate files must exist (only `serve` reads them).
+    fn validate(
+        self,
+        base: &Path,
+        serving: bool,
+        problems: &mut Vec<ConfigProblem>,
+    ) -> ServerConfig {
         let mut file = |name: &'static str, path: PathBuf| {
             let path = base.join(path);
-            if !path.exists() {
+            if serving && !path.exists() {
                 problems.push(ConfigProblem::FileMissing(name, path.clone()));
             }
             path

@@ -133,6 +133,10 @@ impl From<Error> for tonic::Status {
                     "the key store's disk is full; the request was not completed; retry once space is freed",
                 )
             }
+            Error::Store(keystore::Error::Locked(database)) => {
+                tracing::error!(%database, "a key store database is locked by another process");
+                Self::unavailable("key store busy; the request was not completed; retry")
+            }
             Error::Store(keystore::Error::Io(e)) => {
                 // The disk or the files failed under the store, not the request: retryable.
                 tracing::error!(error = %e, "key store I/O failed");

@@ -65,33 +65,96 @@ fn init_once_then_selfcheck_in_two_processes() {
     assert_eq!(again.status.code(), Some(3), "{}", text(&again.stderr));
     assert!(text(&again.stderr).contains("init runs once per token"));
 
-    let first = deployment.keyfront(&["selfcheck", "--config", config]);
+    // Issue 24, defect 6: selfcheck leaves nothing behind (it once left a `selfcheck-*`
+    // tenant with two keys in the store at every run).
+    for run in ["first", "second"] {
+        let output = deployment.keyfront(&["selfcheck", "--config", config]);
+        let stdout = text(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{run}: {stdout}{}",
+            text(&output.stderr)
+        );
+        assert!(stdout.contains("selfcheck passed"), "{stdout}");
+        assert!(
+            stdout.contains("(0 tenants, 0 keys): every tenant database opened"),
+            "{run} run: the store holds nothing of the first: {stdout}"
+        );
+        for done in [
+            "MAC and signature",
+            "data key and sealed secret",
+            "a wrong context is refused",
+        ] {
+            assert!(stdout.contains(done), "{stdout}");
+        }
+    }
     assert!(
-        first.status.success(),
-        "{}{}",
-        text(&first.stdout),
-        text(&first.stderr)
+        !deployment.path("data/selfcheck.state").exists(),
+        "no state file either"
     );
-    assert!(text(&first.stdout).contains("selfcheck passed"));
-    assert!(!text(&first.stdout).contains("previous run"));
+}
 
-    // A second process on the same data directory and token decrypts the first one's output.
-    let second = deployment.keyfront(&["selfcheck", "--config", config]);
+/// Issue 24, defect 6: the restore drill checks a *running* server with selfcheck. Offline,
+/// selfcheck refuses a data directory the server holds and says how to check it instead;
+/// online, it checks the server through its API as each dev principal, and stores nothing.
+#[test]
+fn selfcheck_checks_a_running_server_through_its_api() {
+    let server = DevServer::start();
+    let dir = server.dir.path();
+    let offline = Command::new(BIN)
+        .args(["selfcheck", "--config"])
+        .arg(dir.join("keyfront.toml"))
+        .env("SOFTHSM2_CONF", dir.join("hsm/softhsm2.conf"))
+        .output()
+        .expect("runs");
+    assert_eq!(offline.status.code(), Some(1));
+    let stderr = text(&offline.stderr);
     assert!(
-        second.status.success(),
-        "{}{}",
-        text(&second.stdout),
-        text(&second.stderr)
+        stderr.contains("is in use by a running keyfront") && stderr.contains("--endpoint"),
+        "{stderr}"
     );
+    assert!(!stderr.contains("WouldBlock"), "{stderr}");
+
+    let endpoint = format!("https://localhost:{}", server.port);
+    let online = Command::new(BIN)
+        .args(["selfcheck", "--dir"])
+        .arg(dir)
+        .env("KEYFRONT_ENDPOINT", &endpoint)
+        .output()
+        .expect("runs");
+    let stdout = text(&online.stdout);
+    assert!(online.status.success(), "{stdout}{}", text(&online.stderr));
+    for line in [
+        "ok       health: SERVING",
+        "ok       as acme-app: Encrypt and Decrypt with default: round trip; a wrong context is refused",
+        "ok       as acme-backup: GenerateDataKey and DecryptDataKey with default: round trip",
+        "ok       as acme-secrets: SealSecret and UnsealSecret with secrets: round trip",
+        "ok       as officer: GetMasterKeyStatus: MWK generation 1",
+        "selfcheck passed: 6 checks; nothing was stored",
+    ] {
+        assert!(stdout.contains(line), "{line}\n{stdout}");
+    }
+    // A principal whose role allows nothing that selfcheck does: not a pass.
+    let nothing = Command::new(BIN)
+        .args(["selfcheck", "--dir"])
+        .arg(dir)
+        .args(["--endpoint", &endpoint, "--principal", "acme-admin"])
+        .output()
+        .expect("runs");
+    assert_eq!(nothing.status.code(), Some(1), "{}", text(&nothing.stdout));
     assert!(
-        text(&second.stdout).contains("previous run: 4 ciphertexts"),
+        text(&nothing.stderr).contains("no operation could be checked"),
         "{}",
-        text(&second.stdout)
+        text(&nothing.stderr)
     );
+    // Still two tenants, and their keys as `keyfront dev` made them.
+    let tenants = server.pipe(b"", "admin", &["list-tenants"]);
+    let listing = text(&tenants.stdout);
     assert!(
-        text(&second.stdout).contains("(2 tenants)")
-            || text(&second.stdout).contains("(1 tenants)")
+        listing.contains("acme") && listing.contains("globex"),
+        "{listing}"
     );
+    assert!(!listing.contains("selfcheck"), "{listing}");
 }
 
 #[test]
@@ -1087,4 +1150,241 @@ fn dev_backup_create_status_verify_and_restore_through_the_cli() {
     let key: serde_json::Value = serde_json::from_str(&text(&key.stdout)).expect("JSON");
     assert_eq!(key["primary_version"], 2);
     server.stop();
+}
+
+/// Issue 24, defect 7: a second keyfront on the same data directory says that one is running
+/// (not sled's `Os { code: 11, kind: WouldBlock … }`), and a server that cannot start never
+/// logs that it is serving.
+#[test]
+fn a_second_keyfront_on_one_directory_says_the_first_holds_it() {
+    let server = DevServer::start();
+    let dir = server.dir.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let dev = Command::new(BIN)
+        .args(["dev", "--dir"])
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env_remove("SOFTHSM2_CONF")
+        .output()
+        .expect("runs");
+    let stderr = text(&dev.stderr);
+    assert_eq!(dev.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is keyfront already running"), "{stderr}");
+    assert!(
+        !stderr.contains("WouldBlock") && !stderr.contains("Os {"),
+        "{stderr}"
+    );
+
+    // `serve` on a copy of the config that listens elsewhere: it listens, then cannot open the
+    // store, and says why; it never claims to serve.
+    let config = std::fs::read_to_string(dir.join("keyfront.toml")).expect("config");
+    let other = config.replace(
+        &format!("listen = \"127.0.0.1:{}\"", server.port),
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    assert_ne!(other, config);
+    std::fs::write(dir.join("second.toml"), other).expect("write");
+    let serve = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(dir.join("second.toml"))
+        .env("SOFTHSM2_CONF", dir.join("hsm/softhsm2.conf"))
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("runs");
+    let stderr = text(&serve.stderr);
+    assert_eq!(serve.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is keyfront already running"), "{stderr}");
+    assert!(!stderr.contains("serving"), "{stderr}");
+}
+
+/// Issue 24, defect 7: `keyfront dev` with a data directory whose token is gone refuses, and
+/// says why, instead of running a second key ceremony and failing on "storage key mismatch".
+#[test]
+fn keyfront_dev_refuses_a_data_directory_whose_token_is_gone() {
+    let server = DevServer::start();
+    let (dir, _logs, _) = server.stop();
+    std::fs::remove_dir_all(dir.path().join("hsm/tokens")).expect("lose the token");
+    let output = Command::new(BIN)
+        .args(["dev", "--dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:1"])
+        .env_remove("SOFTHSM2_CONF")
+        .output()
+        .expect("runs");
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the token is gone") && stderr.contains("Restore"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("mismatch"), "{stderr}");
+    assert!(
+        !text(&output.stdout).contains("ran the key ceremony"),
+        "no second ceremony"
+    );
+}
+
+/// Issue 24, defect 7: connection failures name their cause, data commands print gRPC's code
+/// names, the CLI takes `KEYFRONT_ENDPOINT` as the client library does, and `keyfront dev`'s
+/// hints carry the flags its --listen and --dir make necessary.
+#[test]
+fn client_errors_say_what_to_check() {
+    let server = DevServer::start();
+    let dir = server.dir.path().to_path_buf();
+    let dir = dir.as_path();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .args(["--dir"])
+            .arg(dir)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("runs");
+        use std::io::Write;
+        let _ = child.stdin.take().expect("stdin").write_all(b"hi");
+        let output = child.wait_with_output().expect("output");
+        (
+            output.status.code(),
+            text(&output.stdout),
+            text(&output.stderr),
+        )
+    };
+    let endpoint = format!("https://localhost:{}", server.port);
+    // KEYFRONT_ENDPOINT reaches the server; a wrong context reads as gRPC names it.
+    let (code, ciphertext, stderr) = run(
+        &["encrypt", "--key", "default", "--context", "order=42"],
+        &[("KEYFRONT_ENDPOINT", &endpoint)],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut child = Command::new(BIN)
+        .args(["decrypt", "--context", "order=41", "--dir"])
+        .arg(dir)
+        .env("KEYFRONT_ENDPOINT", &endpoint)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(ciphertext.as_bytes())
+        .expect("write");
+    let refused = child.wait_with_output().expect("output");
+    assert_eq!(
+        text(&refused.stderr).trim(),
+        "keyfront: INVALID_ARGUMENT: decryption failed"
+    );
+    let (_, _, stderr) = run(
+        &["encrypt", "--key", "default", "--principal", "officer"],
+        &[("KEYFRONT_ENDPOINT", &endpoint)],
+    );
+    assert!(
+        stderr.starts_with("keyfront: PERMISSION_DENIED: "),
+        "{stderr}"
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let (_, _, stderr) = run(
+        &[
+            "encrypt",
+            "--key",
+            "default",
+            "--endpoint",
+            &format!("https://localhost:{closed}"),
+        ],
+        &[],
+    );
+    assert!(stderr.contains("connection refused"), "{stderr}");
+    let (_, _, stderr) = run(
+        &[
+            "encrypt",
+            "--key",
+            "default",
+            "--endpoint",
+            &format!("localhost:{}", server.port),
+        ],
+        &[],
+    );
+    assert!(stderr.contains("must be an https:// URL"), "{stderr}");
+    // A server certificate from another CA: an openssl CA, not the dev one.
+    let other = tempfile::tempdir().expect("tempdir");
+    let ca = other.path().join("ca.crt");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=another CA", "-keyout"])
+        .arg(other.path().join("ca.key"))
+        .arg("-out")
+        .arg(&ca)
+        .output()
+        .expect("openssl runs");
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let (_, _, stderr) = run(
+        &[
+            "encrypt",
+            "--key",
+            "default",
+            "--endpoint",
+            &endpoint,
+            "--ca",
+            ca.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert!(stderr.contains("unknown CA"), "{stderr}");
+    assert!(!stderr.ends_with("transport error\n"), "{stderr}");
+
+    // The hints of a dev server on another port and directory work as printed.
+    let (_, logs, _) = server.stop();
+    let hint = logs
+        .lines()
+        .find(|l| l.trim_start().starts_with("try:"))
+        .expect("a try: line");
+    assert!(
+        hint.contains(&format!("--endpoint {endpoint}"))
+            && hint.contains(&format!("--dir {}", dir.display())),
+        "{hint}"
+    );
+    assert!(
+        !logs.contains("Mac(") && !logs.contains("Sign("),
+        "no Debug text in dev's output: {logs}"
+    );
+}
+
+/// Issue 24, defect 7: `keyfront init` runs before the server's certificates exist.
+#[test]
+fn init_does_not_need_the_servers_certificates() {
+    let deployment = Deployment::new();
+    let config = deployment.path("keyfront.toml");
+    let mut text_config = std::fs::read_to_string(&config).expect("config");
+    text_config.push_str(
+        "\n[server]\nlisten = \"127.0.0.1:7443\"\ncert = \"not-yet/server.crt\"\nkey = \"not-yet/server.key\"\nclient_ca = \"not-yet/ca.crt\"\naudit_path = \"audit/audit.log\"\n",
+    );
+    std::fs::write(&config, text_config).expect("write");
+    let init = deployment.keyfront(&["init", "--config", config.to_str().expect("utf-8")]);
+    assert!(init.status.success(), "{}", text(&init.stderr));
+    // `serve` still checks them, all at once.
+    let serve = deployment.keyfront(&["serve", "--config", config.to_str().expect("utf-8")]);
+    let stderr = text(&serve.stderr);
+    assert_eq!(serve.status.code(), Some(1), "{stderr}");
+    for file in ["server.cert", "server.key", "server.client_ca"] {
+        assert!(stderr.contains(file), "{file}: {stderr}");
+    }
 }

@@ -2620,7 +2620,10 @@ async fn scheduled_rotation_and_request_id_expiry_go_on_after_a_request_id_is_st
         .await
         .expect("retry")
         .into_inner();
-    assert_eq!(again.primary_version, 2, "within a day: the first answer, nothing rotated");
+    assert_eq!(
+        again.primary_version, 2,
+        "within a day: the first answer, nothing rotated"
+    );
     admin
         .update_key_policy(pb::UpdateKeyPolicyRequest {
             tenant: "acme".into(),
@@ -2670,7 +2673,10 @@ async fn scheduled_rotation_and_request_id_expiry_go_on_after_a_request_id_is_st
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(after_expiry, 3, "the expired request_id was pruned: a new call");
+    assert_eq!(
+        after_expiry, 3,
+        "the expired request_id was pruned: a new call"
+    );
 }
 
 /// Dual control (issue 5): an operation under it is recorded, not done; its requester cannot

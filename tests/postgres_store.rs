@@ -975,7 +975,10 @@ fn a_login_or_privilege_refused_by_postgres_is_an_outage_and_cached_keys_go_on()
     let namespace = common::postgres::namespace("login");
     let config = common::initialized_token("pg-login");
     let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
-    let (dir_a, dir_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
     let a = node(&hsm, &role_url, &namespace, dir_a.path());
     let acme = a.create_tenant(&name("acme")).expect("tenant").id;
     a.create_key(acme, &name("default"), Purpose::Data)
@@ -985,7 +988,10 @@ fn a_login_or_privilege_refused_by_postgres_is_an_outage_and_cached_keys_go_on()
     // B's first Encrypt reserves uses (a commit, announced to A, whose view of acme is then
     // read again): A uses the key once more after it, so both hold a current view.
     for kms in [&a, &b, &a] {
-        assert_eq!(decrypts(kms, acme, &ciphertext).expect("decrypt"), b"before");
+        assert_eq!(
+            decrypts(kms, acme, &ciphertext).expect("decrypt"),
+            b"before"
+        );
         encrypt(kms, acme, b"warm");
     }
     let outage = |kms: &Kms, sqlstate: &str| {
@@ -1007,13 +1013,22 @@ fn a_login_or_privilege_refused_by_postgres_is_an_outage_and_cached_keys_go_on()
             }
         }
         assert!(text.contains(&format!("SQLSTATE {sqlstate}")), "{text}");
-        assert!(!text.contains("db error") && !text.contains("host="), "{text}");
+        assert!(
+            !text.contains("db error") && !text.contains("host="),
+            "{text}"
+        );
         let ciphertext = encrypt(kms, acme, b"during");
-        assert_eq!(decrypts(kms, acme, &ciphertext).expect("decrypt"), b"during");
+        assert_eq!(
+            decrypts(kms, acme, &ciphertext).expect("decrypt"),
+            b"during"
+        );
     };
 
     // The privileges on the tables taken away (42501); the sessions stay.
-    let schemas = [format!("{namespace}_system"), format!("{namespace}_t_{acme}")];
+    let schemas = [
+        format!("{namespace}_system"),
+        format!("{namespace}_t_{acme}"),
+    ];
     for schema in &schemas {
         sql.execute(&format!(
             "REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {role}"
@@ -1023,7 +1038,9 @@ fn a_login_or_privilege_refused_by_postgres_is_an_outage_and_cached_keys_go_on()
         outage(kms, "42501");
     }
     for schema in &schemas {
-        sql.execute(&format!("GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {role}"));
+        sql.execute(&format!(
+            "GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {role}"
+        ));
     }
     // The login refused (28000, as after a password rotation), every session of the role
     // ended: the change listeners cannot reconnect either.
@@ -1046,8 +1063,14 @@ fn a_login_or_privilege_refused_by_postgres_is_an_outage_and_cached_keys_go_on()
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
         }
     }
-    assert_eq!(rotated.expect("rotates once allowed").primary, KeyVersion(2));
+    assert_eq!(
+        rotated.expect("rotates once allowed").primary,
+        KeyVersion(2)
+    );
     let dir_c = tempfile::tempdir().expect("dir");
     let fresh = node(&hsm, &role_url, &namespace, dir_c.path());
-    assert_eq!(decrypts(&fresh, acme, &ciphertext).expect("decrypt"), b"before");
+    assert_eq!(
+        decrypts(&fresh, acme, &ciphertext).expect("decrypt"),
+        b"before"
+    );
 }

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::Command;
 
 fn script(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
 }
 
 /// Issue 24, defect 4: as root in a checkout under a home directory of mode 700, the test

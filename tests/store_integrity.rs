@@ -105,7 +105,10 @@ fn assert_integrity_failure(result: Result<impl std::fmt::Debug, Error>) {
                     .starts_with("this tenant's key store failed its integrity check"),
                 "{status:?}"
             );
-            assert!(counted() > before, "counted in keyfront_store_integrity_failures");
+            assert!(
+                counted() > before,
+                "counted in keyfront_store_integrity_failures"
+            );
         }
         other => panic!("expected an integrity failure, got {other:?}"),
     }

@@ -762,22 +762,10 @@ fn explain(status: tonic::Status, who: &str) -> ClientError {
     };
     ClientError::Refused {
         who: who.to_owned(),
-        code: screaming(&format!("{:?}", status.code())),
+        code: crate::service::layer::code_name(status.code()).to_owned(),
         message: format!("{}{reason}", status.message()),
         next,
     }
-}
-
-/// `PermissionDenied` → `PERMISSION_DENIED`, as gRPC documents its codes.
-fn screaming(camel: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
 }
 
 /// A period the way officers set it: "90d", "12h", "30m" or seconds.

@@ -203,7 +203,7 @@ pub fn run(args: BackupArgs) -> ExitCode {
 }
 
 fn open_hsm(path: &std::path::Path) -> Result<(Config, Pkcs11Hsm), String> {
-    let config = Config::load(path, &ProcessEnv).map_err(|e| e.to_string())?;
+    let config = Config::load_offline(path, &ProcessEnv).map_err(|e| e.to_string())?;
     let hsm = Pkcs11Hsm::open(&config.hsm).map_err(|e| e.to_string())?;
     Ok((config, hsm))
 }

@@ -13,10 +13,15 @@ use crate::service::pb;
 use crate::service::pb::key_service_client::KeyServiceClient;
 
 /// How to reach keyfront and as whom (shared by the data and admin commands).
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Endpoint {
-    /// The server.
-    #[arg(long, global = true, default_value = "https://localhost:7443")]
+    /// The server (`https://HOST:PORT`; keyfront serves TLS only).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYFRONT_ENDPOINT",
+        default_value = "https://localhost:7443"
+    )]
     pub endpoint: String,
     /// A `keyfront dev` directory to take certificates from.
     #[arg(
@@ -70,11 +75,16 @@ pub enum ClientError {
     /// A local file or stream failed.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
-    /// Could not connect.
+    /// Could not connect: the endpoint and what went wrong, in words that say what to check.
     #[error("cannot connect to {0}: {1}")]
-    Connect(String, tonic::transport::Error),
-    /// The server answered with an error.
-    #[error("{}: {}", .0.code(), .0.message())]
+    Connect(String, String),
+    /// The endpoint is not an `https://` URL.
+    #[error(
+        "the endpoint {0:?} must be an https:// URL (keyfront serves TLS only), e.g. https://localhost:7443"
+    )]
+    Endpoint(String),
+    /// The server answered with an error (or the connection failed during the call).
+    #[error("{}", status_line(.0))]
     Status(#[from] tonic::Status),
     /// stdin was not base64.
     #[error("stdin is not a base64 ciphertext")]
@@ -91,6 +101,9 @@ pub enum ClientError {
     /// Verify answered that the signature is not valid.
     #[error("the signature is not valid")]
     InvalidSignature,
+    /// `keyfront selfcheck` found a failure, or could check nothing.
+    #[error("selfcheck failed: {0}")]
+    Selfcheck(String),
     /// The server refused an admin request: who, why, and what to do next.
     #[error("{code} as {who}: {message}\n  next: {next}")]
     Refused {
@@ -141,13 +154,120 @@ impl Endpoint {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .identity(Identity::from_pem(cert, key));
+        if !self.endpoint.starts_with("https://") {
+            return Err(ClientError::Endpoint(self.endpoint.clone()));
+        }
+        let failed = |e: tonic::transport::Error| {
+            ClientError::Connect(self.endpoint.clone(), connection_failure(&e))
+        };
         Channel::from_shared(self.endpoint.clone())
-            .map_err(|e| ClientError::Io(self.endpoint.clone(), std::io::Error::other(e)))?
+            .map_err(|_| ClientError::Endpoint(self.endpoint.clone()))?
             .tls_config(tls)
-            .map_err(|e| ClientError::Connect(self.endpoint.clone(), e))?
+            .map_err(failed)?
             .connect()
             .await
-            .map_err(|e| ClientError::Connect(self.endpoint.clone(), e))
+            .map_err(failed)
+    }
+}
+
+/// A status for people: the gRPC code as gRPC names it (`INVALID_ARGUMENT`), the server's
+/// message and its `ErrorInfo` reason; for a call that failed in the transport (the server
+/// closed the connection, refused the client certificate), what went wrong there.
+pub fn status_line(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let code = crate::service::layer::code_name(status.code());
+    if let Some(cause) = std::error::Error::source(status) {
+        return format!("{code}: {}", connection_failure(cause));
+    }
+    match status.get_details_error_info() {
+        Some(info) if !info.reason.is_empty() => {
+            format!("{code}: {} ({})", status.message(), info.reason)
+        }
+        _ => format!("{code}: {}", status.message()),
+    }
+}
+
+/// What a failed connection means, in words that say what to check: the causes that have a
+/// remedy (nobody listening, a server certificate from another CA, a client certificate the
+/// server refused) are named; anything else is the whole chain of causes, not just its first
+/// line ("transport error").
+pub fn connection_failure(error: &(dyn std::error::Error + 'static)) -> String {
+    use rustls::{AlertDescription, CertificateError};
+    let mut chain = Vec::new();
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        // An I/O error may carry rustls's error inside. (A TLS alert that arrives during a call
+        // reaches it as text only: the whole chain is then shown, with a hint, below.)
+        let io = error.downcast_ref::<std::io::Error>();
+        let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
+            io.and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        match tls {
+            Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+                return "the server's certificate is not signed by the CA given (--ca, or the dev \
+                        directory's certs/ca.crt): unknown CA"
+                    .into();
+            }
+            Some(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {
+                return "the server's certificate does not name this host: use the host name \
+                        it was issued for in the endpoint (localhost for keyfront dev)"
+                    .into();
+            }
+            Some(rustls::Error::InvalidCertificate(other)) => {
+                return format!("the server's certificate was rejected: {other}");
+            }
+            Some(rustls::Error::AlertReceived(
+                alert @ (AlertDescription::BadCertificate
+                | AlertDescription::UnknownCA
+                | AlertDescription::CertificateRequired
+                | AlertDescription::CertificateRevoked
+                | AlertDescription::CertificateExpired
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::UnsupportedCertificate
+                | AlertDescription::AccessDenied),
+            )) => {
+                return format!(
+                    "the server rejected this client certificate ({alert:?}): it must be signed by \
+                     the server's client CA, valid now, and not revoked"
+                );
+            }
+            Some(other) => return format!("TLS failed: {other}"),
+            None => {}
+        }
+        if let Some(io) = io {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    return "connection refused: nothing listens there (is keyfront running, \
+                            on that port?)"
+                        .into();
+                }
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
+                    return "the server closed the connection during the TLS handshake (a \
+                            client certificate it does not accept, or a server that is not \
+                            keyfront)"
+                        .into();
+                }
+                _ => {}
+            }
+        }
+        chain.push(error.to_string());
+        cause = error.source();
+    }
+    chain.dedup();
+    let text = chain.join(": ");
+    if error.is::<tonic::Status>() || chain.len() > 1 {
+        // The connection ended under the call without a reason of its own: in TLS 1.3 a
+        // server's refusal of the client certificate can arrive after the handshake, and be
+        // lost to the connection's own task.
+        format!(
+            "{text} (the connection closed during the call: the server may have rejected this \
+             client certificate, or stopped)"
+        )
+    } else {
+        text
     }
 }
 

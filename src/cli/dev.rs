@@ -66,6 +66,16 @@ pub enum DevError {
     /// softhsm2-util failed.
     #[error("softhsm2-util failed: {0} (is SoftHSM installed? run softhsm/install.sh)")]
     SoftHsm(String),
+    /// The data directory holds keys of a token that is gone.
+    #[error(
+        "{data} holds keys wrapped under the dev token, but the token is gone from {tokens}: a new token would hold other keys, and nothing in {data} could ever be decrypted again. Restore {tokens} from a copy, or start afresh with another --dir (or remove the directory)"
+    )]
+    TokenLost {
+        /// The data directory.
+        data: String,
+        /// The token directory.
+        tokens: String,
+    },
     /// Certificate generation failed.
     #[error("certificates: {0}")]
     Certificates(#[from] rcgen::Error),
@@ -90,7 +100,7 @@ pub fn ensure_token_environment(dir: &Path) -> Result<(), DevError> {
     if std::env::var_os("SOFTHSM2_CONF").is_some_and(|v| Path::new(&v) == conf) {
         return Ok(());
     }
-    create_token(&dir.join("hsm"))?;
+    create_token(&dir.join("hsm"), &dir.join("data"))?;
     let exe = std::env::current_exe().map_err(io("current executable"))?;
     let error = Command::new(exe)
         .args(std::env::args_os().skip(1))
@@ -102,8 +112,9 @@ pub fn ensure_token_environment(dir: &Path) -> Result<(), DevError> {
     ))
 }
 
-/// The same steps as `softhsm/create-token.sh`, so the binary needs no checkout.
-fn create_token(hsm_dir: &Path) -> Result<(), DevError> {
+/// The same steps as `softhsm/create-token.sh`, so the binary needs no checkout. Refuses to
+/// make a new token while `data_dir` holds a store: its keys are wrapped under the old one.
+fn create_token(hsm_dir: &Path, data_dir: &Path) -> Result<(), DevError> {
     let tokens = hsm_dir.join("tokens");
     std::fs::create_dir_all(&tokens).map_err(io(tokens.display().to_string()))?;
     let conf = hsm_dir.join("softhsm2.conf");
@@ -127,6 +138,12 @@ fn create_token(hsm_dir: &Path) -> Result<(), DevError> {
             .is_some_and(|v| v.trim() == TOKEN_LABEL)
     }) {
         return Ok(());
+    }
+    if data_dir.join("system").exists() {
+        return Err(DevError::TokenLost {
+            data: data_dir.display().to_string(),
+            tokens: tokens.display().to_string(),
+        });
     }
     let pin = secret_file(&hsm_dir.join("pin"))?;
     let so_pin = secret_file(&hsm_dir.join("so-pin"))?;
@@ -368,7 +385,7 @@ pub fn ensure_tenants(config: &Config) -> Result<(), DevError> {
             let key = key.parse().map_err(|_| crate::Error::TooLarge)?;
             if matches!(kms.key(id, &key), Err(crate::Error::KeyNotFound(_))) {
                 kms.create_key(id, &key, purpose)?;
-                println!("created key {tenant}/{key} ({purpose:?})");
+                println!("created key {tenant}/{key} ({purpose})");
             }
         }
     }

@@ -3,20 +3,13 @@
 //! without the network), `admin` (AdminService and AccessService as a client), and `audit
 //! verify` (offline), and `backup` (create, verify, restore).
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, ProcessEnv};
-use crate::crypto::{EncryptionContext, Plaintext};
-use crate::hsm::Hsm;
-use crate::hsm::pkcs11::{self, Pkcs11Hsm};
-use crate::ids::{Name, TenantId};
-use crate::keystore::Purpose;
-use crate::kms::Kms;
+use crate::hsm::pkcs11;
 
 /// Exit status when `init` finds the token already initialized.
 pub const EXIT_ALREADY_INITIALIZED: u8 = 3;
@@ -26,6 +19,7 @@ pub mod audit;
 pub mod backup;
 pub mod client;
 pub mod dev;
+pub mod selfcheck;
 
 /// Exit status when the server cannot start for a reason retrying cannot fix (e.g. the PIN).
 pub const EXIT_FATAL: u8 = 2;
@@ -61,12 +55,10 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Create a tenant and keys and round-trip every operation, printing what was done.
-    Selfcheck {
-        /// The config file.
-        #[arg(long)]
-        config: PathBuf,
-    },
+    /// Prove that keyfront works, leaving nothing behind: offline with --config (the HSM, every
+    /// tenant database verified, a scratch round trip of every operation), or a running
+    /// server through its API (without --config).
+    Selfcheck(selfcheck::SelfcheckArgs),
     /// Serve the gRPC API (TLS 1.3, client certificates required) until SIGTERM or SIGINT.
     Serve {
         /// The config file (needs a [server] section and [[principals]]).
@@ -190,7 +182,7 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Init { config } => init(&config),
-        Command::Selfcheck { config } => selfcheck(&config),
+        Command::Selfcheck(args) => return selfcheck::run(args),
         Command::Serve { config } => return serve(&config),
         Command::Dev {
             dir,
@@ -284,7 +276,9 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-fn run_client(command: impl Future<Output = Result<(), client::ClientError>>) -> ExitCode {
+pub(crate) fn run_client(
+    command: impl Future<Output = Result<(), client::ClientError>>,
+) -> ExitCode {
     match runtime().block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -383,6 +377,21 @@ fn serve_config(config: Config, listen: Option<std::net::SocketAddr>, path: &Pat
     }
 }
 
+/// ` --dir DIR` unless the client commands find `dir` by default (`./.keyfront-dev`).
+fn dir_flag(dir: &Path) -> String {
+    let default = std::env::current_dir().map(|cwd| cwd.join(".keyfront-dev"));
+    if default.is_ok_and(|default| default == dir) {
+        String::new()
+    } else {
+        format!(" --dir {}", dir.display())
+    }
+}
+
+/// Where `keyfront dev` listens, and the client commands connect, unless told otherwise.
+fn default_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 7443))
+}
+
 fn run_dev(dir: &Path, listen: std::net::SocketAddr) -> ExitCode {
     let prepared = (|| -> Result<(Config, PathBuf), dev::DevError> {
         std::fs::create_dir_all(dir)
@@ -399,7 +408,16 @@ fn run_dev(dir: &Path, listen: std::net::SocketAddr) -> ExitCode {
             "keyfront dev is serving on {listen} (TLS 1.3, client certificates from {}/certs)",
             dir.display()
         );
-        println!("  try:   echo hi | keyfront encrypt --key default | keyfront decrypt");
+        // The hints work as printed: they name the endpoint and directory when they are not
+        // the commands' defaults.
+        let mut flags = String::new();
+        if listen != default_listen() {
+            flags.push_str(&format!(" --endpoint https://localhost:{}", listen.port()));
+        }
+        flags.push_str(&dir_flag(&dir));
+        println!(
+            "  try:   echo hi | keyfront encrypt --key default{flags} | keyfront decrypt{flags}"
+        );
         let names = dev::PRINCIPALS
             .iter()
             .map(|(name, ..)| *name)
@@ -462,8 +480,9 @@ fn run_dev_cluster(
         for (i, node) in nodes.iter().enumerate() {
             println!("node-{i}: serving on {}", node.listen);
         }
+        let dir_flag = dir_flag(&dir);
         println!(
-            "  try:   echo hi | keyfront encrypt --key default --endpoint https://localhost:{} | keyfront decrypt --endpoint https://localhost:{}",
+            "  try:   echo hi | keyfront encrypt --key default{dir_flag} --endpoint https://localhost:{} | keyfront decrypt{dir_flag} --endpoint https://localhost:{}",
             nodes[0].listen.port(),
             nodes[nodes.len() - 1].listen.port()
         );
@@ -550,7 +569,7 @@ fn stop_children(children: &mut [std::process::Child]) {
 }
 
 fn init(config: &Path) -> Result<(), crate::Error> {
-    let config = Config::load(config, &ProcessEnv)?;
+    let config = Config::load_offline(config, &ProcessEnv)?;
     let report = pkcs11::init_token(&config.hsm)?;
     println!(
         "initialized token {:?}: MWK generation {}",
@@ -564,194 +583,4 @@ fn init(config: &Path) -> Result<(), crate::Error> {
         hex::encode(&report.audit_public_key)
     );
     Ok(())
-}
-
-const STATE_FILE: &str = "selfcheck.state";
-
-fn selfcheck(config: &Path) -> Result<(), crate::Error> {
-    let config = Config::load(config, &ProcessEnv)?;
-    let hsm = Pkcs11Hsm::open(&config.hsm)?;
-    println!(
-        "HSM: token {:?} via {}, MWK generation {}",
-        config.hsm.token_label,
-        config.hsm.module.display(),
-        hsm.mwk_generation()
-    );
-    let kms = Kms::open(Arc::new(hsm), &config.data_dir, config.kms)?;
-    println!(
-        "store: {} ({} tenants)",
-        config.data_dir.display(),
-        kms.store().tenants()?.len()
-    );
-    let state_path = config.data_dir.join(STATE_FILE);
-    verify_previous_run(&kms, &state_path)?;
-
-    let suffix: u32 = rand::random();
-    let tenant_name = name(&format!("selfcheck-{suffix:08x}"));
-    let tenant = kms.create_tenant(&tenant_name)?;
-    println!("created tenant {} (id {})", tenant.name, tenant.id);
-    let data = name("data");
-    let secrets = name("secrets");
-    kms.create_key(tenant.id, &data, Purpose::Data)?;
-    kms.create_key(tenant.id, &secrets, Purpose::Secrets)?;
-    println!("created key data (DATA) and key secrets (SECRETS) at version 1");
-
-    let context: EncryptionContext = [("purpose", "selfcheck")].into_iter().collect();
-    let message = Plaintext::copy_from(b"keyfront selfcheck message");
-    let v1 = kms.encrypt(tenant.id, &data, &message, &context)?;
-    check(
-        kms.decrypt(tenant.id, &v1.ciphertext, &context, None)?
-            .plaintext
-            .expose_secret()
-            == message.expose_secret(),
-        "decrypt returns the plaintext",
-    )?;
-    println!(
-        "encrypt/decrypt: {} bytes -> {} bytes of ciphertext under v1",
-        message.len(),
-        v1.ciphertext.len()
-    );
-
-    let rotated = kms.rotate_key(tenant.id, &data)?;
-    let v2 = kms.encrypt(tenant.id, &data, &message, &context)?;
-    check(
-        v2.version == rotated.primary,
-        "rotation moves the primary version",
-    )?;
-    for old in [&v1, &v2] {
-        kms.decrypt(tenant.id, &old.ciphertext, &context, Some(&data))?;
-    }
-    println!(
-        "rotate: primary is now v{}; v1 and v2 ciphertexts both decrypt",
-        rotated.primary
-    );
-
-    let wrong: EncryptionContext = [("purpose", "other")].into_iter().collect();
-    check(
-        matches!(
-            kms.decrypt(tenant.id, &v1.ciphertext, &wrong, None),
-            Err(crate::Error::Decrypt)
-        ),
-        "a wrong context is refused",
-    )?;
-    println!("decrypt with a wrong context: refused");
-
-    let data_key = kms.generate_data_key(tenant.id, &data, &context)?;
-    let unwrapped = kms.decrypt_data_key(tenant.id, &data_key.wrapped, &context)?;
-    check(
-        unwrapped.plaintext.expose_secret() == data_key.plaintext.expose_secret(),
-        "the data key round-trips",
-    )?;
-    println!(
-        "generate/decrypt data key: 32-byte key, {}-byte blob",
-        data_key.wrapped.len()
-    );
-
-    let secret = Plaintext::copy_from(b"api-token-for-selfcheck");
-    let sealed = kms.seal_secret(tenant.id, &secrets, &secret, &context)?;
-    check(
-        kms.unseal_secret(tenant.id, &sealed.sealed, &context)?
-            .plaintext
-            .expose_secret()
-            == secret.expose_secret(),
-        "the secret round-trips",
-    )?;
-    println!(
-        "seal/unseal secret: {}-byte sealed blob",
-        sealed.sealed.len()
-    );
-
-    check(
-        matches!(
-            kms.encrypt(tenant.id, &secrets, &message, &context),
-            Err(crate::Error::PurposeMismatch { .. })
-        ) && matches!(
-            kms.seal_secret(tenant.id, &data, &secret, &context),
-            Err(crate::Error::PurposeMismatch { .. })
-        ),
-        "purposes are enforced",
-    )?;
-    println!("purposes: SECRETS key refuses Encrypt, DATA key refuses SealSecret");
-
-    let mut state = String::new();
-    let _ = writeln!(state, "tenant {}", tenant.id);
-    for (kind, blob, plaintext) in [
-        ("ciphertext", &v1.ciphertext, message.expose_secret()),
-        ("ciphertext", &v2.ciphertext, message.expose_secret()),
-        ("secret", &sealed.sealed, secret.expose_secret()),
-    ] {
-        let _ = writeln!(
-            state,
-            "{kind} {} {}",
-            hex::encode(blob),
-            hex::encode(plaintext)
-        );
-    }
-    let _ = writeln!(state, "data_key {} -", hex::encode(&data_key.wrapped));
-    std::fs::write(&state_path, state).map_err(crate::keystore::Error::Io)?;
-    println!(
-        "selfcheck passed; a later run verifies these ciphertexts again from {}",
-        state_path.display()
-    );
-    Ok(())
-}
-
-/// Decrypts what the previous selfcheck left, proving a new process finds every tenant and key.
-fn verify_previous_run(kms: &Kms, path: &Path) -> Result<(), crate::Error> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let context: EncryptionContext = [("purpose", "selfcheck")].into_iter().collect();
-    let mut lines = text.lines();
-    let tenant = lines
-        .next()
-        .and_then(|l| l.strip_prefix("tenant "))
-        .and_then(|id| id.parse::<TenantId>().ok());
-    let Some(tenant) = tenant else {
-        return Err(selfcheck_failed("previous selfcheck state is unreadable"));
-    };
-    let mut verified = 0;
-    for line in lines {
-        let mut fields = line.split(' ');
-        let (Some(kind), Some(blob), Some(expected)) =
-            (fields.next(), fields.next(), fields.next())
-        else {
-            return Err(selfcheck_failed("previous selfcheck state is unreadable"));
-        };
-        let blob = hex::decode(blob).map_err(|_| selfcheck_failed("bad hex in state"))?;
-        let plaintext = match kind {
-            "ciphertext" => kms.decrypt(tenant, &blob, &context, None)?.plaintext,
-            "secret" => kms.unseal_secret(tenant, &blob, &context)?.plaintext,
-            "data_key" => kms.decrypt_data_key(tenant, &blob, &context)?.plaintext,
-            _ => return Err(selfcheck_failed("unknown kind in state")),
-        };
-        if expected != "-" && hex::encode(plaintext.expose_secret()) != expected {
-            return Err(selfcheck_failed(
-                "a previous ciphertext decrypted to something else",
-            ));
-        }
-        verified += 1;
-    }
-    println!("previous run: {verified} ciphertexts, data keys and secrets still decrypt");
-    Ok(())
-}
-
-fn check(ok: bool, what: &'static str) -> Result<(), crate::Error> {
-    if ok {
-        Ok(())
-    } else {
-        Err(selfcheck_failed(what))
-    }
-}
-
-fn selfcheck_failed(what: &'static str) -> crate::Error {
-    crate::Error::Store(crate::keystore::Error::Integrity {
-        database: "selfcheck".into(),
-        reason: what,
-    })
-}
-
-fn name(text: &str) -> Name {
-    // Invariant: only called with literal or hex-suffixed names that match the pattern.
-    text.parse().expect("valid selfcheck name")
 }

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use super::engine::Batch;
 pub use super::engine::RawRecords;
 use super::journal::JournalEntry;
-use super::record::RecordMac;
 use super::layout::{
     APPROVAL_PREFIX, HEAD_KEY, HEAD_PREFIX, KEY_PREFIX, NAME_PREFIX, TENANT_DESTRUCTION_PREFIX,
     TENANT_PREFIX, TOMBSTONE_PREFIX, VERSION_PREFIX,
 };
+use super::record::RecordMac;
 use super::system::{KeyStore, PendingDestruction, StoreOptions, Tombstone};
 use super::tenant::{TenantDb, TenantHead};
 use super::{

@@ -240,23 +240,39 @@ enum Applied {
 /// after ENOSPC) sorts as the newest, and every later open fails with "Read corrupted data"
 /// although the log is whole. Only an unfinished write leaves such a file, so it is removed,
 /// but only under sled's own lock on `db`: no other instance can be writing it then.
+///
+/// A database whose lock another process holds (a second keyfront on the same data directory)
+/// is [`Error::Locked`], named, instead of sled's raw lock error.
 fn open_sled(config: &sled::Config) -> Result<sled::Db, Error> {
-    remove_unfinished_snapshots(&config.path);
+    if remove_unfinished_snapshots(&config.path) == Lock::HeldElsewhere {
+        // Opened elsewhere: sled's own open would fail on the same lock, with its Debug text.
+        // (This process never opens one database twice: see `KeyStore::tenant`.)
+        return Err(Error::Locked(config.path.display().to_string()));
+    }
     Ok(config.open()?)
 }
 
-fn remove_unfinished_snapshots(dir: &Path) {
+/// Whether a database's lock was free when its unfinished snapshots were looked for.
+#[derive(PartialEq, Eq)]
+enum Lock {
+    Free,
+    HeldElsewhere,
+}
+
+fn remove_unfinished_snapshots(dir: &Path) -> Lock {
     use nix::fcntl::{Flock, FlockArg};
     let Ok(db) = std::fs::File::open(dir.join("db")) else {
         // A new database, or one sled cannot open either: nothing to clean.
-        return;
+        return Lock::Free;
     };
-    let Ok(_locked) = Flock::lock(db, FlockArg::LockExclusiveNonblock) else {
+    let _locked = match Flock::lock(db, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
         // Open elsewhere: its owner's snapshot may be in the making.
-        return;
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Lock::HeldElsewhere,
+        Err(_) => return Lock::Free,
     };
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return Lock::Free;
     };
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name();
@@ -270,6 +286,7 @@ fn remove_unfinished_snapshots(dir: &Path) {
             tracing::warn!(path = %entry.path().display(), "removed an unfinished sled snapshot (a crash or a full disk while it was written)");
         }
     }
+    Lock::Free
 }
 
 impl SledDatabase {

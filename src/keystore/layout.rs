@@ -68,17 +68,26 @@ pub(super) const LAST_USE_PREFIX: &[u8] = b"u/";
 pub(super) const SYSTEM: &[Space] = &[
     space(META_KEY, "the store's creation record"),
     space(SEQ_KEY, "the system commit sequence"),
-    space(LAYOUT_KEY, "the version of this table that stored records follow"),
+    space(
+        LAYOUT_KEY,
+        "the version of this table that stored records follow",
+    ),
     space(TENANT_PREFIX, "tenant records"),
     space(NAME_PREFIX, "tenant names"),
     space(HEAD_PREFIX, "tenant heads (anchors)"),
     space(TOMBSTONE_PREFIX, "tombstones of destroyed tenants"),
-    space(DESTRUCTION_PREFIX, "the scheduler's pending version destructions"),
+    space(
+        DESTRUCTION_PREFIX,
+        "the scheduler's pending version destructions",
+    ),
     space(ROTATION_PREFIX, "the scheduler's rotation checks"),
     space(MWK_ROTATION_KEY, "the master key rotation journal"),
     space(MWK_RETIRED_PREFIX, "retired master key generations"),
     space(APPROVAL_PREFIX, "dual-control approvals"),
-    space(TENANT_DESTRUCTION_PREFIX, "the scheduler's pending tenant destructions"),
+    space(
+        TENANT_DESTRUCTION_PREFIX,
+        "the scheduler's pending tenant destructions",
+    ),
     space(AUDIT_HEAD_KEY, "audit chain heads"),
     space(GRANT_PREFIX, "support access grants"),
     space(REQUEST_PREFIX, "responses remembered by request_id"),
@@ -211,6 +220,9 @@ mod tests {
             Some("responses remembered by request_id")
         );
         assert_eq!(owner(SYSTEM, b"zzz"), None);
-        assert_eq!(owner(TENANT, &[VERSION_PREFIX, &id].concat()), Some("key versions"));
+        assert_eq!(
+            owner(TENANT, &[VERSION_PREFIX, &id].concat()),
+            Some("key versions")
+        );
     }
 }

@@ -56,6 +56,11 @@ pub enum Error {
     /// A filesystem operation failed (a full disk is [`Error::StorageFull`] instead).
     #[error("storage I/O failed: {0}")]
     Io(std::io::Error),
+    /// Another process holds the database's lock (a second keyfront on one data directory).
+    #[error(
+        "{0} is in use by another process (its lock is held): is keyfront already running on this data directory? Stop it first, or use another data directory"
+    )]
+    Locked(String),
     /// The disk under the store is full: the write was not completed (and taken back where
     /// it reached memory); retry once space is freed.
     #[error("the store's disk is full")]
@@ -87,7 +92,9 @@ pub enum Error {
     #[error("tenant {0} not found")]
     TenantNotFound(TenantId),
     /// The store was written by a newer keyfront, whose key layout this build does not know.
-    #[error("the store follows key layout {found}; this keyfront knows layouts up to {known} (a newer keyfront wrote it)")]
+    #[error(
+        "the store follows key layout {found}; this keyfront knows layouts up to {known} (a newer keyfront wrote it)"
+    )]
     NewerLayout {
         /// The layout the store follows.
         found: u32,
@@ -170,6 +177,25 @@ impl Purpose {
             Self::Secrets => "SECRETS",
             Self::Mac(_) => "MAC",
             Self::Sign(_) => "SIGN",
+        }
+    }
+}
+
+impl std::fmt::Display for Purpose {
+    /// The purpose and its algorithm as people read them: `DATA`, `MAC HMAC-SHA-256`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::hsm::{MacAlgorithm, SignAlgorithm};
+        let algorithm = match self {
+            Self::Data | Self::Secrets => None,
+            Self::Mac(MacAlgorithm::HmacSha256) => Some("HMAC-SHA-256"),
+            Self::Mac(MacAlgorithm::HmacSha512) => Some("HMAC-SHA-512"),
+            Self::Sign(SignAlgorithm::EcdsaP256Sha256) => Some("ECDSA P-256"),
+            Self::Sign(SignAlgorithm::EcdsaP384Sha384) => Some("ECDSA P-384"),
+            Self::Sign(SignAlgorithm::RsaPss3072Sha256) => Some("RSA-PSS 3072"),
+        };
+        match algorithm {
+            Some(algorithm) => write!(f, "{} {algorithm}", self.name()),
+            None => f.write_str(self.name()),
         }
     }
 }

@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex, Weak};
 use serde::{Deserialize, Serialize};
 
 use super::engine::{Batch, Database, Engine};
+use super::journal::{Journal, JournalEntry};
 use super::layout::{
     APPROVAL_PREFIX, AUDIT_HEAD_KEY, DESTRUCTION_PREFIX, GRANT_PREFIX, HEAD_PREFIX,
-    LAST_USE_PREFIX, LAYOUT_KEY, LAYOUT1_REQUEST_PREFIX, META_KEY, MWK_RETIRED_PREFIX, MWK_ROTATION_KEY, NAME_PREFIX,
-    REQUEST_PREFIX, ROTATION_PREFIX, SEQ_KEY, TENANT_DESTRUCTION_PREFIX, TENANT_PREFIX,
-    SYSTEM_LAYOUT, TOMBSTONE_PREFIX,
+    LAST_USE_PREFIX, LAYOUT_KEY, LAYOUT1_REQUEST_PREFIX, META_KEY, MWK_RETIRED_PREFIX,
+    MWK_ROTATION_KEY, NAME_PREFIX, REQUEST_PREFIX, ROTATION_PREFIX, SEQ_KEY, SYSTEM_LAYOUT,
+    TENANT_DESTRUCTION_PREFIX, TENANT_PREFIX, TOMBSTONE_PREFIX,
 };
-use super::journal::{Journal, JournalEntry};
 use super::record::RecordMac;
 use super::tenant::{TenantDb, TenantHead};
 use super::{Error, TenantRecord, decode, encode, now_secs, prefixed};
@@ -174,10 +174,13 @@ impl SystemDb {
                 // Stores made before the layout was recorded follow layout 1.
                 None => 1,
                 Some(raw) => {
-                    let record = self.mac.open(DB_ID, LAYOUT_KEY, raw).ok_or(Error::Integrity {
-                        database: "system".into(),
-                        reason: "the layout record fails its MAC",
-                    })?;
+                    let record = self
+                        .mac
+                        .open(DB_ID, LAYOUT_KEY, raw)
+                        .ok_or(Error::Integrity {
+                            database: "system".into(),
+                            reason: "the layout record fails its MAC",
+                        })?;
                     decode(record.payload)?
                 }
             };

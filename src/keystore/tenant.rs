@@ -27,8 +27,8 @@ use super::{
 use crate::ids::{ID_LEN, KeyId, KeyVersion, Name, TenantId};
 
 use super::layout::{
-    HEAD_KEY, IMPORT_PARAMETERS_PREFIX, IMPORT_PREFIX, KEY_NAME_PREFIX as NAME_PREFIX,
-    KEY_PREFIX, VERSION_PREFIX,
+    HEAD_KEY, IMPORT_PARAMETERS_PREFIX, IMPORT_PREFIX, KEY_NAME_PREFIX as NAME_PREFIX, KEY_PREFIX,
+    VERSION_PREFIX,
 };
 
 /// The anchor of a tenant database: last commit's sequence and the digest of all records.

@@ -672,7 +672,9 @@ impl Server {
             server.allow_cn_identity,
             limits,
         );
-        tracing::info!(listen = %server.listen, "keyfront serving (TLS 1.3, client certificates required)");
+        // Not "serving" yet: the HSM and the store open in `connect_hsm`, which logs "serving"
+        // once they did (and a fatal error there ends the server instead).
+        tracing::info!(listen = %server.listen, "listening (TLS 1.3, client certificates required); health is NOT_SERVING until the HSM and the store are open");
         let serving = tonic::transport::Server::builder()
             .layer(layer::RequestLayer::new(
                 audit,

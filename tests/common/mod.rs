@@ -160,7 +160,10 @@ pub fn check_key_layout_migration(open: impl Fn() -> Kms) {
     drop(kms);
 
     let kms = open();
-    let checks = kms.store().rotation_checks().expect("rotation checks read again");
+    let checks = kms
+        .store()
+        .rotation_checks()
+        .expect("rotation checks read again");
     assert_eq!(checks.len(), 1, "{checks:?}");
     assert_eq!(checks[0].0, tenant);
     assert_eq!(
