@@ -1388,3 +1388,74 @@ fn init_does_not_need_the_servers_certificates() {
         assert!(stderr.contains(file), "{file}: {stderr}");
     }
 }
+
+/// Issue 24, defect 8: a new tenant is no dead end. `keyfront dev add-principal` issues a
+/// certificate, adds the principal and reloads the running server, which knows it when the
+/// command returns; a name in use or an invalid role changes nothing.
+#[test]
+fn dev_add_principal_gives_a_new_tenant_a_working_identity() {
+    let server = DevServer::start();
+    let dir = server.dir.path().to_path_buf();
+    for args in [
+        &["create-tenant", "initech"][..],
+        &["create-key", "initech", "default"][..],
+    ] {
+        let made = server.pipe(b"", "admin", args);
+        assert!(made.status.success(), "{}", text(&made.stderr));
+    }
+    let add = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["dev", "add-principal"])
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .expect("runs")
+    };
+    let added = add(&["initech-app", "--tenant", "initech", "--role", "app"]);
+    let stdout = text(&added.stdout);
+    assert!(added.status.success(), "{stdout}{}", text(&added.stderr));
+    assert!(
+        stdout.contains("spiffe://keyfront.dev/tenant/initech/initech-app")
+            && stdout.contains("reloaded the running keyfront dev"),
+        "{stdout}"
+    );
+    // Right away, without a restart.
+    let sealed = server.pipe(
+        b"tps report",
+        "encrypt",
+        &["--key", "default", "--principal", "initech-app"],
+    );
+    assert!(sealed.status.success(), "{}", text(&sealed.stderr));
+    let opened = server.pipe(&sealed.stdout, "decrypt", &["--principal", "initech-app"]);
+    assert_eq!(
+        text(&opened.stdout),
+        "tps report",
+        "{}",
+        text(&opened.stderr)
+    );
+    // Its tenant only.
+    let other = server.pipe(&sealed.stdout, "decrypt", &["--principal", "acme-app"]);
+    assert!(
+        text(&other.stderr).contains("INVALID_ARGUMENT"),
+        "{}",
+        text(&other.stderr)
+    );
+
+    let config = std::fs::read_to_string(dir.join("keyfront.toml")).expect("config");
+    for refused in [
+        &["initech-app", "--tenant", "initech", "--role", "app"][..],
+        &["initech-x", "--tenant", "initech", "--role", "nope"][..],
+        &["Bad Name", "--role", "app"][..],
+    ] {
+        let output = add(refused);
+        assert_eq!(output.status.code(), Some(1), "{refused:?}");
+        assert!(!text(&output.stderr).is_empty());
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("keyfront.toml")).expect("config"),
+        config,
+        "refusals change nothing"
+    );
+    assert!(!dir.join("certs/initech-x.crt").exists());
+}

@@ -35,13 +35,15 @@ pub struct Endpoint {
     /// commands, officer for `keyfront admin`.
     #[arg(long, global = true)]
     pub principal: Option<String>,
-    /// Client certificate (PEM); default DIR/certs/PRINCIPAL.crt.
+    /// Client certificate (PEM); default $KEYFRONT_CERT_FILE (unless --principal), else
+    /// DIR/certs/PRINCIPAL.crt.
     #[arg(long, global = true)]
     pub cert: Option<PathBuf>,
-    /// Client private key (PEM); default DIR/certs/PRINCIPAL.key.
+    /// Client private key (PEM); default $KEYFRONT_KEY_FILE with a certificate from the
+    /// environment, the certificate's path with .key, else DIR/certs/PRINCIPAL.key.
     #[arg(long, global = true)]
     pub client_key: Option<PathBuf>,
-    /// CA of the server's certificate (PEM); default DIR/certs/ca.crt.
+    /// CA of the server's certificate (PEM); default $KEYFRONT_CA_FILE, else DIR/certs/ca.crt.
     #[arg(long, global = true)]
     pub ca: Option<PathBuf>,
 }
@@ -118,16 +120,45 @@ pub enum ClientError {
     },
 }
 
+/// The identity files the client library reads from the environment; the CLI takes them too,
+/// after its flags: `--cert`/`--client-key`, then `--principal`, then these, then the default
+/// dev principal.
+const CERT_FILE_ENV: &str = "KEYFRONT_CERT_FILE";
+const KEY_FILE_ENV: &str = "KEYFRONT_KEY_FILE";
+const CA_FILE_ENV: &str = "KEYFRONT_CA_FILE";
+
 impl Endpoint {
     /// Who the commands act as: the certificate file, or the dev principal.
     pub fn who(&self, default_principal: &str) -> String {
-        match &self.cert {
-            Some(cert) => cert.display().to_string(),
+        match self.identity_files() {
+            Some((cert, _)) => cert.display().to_string(),
             None => self
                 .principal
                 .clone()
                 .unwrap_or_else(|| default_principal.to_owned()),
         }
+    }
+
+    /// The certificate and key named by flags, or (without `--principal`) by the environment.
+    fn identity_files(&self) -> Option<(PathBuf, Option<PathBuf>)> {
+        if let Some(cert) = &self.cert {
+            return Some((cert.clone(), self.client_key.clone()));
+        }
+        if self.principal.is_some() {
+            return None;
+        }
+        let cert = std::env::var_os(CERT_FILE_ENV).filter(|v| !v.is_empty())?;
+        Some((
+            PathBuf::from(cert),
+            self.client_key
+                .clone()
+                .or_else(|| std::env::var_os(KEY_FILE_ENV).map(PathBuf::from)),
+        ))
+    }
+
+    /// Whether an identity of its own (not a dev principal) was given.
+    pub fn has_identity(&self) -> bool {
+        self.identity_files().is_some()
     }
 
     /// A mutual-TLS channel to the server.
@@ -140,17 +171,24 @@ impl Endpoint {
         let read = |path: PathBuf| {
             std::fs::read(&path).map_err(|e| ClientError::Io(path.display().to_string(), e))
         };
-        let cert = read(
-            self.cert
-                .clone()
-                .unwrap_or_else(|| certs.join(format!("{principal}.crt"))),
-        )?;
-        let key = read(
-            self.client_key
-                .clone()
-                .unwrap_or_else(|| certs.join(format!("{principal}.key"))),
-        )?;
-        let ca = read(self.ca.clone().unwrap_or_else(|| certs.join("ca.crt")))?;
+        let (cert, key) = match self.identity_files() {
+            Some((cert, key)) => {
+                let key = key.unwrap_or_else(|| cert.with_extension("key"));
+                (cert, key)
+            }
+            None => (
+                certs.join(format!("{principal}.crt")),
+                certs.join(format!("{principal}.key")),
+            ),
+        };
+        let cert = read(cert)?;
+        let key = read(key)?;
+        let ca = self
+            .ca
+            .clone()
+            .or_else(|| std::env::var_os(CA_FILE_ENV).map(PathBuf::from))
+            .unwrap_or_else(|| certs.join("ca.crt"));
+        let ca = read(ca)?;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .identity(Identity::from_pem(cert, key));

@@ -76,6 +76,9 @@ pub enum DevError {
         /// The token directory.
         tokens: String,
     },
+    /// `add-principal` refused.
+    #[error("{0}")]
+    Principal(String),
     /// Certificate generation failed.
     #[error("certificates: {0}")]
     Certificates(#[from] rcgen::Error),
@@ -398,6 +401,147 @@ pub fn ensure_tenants(config: &Config) -> Result<(), DevError> {
 /// [`crate::Error::Config`].
 pub fn load(path: &Path) -> Result<Config, crate::Error> {
     Ok(Config::load(path, &ProcessEnv)?)
+}
+
+/// The file in the dev directory holding the pid of the `keyfront dev` that serves it.
+pub const PID_FILE: &str = "keyfront.pid";
+
+/// A principal to add to a dev directory (`keyfront dev add-principal`).
+#[derive(Debug)]
+pub struct NewPrincipal {
+    /// The certificate's name, and the last part of the default identity.
+    pub name: String,
+    /// Its tenants (`*`: all).
+    pub tenants: Vec<String>,
+    /// Its roles, as the config names them.
+    pub roles: Vec<String>,
+    /// The identity, if not the default one.
+    pub identity: Option<String>,
+}
+
+/// Adds a principal to the dev directory `dir`: a client certificate from its CA, a
+/// `[[principals]]` entry in its config (checked: an entry that makes the config invalid is
+/// taken back), and, when `keyfront dev` is serving the directory, a reload (SIGHUP) that is
+/// waited for: the new identity is known to the server when this returns.
+///
+/// # Errors
+/// [`DevError::Principal`] for a name or identity in use or an invalid entry; I/O errors.
+pub async fn add_principal(dir: &Path, principal: &NewPrincipal) -> Result<(), DevError> {
+    let refuse = |why: String| Err(DevError::Principal(why));
+    let name = &principal.name;
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return refuse(format!(
+            "{name:?}: a name is lower-case letters, digits and -"
+        ));
+    }
+    let config_path = dir.join("keyfront.toml");
+    let certs = dir.join("certs");
+    let before = std::fs::read_to_string(&config_path).map_err(io(format!(
+        "{} (make the dev directory first: keyfront dev --dir {})",
+        config_path.display(),
+        dir.display()
+    )))?;
+    if certs.join(format!("{name}.crt")).exists() {
+        return refuse(format!(
+            "{}/{name}.crt exists already: pick another name",
+            certs.display()
+        ));
+    }
+    let identity =
+        principal
+            .identity
+            .clone()
+            .unwrap_or_else(|| match principal.tenants.as_slice() {
+                [tenant] if tenant != "*" => format!("{TRUST_DOMAIN}/tenant/{tenant}/{name}"),
+                _ => format!("{TRUST_DOMAIN}/{name}"),
+            });
+    if before.contains(&format!("identity = \"{identity}\"")) {
+        return refuse(format!("{identity} is a principal already"));
+    }
+    let list = |items: &[String]| {
+        items
+            .iter()
+            .map(|i| format!("\"{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let after = format!(
+        "{before}\n# {name} (keyfront dev add-principal)\n[[principals]]\nidentity = \"{identity}\"\ntenants = [{}]\nroles = [{}]\n",
+        list(&principal.tenants),
+        list(&principal.roles)
+    );
+    write(&config_path, &after)?;
+    if let Err(error) = Config::load(&config_path, &ProcessEnv) {
+        write(&config_path, &before)?;
+        return refuse(format!(
+            "the entry would make the config invalid, so it was not added: {error}"
+        ));
+    }
+    issue_client_certificate(&certs, name, &[&identity], name)?;
+    println!("added principal {name}: {identity}");
+    println!(
+        "  certificate: {0}/{name}.crt and {0}/{name}.key",
+        certs.display()
+    );
+    let Some((pid, endpoint)) = serving(dir) else {
+        println!(
+            "  keyfront dev is not serving {}: the principal counts from its next start",
+            dir.display()
+        );
+        return Ok(());
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .map_err(|e| DevError::Io(format!("reloading keyfront dev (pid {pid})"), e.into()))?;
+    // Known once the server tells the new identity PERMISSION_DENIED (or OK) instead of
+    // UNAUTHENTICATED for a call it may not make; that call changes nothing.
+    let endpoint = super::client::Endpoint {
+        endpoint,
+        dir: dir.to_path_buf(),
+        principal: Some(name.clone()),
+        cert: None,
+        client_key: None,
+        ca: None,
+    };
+    for _ in 0..50 {
+        if let Ok(channel) = endpoint.channel(name).await {
+            let answer = crate::service::pb::admin_service_client::AdminServiceClient::new(channel)
+                .list_tenants(crate::service::pb::ListTenantsRequest {
+                    page_size: 1,
+                    page_token: String::new(),
+                })
+                .await;
+            if !matches!(&answer, Err(status) if status.code() == tonic::Code::Unauthenticated) {
+                println!(
+                    "  reloaded the running keyfront dev (pid {pid}); try: keyfront encrypt --key default --principal {name} --dir {}",
+                    dir.display()
+                );
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    refuse(format!(
+        "sent SIGHUP to keyfront dev (pid {pid}), but it does not know {identity} after 5 s: see its log"
+    ))
+}
+
+/// The pid and endpoint of the `keyfront dev` serving `dir`, if it is running.
+fn serving(dir: &Path) -> Option<(i32, String)> {
+    let text = std::fs::read_to_string(dir.join(PID_FILE)).ok()?;
+    let mut lines = text.lines();
+    let pid: i32 = lines.next()?.trim().parse().ok()?;
+    let endpoint = lines.next()?.trim().to_owned();
+    // A pid file left by a `kill -9` may name another process by now.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (cmdline.contains("keyfront") && cmdline.contains("dev")).then_some((pid, endpoint))
 }
 
 /// The PostgreSQL namespace of the dev cluster.

@@ -68,8 +68,11 @@ enum Command {
     /// Make (once) and serve a complete local keyfront in DIR: SoftHSM token, dev CA and
     /// certificates, config, tenants acme and globex.
     Dev {
+        /// Instead of serving: change the dev directory.
+        #[command(subcommand)]
+        action: Option<DevAction>,
         /// Where everything lives.
-        #[arg(long, default_value = ".keyfront-dev")]
+        #[arg(long, global = true, default_value = ".keyfront-dev")]
         dir: PathBuf,
         /// Address to listen on (with --nodes: the first node's; the others take the next
         /// ports).
@@ -167,6 +170,27 @@ enum Command {
     },
 }
 
+/// What `keyfront dev` does instead of serving.
+#[derive(Debug, Subcommand)]
+enum DevAction {
+    /// Add a principal: a client certificate from the dev CA (DIR/certs/NAME.crt and .key), a
+    /// [[principals]] entry in DIR/keyfront.toml, and a reload of the running `keyfront dev`.
+    AddPrincipal {
+        /// The certificate's name (DIR/certs/NAME.crt), also the last part of its identity.
+        name: String,
+        /// A tenant it may use (repeatable; `*` for all). Its identity is then
+        /// spiffe://keyfront.dev/tenant/TENANT/NAME when there is one tenant.
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// A role: app, backup, secrets, officer, tenant-admin, support, auditor (repeatable).
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// The identity (URI SAN), instead of the one made from the tenant and NAME.
+        #[arg(long)]
+        identity: Option<String>,
+    },
+}
+
 /// Runs the command line and returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -185,6 +209,31 @@ pub fn main() -> ExitCode {
         Command::Selfcheck(args) => return selfcheck::run(args),
         Command::Serve { config } => return serve(&config),
         Command::Dev {
+            action:
+                Some(DevAction::AddPrincipal {
+                    name,
+                    tenants,
+                    roles,
+                    identity,
+                }),
+            dir,
+            ..
+        } => {
+            let principal = dev::NewPrincipal {
+                name,
+                tenants,
+                roles,
+                identity,
+            };
+            return match runtime().block_on(dev::add_principal(&dir, &principal)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("keyfront dev add-principal: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Dev {
             dir,
             listen,
             nodes: 1,
@@ -197,6 +246,7 @@ pub fn main() -> ExitCode {
             postgres_url_env,
             postgres_namespace,
             prepare_only,
+            action: None,
         } => {
             let cluster = dev::Cluster {
                 nodes: usize::from(nodes),
@@ -432,7 +482,22 @@ fn run_dev(dir: &Path, listen: std::net::SocketAddr) -> ExitCode {
         Ok((config, path))
     })();
     match prepared {
-        Ok((config, path)) => serve_config(config, Some(listen), &path),
+        Ok((config, path)) => {
+            // `keyfront dev add-principal` reloads this process through its pid file (the
+            // pid, then where it listens).
+            let pid_file = path.with_file_name(dev::PID_FILE);
+            let _ = std::fs::write(
+                &pid_file,
+                format!(
+                    "{}\nhttps://localhost:{}\n",
+                    std::process::id(),
+                    listen.port()
+                ),
+            );
+            let status = serve_config(config, Some(listen), &path);
+            let _ = std::fs::remove_file(&pid_file);
+            status
+        }
         Err(error) => {
             eprintln!("keyfront dev: {error}");
             ExitCode::FAILURE

@@ -43,6 +43,10 @@ pub struct SelfcheckArgs {
     /// Online: the tenant, for principals with several.
     #[arg(long, default_value = "")]
     pub tenant: String,
+    /// Online: wait up to this many seconds for the server to answer and be SERVING (a server
+    /// just started; the HSM and store open after it listens).
+    #[arg(long, default_value_t = 0)]
+    pub wait: u64,
 }
 
 /// The dev principals an online selfcheck uses when none is named.
@@ -261,6 +265,10 @@ pub async fn online(args: SelfcheckArgs) -> Result<(), ClientError> {
                 .into(),
         ));
     }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait);
+    while std::time::Instant::now() < deadline && !serving(&identities[0]).await {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     let first = identities[0].channel("acme-app").await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(first);
     for service in ["", "keyfront.v1.KeyService", crate::service::STORE_HEALTH] {
@@ -289,6 +297,19 @@ pub async fn online(args: SelfcheckArgs) -> Result<(), ClientError> {
         officer_checks(&who, channel, &mut report).await;
     }
     report.finish()
+}
+
+/// Whether the server answers and its health is SERVING.
+async fn serving(identity: &Endpoint) -> bool {
+    let Ok(channel) = identity.channel("acme-app").await else {
+        return false;
+    };
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status == 1)
 }
 
 /// Encrypt/Decrypt, data keys and sealed secrets, as far as the principal's role allows.
