@@ -246,7 +246,7 @@ fn round_trips(kms: &Kms) -> Result<(), crate::Error> {
 pub async fn online(args: SelfcheckArgs) -> Result<(), ClientError> {
     let mut report = Report::default();
     let identities: Vec<Endpoint> =
-        if args.endpoint.cert.is_some() || args.endpoint.principal.is_some() {
+        if args.endpoint.has_identity() || args.endpoint.principal.is_some() {
             vec![args.endpoint.clone()]
         } else {
             DEV_PRINCIPALS
