@@ -97,3 +97,65 @@ impl Clock for TestClock {
         self.system.monotonic() + Duration::from_secs(offset)
     }
 }
+
+/// The system clock plus an offset that another process sets (tests that restart the server
+/// with `kill -9` and go on in simulated time: `tests/simulation.rs`). The file holds the
+/// offset in whole seconds, added to wall and monotonic time alike (time passing, not a
+/// jump); it is read when the clock is made and then every 5 ms by a thread of its own, so a
+/// test that writes it waits a little before it counts on every process seeing it.
+#[cfg(feature = "test-hooks")]
+#[derive(Debug)]
+pub struct FileClock {
+    system: SystemClock,
+    offset_secs: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[cfg(feature = "test-hooks")]
+impl FileClock {
+    /// The environment variable that names the file (`keyfront serve` and `keyfront dev` in
+    /// builds with `test-hooks` take their clock from it when it is set).
+    pub const ENV: &'static str = "KEYFRONT_TEST_CLOCK_FILE";
+
+    /// A clock following the offset in `path` (0 while the file is missing or unreadable).
+    pub fn watch(path: std::path::PathBuf) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+        };
+        let offset_secs = std::sync::Arc::new(AtomicU64::new(read(&path).unwrap_or(0)));
+        let shared = std::sync::Arc::clone(&offset_secs);
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(5));
+                if let Some(offset) = read(&path) {
+                    // Time never goes back, whatever the file says.
+                    shared.fetch_max(offset, Ordering::SeqCst);
+                }
+            }
+        });
+        Self {
+            system: SystemClock::new(),
+            offset_secs,
+        }
+    }
+
+    /// The clock of `KEYFRONT_TEST_CLOCK_FILE`, if that variable is set.
+    pub fn from_env() -> Option<Self> {
+        std::env::var_os(Self::ENV).map(|path| Self::watch(path.into()))
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+impl Clock for FileClock {
+    fn now(&self) -> SystemTime {
+        let offset = self.offset_secs.load(std::sync::atomic::Ordering::SeqCst);
+        self.system.now() + Duration::from_secs(offset)
+    }
+
+    fn monotonic(&self) -> Duration {
+        let offset = self.offset_secs.load(std::sync::atomic::Ordering::SeqCst);
+        self.system.monotonic() + Duration::from_secs(offset)
+    }
+}

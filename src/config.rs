@@ -530,6 +530,9 @@ struct RawKeys {
     destruction_window_days: u64,
     #[serde(default = "default_scheduler_interval_secs")]
     scheduler_interval_secs: u64,
+    // Finer than a second, for tests that run weeks of simulated time (wins when set).
+    #[serde(default)]
+    scheduler_interval_ms: Option<u64>,
 }
 
 impl Default for RawKeys {
@@ -537,6 +540,7 @@ impl Default for RawKeys {
         Self {
             destruction_window_days: default_destruction_window_days(),
             scheduler_interval_secs: default_scheduler_interval_secs(),
+            scheduler_interval_ms: None,
         }
     }
 }
@@ -1015,6 +1019,12 @@ impl RawConfig {
         if self.keys.scheduler_interval_secs == 0 {
             problems.push(ConfigProblem::Zero("keys.scheduler_interval_secs"));
         }
+        if self.keys.scheduler_interval_ms.is_some_and(|ms| ms < 10) {
+            problems.push(ConfigProblem::Range(
+                "keys.scheduler_interval_ms",
+                "at least 10",
+            ));
+        }
         let backup_at = parse_time_of_day(&self.backup.time);
         if backup_at.is_none() {
             problems.push(ConfigProblem::BackupTime(self.backup.time.clone()));
@@ -1078,7 +1088,10 @@ impl RawConfig {
                     min_destruction_window: Duration::from_secs(
                         self.backup.retention_days.saturating_mul(86_400),
                     ),
-                    scheduler_interval: Duration::from_secs(self.keys.scheduler_interval_secs),
+                    scheduler_interval: match self.keys.scheduler_interval_ms {
+                        Some(ms) => Duration::from_millis(ms),
+                        None => Duration::from_secs(self.keys.scheduler_interval_secs),
+                    },
                     password_params: crate::kms::PasswordParams {
                         memory_kib: self.passwords.memory_kib,
                         iterations: self.passwords.iterations,

@@ -222,13 +222,29 @@ impl Backups {
     }
 }
 
+/// When the first nightly snapshot of a server that starts at `now` is due: the night's time
+/// that passed last, if the directory's newest archive is older than it (the server was down
+/// then, or restarted before it took it: it takes it now); else the next. A directory with no
+/// archive at all waits for the next night.
+pub fn first_due(now: u64, at_secs: u64, newest: Option<u64>) -> u64 {
+    let next = next_due(now, at_secs);
+    let last = next - 86_400;
+    match newest {
+        Some(newest) if newest < last => last,
+        _ => next,
+    }
+}
+
 /// Takes a snapshot every night at the configured time, checking every `interval`, until the
-/// domain is dropped.
+/// domain is dropped. A night missed while the server was down is taken at start.
 pub async fn run(kms: Weak<Kms>, backups: Arc<Backups>, interval: Duration) {
     let Some(now) = kms.upgrade().map(|kms| kms.clock().now_secs()) else {
         return;
     };
-    let mut due = next_due(now, backups.at_secs);
+    let newest = list(&backups.dir)
+        .ok()
+        .and_then(|archives| archives.last().map(|a| a.created_at));
+    let mut due = first_due(now, backups.at_secs, newest);
     loop {
         tokio::time::sleep(interval).await;
         let Some(kms) = kms.upgrade() else {
@@ -262,5 +278,27 @@ mod tests {
         assert_eq!(next_due(midnight + 7199, 7200), midnight + 7200);
         assert_eq!(next_due(midnight + 7200, 7200), midnight + 86_400 + 7200);
         assert_eq!(next_due(midnight + 80_000, 7200), midnight + 86_400 + 7200);
+    }
+
+    #[test]
+    fn a_night_missed_while_down_is_taken_at_start() {
+        let midnight = 20_000 * 86_400;
+        let two = 7200;
+        // Restarted at 02:30, last night's (yesterday 02:00) archive the newest: today's is due.
+        let restart = midnight + two + 1800;
+        let yesterday = midnight - 86_400 + two + 5;
+        assert_eq!(first_due(restart, two, Some(yesterday)), midnight + two);
+        // Today's was taken before the restart: the next night.
+        assert_eq!(
+            first_due(restart, two, Some(midnight + two + 3)),
+            midnight + 86_400 + two
+        );
+        // No archive yet (a new deployment): the next night, not at once.
+        assert_eq!(first_due(restart, two, None), midnight + 86_400 + two);
+        // Started before today's time: today's is next either way.
+        assert_eq!(
+            first_due(midnight + 60, two, Some(yesterday)),
+            midnight + two
+        );
     }
 }

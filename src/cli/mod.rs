@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+#[cfg(feature = "test-hooks")]
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -402,6 +404,12 @@ fn serve_config(config: Config, listen: Option<std::net::SocketAddr>, path: &Pat
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let mut server =
             crate::service::Server::new(config.clone()).with_config_path(path.to_path_buf());
+        // Builds for tests only: simulated time shared with the test (tests/simulation.rs).
+        #[cfg(feature = "test-hooks")]
+        if let Some(clock) = crate::clock::FileClock::from_env() {
+            tracing::warn!("test build: time comes from {}", crate::clock::FileClock::ENV);
+            server = server.with_clock(Arc::new(clock));
+        }
         if let Some(metrics) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(metrics)
                 .await
