@@ -93,6 +93,10 @@ impl Backups {
         drop(state);
         let created = result?;
         if dir == self.dir {
+            // The night's snapshot, for whichever node leads next (the store is shared).
+            if let Err(error) = kms.store().set_last_snapshot(created.manifest.created_at) {
+                tracing::warn!(%error, "could not record the snapshot's time; the next leader may take another");
+            }
             self.prune(kms)?;
         }
         Ok(created)
@@ -222,46 +226,64 @@ impl Backups {
     }
 }
 
-/// When the first nightly snapshot of a server that starts at `now` is due: the night's time
-/// that passed last, if the directory's newest archive is older than it (the server was down
-/// then, or restarted before it took it: it takes it now); else the next. A directory with no
-/// archive at all waits for the next night.
-pub fn first_due(now: u64, at_secs: u64, newest: Option<u64>) -> u64 {
-    let next = next_due(now, at_secs);
-    let last = next - 86_400;
-    match newest {
-        Some(newest) if newest < last => last,
-        _ => next,
-    }
+/// Whether the night's snapshot is due at `now`: the time of day `at_secs` passed last after
+/// the last snapshot (`last`) was taken.
+pub fn night_due(now: u64, at_secs: u64, last: u64) -> bool {
+    let last_night = next_due(now, at_secs) - 86_400;
+    last < last_night
 }
 
 /// Takes a snapshot every night at the configured time, checking every `interval`, until the
-/// domain is dropped. A night missed while the server was down is taken at start.
+/// domain is dropped. Whether the night's snapshot was taken is read from the store at each
+/// check (on a cluster: by whichever node took it, into whichever directory), so a night is
+/// taken late rather than missed when the server was down at its time, restarted before it
+/// took it, or lost the leader lease meanwhile. Before the store records any snapshot, the
+/// directory's newest archive counts, and without one the first night after the start.
 pub async fn run(kms: Weak<Kms>, backups: Arc<Backups>, interval: Duration) {
     let Some(now) = kms.upgrade().map(|kms| kms.clock().now_secs()) else {
         return;
     };
-    let newest = list(&backups.dir)
+    let baseline = list(&backups.dir)
         .ok()
-        .and_then(|archives| archives.last().map(|a| a.created_at));
-    let mut due = first_due(now, backups.at_secs, newest);
+        .and_then(|archives| archives.last().map(|a| a.created_at))
+        .unwrap_or(now);
+    // After a failed snapshot (a full disk, say), the next attempt waits an hour, not a check.
+    const RETRY_AFTER: u64 = 3_600;
+    let mut failed_at: Option<u64> = None;
     loop {
         tokio::time::sleep(interval).await;
         let Some(kms) = kms.upgrade() else {
             return;
         };
-        let now = kms.clock().now_secs();
-        // Not the leader: the night's snapshot is another node's; `due` stays, so a node
-        // that takes over after a failover takes the snapshot its predecessor may have missed.
-        if now < due || !kms.store().is_leader() {
+        // Not the leader: the night's snapshot is another node's.
+        if !kms.store().is_leader() {
             continue;
         }
-        due = next_due(now, backups.at_secs);
+        let last = match kms.store().last_snapshot() {
+            Ok(last) => last.unwrap_or(baseline),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read when the last snapshot was taken; retrying");
+                continue;
+            }
+        };
+        let now = kms.clock().now_secs();
+        if !night_due(now, backups.at_secs, last)
+            || failed_at.is_some_and(|at| now < at.saturating_add(RETRY_AFTER))
+        {
+            continue;
+        }
         let backups = Arc::clone(&backups);
         match tokio::task::spawn_blocking(move || backups.take(&kms, None)).await {
-            Ok(Ok(_)) => {}
-            // Logged and recorded for backup-status; the next night tries again.
-            Ok(Err(error)) => tracing::error!(%error, "nightly snapshot failed"),
+            Ok(Ok(_)) => failed_at = None,
+            // Logged and recorded for backup-status; tried again in an hour.
+            Ok(Err(error)) => {
+                failed_at = Some(now);
+                tracing::error!(%error, "nightly snapshot failed; trying again in an hour");
+            }
+            // Cancelled by the shutdown: the next start takes the night's snapshot it missed.
+            Err(error) if error.is_cancelled() => {
+                tracing::info!("nightly snapshot cancelled by the shutdown; taken at the next start");
+            }
             Err(error) => tracing::error!(%error, "nightly snapshot task failed"),
         }
     }
@@ -281,24 +303,19 @@ mod tests {
     }
 
     #[test]
-    fn a_night_missed_while_down_is_taken_at_start() {
+    fn a_night_is_due_until_a_snapshot_after_its_time() {
         let midnight = 20_000 * 86_400;
         let two = 7200;
-        // Restarted at 02:30, last night's (yesterday 02:00) archive the newest: today's is due.
-        let restart = midnight + two + 1800;
         let yesterday = midnight - 86_400 + two + 5;
-        assert_eq!(first_due(restart, two, Some(yesterday)), midnight + two);
-        // Today's was taken before the restart: the next night.
-        assert_eq!(
-            first_due(restart, two, Some(midnight + two + 3)),
-            midnight + 86_400 + two
-        );
-        // No archive yet (a new deployment): the next night, not at once.
-        assert_eq!(first_due(restart, two, None), midnight + 86_400 + two);
-        // Started before today's time: today's is next either way.
-        assert_eq!(
-            first_due(midnight + 60, two, Some(yesterday)),
-            midnight + two
-        );
+        // At 02:30, last night's (yesterday 02:00) the last: today's is due (a restart, a
+        // failover, or simply the first check after 02:00).
+        assert!(night_due(midnight + two + 1800, two, yesterday));
+        // Taken at 02:00:03 today: not again today.
+        assert!(!night_due(midnight + two + 1800, two, midnight + two + 3));
+        assert!(!night_due(midnight + 80_000, two, midnight + two + 3));
+        // Before today's time: yesterday's counts.
+        assert!(!night_due(midnight + 60, two, yesterday));
+        // Down for three nights: one snapshot at once, not three.
+        assert!(night_due(midnight + two + 60, two, yesterday - 3 * 86_400));
     }
 }

@@ -56,6 +56,10 @@ pub(super) const TENANT_DESTRUCTION_PREFIX: &[u8] = b"D/";
 /// `audit/head/` ‖ node → the audit chain head as of the node's last signed checkpoint
 /// (`audit/head` alone: written before heads were kept per node).
 pub(super) const AUDIT_HEAD_KEY: &[u8] = b"audit/head";
+/// When the last snapshot into the backup directory was taken (u64 seconds): on a cluster the
+/// nodes share it, so the leader of the night knows whether the night's snapshot was taken,
+/// whichever node took it and wherever its directory is.
+pub(super) const LAST_SNAPSHOT_KEY: &[u8] = b"backup/last";
 /// `g/` ‖ grant id → GrantRecord (support access).
 pub(super) const GRANT_PREFIX: &[u8] = b"g/";
 /// `q/` ‖ scope (tenant name or `*`) ‖ `/` ‖ hex(sha256(identity ‖ 0 ‖ request_id)) →
@@ -89,6 +93,7 @@ pub(super) const SYSTEM: &[Space] = &[
         "the scheduler's pending tenant destructions",
     ),
     space(AUDIT_HEAD_KEY, "audit chain heads"),
+    space(LAST_SNAPSHOT_KEY, "when the last snapshot was taken"),
     space(GRANT_PREFIX, "support access grants"),
     space(REQUEST_PREFIX, "responses remembered by request_id"),
     space(LAST_USE_PREFIX, "principals' last use"),

@@ -11,7 +11,7 @@ use super::engine::{Batch, Database, Engine};
 use super::journal::{Journal, JournalEntry};
 use super::layout::{
     APPROVAL_PREFIX, AUDIT_HEAD_KEY, DESTRUCTION_PREFIX, GRANT_PREFIX, HEAD_PREFIX,
-    LAST_USE_PREFIX, LAYOUT_KEY, LAYOUT1_REQUEST_PREFIX, META_KEY, MWK_RETIRED_PREFIX,
+    LAST_SNAPSHOT_KEY, LAST_USE_PREFIX, LAYOUT_KEY, LAYOUT1_REQUEST_PREFIX, META_KEY, MWK_RETIRED_PREFIX,
     MWK_ROTATION_KEY, NAME_PREFIX, REQUEST_PREFIX, ROTATION_PREFIX, SEQ_KEY, SYSTEM_LAYOUT,
     TENANT_DESTRUCTION_PREFIX, TENANT_PREFIX, TOMBSTONE_PREFIX,
 };
@@ -843,6 +843,27 @@ impl KeyStore {
     pub fn set_audit_head(&self, node: &str, head: &crate::audit::ChainHead) -> Result<(), Error> {
         self.system
             .commit(vec![(audit_head_key(node), encode(head)?)], vec![])
+    }
+
+    /// When the last snapshot into the backup directory was taken (seconds), if one was since
+    /// this was first recorded.
+    ///
+    /// # Errors
+    /// Storage and integrity errors.
+    pub fn last_snapshot(&self) -> Result<Option<u64>, Error> {
+        self.system
+            .read(LAST_SNAPSHOT_KEY)?
+            .map(|payload| decode(&payload))
+            .transpose()
+    }
+
+    /// Records a snapshot taken at `at` into the backup directory (flushed).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn set_last_snapshot(&self, at: u64) -> Result<(), Error> {
+        self.system
+            .commit(vec![(LAST_SNAPSHOT_KEY.to_vec(), encode(&at)?)], vec![])
     }
 
     /// Writes (creates or updates) a support grant (flushed).

@@ -8,7 +8,7 @@
 
 use super::{KeySnapshot, Kms};
 use crate::error::Error;
-use crate::ids::{KeyVersion, Name, TenantId};
+use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 use crate::keystore::{
     KeyPolicy, KeyRecord, PendingDestruction, TenantWrite, VersionRecord, VersionState,
 };
@@ -413,66 +413,85 @@ impl Kms {
             if at > now {
                 continue;
             }
-            let Some(db) = self.store.live_tenant(tenant)? else {
-                self.store.remove_rotation_check(tenant, key_id)?;
-                continue;
-            };
-            let Some(record) = db.key(&key_id)? else {
-                self.store.remove_rotation_check(tenant, key_id)?;
-                continue;
-            };
-            if !Self::allows_generated_rotation(&db, &record)? {
-                // Imported material only: its owner rotates it by importing (a usage limit
-                // then refuses encryptions until they do).
-                self.store.remove_rotation_check(tenant, key_id)?;
-                continue;
+            // On a cluster another node may commit to the tenant meanwhile: its view is then
+            // stale, and the key is looked at again on a fresh one (as every write does). Each
+            // attempt decides from the records it reads, so a rotation done by an earlier
+            // attempt is not done twice.
+            if let Some(done) = self.writing(|| self.rotate_if_due(tenant, key_id, now))? {
+                rotated.push(done);
             }
-            let primary = self.version(&db, &record, record.primary)?;
-            let period = record.policy.rotation_period_secs;
-            let by_age = period.is_some_and(|p| primary.created_at.saturating_add(p) <= now);
-            let by_usage = self.near_usage_limit(tenant, &record, &primary);
-            let rotated_now = by_age || by_usage;
-            if rotated_now {
-                let rotated_record = self.scheduled(
-                    "rotate_key",
-                    Some(tenant.to_string()),
-                    Some(&record.name),
-                    None,
-                    || self.rotate_key(tenant, &record.name),
-                )?;
-                tracing::info!(
-                    %tenant,
-                    key = %record.name,
-                    version = rotated_record.primary.0,
-                    reason = if by_usage { "usage limit near" } else { "rotation period elapsed" },
-                    "key rotated by the scheduler"
-                );
-                rotated.push((tenant, record.name.clone(), rotated_record.primary));
-            }
-            // When to look again: a new primary's period from now; the next tick while a
-            // reservation is near a limit but the uses are not; the period's end; or never.
-            // Decided under the tenant's write lock from records read again under it: a policy
-            // update or a reservation sets the check under that lock, so a decision from the
-            // records read above could remove a check set since (a lost update).
-            let _writes = db.lock_writes();
-            let Some(record) = db.key(&key_id)? else {
-                self.store.remove_rotation_check(tenant, key_id)?;
-                continue;
-            };
-            let primary = self.version(&db, &record, record.primary)?;
-            let period = record.policy.rotation_period_secs;
-            let next = if rotated_now {
-                period.map(|p| now.saturating_add(p))
-            } else if Self::reserved_near_limit(&record, &primary) {
-                Some(now)
-            } else {
-                period.map(|p| primary.created_at.saturating_add(p))
-            };
-            let Some(due) = next else {
-                self.store.remove_rotation_check(tenant, key_id)?;
-                continue;
-            };
-            self.store.set_rotation_check(tenant, key_id, due)?;
+        }
+        Ok(rotated)
+    }
+
+    /// [`Kms::run_due_rotations`] for one key: rotates it if its period elapsed or its usage
+    /// neared a limit, and sets when to look at it next.
+    fn rotate_if_due(
+        &self,
+        tenant: TenantId,
+        key_id: KeyId,
+        now: u64,
+    ) -> Result<Option<(TenantId, Name, KeyVersion)>, Error> {
+        let mut rotated = None;
+        let Some(db) = self.store.live_tenant(tenant)? else {
+            self.store.remove_rotation_check(tenant, key_id)?;
+            return Ok(None);
+        };
+        let Some(record) = db.key(&key_id)? else {
+            self.store.remove_rotation_check(tenant, key_id)?;
+            return Ok(None);
+        };
+        if !Self::allows_generated_rotation(&db, &record)? {
+            // Imported material only: its owner rotates it by importing (a usage limit
+            // then refuses encryptions until they do).
+            self.store.remove_rotation_check(tenant, key_id)?;
+            return Ok(None);
+        }
+        let primary = self.version(&db, &record, record.primary)?;
+        let period = record.policy.rotation_period_secs;
+        let by_age = period.is_some_and(|p| primary.created_at.saturating_add(p) <= now);
+        let by_usage = self.near_usage_limit(tenant, &record, &primary);
+        let rotated_now = by_age || by_usage;
+        if rotated_now {
+            let rotated_record = self.scheduled(
+                "rotate_key",
+                Some(tenant.to_string()),
+                Some(&record.name),
+                None,
+                || self.rotate_key(tenant, &record.name),
+            )?;
+            tracing::info!(
+                %tenant,
+                key = %record.name,
+                version = rotated_record.primary.0,
+                reason = if by_usage { "usage limit near" } else { "rotation period elapsed" },
+                "key rotated by the scheduler"
+            );
+            rotated = Some((tenant, record.name.clone(), rotated_record.primary));
+        }
+        // When to look again: a new primary's period from now; the next tick while a
+        // reservation is near a limit but the uses are not; the period's end; or never.
+        // Decided under the tenant's write lock from records read again under it: a policy
+        // update or a reservation sets the check under that lock, so a decision from the
+        // records read above could remove a check set since (a lost update).
+        let db = self.store.tenant(tenant)?;
+        let _writes = db.lock_writes();
+        let Some(record) = db.key(&key_id)? else {
+            self.store.remove_rotation_check(tenant, key_id)?;
+            return Ok(rotated);
+        };
+        let primary = self.version(&db, &record, record.primary)?;
+        let period = record.policy.rotation_period_secs;
+        let next = if rotated_now {
+            period.map(|p| now.saturating_add(p))
+        } else if Self::reserved_near_limit(&record, &primary) {
+            Some(now)
+        } else {
+            period.map(|p| primary.created_at.saturating_add(p))
+        };
+        match next {
+            Some(due) => self.store.set_rotation_check(tenant, key_id, due)?,
+            None => self.store.remove_rotation_check(tenant, key_id)?,
         }
         Ok(rotated)
     }

@@ -97,6 +97,12 @@ async fn job<T: Send + 'static>(
             tracing::error!(%error, "{what} failed; retrying next tick");
             None
         }
+        // The runtime is shutting down (SIGTERM): the job did not finish and runs again at the
+        // next start. Not an error.
+        Err(error) if error.is_cancelled() => {
+            tracing::debug!(what, "scheduler job cancelled by the shutdown");
+            None
+        }
         Err(error) => {
             tracing::error!(%error, "scheduler task failed");
             None
