@@ -52,7 +52,11 @@ const PERIODS: &[(&str, &str, u64)] = &[
     ("acme", "mac", 7),
 ];
 /// The DATA keys that traffic uses (umbrella's until it is destroyed).
-const DATA_KEYS: &[(&str, &str)] = &[("acme", "default"), ("globex", "default"), ("umbrella", "default")];
+const DATA_KEYS: &[(&str, &str)] = &[
+    ("acme", "default"),
+    ("globex", "default"),
+    ("umbrella", "default"),
+];
 
 fn days() -> u64 {
     std::env::var("KEYFRONT_SIM_DAYS")
@@ -206,9 +210,11 @@ impl Model {
     /// Whether `acked` must open now.
     fn opens(&self, acked: &Acked) -> bool {
         !self.doomed.contains(&acked.tenant)
-            && !self
-                .destructions
-                .contains_key(&(acked.tenant.clone(), acked.key.clone(), acked.version))
+            && !self.destructions.contains_key(&(
+                acked.tenant.clone(),
+                acked.key.clone(),
+                acked.version,
+            ))
     }
 }
 
@@ -278,7 +284,13 @@ impl Sim {
         if let Some(url) = &postgres {
             let namespace = common::postgres::namespace("sim");
             let made = command
-                .args(["--nodes", "2", "--prepare-only", "--postgres-namespace", &namespace])
+                .args([
+                    "--nodes",
+                    "2",
+                    "--prepare-only",
+                    "--postgres-namespace",
+                    &namespace,
+                ])
                 .env("KEYFRONT_DEV_POSTGRES_URL", url)
                 .output()
                 .expect("keyfront dev --prepare-only");
@@ -415,8 +427,9 @@ impl Sim {
     /// Waits until every node answers health SERVING (after a start or a restart).
     async fn until_serving(&self) {
         for node in 0..self.nodes.len() {
-            let mut health =
-                tonic_health::pb::health_client::HealthClient::new(self.channel_to(node, "officer"));
+            let mut health = tonic_health::pb::health_client::HealthClient::new(
+                self.channel_to(node, "officer"),
+            );
             let mut serving = false;
             for _ in 0..300 {
                 if let Some(child) = self.nodes[node].child.as_ref() {
@@ -670,7 +683,11 @@ impl Sim {
                 acked.tenant,
                 acked.key,
                 acked.version,
-                if acked.data_key { "data key" } else { "ciphertext" },
+                if acked.data_key {
+                    "data key"
+                } else {
+                    "ciphertext"
+                },
                 if must_open { "" } else { "not " },
                 other.map(|p| format!("{} bytes", p.len()))
             )),
@@ -720,18 +737,18 @@ impl Sim {
             let mut destroyed = false;
             for _ in 0..100 {
                 let details = self.key(&tenant, &key).await;
-                if details
-                    .versions
-                    .iter()
-                    .any(|v| v.version == version && v.state == pb::KeyVersionState::Destroyed as i32)
-                {
+                if details.versions.iter().any(|v| {
+                    v.version == version && v.state == pb::KeyVersionState::Destroyed as i32
+                }) {
                     destroyed = true;
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             if !destroyed {
-                self.fail(format!("{tenant}/{key} v{version} was due for destruction and is not destroyed"));
+                self.fail(format!(
+                    "{tenant}/{key} v{version} was due for destruction and is not destroyed"
+                ));
             }
         }
     }
@@ -781,7 +798,9 @@ impl Sim {
             .acked
             .iter()
             .rev()
-            .find(|a| a.tenant == "acme" && a.key == "default" && !a.data_key && self.model.opens(a))
+            .find(|a| {
+                a.tenant == "acme" && a.key == "default" && !a.data_key && self.model.opens(a)
+            })
             .cloned()
         else {
             return None;
@@ -862,7 +881,10 @@ impl Sim {
         let Some(version) = details
             .versions
             .iter()
-            .find(|v| v.version != details.primary_version && v.state == pb::KeyVersionState::Enabled as i32)
+            .find(|v| {
+                v.version != details.primary_version
+                    && v.state == pb::KeyVersionState::Enabled as i32
+            })
             .map(|v| v.version)
         else {
             return;
@@ -948,7 +970,11 @@ impl Sim {
             let last_night = (self.clock.now() - 7_200) / DAY;
             let newest: Vec<&String> = nights.keys().rev().take(30).collect();
             let expected: Vec<String> = (0..30).map(|back| civil_date(last_night - back)).collect();
-            if newest.iter().map(|d| d.as_str()).ne(expected.iter().map(String::as_str)) {
+            if newest
+                .iter()
+                .map(|d| d.as_str())
+                .ne(expected.iter().map(String::as_str))
+            {
                 let mut story = String::new();
                 for (i, node) in self.nodes.iter().enumerate() {
                     let log = text(&std::fs::read(&node.log).unwrap_or_default());
@@ -1007,7 +1033,10 @@ impl Sim {
                 ));
             }
             if (files.len() as u64) < days / 2 {
-                self.fail(format!("node {i}'s audit log has {} daily files", files.len()));
+                self.fail(format!(
+                    "node {i}'s audit log has {} daily files",
+                    files.len()
+                ));
             }
         }
         eprintln!(
@@ -1015,7 +1044,11 @@ impl Sim {
              ({} operations), {} kill -9 restarts, the busiest periodic key at version {} at \
              the end, {} snapshots kept",
             self.seed,
-            if self.postgres { "PostgreSQL, two nodes" } else { "sled, one node" },
+            if self.postgres {
+                "PostgreSQL, two nodes"
+            } else {
+                "sled, one node"
+            },
             self.model.acked.len(),
             self.operations,
             self.kills,

@@ -282,7 +282,9 @@ pub async fn run(kms: Weak<Kms>, backups: Arc<Backups>, interval: Duration) {
             }
             // Cancelled by the shutdown: the next start takes the night's snapshot it missed.
             Err(error) if error.is_cancelled() => {
-                tracing::info!("nightly snapshot cancelled by the shutdown; taken at the next start");
+                tracing::info!(
+                    "nightly snapshot cancelled by the shutdown; taken at the next start"
+                );
             }
             Err(error) => tracing::error!(%error, "nightly snapshot task failed"),
         }

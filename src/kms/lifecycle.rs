@@ -467,7 +467,7 @@ impl Kms {
                 reason = if by_usage { "usage limit near" } else { "rotation period elapsed" },
                 "key rotated by the scheduler"
             );
-            rotated = Some((tenant, record.name.clone(), rotated_record.primary));
+            rotated = Some((tenant, record.name, rotated_record.primary));
         }
         // When to look again: a new primary's period from now; the next tick while a
         // reservation is near a limit but the uses are not; the period's end; or never.
