@@ -793,7 +793,7 @@ impl Sim {
     /// Whether support decrypts acme's newest ciphertext of `default` under the grant (`None`
     /// while there is none that opens).
     async fn support_decrypts(&mut self, grant: &str) -> Option<bool> {
-        let Some(acked) = self
+        let acked = self
             .model
             .acked
             .iter()
@@ -801,10 +801,7 @@ impl Sim {
             .find(|a| {
                 a.tenant == "acme" && a.key == "default" && !a.data_key && self.model.opens(a)
             })
-            .cloned()
-        else {
-            return None;
-        };
+            .cloned()?;
         let result = KeyServiceClient::new(self.channel("support"))
             .decrypt(pb::DecryptRequest {
                 ciphertext: acked.blob,
