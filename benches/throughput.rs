@@ -497,8 +497,18 @@ fn main() {
             )
             .expect("audit"),
         );
-        let tls = keyfront::service::tls::server_config(&echo_server).expect("tls");
-        let incoming = keyfront::service::tls::incoming(echo_listener, tls, audit, false, limits);
+        let tls = keyfront::service::tls::server_config(
+            &echo_server,
+            &keyfront::config::Revocations::default(),
+        )
+        .expect("tls");
+        let incoming = keyfront::service::tls::incoming(
+            echo_listener,
+            keyfront::service::tls::TlsConfigs::new(tls),
+            audit,
+            false,
+            limits,
+        );
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(KeyServiceServer::new(Echo))

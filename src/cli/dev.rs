@@ -245,6 +245,21 @@ pub fn issue_client_certificate(
     uris: &[&str],
     common_name: &str,
 ) -> Result<(), DevError> {
+    issue_client_certificate_with_serial(certs, name, uris, common_name, None)
+}
+
+/// [`issue_client_certificate`] with a given serial number (big-endian octets; tests of
+/// revocation by serial), instead of a random one.
+///
+/// # Errors
+/// As [`issue_client_certificate`].
+pub fn issue_client_certificate_with_serial(
+    certs: &Path,
+    name: &str,
+    uris: &[&str],
+    common_name: &str,
+    serial: Option<&[u8]>,
+) -> Result<(), DevError> {
     let ca_key = std::fs::read_to_string(certs.join("ca.key")).map_err(io("dev CA key"))?;
     let issuer = Issuer::new(ca_params()?, KeyPair::from_pem(&ca_key)?);
     let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -257,6 +272,7 @@ pub fn issue_client_certificate(
             .push(SanType::URI((*uri).try_into()?));
     }
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.serial_number = serial.map(rcgen::SerialNumber::from_slice);
     issue(certs, name, &params, &issuer)
 }
 

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tonic::Status;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::config::{PrincipalConfig, Revocations, Role, TenantScope};
+use crate::config::{PrincipalConfig, Revocations, Role, Serial, TenantScope};
 use crate::ids::Name;
 use crate::keystore::GrantRecord;
 
@@ -27,8 +27,10 @@ pub struct PeerInfo {
     pub identity: Result<String, IdentityError>,
     /// SHA-256 of the leaf certificate (hex).
     pub fingerprint: Option<String>,
-    /// The leaf certificate's serial number (hex).
-    pub serial: Option<String>,
+    /// The leaf certificate's serial number.
+    pub serial: Option<Serial>,
+    /// The leaf certificate's issuer name (DER), which revocations by serial are bound to.
+    pub issuer: Vec<u8>,
     /// The leaf certificate's notAfter, seconds since the Unix epoch (0: unknown).
     pub not_after: u64,
     /// The connection's audit line could not be written: every request on it is refused.
@@ -61,6 +63,7 @@ impl PeerInfo {
                 identity: Err(IdentityError::NoCertificate),
                 fingerprint: None,
                 serial: None,
+                issuer: Vec::new(),
                 not_after: 0,
                 unaudited: false,
             };
@@ -72,6 +75,7 @@ impl PeerInfo {
                 identity: Err(IdentityError::Unparsable),
                 fingerprint,
                 serial: None,
+                issuer: Vec::new(),
                 not_after: 0,
                 unaudited: false,
             };
@@ -80,7 +84,8 @@ impl PeerInfo {
             remote,
             identity: identity(&cert, allow_cn),
             fingerprint,
-            serial: Some(cert.raw_serial_as_string().replace(':', "")),
+            serial: Some(Serial::from_der_content(cert.raw_serial())),
+            issuer: cert.issuer().as_raw().to_vec(),
             not_after: u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
             unaudited: false,
         }
@@ -451,12 +456,13 @@ impl Principals {
     /// # Errors
     /// UNAUTHENTICATED for a revoked certificate or a missing or unknown identity.
     pub fn principal(&self, peer: &PeerInfo) -> Result<&Arc<PrincipalConfig>, Status> {
-        let revoked = |value: &Option<String>, set: &std::collections::BTreeSet<String>| {
-            value.as_ref().is_some_and(|v| set.contains(v))
+        let revoked = match (&peer.serial, &peer.fingerprint) {
+            (Some(serial), Some(fingerprint)) => {
+                self.revocations.revokes(serial, &peer.issuer, fingerprint)
+            }
+            _ => false,
         };
-        if revoked(&peer.serial, &self.revocations.serials)
-            || revoked(&peer.fingerprint, &self.revocations.fingerprints)
-        {
+        if revoked {
             return Err(Status::unauthenticated("the client certificate is revoked"));
         }
         let identity = peer

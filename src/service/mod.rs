@@ -21,7 +21,7 @@ use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
 use crate::audit::AuditLog;
-use crate::config::{Config, Limits, PrincipalConfig};
+use crate::config::{Config, Limits, PrincipalConfig, ServerConfig};
 use crate::error::Error;
 use crate::hsm::Hsm;
 use crate::hsm::metered::MeteredHsm;
@@ -153,7 +153,7 @@ impl Shared {
             detail: Some(format!(
                 "{} principals, {} revoked serials, {} revoked fingerprints",
                 config.principals.len(),
-                config.revocations.serials.len(),
+                config.revocations.serial_count(),
                 config.revocations.fingerprints.len()
             )),
             ..crate::audit::SystemRecord::default()
@@ -610,7 +610,7 @@ impl Server {
             None => audit,
         };
         let audit = Arc::new(audit);
-        let tls = tls::server_config(&server)?;
+        let tls = tls::TlsConfigs::new(tls::server_config(&server, &self.config.revocations)?);
         let shared = Arc::new(Shared::new(
             Arc::clone(&audit),
             &self.config.principals,
@@ -622,7 +622,12 @@ impl Server {
         ));
 
         if let Some(path) = self.config_path.clone() {
-            tokio::spawn(reload_on_sighup(path, Arc::clone(&shared)));
+            tokio::spawn(reload_on_sighup(
+                path,
+                Arc::clone(&shared),
+                tls.clone(),
+                server.clone(),
+            ));
         }
 
         if let Some(listener) = self.metrics {
@@ -697,9 +702,15 @@ impl Server {
     }
 }
 
-/// On each SIGHUP, reads the config again and installs its principals and revocations. An
-/// invalid file changes nothing: the running rules stay and the problems are logged.
-async fn reload_on_sighup(path: std::path::PathBuf, shared: Arc<Shared>) {
+/// On each SIGHUP, reads the config again and installs its principals and revocations, and a
+/// TLS configuration with its CRLs for the next handshakes. An invalid file changes nothing:
+/// the running rules stay and the problems are logged.
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    shared: Arc<Shared>,
+    tls: tls::TlsConfigs,
+    server: ServerConfig,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; principals reload only with a restart");
@@ -712,10 +723,19 @@ async fn reload_on_sighup(path: std::path::PathBuf, shared: Arc<Shared>) {
                 .await;
         match loaded {
             Ok(Ok(config)) => {
+                // The TLS configuration first: if its files do not make one, nothing changes.
+                match tls::server_config(&server, &config.revocations) {
+                    Ok(new) => tls.replace(new),
+                    Err(error) => {
+                        tracing::error!(%error, "SIGHUP: the TLS configuration cannot be rebuilt; keeping the running principals, revocations and TLS configuration");
+                        continue;
+                    }
+                }
                 shared.reload(&config);
                 tracing::info!(
                     principals = config.principals.len(),
-                    revoked_serials = config.revocations.serials.len(),
+                    revoked_serials = config.revocations.serial_count(),
+                    crls = config.revocations.crls.len(),
                     revoked_fingerprints = config.revocations.fingerprints.len(),
                     "SIGHUP: principals and revocations reloaded"
                 );

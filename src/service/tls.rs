@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,7 +25,30 @@ use tonic::transport::server::Connected;
 
 use super::auth::PeerInfo;
 use crate::audit::{AuditLog, ConnectionRecord};
-use crate::config::{Limits, ServerConfig};
+use crate::config::{Limits, Revocations, ServerConfig};
+
+/// The TLS configuration in force. Each new handshake takes the current one; a reload
+/// (SIGHUP) replaces it, so new CRLs, or new certificate files, apply to the next connection
+/// without a restart (connections already open are judged per request: `auth`).
+#[derive(Clone)]
+pub struct TlsConfigs(Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>);
+
+impl TlsConfigs {
+    /// Starts with `config`.
+    pub fn new(config: rustls::ServerConfig) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(config))))
+    }
+
+    /// The configuration for the next handshake.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.0.read().expect("TLS config lock poisoned"))
+    }
+
+    /// Puts `config` in force for the handshakes that follow.
+    pub fn replace(&self, config: rustls::ServerConfig) {
+        *self.0.write().expect("TLS config lock poisoned") = Arc::new(config);
+    }
+}
 
 /// Why the TLS setup failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,19 +70,47 @@ pub enum TlsError {
 }
 
 /// The rustls configuration: TLS 1.3 only, client certificates required and verified against
-/// the configured CA, HTTP/2 by ALPN.
+/// the configured CA (and its CRLs, `[revocations] crl_files`), HTTP/2 by ALPN.
+///
+/// With CRLs, the handshake refuses a client certificate that a CRL of its issuer lists; a
+/// certificate of a CA without a CRL is not refused for that (`allow_unknown_revocation_status`),
+/// and only the client's own certificate is checked, not its intermediates. A CRL past its
+/// next update still counts (a warning says so): refusing every client because the CA was
+/// late would be an outage of keyfront's making.
 ///
 /// # Errors
 /// [`TlsError`] for unreadable files or a configuration rustls refuses.
-pub fn server_config(server: &ServerConfig) -> Result<rustls::ServerConfig, TlsError> {
+pub fn server_config(
+    server: &ServerConfig,
+    revocations: &Revocations,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for ca in certificates(&server.client_ca)? {
         roots.add(ca)?;
     }
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .build()?;
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider));
+    if !revocations.crls.is_empty() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        for crl in &revocations.crls {
+            if crl.next_update.is_some_and(|next| next < now) {
+                tracing::warn!(crl = %crl.path.display(), "the CRL is past its next update: fetch a new one from the CA");
+            }
+        }
+        builder = builder
+            .with_crls(
+                revocations
+                    .crls
+                    .iter()
+                    .map(|crl| CertificateRevocationListDer::from(crl.der.clone())),
+            )
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    let verifier = builder.build()?;
     let key = PrivateKeyDer::from_pem_file(&server.key).map_err(|e| TlsError::Pem {
         path: server.key.display().to_string(),
         message: e.to_string(),
@@ -117,12 +168,11 @@ pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
 /// cap, and the handshake timeout bounds how long one that never finishes can hold its slot.
 pub fn incoming(
     listener: TcpListener,
-    config: rustls::ServerConfig,
+    configs: TlsConfigs,
     audit: Arc<AuditLog>,
     allow_cn_identity: bool,
     limits: Limits,
 ) -> ReceiverStream<io::Result<TlsConnection>> {
-    let acceptor = TlsAcceptor::from(Arc::new(config));
     let (sender, receiver) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     tokio::spawn(async move {
@@ -144,7 +194,7 @@ pub fn incoming(
                 reject(&audit, remote, "connection limit reached".into());
                 continue;
             };
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(configs.current());
             let sender = sender.clone();
             let audit = Arc::clone(&audit);
             tokio::spawn(async move {

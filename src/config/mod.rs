@@ -14,6 +14,10 @@ use std::time::Duration;
 use cryptoki::types::AuthPin;
 use serde::Deserialize;
 
+mod revocations;
+use revocations::RawRevocations;
+pub use revocations::{Crl, Revocations, Serial};
+
 use crate::hsm::pkcs11::Pkcs11Config;
 use crate::ids::Name;
 use crate::keystore::{Backend, PostgresOptions, StoreOptions};
@@ -86,16 +90,6 @@ impl Default for Access {
             request_ttl: Duration::from_secs(86_400),
         }
     }
-}
-
-/// Revoked client certificates, by serial number or SHA-256 fingerprint (lowercase hex, no
-/// separators). Reloaded with the principals on SIGHUP.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Revocations {
-    /// Serial numbers.
-    pub serials: BTreeSet<String>,
-    /// SHA-256 fingerprints of the DER certificate.
-    pub fingerprints: BTreeSet<String>,
 }
 
 /// An operation that can be put under dual control.
@@ -382,9 +376,17 @@ pub enum ConfigProblem {
     /// A tenant or key name in a principal is not a valid name.
     #[error("principals: {0:?} names an invalid tenant or key {1:?}")]
     PrincipalName(String, String),
-    /// A revocation entry that is not hex.
-    #[error("{0}: {1:?} is not a hex serial or fingerprint")]
-    Revocation(&'static str, String),
+    /// A revocation entry that is not a serial or fingerprint.
+    #[error("{0}: {1:?} is not {2}")]
+    Revocation(&'static str, String, &'static str),
+    /// A revocation file (CRL, issuer certificate) that cannot be used.
+    #[error("{0}: {1}: {2}")]
+    RevocationFile(&'static str, PathBuf, String),
+    /// Serials without an issuer while several CAs are trusted.
+    #[error(
+        "revocations.serials: the client CA file holds {0} CAs, so a serial alone is ambiguous; list each under [[revocations.by_issuer]] with the CA certificate that issued it"
+    )]
+    AmbiguousSerials(usize),
     /// Argon2id costs outside what VerifyPassword accepts.
     #[error("passwords: memory_kib must be 8 to 1048576, iterations and parallelism 1 to 16")]
     PasswordParams,
@@ -449,25 +451,6 @@ fn default_max_grant_secs() -> u64 {
 
 fn default_request_ttl_secs() -> u64 {
     Access::default().request_ttl.as_secs()
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRevocations {
-    #[serde(default)]
-    serials: Vec<String>,
-    #[serde(default)]
-    fingerprints: Vec<String>,
-}
-
-/// Lowercase hex without separators (`AB:CD` and `abcd` name the same serial).
-fn normalize_hex(value: &str) -> Option<String> {
-    let hex: String = value
-        .chars()
-        .filter(|c| !matches!(c, ':' | ' '))
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    (!hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
 }
 
 #[derive(Debug, Deserialize)]
@@ -984,22 +967,13 @@ impl RawConfig {
         if self.hsm.retry_secs == 0 {
             problems.push(ConfigProblem::Zero("hsm.retry_secs"));
         }
-        let mut revoked = |values: Vec<String>, field: &'static str| {
-            values
-                .into_iter()
-                .filter_map(|v| {
-                    let normalized = normalize_hex(&v);
-                    if normalized.is_none() {
-                        problems.push(ConfigProblem::Revocation(field, v));
-                    }
-                    normalized
-                })
-                .collect::<BTreeSet<_>>()
-        };
-        let revocations = Revocations {
-            serials: revoked(self.revocations.serials, "revocations.serials"),
-            fingerprints: revoked(self.revocations.fingerprints, "revocations.fingerprints"),
-        };
+        let client_ca = self
+            .server
+            .as_ref()
+            .map(|server| base.join(&server.client_ca));
+        let revocations = self
+            .revocations
+            .validate(base, client_ca.as_deref(), &mut problems);
         let p = &self.passwords;
         if !(8..=1 << 20).contains(&p.memory_kib)
             || !(1..=16).contains(&p.iterations)
