@@ -3027,6 +3027,33 @@ async fn password_hashing_is_bounded_and_encrypt_keeps_going() {
         .expect("verify")
         .into_inner();
     assert!(!no.matches);
+    // Issue 25, finding 2: a hash string naming costs this server never uses (the reviewer's
+    // 1 GiB, 16 passes, 16 lanes, as the least privileged data role) is refused before any
+    // Argon2 work: at once, holding no slot, so HashPassword goes on for everyone.
+    let salt = "AAAAAAAAAAAAAAAAAAAAAA";
+    let digest = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    for costs in ["m=1048576,t=16,p=16", "m=8192,t=3,p=1", "m=8192,t=2,p=2"] {
+        let refused = secrets
+            .verify_password(pb::VerifyPasswordRequest {
+                hash: format!("$argon2id$v=19${costs},pv=1${salt}${digest}"),
+                ..verify(b"hunter2")
+            })
+            .await
+            .expect_err("costs this server does not make");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("accepted"), "{refused:?}");
+        // With one password slot, a hash started for the refused call would hold it: this
+        // one would be RESOURCE_EXHAUSTED.
+        secrets
+            .hash_password(pb::HashPasswordRequest {
+                key: "secrets".into(),
+                password: b"after".to_vec(),
+                tenant: String::new(),
+                grant_id: String::new(),
+            })
+            .await
+            .expect("the one slot is free");
+    }
     // The app role cannot hash passwords.
     let denied = harness
         .keys("acme-app")

@@ -388,7 +388,9 @@ pub enum ConfigProblem {
     )]
     AmbiguousSerials(usize),
     /// Argon2id costs outside what VerifyPassword accepts.
-    #[error("passwords: memory_kib must be 8 to 1048576, iterations and parallelism 1 to 16")]
+    #[error(
+        "passwords: memory_kib must be 8 to 1048576, iterations and parallelism 1 to 16 (the accepted costs too)"
+    )]
     PasswordParams,
     /// A destruction window shorter than the backup retention.
     #[error(
@@ -462,6 +464,27 @@ struct RawPasswords {
     iterations: u32,
     #[serde(default = "default_password_parallelism")]
     parallelism: u32,
+    // Older costs whose hashes VerifyPassword still takes (and answers rehash_needed).
+    #[serde(default)]
+    accepted: Vec<RawPasswordCosts>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPasswordCosts {
+    memory_kib: u32,
+    iterations: u32,
+    parallelism: u32,
+}
+
+impl RawPasswordCosts {
+    fn params(&self) -> crate::kms::PasswordParams {
+        crate::kms::PasswordParams {
+            memory_kib: self.memory_kib,
+            iterations: self.iterations,
+            parallelism: self.parallelism,
+        }
+    }
 }
 
 impl Default for RawPasswords {
@@ -470,6 +493,7 @@ impl Default for RawPasswords {
             memory_kib: default_password_memory_kib(),
             iterations: default_password_iterations(),
             parallelism: default_password_parallelism(),
+            accepted: Vec::new(),
         }
     }
 }
@@ -975,9 +999,15 @@ impl RawConfig {
             .revocations
             .validate(base, client_ca.as_deref(), &mut problems);
         let p = &self.passwords;
-        if !(8..=1 << 20).contains(&p.memory_kib)
-            || !(1..=16).contains(&p.iterations)
-            || !(1..=16).contains(&p.parallelism)
+        let in_bounds = |memory_kib: u32, iterations: u32, parallelism: u32| {
+            (8..=1 << 20).contains(&memory_kib)
+                && (1..=16).contains(&iterations)
+                && (1..=16).contains(&parallelism)
+        };
+        if !in_bounds(p.memory_kib, p.iterations, p.parallelism)
+            || p.accepted
+                .iter()
+                .any(|a| !in_bounds(a.memory_kib, a.iterations, a.parallelism))
         {
             problems.push(ConfigProblem::PasswordParams);
         }
@@ -1071,6 +1101,12 @@ impl RawConfig {
                         iterations: self.passwords.iterations,
                         parallelism: self.passwords.parallelism,
                     },
+                    accepted_password_params: self
+                        .passwords
+                        .accepted
+                        .iter()
+                        .map(RawPasswordCosts::params)
+                        .collect(),
                 },
             }),
             _ => Err(problems),

@@ -81,6 +81,9 @@ pub struct KmsOptions {
     pub scheduler_interval: Duration,
     /// Argon2id costs for HashPassword.
     pub password_params: PasswordParams,
+    /// Older Argon2id costs whose hashes VerifyPassword still takes (answering
+    /// `rehash_needed`); a hash of any other cost is refused before any work.
+    pub accepted_password_params: Vec<PasswordParams>,
 }
 
 impl Default for KmsOptions {
@@ -94,6 +97,7 @@ impl Default for KmsOptions {
             min_destruction_window: Duration::from_secs(30 * 86_400),
             scheduler_interval: Duration::from_secs(60),
             password_params: PasswordParams::default(),
+            accepted_password_params: Vec::new(),
         }
     }
 }
@@ -182,6 +186,7 @@ pub struct Kms {
     clock: Arc<dyn Clock>,
     usage: RwLock<HashMap<(TenantId, KeyId, KeyVersion), Arc<Usage>>>,
     password_params: PasswordParams,
+    accepted_password_params: Vec<PasswordParams>,
     // Where the scheduler's actions are logged (`system:*`); unset in offline commands.
     audit: std::sync::OnceLock<Arc<crate::audit::AuditLog>>,
 }
@@ -251,6 +256,7 @@ impl Kms {
             clock,
             usage: RwLock::new(HashMap::new()),
             password_params: options.password_params,
+            accepted_password_params: options.accepted_password_params,
             audit: std::sync::OnceLock::new(),
         })
     }

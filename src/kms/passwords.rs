@@ -97,7 +97,8 @@ impl Kms {
     /// Verifies a password against a stored hash in constant time.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for a string that is not a keyfront password hash;
+    /// [`Error::InvalidArgument`] for a string that is not a keyfront password hash, or one of
+    /// costs this server neither makes nor accepts;
     /// [`Error::KeyNotFound`], [`Error::PurposeMismatch`], HSM errors.
     pub fn verify_password(
         &self,
@@ -109,6 +110,18 @@ impl Kms {
         let parsed = parse(stored).ok_or_else(|| {
             Error::InvalidArgument("hash: not a password hash made by HashPassword".into())
         })?;
+        // Only costs this server makes, or lists as accepted: a caller's hash string chooses
+        // the Argon2 work, and a crafted one (1 GiB, 16 passes) held every password slot and
+        // the server's memory for minutes.
+        if parsed.params != self.password_params
+            && !self.accepted_password_params.contains(&parsed.params)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "hash: its Argon2 costs (m={}, t={}, p={}) are not ones this server makes or \
+                 accepts ([passwords] accepted)",
+                parsed.params.memory_kib, parsed.params.iterations, parsed.params.parallelism
+            )));
+        }
         let record = self.key(tenant, key)?;
         Self::check_purpose(&record, Purpose::Secrets)?;
         if parsed.pepper_version != PEPPER_VERSION {
