@@ -3729,14 +3729,23 @@ async fn the_audit_log_verifies_and_names_the_first_tampered_line() {
     let mut cut = owned();
     cut.truncate(lines.len() - 3);
     std::fs::write(&tampered, cut.join("\n") + "\n").expect("write");
+    // The clean log ended with the signed checkpoint of the graceful stop: cut, its last lines
+    // are unsigned, and that fails (issue 25, finding 3). Accepted on purpose as a live log's
+    // tail, a cut at a line boundary looks whole, and only the expected head catches it.
     let (ok, out) = verify(&["--public-key", &public_key, tampered_arg]);
-    assert!(
-        ok,
-        "a cut tail looks whole without the expected head: {out}"
-    );
+    assert!(!ok, "a cut tail leaves unsigned lines: {out}");
+    assert!(out.contains("not covered by a checkpoint"), "{out}");
+    let (ok, out) = verify(&[
+        "--public-key",
+        &public_key,
+        "--allow-unsigned-tail",
+        "100",
+        tampered_arg,
+    ]);
+    assert!(ok, "with an allowance, a cut tail looks whole: {out}");
     check(
         cut,
-        &["--expect-head", &head],
+        &["--allow-unsigned-tail", "100", "--expect-head", &head],
         lines.len() - 3,
         "a truncated tail",
     );

@@ -1573,3 +1573,11 @@ fn a_store_of_key_layout_1_is_migrated_at_open() {
         Kms::open(Arc::clone(&hsm), dir.path(), KmsOptions::default()).expect("open kms")
     });
 }
+
+/// Issue 25, finding 4 on sled: approvals racing revocations never leave a grant approved
+/// after a revocation that answered REVOKED.
+#[test]
+fn grant_decisions_racing_revocations_are_guarded() {
+    let (kms, _dir, _) = common::softhsm_kms("grant-races");
+    common::check_grant_races(&kms, &kms, 200);
+}

@@ -1074,3 +1074,15 @@ fn a_login_or_privilege_refused_by_postgres_is_an_outage_and_cached_keys_go_on()
         b"before"
     );
 }
+
+/// Issue 25, finding 4 on PostgreSQL: an approval on one node racing a revocation on another
+/// never leaves the grant approved after the revocation answered REVOKED.
+#[test]
+fn grant_decisions_racing_revocations_on_two_nodes_are_guarded() {
+    let Some(f) = fixture("grantrace") else {
+        return;
+    };
+    let (a, _a) = f.fresh_node();
+    let (b, _b) = f.fresh_node();
+    common::check_grant_races(&a, &b, 100);
+}

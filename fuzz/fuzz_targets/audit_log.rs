@@ -11,8 +11,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = verify(
         &[path],
         &Options {
-            public_key: None,
-            expect_head: None,
+            allow_unsigned_tail: u64::MAX,
+            ..Options::default()
         },
     );
 });

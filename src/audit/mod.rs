@@ -81,6 +81,8 @@ pub struct AuditLog {
     // Tests: every write fails, as a broken disk would make it.
     fault: Arc<AtomicBool>,
     wake: Arc<(Mutex<bool>, Condvar)>,
+    // The HSM and system database once attached: the final checkpoint at a graceful stop.
+    anchor: Mutex<Option<Weak<dyn Anchor>>>,
 }
 
 struct Writer {
@@ -298,6 +300,7 @@ impl AuditLog {
             healthy: AtomicBool::new(true),
             fault: Arc::new(AtomicBool::new(false)),
             wake: Arc::new((Mutex::new(false), Condvar::new())),
+            anchor: Mutex::new(None),
         })
     }
 
@@ -309,29 +312,38 @@ impl AuditLog {
             let head = self.head();
             match strong.stored_head(&self.node) {
                 Ok(Some(stored)) if stored.seq > head.seq => {
-                    tracing::error!(
-                        alert = "audit_truncated",
-                        stored_seq = stored.seq,
-                        log_seq = head.seq,
-                        "ALERT: the audit log ends before the chain head stored in the system database; it was truncated or replaced"
+                    self.alert_stored_head(
+                        "audit_truncated",
+                        "LOG_BEHIND_STORED_HEAD",
+                        &stored,
+                        format!("the log ended at seq {}", head.seq),
+                        "ALERT: the audit log ends before the chain head stored in the system database; it was truncated or replaced",
                     );
-                    let _ = self.system(&SystemRecord {
-                        actor: "system:audit",
-                        action: "check_chain_head",
-                        outcome: "LOG_BEHIND_STORED_HEAD".into(),
-                        detail: Some(format!(
-                            "stored head seq {} hash {}; the log ended at seq {}",
-                            stored.seq,
-                            hex::encode(stored.hash),
-                            head.seq
-                        )),
-                        ..SystemRecord::default()
-                    });
                 }
-                Ok(_) => {}
+                // The stored head's line must be in the log as it was signed: a log rewritten
+                // from an earlier line on (the chain recomputed) has another line there.
+                Ok(Some(stored)) => match line_hash_at(&self.path, stored.seq) {
+                    Ok(Some(hash)) if hash == stored.hash => {}
+                    Ok(Some(hash)) => self.alert_stored_head(
+                        "audit_rewritten",
+                        "LOG_DIFFERS_FROM_STORED_HEAD",
+                        &stored,
+                        format!("the log's line at that seq has hash {}", hex::encode(hash)),
+                        "ALERT: the audit log's line at the stored chain head differs from the one signed; the log was rewritten",
+                    ),
+                    Ok(None) => tracing::warn!(
+                        stored_seq = stored.seq,
+                        "the stored audit chain head is too far back in the log to check at start; `keyfront audit verify` checks it"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the audit log to check the stored chain head")
+                    }
+                },
+                Ok(None) => {}
                 Err(error) => tracing::warn!(%error, "cannot read the stored audit chain head"),
             }
         }
+        *self.anchor.lock().expect("audit anchor lock poisoned") = Some(anchor.clone());
         let log = Arc::downgrade(self);
         let wake = Arc::clone(&self.wake);
         let spawned = std::thread::Builder::new()
@@ -339,6 +351,47 @@ impl AuditLog {
             .spawn(move || checkpoint_loop(&log, &anchor, &wake));
         if let Err(error) = spawned {
             tracing::error!(%error, "cannot start the audit checkpoint thread");
+        }
+    }
+
+    /// An alert line and log entry about the stored chain head.
+    fn alert_stored_head(
+        &self,
+        alert: &'static str,
+        outcome: &str,
+        stored: &ChainHead,
+        found: String,
+        message: &'static str,
+    ) {
+        tracing::error!(alert, stored_seq = stored.seq, %found, "{message}");
+        let _ = self.system(&SystemRecord {
+            actor: "system:audit",
+            action: "check_chain_head",
+            outcome: outcome.into(),
+            detail: Some(format!(
+                "stored head seq {} hash {}; {found}",
+                stored.seq,
+                hex::encode(stored.hash)
+            )),
+            ..SystemRecord::default()
+        });
+    }
+
+    /// At a graceful stop: signs a last checkpoint over the lines written since the previous
+    /// one, so that a log closed cleanly verifies to its last line.
+    ///
+    /// # Errors
+    /// The HSM's or the disk's, as text.
+    pub fn close(&self) -> Result<(), String> {
+        let anchor = self
+            .anchor
+            .lock()
+            .expect("audit anchor lock poisoned")
+            .as_ref()
+            .and_then(Weak::upgrade);
+        match anchor {
+            Some(anchor) => self.checkpoint(anchor.as_ref()).map(drop),
+            None => Ok(()),
         }
     }
 
@@ -639,8 +692,51 @@ fn last_line(file: &mut File, len: u64) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(line))
 }
 
-/// The last line of the newest `<file>.<day>[.<n>]` beside `path`.
-fn newest_rotated_line(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+/// How far back from the end of a file the start-up check of the stored head reads.
+const HEAD_CHECK_WINDOW: u64 = 16 * 1024 * 1024;
+
+/// The hash of the line with sequence `seq`, in the current file or, if that begins after it,
+/// the newest rotated one; `None` when it is not within the last [`HEAD_CHECK_WINDOW`] bytes of
+/// either (or not there at all).
+fn line_hash_at(path: &Path, seq: u64) -> std::io::Result<Option<[u8; 32]>> {
+    let mut files = vec![path.to_path_buf()];
+    files.extend(newest_rotated(path)?);
+    for file in files {
+        let mut handle = File::open(&file)?;
+        let len = handle.metadata()?.len();
+        let start = len.saturating_sub(HEAD_CHECK_WINDOW);
+        let mut bytes = vec![0; usize::try_from(len - start).unwrap_or(0)];
+        handle.seek(SeekFrom::Start(start))?;
+        handle.read_exact(&mut bytes)?;
+        let mut lines = bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+        if start > 0 {
+            lines.next(); // the window began inside a line
+        }
+        let mut first = None;
+        for line in lines {
+            let Ok(head) = serde_json::from_slice::<SeqOnly>(line) else {
+                continue;
+            };
+            first.get_or_insert(head.seq);
+            if head.seq == seq {
+                return Ok(Some(chain::line_hash(line)));
+            }
+        }
+        // This file begins after `seq` (from its start): an older file may hold it.
+        if start > 0 || first.is_none_or(|first| first <= seq) {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+#[derive(serde::Deserialize)]
+struct SeqOnly {
+    seq: u64,
+}
+
+/// The newest `<file>.<day>[.<n>]` beside `path`.
+fn newest_rotated(path: &Path) -> std::io::Result<Option<PathBuf>> {
     let Some(dir) = path.parent() else {
         return Ok(None);
     };
@@ -661,7 +757,12 @@ fn newest_rotated_line(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
         }
     }
     rotated.sort();
-    let Some((_, _, newest)) = rotated.pop() else {
+    Ok(rotated.pop().map(|(_, _, newest)| newest))
+}
+
+/// The last line of the newest `<file>.<day>[.<n>]` beside `path`.
+fn newest_rotated_line(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    let Some(newest) = newest_rotated(path)? else {
         return Ok(None);
     };
     let mut file = File::open(newest)?;

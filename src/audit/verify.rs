@@ -1,6 +1,14 @@
 //! `keyfront audit verify`: walks audit files in chain order and reports the first line that
 //! was altered, dropped, reordered or cut off, and checks every checkpoint's signature with the
 //! audit public key alone (no PIN, no HSM).
+//!
+//! The hash chain alone proves nothing against whoever can write the files: they can edit a
+//! line and compute the chain again. What cannot be recomputed is a checkpoint, signed by the
+//! HSM's audit key over the chain head. So a log verifies only if it starts at seq 1 (or where
+//! `from_seq` says, on purpose) and signed checkpoints cover every line but at most
+//! `allow_unsigned_tail` at its end. A server that stops gracefully signs a last checkpoint, so
+//! its log verifies with no allowance; a live log, or one a crash ended, needs one, given on
+//! purpose.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,6 +25,10 @@ pub struct Options {
     /// A chain head recorded earlier (by a previous verify, or the system database): it must
     /// be in the chain, so a log cut after it is caught.
     pub expect_head: Option<[u8; 32]>,
+    /// How many lines at the end may lack a signed checkpoint (a live log; one a crash ended).
+    pub allow_unsigned_tail: u64,
+    /// The sequence the files given start at, when they are not the log from its start.
+    pub from_seq: Option<u64>,
 }
 
 /// A log that verified.
@@ -34,7 +46,8 @@ pub struct Report {
     pub checkpoints_verified: u64,
     /// Checkpoints not checked (no public key given).
     pub checkpoints_unchecked: u64,
-    /// Lines after the last checkpoint's signed position: covered by the chain only.
+    /// Lines (checkpoints aside) after the last checkpoint's signed position: covered by the
+    /// chain only.
     pub unsigned_tail: u64,
 }
 
@@ -74,6 +87,8 @@ struct Walk<'a> {
     // Hashes of the lines since the last checkpoint's position, to check what the next one signs.
     recent: HashMap<u64, [u8; 32]>,
     last_signed: u64,
+    // Lines (not checkpoints) after the last signed position: (seq, file, line number).
+    unsigned: Vec<(u64, PathBuf, u64)>,
     expected_found: bool,
 }
 
@@ -96,6 +111,7 @@ pub fn verify(paths: &[PathBuf], options: &Options) -> Result<Report, Failure> {
         last: None,
         recent: HashMap::new(),
         last_signed: 0,
+        unsigned: Vec::new(),
         expected_found: false,
     };
     for (_, path) in &ordered {
@@ -118,9 +134,46 @@ pub fn verify(paths: &[PathBuf], options: &Options) -> Result<Report, Failure> {
             });
         }
     }
-    if let Some((head, ..)) = &walk.last {
-        walk.report.head = Some(*head);
-        walk.report.unsigned_tail = head.seq.saturating_sub(walk.last_signed);
+    let Some((head, ..)) = &walk.last else {
+        return Ok(walk.report);
+    };
+    walk.report.head = Some(*head);
+    walk.report.unsigned_tail = walk.unsigned.len() as u64;
+    let starts_at = options.from_seq.unwrap_or(1);
+    if walk.report.first_seq != starts_at {
+        let file = ordered
+            .first()
+            .map(|(_, path)| path.clone())
+            .unwrap_or_default();
+        return Err(Failure {
+            file,
+            line: 1,
+            reason: format!(
+                "the log begins at seq {}, not {starts_at}: earlier lines are missing (give \
+                 --from-seq {} to verify from there on purpose)",
+                walk.report.first_seq, walk.report.first_seq
+            ),
+        });
+    }
+    if walk.report.unsigned_tail > options.allow_unsigned_tail {
+        let (seq, file, line) = walk.unsigned.first().cloned().unwrap_or_default();
+        return Err(Failure {
+            file,
+            line,
+            reason: format!(
+                "{} lines from seq {seq} on are not covered by a checkpoint whose signature \
+                 verified{}: anyone who can write the files could have rewritten them and their \
+                 chain. A log closed cleanly ends with a signed checkpoint; for a live log or one \
+                 a crash ended, --allow-unsigned-tail {} accepts them on purpose",
+                walk.report.unsigned_tail,
+                if options.public_key.is_none() {
+                    " (no public key was given to verify signatures)"
+                } else {
+                    ""
+                },
+                walk.report.unsigned_tail
+            ),
+        });
     }
     Ok(walk.report)
 }
@@ -194,6 +247,8 @@ impl Walk<'_> {
             self.recent.insert(parsed.seq, hash);
             if parsed.kind == "checkpoint" {
                 self.checkpoint(&parsed).map_err(fail)?;
+            } else {
+                self.unsigned.push((parsed.seq, path.to_owned(), number));
             }
             self.last = Some((
                 ChainHead {
@@ -288,10 +343,16 @@ impl Walk<'_> {
                 }
                 self.report.checkpoints_verified += 1;
             }
-            None => self.report.checkpoints_unchecked += 1,
+            // Unchecked, it covers nothing.
+            None => {
+                self.report.checkpoints_unchecked += 1;
+                self.recent.retain(|s, _| *s >= seq);
+                return Ok(());
+            }
         }
         self.last_signed = seq;
         self.recent.retain(|s, _| *s >= seq);
+        self.unsigned.retain(|(s, ..)| *s > seq);
         Ok(())
     }
 }
@@ -368,12 +429,16 @@ mod tests {
     fn a_clean_log_verifies_and_a_reopened_log_continues_the_chain() {
         let dir = tempfile::tempdir().expect("dir");
         let (path, key) = write_log(dir.path(), 10);
+        // 10 lines, a checkpoint after every fourth: the last two are covered by the chain
+        // only, accepted here on purpose.
         let options = Options {
             public_key: Some(key),
-            expect_head: None,
+            allow_unsigned_tail: 3,
+            ..Options::default()
         };
         let report = verify(std::slice::from_ref(&path), &options).expect("clean");
         assert_eq!(report.lines, 12, "10 lines and 2 checkpoints");
+        assert_eq!(report.unsigned_tail, 2);
         assert_eq!(report.checkpoints_verified, 2);
         // Reopening continues the chain from the last line.
         let log = AuditLog::open(
@@ -398,6 +463,8 @@ mod tests {
             let options = Options {
                 public_key: PublicKey::from_bytes(&key.to_bytes()).ok(),
                 expect_head: expect_head.then_some(head),
+                allow_unsigned_tail: 4,
+                ..Options::default()
             };
             verify(std::slice::from_ref(&path), &options).expect_err("tampering must be found")
         };
@@ -424,9 +491,15 @@ mod tests {
         truncated.truncate(9);
         let failure = check(truncated.clone(), true);
         assert!(failure.reason.contains("truncated"), "{failure}");
-        // Without it, a log cut at a line boundary looks whole: why the head is kept.
+        // Without it, a log cut at a line boundary looks whole (given an allowance for its
+        // unsigned tail): why the head is kept.
         save(&path, &truncated);
-        assert!(verify(std::slice::from_ref(&path), &Options::default()).is_ok());
+        let lenient = Options {
+            public_key: PublicKey::from_bytes(&key.to_bytes()).ok(),
+            allow_unsigned_tail: 4,
+            ..Options::default()
+        };
+        assert!(verify(std::slice::from_ref(&path), &lenient).is_ok());
         // A line cut in the middle.
         save(&path, &original);
         let mut bytes = std::fs::read(&path).expect("read");
@@ -439,9 +512,228 @@ mod tests {
         let other = TestAnchor(crate::hsm::memory::MemoryHsm::new());
         let options = Options {
             public_key: PublicKey::from_bytes(&other.audit_public_key()).ok(),
-            expect_head: None,
+            ..Options::default()
         };
         let failure = verify(std::slice::from_ref(&path), &options).expect_err("other key");
         assert!(failure.reason.contains("another key"), "{failure}");
+    }
+
+    /// Rewrites `lines` as a writer of the files would: keeps the first `from` as they are,
+    /// then changes what `edit` changes, drops what it drops, and computes the chain again
+    /// (sequence and prev) from there.
+    fn recompute(
+        lines: &[String],
+        from: usize,
+        mut edit: impl FnMut(&mut serde_json::Value) -> bool,
+    ) -> Vec<String> {
+        let mut out: Vec<String> = lines[..from].to_vec();
+        let mut prev = out
+            .last()
+            .map_or(chain::GENESIS, |l| chain::line_hash(l.as_bytes()));
+        let mut seq = from as u64;
+        for line in &lines[from..] {
+            let mut value: serde_json::Value = serde_json::from_str(line).expect("json");
+            if !edit(&mut value) {
+                continue;
+            }
+            seq += 1;
+            value["seq"] = seq.into();
+            value["prev"] = hex::encode(prev).into();
+            let text = serde_json::to_string(&value).expect("json");
+            prev = chain::line_hash(text.as_bytes());
+            out.push(text);
+        }
+        out
+    }
+
+    /// Issue 25, finding 3: the chain alone is no proof. A log whose checkpoints were dropped
+    /// and whose lines were edited, with the chain computed again, verified with exit 0; so
+    /// did a log that never had a checkpoint, and one that did not start at seq 1.
+    #[test]
+    fn a_rewritten_chain_does_not_verify_without_signatures_covering_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (path, key) = write_log(dir.path(), 10);
+        let strict = || Options {
+            public_key: PublicKey::from_bytes(&key.to_bytes()).ok(),
+            ..Options::default()
+        };
+        let original = lines(&path);
+        // Every checkpoint dropped, a line edited, the chain recomputed: well-linked, unsigned.
+        let rewritten = recompute(&original, 0, |value| {
+            if value["kind"] == "checkpoint" {
+                return false;
+            }
+            if value["version"] == 2 {
+                value["version"] = 3.into();
+            }
+            true
+        });
+        save(&path, &rewritten);
+        let failure = verify(std::slice::from_ref(&path), &strict()).expect_err("unsigned");
+        assert_eq!(failure.line, 1, "{failure}");
+        assert!(
+            failure.reason.contains("not covered by a checkpoint"),
+            "{failure}"
+        );
+        // A line after the last checkpoint deleted and the chain recomputed from there.
+        let last_checkpoint = original
+            .iter()
+            .rposition(|l| l.contains("\"kind\":\"checkpoint\""))
+            .expect("a checkpoint");
+        let mut first = true;
+        let tail_edited = recompute(&original, last_checkpoint + 1, |_| {
+            // The line right after the last checkpoint goes.
+            !std::mem::replace(&mut first, false)
+        });
+        save(&path, &tail_edited);
+        let failure = verify(std::slice::from_ref(&path), &strict()).expect_err("unsigned tail");
+        assert!(
+            failure.reason.contains("not covered by a checkpoint"),
+            "{failure}"
+        );
+        // The lines before seq 5 cut away: not from the start.
+        save(&path, &original[4..]);
+        let failure = verify(
+            std::slice::from_ref(&path),
+            &Options {
+                allow_unsigned_tail: 3,
+                ..strict()
+            },
+        )
+        .expect_err("not from seq 1");
+        assert!(failure.reason.contains("--from-seq 5"), "{failure}");
+        let from_five = Options {
+            allow_unsigned_tail: 3,
+            from_seq: Some(5),
+            ..strict()
+        };
+        assert!(verify(std::slice::from_ref(&path), &from_five).is_ok());
+        // Without the public key nothing is covered.
+        save(&path, &original);
+        let failure = verify(
+            std::slice::from_ref(&path),
+            &Options {
+                public_key: None,
+                ..Options::default()
+            },
+        )
+        .expect_err("no key");
+        assert!(failure.reason.contains("no public key"), "{failure}");
+    }
+
+    /// A log closed cleanly ends with a signed checkpoint and verifies to its last line with
+    /// no allowance; the log then goes on after a restart.
+    #[test]
+    fn a_log_closed_cleanly_verifies_to_its_last_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("audit.log");
+        let hsm = crate::hsm::memory::MemoryHsm::new();
+        let key = PublicKey::from_bytes(&hsm.audit_public_key()).expect("key");
+        let anchor: Arc<dyn Anchor> = Arc::new(TestAnchor(hsm));
+        for run in 0..2 {
+            let log = Arc::new(
+                AuditLog::open(
+                    &path,
+                    "n1",
+                    Arc::new(crate::clock::SystemClock::new()),
+                    CheckpointPolicy::default(),
+                )
+                .expect("open"),
+            );
+            log.attach(Arc::downgrade(&anchor));
+            for _ in 0..3 {
+                log.system(&SystemRecord::default()).expect("write");
+            }
+            log.close().expect("final checkpoint");
+            let report = verify(
+                std::slice::from_ref(&path),
+                &Options {
+                    public_key: PublicKey::from_bytes(&key.to_bytes()).ok(),
+                    ..Options::default()
+                },
+            )
+            .expect("clean");
+            assert_eq!(report.unsigned_tail, 0, "run {run}");
+            assert_eq!(report.checkpoints_verified, run + 1);
+        }
+    }
+
+    /// An anchor that keeps the stored head, as the system database does.
+    struct StoringAnchor {
+        hsm: crate::hsm::memory::MemoryHsm,
+        head: std::sync::Mutex<Option<ChainHead>>,
+    }
+
+    impl Anchor for StoringAnchor {
+        fn sign_checkpoint(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+            self.hsm.sign(message).map_err(|e| e.to_string())
+        }
+        fn audit_public_key(&self) -> Vec<u8> {
+            self.hsm.audit_public_key()
+        }
+        fn stored_head(&self, _: &str) -> Result<Option<ChainHead>, String> {
+            Ok(*self.head.lock().expect("lock"))
+        }
+        fn store_head(&self, _: &str, head: &ChainHead) -> Result<(), String> {
+            *self.head.lock().expect("lock") = Some(*head);
+            Ok(())
+        }
+    }
+
+    /// Issue 25, finding 3: at start the server compared only the stored head's sequence. A
+    /// log rewritten with its chain recomputed, as long as it is not shorter, passed; now the
+    /// line at the stored sequence must be the one signed.
+    #[test]
+    fn a_rewritten_log_is_reported_at_start() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("audit.log");
+        let anchor: Arc<dyn Anchor> = Arc::new(StoringAnchor {
+            hsm: crate::hsm::memory::MemoryHsm::new(),
+            head: std::sync::Mutex::new(None),
+        });
+        let open = || {
+            let log = Arc::new(
+                AuditLog::open(
+                    &path,
+                    "n1",
+                    Arc::new(crate::clock::SystemClock::new()),
+                    CheckpointPolicy::default(),
+                )
+                .expect("open"),
+            );
+            log.attach(Arc::downgrade(&anchor));
+            log
+        };
+        let log = open();
+        for i in 0..5 {
+            log.system(&SystemRecord {
+                version: Some(i),
+                ..SystemRecord::default()
+            })
+            .expect("write");
+        }
+        log.close().expect("checkpoint");
+        drop(log);
+        let alerts = |path: &Path| {
+            lines(path)
+                .iter()
+                .filter(|l| l.contains("LOG_DIFFERS_FROM_STORED_HEAD"))
+                .count()
+        };
+        drop(open());
+        assert_eq!(alerts(&path), 0, "an untouched log is not reported");
+        // Line 2 edited, the chain (and the checkpoint line, re-serialized) recomputed.
+        let original = lines(&path);
+        save(
+            &path,
+            &recompute(&original, 1, |value| {
+                if value["version"] == 1 {
+                    value["version"] = 9.into();
+                }
+                true
+            }),
+        );
+        drop(open());
+        assert_eq!(alerts(&path), 1, "the rewritten log is reported");
     }
 }

@@ -18,12 +18,22 @@ pub struct AuditArgs {
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Verify the hash chain and the signed checkpoints of audit files (any order: they are
-    /// put in chain order). Exits 1 naming the first altered, dropped, reordered or cut line.
+    /// put in chain order). Exits 1 naming the first altered, dropped, reordered or cut line,
+    /// or the first line no signed checkpoint covers.
     Verify {
         /// The audit public key (hex SEC1 point, as `keyfront init` prints it), or @FILE
-        /// holding it. Without it signatures are counted but not checked.
+        /// holding it: the checkpoints' signatures are what the files' writer cannot forge.
         #[arg(long)]
-        public_key: Option<String>,
+        public_key: String,
+        /// Accept up to N lines at the end that no signed checkpoint covers yet: a live log
+        /// (the server signs every `audit_checkpoint_lines` lines or interval), or one that a
+        /// crash ended. A log closed cleanly needs none.
+        #[arg(long, default_value_t = 0)]
+        allow_unsigned_tail: u64,
+        /// The files begin at this sequence on purpose (older files left out); the first line's
+        /// link to the one before it is then not checked.
+        #[arg(long)]
+        from_seq: Option<u64>,
         /// A chain head (hex) recorded earlier, e.g. by a previous verify: it must be in the
         /// chain, so a log cut after it is caught.
         #[arg(long)]
@@ -39,16 +49,21 @@ pub fn run(args: AuditArgs) -> ExitCode {
     let AuditCommand::Verify {
         public_key,
         expect_head,
+        allow_unsigned_tail,
+        from_seq,
         paths,
     } = args.command;
-    let options = match options(public_key, expect_head) {
-        Ok(options) => options,
+    let options = match options(Some(public_key), expect_head) {
+        Ok(options) => Options {
+            allow_unsigned_tail,
+            from_seq,
+            ..options
+        },
         Err(message) => {
             eprintln!("keyfront: {message}");
             return ExitCode::from(2);
         }
     };
-    let checked_signatures = options.public_key.is_some();
     match verify::verify(&paths, &options) {
         Ok(report) => {
             let Some(head) = report.head else {
@@ -67,20 +82,18 @@ pub fn run(args: AuditArgs) -> ExitCode {
                     " (earlier files not given: the first line's prev is not checked)"
                 }
             );
-            if checked_signatures {
-                println!(
-                    "checkpoints: {} signatures verified",
-                    report.checkpoints_verified
-                );
-            } else {
-                println!(
-                    "checkpoints: {} found, signatures NOT checked (give --public-key)",
-                    report.checkpoints_unchecked
-                );
-            }
             println!(
-                "lines after the last signed checkpoint: {}",
-                report.unsigned_tail
+                "checkpoints: {} signatures verified",
+                report.checkpoints_verified
+            );
+            println!(
+                "lines after the last signed checkpoint: {}{}",
+                report.unsigned_tail,
+                if report.unsigned_tail > 0 {
+                    " (accepted with --allow-unsigned-tail: covered by the chain only)"
+                } else {
+                    ""
+                }
             );
             println!("head: {}", hex::encode(head.hash));
             println!("(record the head; pass it as --expect-head next time to catch a cut tail)");
@@ -119,6 +132,8 @@ fn options(public_key: Option<String>, expect_head: Option<String>) -> Result<Op
         ),
     };
     Ok(Options {
+        allow_unsigned_tail: 0,
+        from_seq: None,
         public_key,
         expect_head,
     })

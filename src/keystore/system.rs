@@ -888,6 +888,43 @@ impl KeyStore {
             .transpose()
     }
 
+    /// The support grant with this id and its stored bytes, for [`KeyStore::replace_grant`].
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if it fails its MAC.
+    pub fn grant_for_update(
+        &self,
+        id: &str,
+    ) -> Result<Option<(super::GrantRecord, Vec<u8>)>, Error> {
+        let key = prefixed(GRANT_PREFIX, id.as_bytes());
+        let Some(raw) = self.system.db.get(&key)? else {
+            return Ok(None);
+        };
+        let record = self.system.mac.open(DB_ID, &key, &raw).ok_or(Error::Integrity {
+            database: "system".into(),
+            reason: "a record fails its MAC",
+        })?;
+        Ok(Some((decode(record.payload)?, raw)))
+    }
+
+    /// Writes `grant` if its record is still the `expected` bytes that
+    /// [`KeyStore::grant_for_update`] read: a guarded transition, so two decisions on one
+    /// grant (an approval and a revocation, on one node or two) cannot both be told they won.
+    /// `Ok(false)`: it changed meanwhile and nothing was written; read it again and decide
+    /// again.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn replace_grant(&self, expected: &[u8], grant: &super::GrantRecord) -> Result<bool, Error> {
+        let key = prefixed(GRANT_PREFIX, grant.id.as_bytes());
+        let guard = super::engine::Guard {
+            key: &key,
+            value: Some(expected),
+        };
+        self.system
+            .commit_guarded(vec![(key.clone(), encode(grant)?)], guard)
+    }
+
     /// Every record under `prefix`, MAC-checked and decoded, with the rest of its key.
     fn scan<T: serde::de::DeserializeOwned>(
         &self,

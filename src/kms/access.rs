@@ -109,41 +109,52 @@ impl Kms {
         id: &str,
         decided_by: &str,
         approve: bool,
-        in_scope: impl FnOnce(&Name) -> bool,
+        in_scope: impl Fn(&Name) -> bool,
     ) -> Result<GrantRecord, Error> {
-        let mut grant = self.scoped_grant(id, in_scope)?;
-        if grant.requested_by == decided_by {
-            return Err(Error::PermissionDeniedBecause(
-                "the requester of a grant cannot decide on it".into(),
-            ));
-        }
-        let now = self.clock.now_secs();
-        match grant_state(&grant, now) {
-            "PENDING" => {}
-            "EXPIRED" if grant.state == GrantState::Pending => {
-                return Err(Error::KeyState {
-                    reason: "REQUEST_EXPIRED",
-                    message: format!("grant {id} was not decided in time; ask again"),
-                });
+        // A guarded transition from the state read: if another decision or a revocation
+        // wrote first, the grant is read again and the rules decide on what it is now
+        // (REVOKED and DENIED are final).
+        loop {
+            let (mut grant, stored) = self.grant_for_update(id)?;
+            if !in_scope(&grant.tenant) {
+                return Err(Error::PermissionDeniedBecause(
+                    "the grant is for a tenant outside this principal's tenants".into(),
+                ));
             }
-            state => {
-                return Err(Error::KeyState {
-                    reason: "GRANT_NOT_PENDING",
-                    message: format!("grant {id} is {state}, not pending"),
-                });
+            if grant.requested_by == decided_by {
+                return Err(Error::PermissionDeniedBecause(
+                    "the requester of a grant cannot decide on it".into(),
+                ));
+            }
+            let now = self.clock.now_secs();
+            match grant_state(&grant, now) {
+                "PENDING" => {}
+                "EXPIRED" if grant.state == GrantState::Pending => {
+                    return Err(Error::KeyState {
+                        reason: "REQUEST_EXPIRED",
+                        message: format!("grant {id} was not decided in time; ask again"),
+                    });
+                }
+                state => {
+                    return Err(Error::KeyState {
+                        reason: "GRANT_NOT_PENDING",
+                        message: format!("grant {id} is {state}, not pending"),
+                    });
+                }
+            }
+            grant.decided_by = Some(decided_by.to_owned());
+            grant.decided_at = Some(now);
+            if approve {
+                grant.state = GrantState::Approved;
+                grant.expires_at = Some(now.saturating_add(grant.duration_secs));
+            } else {
+                grant.state = GrantState::Denied;
+            }
+            if self.store.replace_grant(&stored, &grant)? {
+                tracing::info!(grant = %id, decided_by, approve, "support access decided");
+                return Ok(grant);
             }
         }
-        grant.decided_by = Some(decided_by.to_owned());
-        grant.decided_at = Some(now);
-        if approve {
-            grant.state = GrantState::Approved;
-            grant.expires_at = Some(now.saturating_add(grant.duration_secs));
-        } else {
-            grant.state = GrantState::Denied;
-        }
-        self.store.put_grant(&grant)?;
-        tracing::info!(grant = %id, decided_by, approve, "support access decided");
-        Ok(grant)
     }
 
     /// Ends a pending or approved grant now. Revoking a grant that already ended changes
@@ -155,26 +166,29 @@ impl Kms {
         &self,
         id: &str,
         revoked_by: &str,
-        may_revoke: impl FnOnce(&GrantRecord) -> bool,
+        may_revoke: impl Fn(&GrantRecord) -> bool,
     ) -> Result<GrantRecord, Error> {
-        let mut grant = self
-            .store
-            .grant(id)?
-            .ok_or_else(|| Error::NotFound(format!("grant {id} not found")))?;
-        if !may_revoke(&grant) {
-            return Err(Error::PermissionDeniedBecause(
-                "only a tenant-admin of its tenant, an officer or its requester may revoke a grant"
-                    .into(),
-            ));
-        }
-        if matches!(grant.state, GrantState::Pending | GrantState::Approved) {
+        // Guarded as in `decide_grant`: a revocation that raced an approval is applied to the
+        // approved grant, never lost under it.
+        loop {
+            let (mut grant, stored) = self.grant_for_update(id)?;
+            if !may_revoke(&grant) {
+                return Err(Error::PermissionDeniedBecause(
+                    "only a tenant-admin of its tenant, an officer or its requester may revoke a grant"
+                        .into(),
+                ));
+            }
+            if !matches!(grant.state, GrantState::Pending | GrantState::Approved) {
+                return Ok(grant);
+            }
             grant.state = GrantState::Revoked;
             grant.revoked_by = Some(revoked_by.to_owned());
             grant.revoked_at = Some(self.clock.now_secs());
-            self.store.put_grant(&grant)?;
-            tracing::info!(grant = %id, revoked_by, "support grant revoked");
+            if self.store.replace_grant(&stored, &grant)? {
+                tracing::info!(grant = %id, revoked_by, "support grant revoked");
+                return Ok(grant);
+            }
         }
-        Ok(grant)
     }
 
     /// The grant `identity` acts under, if it is active now: approved, unexpired, asked for by
@@ -225,20 +239,9 @@ impl Kms {
         Ok(self.store.last_uses()?)
     }
 
-    fn scoped_grant(
-        &self,
-        id: &str,
-        in_scope: impl FnOnce(&Name) -> bool,
-    ) -> Result<GrantRecord, Error> {
-        let grant = self
-            .store
-            .grant(id)?
-            .ok_or_else(|| Error::NotFound(format!("grant {id} not found")))?;
-        if !in_scope(&grant.tenant) {
-            return Err(Error::PermissionDeniedBecause(
-                "the grant is for a tenant outside this principal's tenants".into(),
-            ));
-        }
-        Ok(grant)
+    fn grant_for_update(&self, id: &str) -> Result<(GrantRecord, Vec<u8>), Error> {
+        self.store
+            .grant_for_update(id)?
+            .ok_or_else(|| Error::NotFound(format!("grant {id} not found")))
     }
 }

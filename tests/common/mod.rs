@@ -184,3 +184,69 @@ pub fn check_key_layout_migration(open: impl Fn() -> Kms) {
     let kms = open();
     assert_eq!(kms.store().rotation_checks().expect("checks").len(), 1);
 }
+
+/// Issue 25, finding 4: approve and revoke each read a grant and wrote it back, with no
+/// compare-and-set, so a revoker could be told REVOKED while the grant ended APPROVED. Races
+/// `pairs` approvals against revocations, one on `approver` and one on `revoker` (the same
+/// domain, or two nodes of a cluster): whenever the revocation answered REVOKED, the grant
+/// stays revoked; a grant is never left approved after a revocation that succeeded.
+pub fn check_grant_races(approver: &Kms, revoker: &Kms, pairs: usize) {
+    use keyfront::keystore::GrantState;
+    use keyfront::kms::GrantRequest;
+    let name = |s: &str| -> keyfront::ids::Name { s.parse().expect("name") };
+    let tenant = name("acme");
+    if approver.store().tenant_by_name(&tenant).expect("read").is_none() {
+        approver.create_tenant(&tenant).expect("tenant");
+    }
+    let (mut approved_then_revoked, mut revoked_first) = (0, 0);
+    for i in 0..pairs {
+        let grant = revoker
+            .request_grant(
+                GrantRequest {
+                    tenant: tenant.clone(),
+                    reason: format!("race {i}"),
+                    operations: vec!["Decrypt".into()],
+                    keys: vec![name("default")],
+                    duration: std::time::Duration::from_secs(3600),
+                },
+                "spiffe://x/support",
+                std::time::Duration::from_secs(3600),
+            )
+            .expect("request");
+        let barrier = std::sync::Barrier::new(2);
+        let (approve, revoke) = std::thread::scope(|scope| {
+            let approve = scope.spawn(|| {
+                barrier.wait();
+                approver.decide_grant(&grant.id, "spiffe://x/admin", true, |_| true)
+            });
+            let revoke = scope.spawn(|| {
+                barrier.wait();
+                revoker.revoke_grant(&grant.id, "spiffe://x/officer", |_| true)
+            });
+            (
+                approve.join().expect("approve"),
+                revoke.join().expect("revoke"),
+            )
+        });
+        let revoke = revoke.expect("a revocation always answers");
+        assert_eq!(revoke.state, GrantState::Revoked, "pair {i}: {revoke:?}");
+        let stored = approver
+            .store()
+            .grant(&grant.id)
+            .expect("read")
+            .expect("grant");
+        assert_eq!(
+            stored.state,
+            GrantState::Revoked,
+            "pair {i}: the revoker was told REVOKED, the grant is {:?} (approve: {approve:?})",
+            stored.state
+        );
+        match approve {
+            Ok(_) => approved_then_revoked += 1,
+            Err(_) => revoked_first += 1,
+        }
+    }
+    eprintln!(
+        "grant races: {approved_then_revoked} approved then revoked, {revoked_first} revoked before the approval"
+    );
+}
