@@ -1459,3 +1459,26 @@ fn dev_add_principal_gives_a_new_tenant_a_working_identity() {
     );
     assert!(!dir.join("certs/initech-x.crt").exists());
 }
+
+/// Issue 25, finding 5: a principal allowed roles that exclude each other on purpose
+/// (`dangerous_allow_role_combination`) is audited at every start.
+#[test]
+fn a_dangerous_role_combination_is_audited() {
+    let server = DevServer::start();
+    let (dir, _, _) = server.stop();
+    let config = dir.path().join("keyfront.toml");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(
+        "\n[[principals]]\nidentity = \"spiffe://keyfront.dev/tenant/acme/both\"\ntenants = [\"acme\"]\nroles = [\"app\", \"auditor\"]\ndangerous_allow_role_combination = true\n",
+    );
+    std::fs::write(&config, text).expect("write");
+    let server = DevServer::start_in(dir);
+    let (dir, logs, _) = server.stop();
+    let audit = std::fs::read_to_string(dir.path().join("audit/audit.log")).expect("audit");
+    assert!(
+        audit.contains("dangerous_role_combination")
+            && audit.contains("spiffe://keyfront.dev/tenant/acme/both holds app and auditor"),
+        "{audit}"
+    );
+    assert!(logs.contains("dangerous_allow_role_combination"), "{logs}");
+}

@@ -387,3 +387,35 @@ fn connection_limits_default_and_zero_is_refused() {
         ]
     );
 }
+
+/// Issue 25, finding 5: roles that undo each other's promise (officer + app, support + app,
+/// support + tenant-admin, …) are refused at load, naming the principal and why, unless the
+/// principal says `dangerous_allow_role_combination = true`; data roles combine freely.
+#[test]
+fn roles_that_exclude_each_other_are_refused_unless_allowed_on_purpose() {
+    let found = problems(Config::load(
+        &fixture("role-combinations.toml"),
+        &env(&[("KEYFRONT_TEST_PIN", "1")]),
+    ));
+    let identities: Vec<String> = found
+        .iter()
+        .map(|problem| match problem {
+            ConfigProblem::RoleCombination(identity, ..) => identity.clone(),
+            other => panic!("only role combinations: {other}"),
+        })
+        .collect();
+    assert_eq!(
+        identities,
+        [
+            "spiffe://t/officer-app",
+            "spiffe://t/support-app",
+            "spiffe://t/support-admin"
+        ]
+    );
+    let message = found[0].to_string();
+    assert!(
+        message.contains("officers administer keys and never see data")
+            && message.contains("dangerous_allow_role_combination"),
+        "{message}"
+    );
+}

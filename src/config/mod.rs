@@ -226,6 +226,44 @@ impl Role {
     fn may_have_every_tenant(self) -> bool {
         matches!(self, Self::Officer | Self::Support | Self::Auditor)
     }
+
+    fn is_data(self) -> bool {
+        matches!(self, Self::App | Self::Backup | Self::Secrets)
+    }
+}
+
+/// Two roles one principal may not hold together, and why: together they would undo a
+/// promise that each keeps alone. Authorization passes if any role of a principal allows a
+/// call, so a principal with both has both powers at once.
+pub fn conflicting_roles(roles: &[Role]) -> Option<(Role, Role, &'static str)> {
+    for &a in roles {
+        for &b in roles {
+            let why = match (a, b) {
+                (data, Role::Officer) if data.is_data() => {
+                    "officers administer keys and never see data"
+                }
+                (data, Role::Auditor) if data.is_data() => "auditors review and never see data",
+                (data, Role::TenantAdmin) if data.is_data() => {
+                    "a tenant's administrator consents and never sees data"
+                }
+                (data, Role::Support) if data.is_data() => {
+                    "support reaches data only under a grant the customer approved"
+                }
+                (Role::Support, Role::TenantAdmin) => {
+                    "support would approve its own access: consent must be the customer's"
+                }
+                (Role::Officer, Role::TenantAdmin) => {
+                    "an officer would consent to support access for the customer"
+                }
+                (Role::Officer, Role::Support) => {
+                    "an officer would request support access and revoke its traces"
+                }
+                _ => continue,
+            };
+            return Some((a, b, why));
+        }
+    }
+    None
 }
 
 /// Which tenants a principal may act on.
@@ -397,6 +435,11 @@ pub enum ConfigProblem {
         "keys.destruction_window_days ({0}) must be at least backup.retention_days ({1}): a destroyed version must outlive the backups that need it"
     )]
     WindowBelowRetention(u64, u64),
+    /// A principal holding two roles that exclude each other.
+    #[error(
+        "principals: {0:?} has roles {1} and {2}, which one principal may not hold together: {3}. Give each role its own principal (and certificate); if you must, set dangerous_allow_role_combination = true on it (logged and audited)"
+    )]
+    RoleCombination(String, &'static str, &'static str, &'static str),
     /// `tenants = ["*"]` on a principal that can touch data.
     #[error(
         "principals: {0:?} may use tenants = [\"*\"] only if all its roles are officer, support or auditor"
@@ -659,6 +702,9 @@ struct RawPrincipal {
     tenants: Vec<String>,
     roles: Vec<Role>,
     keys: Option<Vec<String>>,
+    // Roles that exclude each other, allowed anyway (logged and audited at every load).
+    #[serde(default)]
+    dangerous_allow_role_combination: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1225,6 +1271,16 @@ fn validate_principals(
         let mut roles = principal.roles;
         roles.sort();
         roles.dedup();
+        if let Some((a, b, why)) = conflicting_roles(&roles) {
+            if !principal.dangerous_allow_role_combination {
+                problems.push(ConfigProblem::RoleCombination(
+                    identity.clone(),
+                    a.as_str(),
+                    b.as_str(),
+                    why,
+                ));
+            }
+        }
         principals.push(PrincipalConfig {
             identity,
             tenants,

@@ -900,10 +900,14 @@ impl KeyStore {
         let Some(raw) = self.system.db.get(&key)? else {
             return Ok(None);
         };
-        let record = self.system.mac.open(DB_ID, &key, &raw).ok_or(Error::Integrity {
-            database: "system".into(),
-            reason: "a record fails its MAC",
-        })?;
+        let record = self
+            .system
+            .mac
+            .open(DB_ID, &key, &raw)
+            .ok_or(Error::Integrity {
+                database: "system".into(),
+                reason: "a record fails its MAC",
+            })?;
         Ok(Some((decode(record.payload)?, raw)))
     }
 
@@ -915,7 +919,11 @@ impl KeyStore {
     ///
     /// # Errors
     /// Storage errors.
-    pub fn replace_grant(&self, expected: &[u8], grant: &super::GrantRecord) -> Result<bool, Error> {
+    pub fn replace_grant(
+        &self,
+        expected: &[u8],
+        grant: &super::GrantRecord,
+    ) -> Result<bool, Error> {
         let key = prefixed(GRANT_PREFIX, grant.id.as_bytes());
         let guard = super::engine::Guard {
             key: &key,

@@ -98,6 +98,7 @@ impl Shared {
         grants: crate::config::Access,
         backup: &crate::config::Backup,
     ) -> Self {
+        audit_role_combinations(&audit, principals);
         Self {
             kms: OnceLock::new(),
             audit,
@@ -144,6 +145,7 @@ impl Shared {
     /// Installs new principals and revocations; requests from now on, on new and open
     /// connections alike, are judged by them. Requests in flight keep the rules they began with.
     pub(crate) fn reload(&self, config: &Config) {
+        audit_role_combinations(&self.audit, &config.principals);
         let principals = Arc::new(Principals::new(&config.principals, &config.revocations));
         *self.principals.write().expect("principals lock poisoned") = principals;
         let logged = self.audit.system(&crate::audit::SystemRecord {
@@ -755,6 +757,33 @@ async fn reload_on_sighup(
             }
             Err(error) => tracing::error!(%error, "SIGHUP: reload task failed"),
         }
+    }
+}
+
+/// Logs and audits every principal allowed roles that exclude each other
+/// (`dangerous_allow_role_combination`), each time the principals are installed.
+fn audit_role_combinations(audit: &AuditLog, principals: &[PrincipalConfig]) {
+    for principal in principals {
+        let Some((a, b, why)) = crate::config::conflicting_roles(&principal.roles) else {
+            continue;
+        };
+        tracing::warn!(
+            identity = %principal.identity,
+            roles = %format!("{} + {}", a.as_str(), b.as_str()),
+            "dangerous_allow_role_combination: {why}"
+        );
+        let _ = audit.system(&crate::audit::SystemRecord {
+            actor: "system:config",
+            action: "dangerous_role_combination",
+            outcome: "ALLOWED".into(),
+            detail: Some(format!(
+                "{} holds {} and {}: {why}",
+                principal.identity,
+                a.as_str(),
+                b.as_str()
+            )),
+            ..crate::audit::SystemRecord::default()
+        });
     }
 }
 

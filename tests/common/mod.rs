@@ -195,7 +195,12 @@ pub fn check_grant_races(approver: &Kms, revoker: &Kms, pairs: usize) {
     use keyfront::kms::GrantRequest;
     let name = |s: &str| -> keyfront::ids::Name { s.parse().expect("name") };
     let tenant = name("acme");
-    if approver.store().tenant_by_name(&tenant).expect("read").is_none() {
+    if approver
+        .store()
+        .tenant_by_name(&tenant)
+        .expect("read")
+        .is_none()
+    {
         approver.create_tenant(&tenant).expect("tenant");
     }
     let (mut approved_then_revoked, mut revoked_first) = (0, 0);
