@@ -5140,3 +5140,100 @@ async fn key_import_story() {
     assert!(lines.len() >= 2, "ImportKeyMaterial is audited: {lines:?}");
     h.stop().await;
 }
+
+/// Issue 25, finding 6: with ImportKeyMaterial under dual control, one officer's import waits
+/// for a second, who is shown the material's key check value; the import happens only when
+/// the second approves; the check value (HMAC-SHA-256 of the material, as the key's owner
+/// computes it) is in the audit lines, and the material never is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_import_under_dual_control_shows_the_check_value_to_the_second_officer() {
+    use keyfront::config::DualOperation;
+    use tonic_types::StatusExt;
+    let h = Harness::start_configured(
+        false,
+        |_, _| {},
+        |config| config.dual_control.operations = [DualOperation::ImportKeyMaterial].into(),
+    )
+    .await;
+    let material = [0x42u8; 32];
+    let expected = keyfront::hsm::KeyCheckValue::of(&material).to_string();
+    let (token, wrapped) = wrapped_for_import(
+        &h,
+        "byok",
+        pb::WrappingAlgorithm::RsaAesKeyWrapSha1,
+        &material,
+    )
+    .await;
+    let mut officer = h.admin().await;
+    let status = officer
+        .import_key_material(pb::ImportKeyMaterialRequest {
+            tenant: "acme".into(),
+            name: "byok".into(),
+            import_token: token,
+            encrypted_key_material: wrapped.clone(),
+            purpose: pb::KeyPurpose::Data as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("waits for a second officer");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "APPROVAL_REQUIRED");
+    let id = info.metadata.get("approval_id").expect("id").clone();
+    let not_yet = officer
+        .get_key(pb::GetKeyRequest {
+            tenant: "acme".into(),
+            name: "byok".into(),
+        })
+        .await
+        .expect_err("not imported yet");
+    assert_eq!(not_yet.code(), Code::NotFound);
+    let mut second = AdminServiceClient::new(h.channel("officer-2").await);
+    let listed = second
+        .list_approvals(pb::ListApprovalsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    let pending = listed
+        .approvals
+        .iter()
+        .find(|a| a.id == id)
+        .expect("the request is listed");
+    assert!(
+        pending
+            .operation
+            .contains(&format!("key check value {expected}")),
+        "the second officer sees the check value: {}",
+        pending.operation
+    );
+    second
+        .approve_operation(pb::ApproveOperationRequest {
+            approval_id: id.clone(),
+        })
+        .await
+        .expect("the second officer approves");
+    let key = officer
+        .get_key(pb::GetKeyRequest {
+            tenant: "acme".into(),
+            name: "byok".into(),
+        })
+        .await
+        .expect("imported now")
+        .into_inner();
+    assert_eq!(key.origin, pb::KeyOrigin::External as i32);
+    let lines = h.audit_lines();
+    let with_value: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["key_check_value"] == expected.as_str())
+        .collect();
+    let rpcs: Vec<&str> = with_value
+        .iter()
+        .filter_map(|l| l["rpc"].as_str())
+        .collect();
+    assert!(
+        rpcs.iter().any(|r| r.ends_with("/ImportKeyMaterial"))
+            && rpcs.iter().any(|r| r.ends_with("/ApproveOperation")),
+        "{rpcs:?}"
+    );
+    let log = std::fs::read_to_string(h.dir.path().join("audit/audit.log")).expect("log");
+    assert!(!log.contains(&hex::encode(material)), "never the material");
+}

@@ -647,9 +647,16 @@ fn import_contract(hsm: &dyn Hsm, sha256: Option<bool>, gcm_siv: bool, exact_len
         // A KEK: what the HSM encrypts under it opens with the known bytes.
         let material: [u8; 32] = rand::random();
         let wrapped = wrap_for_import(&spki, wrapping, &material).expect("wrap");
-        let blob = hsm
+        let imported = hsm
             .import_key(&import_key, wrapping, &wrapped, ImportTarget::Kek)
             .unwrap_or_else(|e| panic!("{wrapping:?}: {e}"));
+        // The check value the HSM took equals HMAC-SHA-256 of the known bytes in software.
+        assert_eq!(
+            imported.check_value,
+            keyfront::hsm::KeyCheckValue::of(&material),
+            "{wrapping:?}: the check value"
+        );
+        let blob = imported.key;
         assert_eq!(blob.kind(), WrappedKind::Kek);
         assert_eq!(blob.generation(), hsm.mwk_generation());
         let kek = hsm.unwrap_kek(&blob).expect("unwrap the imported KEK");
@@ -684,7 +691,7 @@ fn import_contract(hsm: &dyn Hsm, sha256: Option<bool>, gcm_siv: bool, exact_len
         let material: [u8; 64] = std::array::from_fn(|_| rand::random());
         let wrapped = wrap_for_import(&spki, wrapping, &material);
         if let Ok(wrapped) = wrapped {
-            let blob = hsm
+            let imported = hsm
                 .import_key(
                     &import_key,
                     wrapping,
@@ -692,6 +699,11 @@ fn import_contract(hsm: &dyn Hsm, sha256: Option<bool>, gcm_siv: bool, exact_len
                     ImportTarget::MacKey(MacAlgorithm::HmacSha512),
                 )
                 .unwrap_or_else(|e| panic!("{wrapping:?}: {e}"));
+            assert_eq!(
+                imported.check_value,
+                keyfront::hsm::KeyCheckValue::of(&material)
+            );
+            let blob = imported.key;
             assert_eq!(blob.kind(), WrappedKind::MacKey);
             let key = hsm.unwrap_kek(&blob).expect("unwrap the imported MAC key");
             let mut expected =

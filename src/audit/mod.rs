@@ -172,6 +172,9 @@ pub struct RequestRecord {
     pub context: Option<std::collections::BTreeMap<String, String>>,
     /// The caller-chosen request id of mutating calls.
     pub client_request_id: Option<String>,
+    /// The check value of key material imported or put up for approval (never the material).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_check_value: Option<String>,
 }
 
 /// One TLS connection, as the audit log records it.

@@ -530,6 +530,11 @@ async fn execute(channel: Channel, command: AdminCommand) -> Result<Output, toni
                 (_, Some(wrapped), Some(token)) => (token, read(&wrapped)?),
                 (Some(material), _, _) => {
                     let material = zeroize::Zeroizing::new(read(&material)?);
+                    // What the audit log and a second officer (dual control) will show.
+                    eprintln!(
+                        "key check value of the material: {}",
+                        crate::hsm::KeyCheckValue::of(&material)
+                    );
                     let parameters = admin
                         .get_import_parameters(pb::GetImportParametersRequest {
                             tenant: tenant.clone(),

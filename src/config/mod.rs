@@ -103,6 +103,8 @@ pub enum DualOperation {
     RotateMasterKey,
     /// AdminService/UpdateKeyPolicy when it raises min_decryption_version.
     RaiseMinDecryptionVersion,
+    /// AdminService/ImportKeyMaterial: key material an outsider chose becomes a key's primary.
+    ImportKeyMaterial,
 }
 
 /// Dual control: these operations wait for a second, different officer's approval.

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use cryptoki::error::RvError;
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Kek, MacAlgorithm,
-    MwkGeneration, SignAlgorithm, WrappedKek,
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Imported, Kek,
+    MacAlgorithm, MwkGeneration, SignAlgorithm, WrappedKek,
 };
 use crate::crypto::Plaintext;
 
@@ -198,7 +198,7 @@ impl<H: Hsm> Hsm for FaultyHsm<H> {
         wrapping: ImportWrapping,
         material: &[u8],
         target: ImportTarget,
-    ) -> Result<WrappedKek, Error> {
+    ) -> Result<Imported, Error> {
         self.enter(Op::ImportKey)?;
         self.inner
             .import_key(import_key, wrapping, material, target)

@@ -11,8 +11,8 @@ use sha2::Sha256;
 
 use super::{
     Error, GcmSealed, HmacKey, Hsm, IMPORT_KEY_BITS, IMPORT_KEY_ONLY, IMPORT_OAEP_LEN, IV_LEN,
-    ImportTarget, ImportWrapping, Kek, MacAlgorithm, MwkGeneration, NOT_AN_IMPORT_KEY,
-    SignAlgorithm, WrappedKek, WrappedKind,
+    ImportTarget, ImportWrapping, Imported, Kek, KeyCheckValue, MacAlgorithm, MwkGeneration,
+    NOT_AN_IMPORT_KEY, SignAlgorithm, WrappedKek, WrappedKind,
 };
 use crate::crypto::{self, NONCE_LEN, Plaintext, SecretKey};
 
@@ -263,7 +263,7 @@ impl Hsm for MemoryHsm {
         wrapping: ImportWrapping,
         material: &[u8],
         target: ImportTarget,
-    ) -> Result<WrappedKek, Error> {
+    ) -> Result<Imported, Error> {
         use p256::pkcs8::DecodePrivateKey;
         if import_key.kind() != WrappedKind::ImportKey {
             return Err(NOT_AN_IMPORT_KEY);
@@ -311,7 +311,10 @@ impl Hsm for MemoryHsm {
         };
         let mut wrapped = Vec::new();
         crypto::seal(&self.mwk, aad, &key, &mut wrapped);
-        Ok(WrappedKek::of_kind(target.kind(), self.generation, wrapped))
+        Ok(Imported {
+            key: WrappedKek::of_kind(target.kind(), self.generation, wrapped),
+            check_value: KeyCheckValue::of(&key),
+        })
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {

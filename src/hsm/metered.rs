@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Kek, MacAlgorithm,
-    MwkGeneration, SignAlgorithm, WrappedKek,
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Imported, Kek,
+    MacAlgorithm, MwkGeneration, SignAlgorithm, WrappedKek,
 };
 use crate::crypto::Plaintext;
 
@@ -100,7 +100,7 @@ impl Hsm for MeteredHsm {
         wrapping: ImportWrapping,
         material: &[u8],
         target: ImportTarget,
-    ) -> Result<WrappedKek, Error> {
+    ) -> Result<Imported, Error> {
         timed("import_key", || {
             self.inner
                 .import_key(import_key, wrapping, material, target)

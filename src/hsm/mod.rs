@@ -140,7 +140,7 @@ pub trait Hsm: Send + Sync {
         wrapping: ImportWrapping,
         material: &[u8],
         target: ImportTarget,
-    ) -> Result<WrappedKek, Error>;
+    ) -> Result<Imported, Error>;
 
     /// Fills `out` with random bytes from the HSM's RNG.
     ///
@@ -279,6 +279,52 @@ impl ImportWrapping {
             Self::RsaAesKeyWrapSha1 => "RSA_AES_KEY_WRAP_SHA_1",
             Self::RsaAesKeyWrapSha256 => "RSA_AES_KEY_WRAP_SHA_256",
         }
+    }
+}
+
+/// What [`Hsm::import_key`] made: the material wrapped under the current MWK, and its check
+/// value, computed inside the HSM while the material was unwrapped there.
+#[derive(Debug)]
+pub struct Imported {
+    /// The material as a KEK or MAC key blob.
+    pub key: WrappedKek,
+    /// Its key check value.
+    pub check_value: KeyCheckValue,
+}
+
+/// The input of a key check value.
+pub const KCV_MESSAGE: &[u8] = b"keyfront/v1/kcv";
+
+/// A key check value: the first 8 bytes of HMAC-SHA-256(material, `keyfront/v1/kcv`). It
+/// identifies imported material in the audit log and to the officer who approves an import,
+/// without revealing it: the key's owner computes the same from the material they hold
+/// (`openssl dgst -sha256 -mac HMAC -macopt hexkey:MATERIAL` of the message), and nobody can
+/// find the material from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyCheckValue(pub [u8; 8]);
+
+impl KeyCheckValue {
+    /// The check value of material held in clear (the key's owner; the in-memory fake).
+    pub fn of(material: &[u8]) -> Self {
+        use hmac::{Hmac, Mac};
+        // Invariant: HMAC takes a key of any length.
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(material).expect("HMAC takes any key");
+        mac.update(KCV_MESSAGE);
+        Self::from_mac(&mac.finalize().into_bytes())
+    }
+
+    /// The check value from a full HMAC-SHA-256 of [`KCV_MESSAGE`].
+    pub fn from_mac(mac: &[u8]) -> Self {
+        let mut value = [0; 8];
+        let n = mac.len().min(8);
+        value[..n].copy_from_slice(&mac[..n]);
+        Self(value)
+    }
+}
+
+impl fmt::Display for KeyCheckValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
     }
 }
 

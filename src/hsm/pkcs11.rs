@@ -25,8 +25,9 @@ use sha2::{Digest, Sha256};
 
 use super::{
     Error, GcmSealed, HmacKey, Hsm, IMPORT_KEY_BITS, IMPORT_KEY_ONLY, IMPORT_OAEP_LEN, IV_LEN,
-    ImportTarget, ImportWrapping, Kek, MacAlgorithm, MwkGeneration, NOT_AN_IMPORT_KEY,
-    SignAlgorithm, WrappedKek, WrappedKind, function_name, signing,
+    ImportTarget, ImportWrapping, Imported, KCV_MESSAGE, Kek, KeyCheckValue, MacAlgorithm,
+    MwkGeneration, NOT_AN_IMPORT_KEY, SignAlgorithm, WrappedKek, WrappedKind, function_name,
+    signing,
 };
 use crate::crypto::Plaintext;
 
@@ -1091,7 +1092,7 @@ impl Hsm for Pkcs11Hsm {
         wrapping: ImportWrapping,
         material: &[u8],
         target: ImportTarget,
-    ) -> Result<WrappedKek, Error> {
+    ) -> Result<Imported, Error> {
         if import_key.kind() != WrappedKind::ImportKey {
             return Err(NOT_AN_IMPORT_KEY);
         }
@@ -1116,7 +1117,14 @@ impl Hsm for Pkcs11Hsm {
         // then be checked (an AES unwrap would refuse a wrong length with the same codes as
         // tampering), and a KWP blob holds only the bytes, which `unwrap_kek` later brings
         // back as the kind the blob names.
-        let template = mac_key_rewrap_template();
+        // A generic secret that may also HMAC, once: its check value (KCV_MESSAGE), computed
+        // here while the material is unwrapped; the object is destroyed right after.
+        let mut template = mac_key_rewrap_template();
+        for attribute in &mut template {
+            if let Attribute::Sign(sign) = attribute {
+                *sign = true;
+            }
+        }
         let params = oaep_params(wrapping);
         let result = self.pool.with(|s| {
             let private = s.unwrap_key(
@@ -1160,9 +1168,12 @@ impl Hsm for Pkcs11Hsm {
             // Where the token does not report the length (SoftHSM 2.6), it is known to within
             // 8 bytes (docs/DESIGN.md, key import).
             let wrapped = match secret_len(s, key) {
-                Ok(Some((low, high))) if (low..=high).contains(&target.key_len()) => {
-                    s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, key).map(Ok)
-                }
+                Ok(Some((low, high))) if (low..=high).contains(&target.key_len()) => s
+                    .sign(&Mechanism::Sha256Hmac, key, KCV_MESSAGE)
+                    .and_then(|mac| {
+                        let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, key)?;
+                        Ok(Ok((wrapped, KeyCheckValue::from_mac(&mac))))
+                    }),
                 Ok(_) => Ok(Err(Error::InvalidInput("key material of the wrong length"))),
                 Err(error) => Err(error),
             };
@@ -1174,7 +1185,7 @@ impl Hsm for Pkcs11Hsm {
             destroyed_key?;
             Ok(wrapped)
         });
-        let wrapped = match result {
+        let (wrapped, check_value) = match result {
             Ok(wrapped) => wrapped?,
             Err(error) if wrapping.sha256() && oaep_refused(&error) => {
                 self.oaep_sha256.store(OAEP_UNSUPPORTED, Ordering::Relaxed);
@@ -1182,7 +1193,10 @@ impl Hsm for Pkcs11Hsm {
             }
             Err(error) => return Err(to_error(error)),
         };
-        Ok(WrappedKek::of_kind(target.kind(), current, wrapped))
+        Ok(Imported {
+            key: WrappedKek::of_kind(target.kind(), current, wrapped),
+            check_value,
+        })
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {

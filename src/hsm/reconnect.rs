@@ -8,8 +8,8 @@
 use std::sync::{Arc, RwLock};
 
 use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Kek, MacAlgorithm,
-    MwkGeneration, SignAlgorithm, WrappedKek,
+    Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Imported, Kek,
+    MacAlgorithm, MwkGeneration, SignAlgorithm, WrappedKek,
 };
 use crate::crypto::Plaintext;
 
@@ -144,7 +144,7 @@ impl Hsm for ReconnectingHsm {
         wrapping: ImportWrapping,
         material: &[u8],
         target: ImportTarget,
-    ) -> Result<WrappedKek, Error> {
+    ) -> Result<Imported, Error> {
         self.current()
             .import_key(import_key, wrapping, material, target)
     }
@@ -233,7 +233,7 @@ impl Hsm for Unreachable {
         _: ImportWrapping,
         _: &[u8],
         _: ImportTarget,
-    ) -> Result<WrappedKek, Error> {
+    ) -> Result<Imported, Error> {
         Err(unreachable())
     }
     fn random(&self, _: &mut [u8]) -> Result<(), Error> {

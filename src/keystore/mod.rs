@@ -432,6 +432,26 @@ pub enum PendingOperation {
         /// Bulk-key use limit.
         max_bulk_uses: Option<u64>,
     },
+    /// ImportKeyMaterial (appended last: stored approvals are positional).
+    ImportKeyMaterial {
+        /// The tenant.
+        tenant: Name,
+        /// The key.
+        key: Name,
+        /// The import token of the parameters the material was wrapped for.
+        token: String,
+        /// The material as the caller wrapped it to the HSM's import key (never in clear).
+        material: Vec<u8>,
+        /// The purpose for a new key.
+        purpose: Option<Purpose>,
+        /// When the material expires.
+        expires_at: Option<u64>,
+        /// Whether generated rotation may follow.
+        allow_generated_rotation: bool,
+        /// The material's check value when it was asked for: what the second officer
+        /// compares with the key owner's, and what the import must find again.
+        key_check_value: crate::hsm::KeyCheckValue,
+    },
 }
 
 /// Where an approval stands.

@@ -191,6 +191,8 @@ impl Kms {
                     return Err(refusal);
                 }
             }
+            // Checked by its handler (the material unwrapped, its check value taken).
+            PendingOperation::ImportKeyMaterial { .. } => {}
         }
         Ok(())
     }
@@ -210,6 +212,33 @@ impl Kms {
             } => {
                 let id = self.tenant_id(tenant)?;
                 self.schedule_destruction(id, key, KeyVersion(*version))?;
+            }
+            PendingOperation::ImportKeyMaterial {
+                tenant,
+                key,
+                token,
+                material,
+                purpose,
+                expires_at,
+                allow_generated_rotation,
+                key_check_value,
+            } => {
+                let id = self.tenant_id(tenant)?;
+                let import = super::Import {
+                    token,
+                    material,
+                    purpose: *purpose,
+                    expires_at: *expires_at,
+                    allow_generated_rotation: *allow_generated_rotation,
+                };
+                // The same material the first officer asked for, or nothing.
+                if self.check_key_material(id, key, &import)? != *key_check_value {
+                    return Err(Error::InvalidArgument(
+                        "the key material no longer has the check value it was approved with"
+                            .into(),
+                    ));
+                }
+                self.import_key_material(id, key, &import)?;
             }
             PendingOperation::UpdateKeyPolicy {
                 tenant,

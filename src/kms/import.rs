@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::Kms;
 use crate::error::Error;
-use crate::hsm::{self, ImportTarget, ImportWrapping, WrappedKek};
+use crate::hsm::{self, ImportTarget, ImportWrapping, Imported, KeyCheckValue, WrappedKek};
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 use crate::keystore::{
     ImportParametersRecord, ImportRecord, ImportedVersion, KeyPolicy, KeyRecord, Purpose, TenantDb,
@@ -109,68 +109,22 @@ impl Kms {
     /// that does not unwrap (tampered, wrapped to other parameters or with another algorithm)
     /// or has the wrong length, an expiry in the past, or a SIGN purpose;
     /// [`Error::PurposeMismatch`] for an existing key of another purpose. Nothing is stored
-    /// on any error. Returns the key and its import record as committed.
+    /// on any error. Returns the key and its import record as committed, and the material's
+    /// check value.
     pub fn import_key_material(
         &self,
         tenant: TenantId,
         name: &Name,
         import: &Import<'_>,
-    ) -> Result<(KeyRecord, ImportRecord), Error> {
-        if matches!(import.purpose, Some(Purpose::Sign(_))) {
-            return Err(Error::InvalidArgument(
-                "SIGN keys cannot be imported; import DATA, SECRETS or MAC keys".into(),
-            ));
-        }
-        let now = self.clock.now_secs();
-        if import.expires_at.is_some_and(|at| at <= now) {
-            return Err(Error::InvalidArgument(
-                "valid_to is in the past; give a later time, or 0 for material that does not expire"
-                    .into(),
-            ));
-        }
+    ) -> Result<(KeyRecord, ImportRecord, KeyCheckValue), Error> {
+        let now = self.check_import(import)?;
         self.writing(|| {
             let db = self.store.tenant(tenant)?;
             let _writes = db.lock_writes();
-            let parameters = self.current_parameters(&db, name, import.token)?;
-            let existing = db.key_by_name(name)?;
-            let (purpose, import_record) = match &existing {
-                Some(record) => {
-                    if let Some(purpose) = import.purpose {
-                        Self::check_purpose(record, purpose)?;
-                    }
-                    let import_record = db
-                        .import(&record.id)?
-                        .ok_or_else(|| generated_key(record))?;
-                    (record.purpose, Some(import_record))
-                }
-                None => (
-                    import.purpose.ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "purpose: key {name} does not exist yet, and a new key needs a purpose"
-                        ))
-                    })?,
-                    None,
-                ),
-            };
-            let target = match purpose {
-                Purpose::Data | Purpose::Secrets => ImportTarget::Kek,
-                Purpose::Mac(algorithm) => ImportTarget::MacKey(algorithm),
-                Purpose::Sign(_) => {
-                    return Err(Error::InvalidArgument(
-                        "SIGN keys cannot be imported; import DATA, SECRETS or MAC keys".into(),
-                    ));
-                }
-            };
-            let private_key = WrappedKek::from_bytes(&parameters.private_key).ok_or(
-                Error::Store(crate::keystore::Error::Integrity {
-                    database: tenant.to_string(),
-                    reason: "import parameters hold no import key",
-                }),
-            )?;
-            let key = self
-                .hsm
-                .import_key(&private_key, parameters.wrapping, import.material, target)
-                .map_err(|error| refusal(error, parameters.wrapping, target))?;
+            let (existing, import_record, imported, purpose) =
+                self.unwrap_import(tenant, &db, name, import)?;
+            let check_value = imported.check_value;
+            let key = imported.key;
             let (mut record, version) = match existing {
                 Some(record) => {
                     let next = KeyVersion(
@@ -240,8 +194,97 @@ impl Kms {
                 import.expires_at,
                 epoch,
             );
-            Ok((record, import_record))
+            Ok((record, import_record, check_value))
         })
+    }
+
+    /// What [`Kms::import_key_material`] would import, checked (parameters, purpose, the
+    /// material unwrapped inside the HSM and its length) and identified by its check value,
+    /// with nothing stored: what an officer's request under dual control shows the second
+    /// officer.
+    ///
+    /// # Errors
+    /// As [`Kms::import_key_material`].
+    pub fn check_key_material(
+        &self,
+        tenant: TenantId,
+        name: &Name,
+        import: &Import<'_>,
+    ) -> Result<KeyCheckValue, Error> {
+        self.check_import(import)?;
+        self.reading(tenant, |db, _| {
+            Ok(self.unwrap_import(tenant, db, name, import)?.2.check_value)
+        })
+    }
+
+    /// The checks of an import that need no store: no SIGN keys, no expiry in the past.
+    /// Returns the time now.
+    fn check_import(&self, import: &Import<'_>) -> Result<u64, Error> {
+        if matches!(import.purpose, Some(Purpose::Sign(_))) {
+            return Err(Error::InvalidArgument(
+                "SIGN keys cannot be imported; import DATA, SECRETS or MAC keys".into(),
+            ));
+        }
+        let now = self.clock.now_secs();
+        if import.expires_at.is_some_and(|at| at <= now) {
+            return Err(Error::InvalidArgument(
+                "valid_to is in the past; give a later time, or 0 for material that does not expire"
+                    .into(),
+            ));
+        }
+        Ok(now)
+    }
+
+    /// The parameters, the key (if it exists) and its import record, and the material
+    /// unwrapped inside the HSM into a blob under the current MWK.
+    fn unwrap_import(
+        &self,
+        tenant: TenantId,
+        db: &TenantDb,
+        name: &Name,
+        import: &Import<'_>,
+    ) -> Result<(Option<KeyRecord>, Option<ImportRecord>, Imported, Purpose), Error> {
+        let parameters = self.current_parameters(db, name, import.token)?;
+        let existing = db.key_by_name(name)?;
+        let (purpose, import_record) = match &existing {
+            Some(record) => {
+                if let Some(purpose) = import.purpose {
+                    Self::check_purpose(record, purpose)?;
+                }
+                let import_record = db
+                    .import(&record.id)?
+                    .ok_or_else(|| generated_key(record))?;
+                (record.purpose, Some(import_record))
+            }
+            None => (
+                import.purpose.ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "purpose: key {name} does not exist yet, and a new key needs a purpose"
+                    ))
+                })?,
+                None,
+            ),
+        };
+        let target = match purpose {
+            Purpose::Data | Purpose::Secrets => ImportTarget::Kek,
+            Purpose::Mac(algorithm) => ImportTarget::MacKey(algorithm),
+            Purpose::Sign(_) => {
+                return Err(Error::InvalidArgument(
+                    "SIGN keys cannot be imported; import DATA, SECRETS or MAC keys".into(),
+                ));
+            }
+        };
+        let private_key = WrappedKek::from_bytes(&parameters.private_key).ok_or(Error::Store(
+            crate::keystore::Error::Integrity {
+                database: tenant.to_string(),
+                reason: "import parameters hold no import key",
+            },
+        ))?;
+        let imported = self
+            .hsm
+            .import_key(&private_key, parameters.wrapping, import.material, target)
+            .map_err(|error| refusal(error, parameters.wrapping, target))?;
+        Ok((existing, import_record, imported, purpose))
     }
 
     /// The import record of a key, if its material was ever imported.

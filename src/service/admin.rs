@@ -187,6 +187,12 @@ fn describe(operation: &PendingOperation) -> String {
             "UpdateKeyPolicy {tenant}/{key} (min_decryption_version {})",
             min_decryption_version.unwrap_or_default()
         ),
+        PendingOperation::ImportKeyMaterial {
+            tenant,
+            key,
+            key_check_value,
+            ..
+        } => format!("ImportKeyMaterial {tenant}/{key} (key check value {key_check_value})"),
     }
 }
 
@@ -196,7 +202,8 @@ fn operation_tenant(operation: &PendingOperation) -> Option<&Name> {
         PendingOperation::RotateMasterKey => None,
         PendingOperation::DestroyTenant { tenant }
         | PendingOperation::ScheduleKeyVersionDestruction { tenant, .. }
-        | PendingOperation::UpdateKeyPolicy { tenant, .. } => Some(tenant),
+        | PendingOperation::UpdateKeyPolicy { tenant, .. }
+        | PendingOperation::ImportKeyMaterial { tenant, .. } => Some(tenant),
     }
 }
 
@@ -470,6 +477,38 @@ impl pb::admin_service_server::AdminService for AdminService {
         };
         let allow_generated_rotation = r.allow_generated_rotation;
         let (token, material) = (r.import_token, r.encrypted_key_material);
+        if self
+            .shared
+            .under_dual_control(DualOperation::ImportKeyMaterial)
+        {
+            // Checked and identified now (unwrapped inside the HSM, nothing stored); carried
+            // out when a second officer, shown the check value, approves.
+            let (key, token2, material2) = (name.clone(), token.clone(), material.clone());
+            let check_value = call
+                .run(move |kms, tenant| {
+                    let import = Import {
+                        token: &token2,
+                        material: &material2,
+                        purpose,
+                        expires_at,
+                        allow_generated_rotation,
+                    };
+                    kms.check_key_material(tenant, &key, &import)
+                })
+                .await?;
+            call.key_check_value(&check_value);
+            let operation = PendingOperation::ImportKeyMaterial {
+                tenant: parse_name(&r.tenant, "tenant")?,
+                key: name,
+                token,
+                material,
+                purpose,
+                expires_at,
+                allow_generated_rotation,
+                key_check_value: check_value,
+            };
+            return Err(self.ask_approval(&call, operation).await);
+        }
         let record = call
             .run(move |kms, tenant| {
                 let import = Import {
@@ -482,8 +521,9 @@ impl pb::admin_service_server::AdminService for AdminService {
                 kms.import_key_material(tenant, &name, &import)
             })
             .await;
-        let (record, import) = record?;
+        let (record, import, check_value) = record?;
         call.version(record.primary.0);
+        call.key_check_value(&check_value);
         let message = key_message(&r.tenant, &record, Some(&import));
         self.shared
             .remember(&call, Rpc::ImportKeyMaterial, &r.request_id, &message)
@@ -732,6 +772,12 @@ impl pb::admin_service_server::AdminService for AdminService {
                 })
             })
             .await?;
+        if let PendingOperation::ImportKeyMaterial {
+            key_check_value, ..
+        } = &approval.operation
+        {
+            call.key_check_value(key_check_value);
+        }
         let now = call.now_secs();
         Ok(Response::new(approval_message(&approval, now)))
     }

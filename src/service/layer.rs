@@ -37,6 +37,8 @@ pub struct AuditDetails {
     pub request_id: String,
     /// The support grant the request acts under.
     pub grant_id: Option<String>,
+    /// Imported key material's check value (never the material).
+    pub key_check_value: Option<String>,
 }
 
 /// Shared between the pipeline and the handler of one request.
@@ -181,6 +183,7 @@ where
                 items: details.items,
                 context: details.context,
                 client_request_id: details.client_request_id,
+                key_check_value: details.key_check_value,
             };
             let metrics = crate::metrics::global();
             metrics.request(&record.rpc, code_name(code), started.elapsed());

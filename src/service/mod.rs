@@ -415,6 +415,11 @@ impl Call {
         });
     }
 
+    fn key_check_value(&self, value: &crate::hsm::KeyCheckValue) {
+        let value = value.to_string();
+        self.slot.update(|d| d.key_check_value = Some(value));
+    }
+
     fn items(&self, codes: Vec<&'static str>) {
         self.slot.update(|d| d.items = Some(codes));
     }
