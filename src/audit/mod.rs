@@ -175,6 +175,10 @@ pub struct RequestRecord {
     /// The check value of key material imported or put up for approval (never the material).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_check_value: Option<String>,
+    /// A mutation whose caller went away before it ended (`CANCELLED`, `DEADLINE_EXCEEDED`):
+    /// it ran to its end all the same, and `outcome` says how that went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller_gone: Option<&'static str>,
 }
 
 /// One TLS connection, as the audit log records it.

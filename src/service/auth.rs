@@ -210,6 +210,106 @@ pub enum Rpc {
     ReviewAccess,
 }
 
+/// Every RPC, in the order the enum lists them.
+pub const ALL: [Rpc; 45] = [
+    Rpc::Encrypt,
+    Rpc::Decrypt,
+    Rpc::BatchEncrypt,
+    Rpc::BatchDecrypt,
+    Rpc::GenerateDataKey,
+    Rpc::DecryptDataKey,
+    Rpc::SealSecret,
+    Rpc::UnsealSecret,
+    Rpc::ReEncrypt,
+    Rpc::HashPassword,
+    Rpc::LookupDigest,
+    Rpc::VerifyPassword,
+    Rpc::ReEncryptDataKey,
+    Rpc::GenerateMac,
+    Rpc::VerifyMac,
+    Rpc::Sign,
+    Rpc::Verify,
+    Rpc::GetPublicKey,
+    Rpc::CreateTenant,
+    Rpc::ListTenants,
+    Rpc::DestroyTenant,
+    Rpc::CancelTenantDestruction,
+    Rpc::CreateKey,
+    Rpc::GetKey,
+    Rpc::ListKeys,
+    Rpc::RotateKey,
+    Rpc::UpdateKeyPolicy,
+    Rpc::DisableKeyVersion,
+    Rpc::EnableKeyVersion,
+    Rpc::ScheduleKeyVersionDestruction,
+    Rpc::CancelKeyVersionDestruction,
+    Rpc::ApproveOperation,
+    Rpc::RotateMasterKey,
+    Rpc::GetMasterKeyStatus,
+    Rpc::ListApprovals,
+    Rpc::CreateBackup,
+    Rpc::GetBackupStatus,
+    Rpc::GetImportParameters,
+    Rpc::ImportKeyMaterial,
+    Rpc::RequestSupportAccess,
+    Rpc::ApproveSupportAccess,
+    Rpc::DenySupportAccess,
+    Rpc::RevokeGrant,
+    Rpc::ListGrants,
+    Rpc::ReviewAccess,
+];
+
+impl Rpc {
+    /// The gRPC service it belongs to, as its path names it.
+    pub fn service(self) -> &'static str {
+        match self {
+            Self::CreateTenant
+            | Self::ListTenants
+            | Self::DestroyTenant
+            | Self::CancelTenantDestruction
+            | Self::CreateKey
+            | Self::GetKey
+            | Self::ListKeys
+            | Self::RotateKey
+            | Self::UpdateKeyPolicy
+            | Self::DisableKeyVersion
+            | Self::EnableKeyVersion
+            | Self::ScheduleKeyVersionDestruction
+            | Self::CancelKeyVersionDestruction
+            | Self::ApproveOperation
+            | Self::RotateMasterKey
+            | Self::GetMasterKeyStatus
+            | Self::ListApprovals
+            | Self::CreateBackup
+            | Self::GetBackupStatus
+            | Self::GetImportParameters
+            | Self::ImportKeyMaterial => "keyfront.v1.AdminService",
+            Self::RequestSupportAccess
+            | Self::ApproveSupportAccess
+            | Self::DenySupportAccess
+            | Self::RevokeGrant
+            | Self::ListGrants
+            | Self::ReviewAccess => "keyfront.v1.AccessService",
+            _ => "keyfront.v1.KeyService",
+        }
+    }
+
+    /// `keyfront.v1.Service/Method`, as a request's path names it (without the `/`).
+    pub fn path(self) -> String {
+        format!("{}/{self}", self.service())
+    }
+
+    /// The RPC a request path names, if it is one of keyfront's.
+    pub fn from_path(path: &str) -> Option<Self> {
+        let path = path.trim_start_matches('/');
+        ALL.into_iter().find(|rpc| {
+            path.strip_prefix(rpc.service())
+                .and_then(|rest| rest.strip_prefix('/'))
+                .is_some_and(|method| method == rpc.to_string())
+        })
+    }
+}
+
 /// The KeyService RPCs, which a support grant may name.
 pub const DATA_PLANE: [Rpc; 18] = [
     Rpc::Encrypt,

@@ -4,6 +4,12 @@
 //! refuses before a handler runs (an oversized message, say), gets exactly one audit line,
 //! written before the response is released. Handlers add what only they know (tenant, key,
 //! version, batch items) through the [`AuditSlot`] in the request's extensions.
+//!
+//! A caller that goes away (it cancels, or its `grpc-timeout` passes: tonic then drops this
+//! pipeline from outside) gets its line too. A read or a cryptographic operation stops there,
+//! and its line says CANCELLED or DEADLINE_EXCEEDED. A mutation is never cut off half-way: it
+//! runs on a task of its own to its end, and its line says what it did (`OK`, say) and that its
+//! caller was gone (`caller_gone`), so a retry with the same request_id finds the first answer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,7 +21,7 @@ use tokio::sync::Semaphore;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use super::auth::PeerInfo;
+use super::auth::{PeerInfo, Rpc};
 use crate::audit::{AuditLog, RequestRecord};
 
 /// What a handler learned about a request, for its audit line.
@@ -134,70 +140,255 @@ where
         let request_id = hex::encode(rand::random::<[u8; 8]>());
         slot.update(|d| d.request_id.clone_from(&request_id));
         request.extensions_mut().insert(slot.clone());
-        let peer = request.extensions().get::<PeerInfo>().cloned();
         let rpc = request.uri().path().trim_start_matches('/').to_owned();
+        let mutation = Rpc::from_path(&rpc).is_some_and(Rpc::mutates);
+        // The earlier of the server's bound and the caller's own (`grpc-timeout`).
+        let timeout = grpc_timeout(request.headers())
+            .map_or(self.layer.timeout, |caller| caller.min(self.layer.timeout));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let line = Line {
+            audit: Arc::clone(&self.layer.audit),
+            peer: request.extensions().get::<PeerInfo>().cloned(),
+            rpc,
+            slot,
+            request_id,
+            started,
+        };
         // The ready service handles this request; a fresh clone waits for the next one.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
-        Box::pin(async move {
-            let response = match Arc::clone(&layer.permits).try_acquire_owned() {
-                // Fail closed before acting: the last line could not be written. This
-                // request's own line below tells whether the log works again.
-                _ if !layer.audit.writable() || peer.as_ref().is_some_and(|p| p.unaudited) => {
-                    Status::unavailable("audit log unavailable; nothing was done").into_http()
-                }
-                Err(_) => Status::resource_exhausted("too many requests in progress; retry later")
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let permits = Arc::clone(&self.layer.permits);
+        if mutation {
+            Box::pin(mutation_to_its_end(inner, request, permits, line, deadline))
+        } else {
+            Box::pin(stopped_when_abandoned(
+                inner, request, permits, line, deadline,
+            ))
+        }
+    }
+}
+
+/// What one request's audit line needs, however the request ends.
+struct Line {
+    audit: Arc<AuditLog>,
+    peer: Option<PeerInfo>,
+    rpc: String,
+    slot: AuditSlot,
+    request_id: String,
+    started: Instant,
+}
+
+impl Line {
+    /// The answer before the handler runs, if the request must not reach it: the audit log
+    /// cannot take lines (fail closed), or too many requests are in progress.
+    fn refusal(
+        &self,
+        permits: Arc<Semaphore>,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Box<Response>> {
+        // Fail closed before acting: the last line could not be written. This request's own
+        // line tells whether the log works again.
+        if !self.audit.writable() || self.peer.as_ref().is_some_and(|p| p.unaudited) {
+            return Err(Box::new(
+                Status::unavailable("audit log unavailable; nothing was done").into_http(),
+            ));
+        }
+        permits.try_acquire_owned().map_err(|_| {
+            Box::new(
+                Status::resource_exhausted("too many requests in progress; retry later")
                     .into_http(),
-                Ok(_permit) => match tokio::time::timeout(layer.timeout, inner.call(request)).await
-                {
-                    Ok(result) => result?,
-                    Err(_) => Status::deadline_exceeded("the server's request deadline passed")
-                        .into_http(),
-                },
-            };
-            let code = response
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok())
-                .map_or(Code::Ok, Code::from_i32);
-            let details = slot.take();
-            let record = RequestRecord {
-                request_id: request_id.clone(),
-                peer: peer
-                    .as_ref()
-                    .map(|p| p.remote.to_string())
-                    .unwrap_or_default(),
-                identity: peer
-                    .as_ref()
-                    .and_then(|p| p.identity.as_ref().ok().cloned()),
-                cert_fingerprint: peer.as_ref().and_then(|p| p.fingerprint.clone()),
-                rpc,
-                tenant: details.tenant,
-                key: details.key,
-                version: details.version,
-                outcome: code_name(code).to_owned(),
-                latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                grant_id: details.grant_id,
-                items: details.items,
-                context: details.context,
-                client_request_id: details.client_request_id,
-                key_check_value: details.key_check_value,
-            };
-            let metrics = crate::metrics::global();
-            metrics.request(&record.rpc, code_name(code), started.elapsed());
-            let writing = Instant::now();
-            let written = layer.audit.request(&record);
-            metrics.audit_write(writing.elapsed());
-            if let Err(error) = written {
-                // Fail closed: what cannot be audited is not answered.
-                tracing::error!(%error, %request_id, "audit write failed; refusing the response");
-                return Ok(Status::unavailable("audit log unavailable").into_http());
-            }
-            Ok(response)
+            )
         })
     }
+
+    /// Writes the line with the response's status (and, for a mutation that ran on after its
+    /// caller left, how it left). Fail closed: a response whose line cannot be written is
+    /// replaced by UNAVAILABLE.
+    fn write(&self, response: Response, caller_gone: Option<Code>) -> Response {
+        let code = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+            .map_or(Code::Ok, Code::from_i32);
+        match self.write_code(code, caller_gone) {
+            Ok(()) => response,
+            Err(()) => Status::unavailable("audit log unavailable").into_http(),
+        }
+    }
+
+    fn write_code(&self, code: Code, caller_gone: Option<Code>) -> Result<(), ()> {
+        let details = self.slot.take();
+        let peer = self.peer.as_ref();
+        let record = RequestRecord {
+            request_id: self.request_id.clone(),
+            peer: peer.map(|p| p.remote.to_string()).unwrap_or_default(),
+            identity: peer.and_then(|p| p.identity.as_ref().ok().cloned()),
+            cert_fingerprint: peer.and_then(|p| p.fingerprint.clone()),
+            rpc: self.rpc.clone(),
+            tenant: details.tenant,
+            key: details.key,
+            version: details.version,
+            outcome: code_name(code).to_owned(),
+            latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            grant_id: details.grant_id,
+            items: details.items,
+            context: details.context,
+            client_request_id: details.client_request_id,
+            key_check_value: details.key_check_value,
+            caller_gone: caller_gone.map(code_name),
+        };
+        let metrics = crate::metrics::global();
+        metrics.request(&record.rpc, code_name(code), self.started.elapsed());
+        let writing = Instant::now();
+        let written = self.audit.request(&record);
+        metrics.audit_write(writing.elapsed());
+        written.map_err(|error| {
+            // Fail closed: what cannot be audited is not answered.
+            tracing::error!(%error, request_id = %self.request_id, "audit write failed; refusing the response");
+        })
+    }
+}
+
+/// A request that changes nothing (or has not begun to): if its caller goes away or its
+/// deadline passes, it stops, and the line says CANCELLED or DEADLINE_EXCEEDED.
+async fn stopped_when_abandoned<S, B>(
+    mut inner: S,
+    request: http::Request<B>,
+    permits: Arc<Semaphore>,
+    line: Line,
+    deadline: tokio::time::Instant,
+) -> Result<Response, S::Error>
+where
+    S: Service<http::Request<B>, Response = Response>,
+{
+    let _permit = match line.refusal(permits) {
+        Ok(permit) => permit,
+        Err(response) => return Ok(line.write(*response, None)),
+    };
+    // Written on drop if the caller goes away first (tonic drops this future then).
+    let mut abandoned = Abandoned {
+        line: Some(line),
+        deadline,
+    };
+    let response = match tokio::time::timeout_at(deadline, inner.call(request)).await {
+        Ok(result) => result?,
+        Err(_) => Status::deadline_exceeded("the request's deadline passed").into_http(),
+    };
+    let line = abandoned.line.take().expect("taken once, here");
+    Ok(line.write(response, None))
+}
+
+/// Writes the line of a request whose caller went away before it ended.
+struct Abandoned {
+    line: Option<Line>,
+    deadline: tokio::time::Instant,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(line) = self.line.take() {
+            let code = if tokio::time::Instant::now() >= self.deadline {
+                Code::DeadlineExceeded
+            } else {
+                Code::Cancelled
+            };
+            let _ = line.write_code(code, None);
+        }
+    }
+}
+
+/// A mutation: it runs to its end on a task of its own whatever its caller does, and its line
+/// says what it did. The caller gets the answer, or DEADLINE_EXCEEDED at its deadline while the
+/// mutation goes on (a retry with its request_id then finds the first answer).
+async fn mutation_to_its_end<S, B>(
+    mut inner: S,
+    request: http::Request<B>,
+    permits: Arc<Semaphore>,
+    line: Line,
+    deadline: tokio::time::Instant,
+) -> Result<Response, S::Error>
+where
+    S: Service<http::Request<B>, Response = Response> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    let permit = match line.refusal(permits) {
+        Ok(permit) => permit,
+        Err(response) => return Ok(line.write(*response, None)),
+    };
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<Code>();
+    let mut task = tokio::spawn(async move {
+        let _permit = permit;
+        let response = inner.call(request).await?;
+        // How the caller left, if it did before the end.
+        let mut gone_rx = gone_rx;
+        let caller_gone = gone_rx.try_recv().ok();
+        Ok(line.write(response, caller_gone))
+    });
+    let mut gone = Some(gone_tx);
+    // Told to the task if this future is dropped first (the caller cancelled).
+    let guard = CallerGone {
+        tx: &mut gone,
+        deadline,
+    };
+    let result = tokio::select! {
+        joined = &mut task => joined,
+        () = tokio::time::sleep_until(deadline) => {
+            if let Some(tx) = guard.tx.take() {
+                let _ = tx.send(Code::DeadlineExceeded);
+            }
+            return Ok(Status::deadline_exceeded(
+                "the request's deadline passed; the change goes on to its end (its request_id finds the answer)",
+            )
+            .into_http());
+        }
+    };
+    // Answered in full: the caller did not go.
+    guard.tx.take();
+    drop(guard);
+    match result {
+        Ok(result) => result,
+        Err(error) => {
+            tracing::error!(%error, "a mutation's task failed");
+            Ok(Status::internal("internal error").into_http())
+        }
+    }
+}
+
+/// Tells a mutation's task that its caller went away, if it did.
+struct CallerGone<'a> {
+    tx: &'a mut Option<tokio::sync::oneshot::Sender<Code>>,
+    deadline: tokio::time::Instant,
+}
+
+impl Drop for CallerGone<'_> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let code = if tokio::time::Instant::now() >= self.deadline {
+                Code::DeadlineExceeded
+            } else {
+                Code::Cancelled
+            };
+            let _ = tx.send(code);
+        }
+    }
+}
+
+/// A caller's `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// The canonical gRPC name of a status code (`PERMISSION_DENIED`).
