@@ -86,6 +86,7 @@ fn postgres_backend(url: &str, namespace: &str) -> Backend {
         timeout: Duration::from_secs(10),
         stale_bound: Duration::from_secs(1),
         lease_term: Duration::from_secs(5),
+        dangerous_allow_plaintext: false,
     })
 }
 

@@ -88,6 +88,7 @@ pub struct Metrics {
     scheduler_paused: Gauge,
     versions_destroyed: Counter,
     store_integrity_failures: Family<DatabaseLabels, Counter>,
+    store_plaintext: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -110,6 +111,12 @@ impl Metrics {
         let scheduler_paused = Gauge::default();
         let versions_destroyed = Counter::default();
         let store_integrity_failures = Family::<DatabaseLabels, Counter>::default();
+        let store_plaintext = Gauge::default();
+        registry.register(
+            "store_plaintext",
+            "1 while the connection to PostgreSQL is not encrypted (no storage.postgres.ca_file)",
+            store_plaintext.clone(),
+        );
         registry.register(
             "store_integrity_failures",
             "Requests refused because a key store database failed its integrity checks \
@@ -173,7 +180,13 @@ impl Metrics {
             scheduler_paused,
             versions_destroyed,
             store_integrity_failures,
+            store_plaintext,
         }
+    }
+
+    /// Records whether the store's connection is in plain text.
+    pub fn store_plaintext(&self, plaintext: bool) {
+        self.store_plaintext.set(i64::from(plaintext));
     }
 
     /// Counts a request refused because `database` (`system` or `tenant`) failed its

@@ -208,3 +208,56 @@ fn the_connection_cap_closes_excess_sockets_and_frees_slots_as_connections_end()
             .expect("one after another");
     }
 }
+
+/// Issue 25, finding 8: an established connection on which nothing arrives is closed after
+/// `server.idle_timeout_secs` (it held a slot, and a certificate checked only at its
+/// handshake, for as long as the client liked); a client with work to do connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncReadExt;
+    let server = restart_with(DevServer::start(), "idle_timeout_secs = 1");
+    let certs = server.dir.path().join("certs");
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls::pki_types::CertificateDer::pem_file_iter(certs.join("ca.crt")).expect("ca") {
+        roots.add(ca.expect("ca")).expect("root");
+    }
+    use rustls::pki_types::pem::PemObject;
+    let chain: Vec<_> =
+        rustls::pki_types::CertificateDer::pem_file_iter(certs.join("acme-app.crt"))
+            .expect("cert")
+            .map(|c| c.expect("cert"))
+            .collect();
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_file(certs.join("acme-app.key")).expect("key");
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("tls 1.3")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client auth");
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("handshake");
+    // Nothing sent: the server closes it (a few bytes of HTTP/2 settings may come first).
+    let mut buffer = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle connection was not closed");
+    served(&server).await.expect("a new connection is served");
+}

@@ -510,8 +510,9 @@ fn sigkill_during_master_key_rotation_over_200_keys_resumes_and_loses_nothing() 
 fn sigkill_during_a_backup_leaves_no_archive_half_written_and_the_next_one_verifies() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let server = DevServer::start();
-    let backups = server.dir.path().join("backups-under-test");
-    std::fs::create_dir(&backups).expect("backup dir");
+    // A directory inside the backup directory (CreateBackup's out_dir must be).
+    let backups = server.dir.path().join("backups/under-test");
+    std::fs::create_dir_all(&backups).expect("backup dir");
     // Enough tenants that a snapshot takes a while.
     let sealed = runtime.block_on(async {
         let mut admin = officer(&server).await;

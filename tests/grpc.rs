@@ -104,6 +104,9 @@ impl Harness {
         dev::issue_client_certificate(&certs, "cn-only", &[], "cn-only").expect("cert");
         let second = format!("{}/officer-2", dev::TRUST_DOMAIN);
         dev::issue_client_certificate(&certs, "officer-2", &[&second], "officer-2").expect("cert");
+        let support_2 = format!("{}/support-2", dev::TRUST_DOMAIN);
+        dev::issue_client_certificate(&certs, "support-2", &[&support_2], "support-2")
+            .expect("cert");
 
         let mut principals = vec![
             principal("tenant/acme/app", &["acme"], &[Role::App], None),
@@ -121,6 +124,7 @@ impl Harness {
                 None,
             ),
             principal("support", &["*"], &[Role::Support], None),
+            principal("support-2", &["*"], &[Role::Support], None),
             principal("auditor", &["*"], &[Role::Auditor], None),
             principal(
                 "tenant/acme/limited",
@@ -4420,7 +4424,26 @@ async fn create_backup_refuses_bad_directories_and_narrow_officers() {
             "{bad:.40}: {status:?}"
         );
     }
-    let elsewhere = h.dir.path().join("elsewhere");
+    // Issue 25, finding 8: outside the backup directory is refused, a symbolic link inside it
+    // that leads out too, and nothing is written there.
+    let outside = h.dir.path().join("outside");
+    std::fs::create_dir(&outside).expect("dir");
+    let backups_root = h.dir.path().join("backups");
+    std::fs::create_dir_all(&backups_root).expect("dir");
+    std::os::unix::fs::symlink(&outside, backups_root.join("link-out")).expect("symlink");
+    for refused in [outside.clone(), backups_root.join("link-out")] {
+        let status = admin
+            .create_backup(pb::CreateBackupRequest {
+                out_dir: refused.display().to_string(),
+                request_id: String::new(),
+            })
+            .await
+            .expect_err("outside the backup directory");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("backup directory"), "{status:?}");
+    }
+    assert_eq!(std::fs::read_dir(&outside).expect("dir").count(), 0);
+    let elsewhere = backups_root.join("elsewhere");
     std::fs::create_dir(&elsewhere).expect("dir");
     let archive = admin
         .create_backup(pb::CreateBackupRequest {
@@ -5348,4 +5371,47 @@ async fn a_caller_that_goes_away_leaves_one_audit_line_and_no_half_done_mutation
         again.primary_version, 2,
         "the first answer, not a second rotation"
     );
+}
+
+/// Issue 25, finding 8: support sees its own grant requests only, not other supporters'
+/// reasons or the tenants they reach; officers, auditors and the tenant's admin see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn support_lists_only_its_own_grants() {
+    let h = Harness::start(false).await;
+    let grant = h
+        .access("support")
+        .await
+        .request_support_access(pb::RequestSupportAccessRequest {
+            tenant: "acme".into(),
+            reason: "ticket 31337: a customer's secret reason".into(),
+            operations: vec!["Decrypt".into()],
+            keys: vec!["default".into()],
+            duration_secs: 600,
+        })
+        .await
+        .expect("request")
+        .into_inner();
+    let listed = |who: &'static str| {
+        let h = &h;
+        async move {
+            h.access(who)
+                .await
+                .list_grants(pb::ListGrantsRequest::default())
+                .await
+                .expect("list")
+                .into_inner()
+                .grants
+                .into_iter()
+                .map(|g| g.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed("support").await, [grant.id.clone()]);
+    assert!(
+        listed("support-2").await.is_empty(),
+        "another supporter sees nothing of it"
+    );
+    for reviewer in ["officer", "auditor", "acme-admin"] {
+        assert_eq!(listed(reviewer).await, [grant.id.clone()], "{reviewer}");
+    }
 }

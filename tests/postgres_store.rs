@@ -1086,3 +1086,53 @@ fn grant_decisions_racing_revocations_on_two_nodes_are_guarded() {
     let (b, _b) = f.fresh_node();
     common::check_grant_races(&a, &b, 100);
 }
+
+/// Issue 25, finding 8: without `ca_file`, a server on another host is refused (the
+/// connection would be plain text) unless `dangerous_allow_plaintext` says so; on loopback it
+/// is allowed, with a warning and `keyfront_store_plaintext` set.
+#[test]
+fn plain_text_to_another_host_is_refused() {
+    let Some(url) = common::postgres::url() else {
+        return;
+    };
+    let config = common::initialized_token("pg-plain");
+    let hsm: Arc<dyn Hsm> = Arc::new(common::open_hsm(&config));
+    let dir = tempfile::tempdir().expect("dir");
+    let mut options = options(
+        "host=192.0.2.1 port=5432 user=keyfront dbname=keyfront",
+        &common::postgres::namespace("plain"),
+    );
+    let refused = Kms::open(Arc::clone(&hsm), dir.path(), options.clone())
+        .map(drop)
+        .expect_err("plain text to another host");
+    assert!(
+        refused.to_string().contains("ca_file") && refused.to_string().contains("plain text"),
+        "{refused}"
+    );
+    // On loopback (the test server): allowed, and said.
+    let _kms = node(
+        &hsm,
+        &url,
+        &common::postgres::namespace("plainlocal"),
+        dir.path(),
+    );
+    assert!(
+        keyfront::metrics::global()
+            .encode()
+            .contains("keyfront_store_plaintext 1"),
+        "the metric says so"
+    );
+    // Allowed on purpose: the engine is made (the connection is tried later).
+    if let keystore::Backend::Postgres(postgres) = &mut options.store.backend {
+        postgres.dangerous_allow_plaintext = true;
+        postgres.timeout = std::time::Duration::from_millis(300);
+    }
+    let attempt = Kms::open(Arc::clone(&hsm), dir.path(), options).map(drop);
+    assert!(
+        attempt
+            .as_ref()
+            .err()
+            .is_none_or(|e| !e.to_string().contains("ca_file")),
+        "{attempt:?}"
+    );
+}

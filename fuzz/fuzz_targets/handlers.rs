@@ -158,9 +158,11 @@ fn peer(caller: u8) -> PeerInfo {
             .map(|c| (*c).to_owned())
             .ok_or(IdentityError::NoCertificate),
         fingerprint: Some("00".repeat(32)),
-        serial: Some("01".to_owned()),
+        serial: keyfront::config::Serial::parse("01"),
+        issuer: Vec::new(),
         not_after: 4_000_000_000,
         unaudited: false,
+        active: Default::default(),
     }
 }
 

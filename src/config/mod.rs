@@ -172,6 +172,10 @@ pub struct Limits {
     /// How long a client has from its TCP connect to a finished TLS handshake; a connection
     /// that never sends a ClientHello, or stalls in the middle of one, is closed then.
     pub handshake_timeout: Duration,
+    /// An established connection on which nothing arrives for this long is closed (clients
+    /// connect again as they need): idle connections hold a slot of `max_connections` and a
+    /// certificate checked only at its handshake.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -186,6 +190,7 @@ impl Default for Limits {
             max_concurrent_password_hashes: 2,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -695,6 +700,8 @@ struct RawServer {
     max_connections: usize,
     #[serde(default = "default_handshake_timeout_ms")]
     handshake_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout_secs")]
+    idle_timeout_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -764,6 +771,8 @@ struct RawPostgres {
     stale_bound_ms: u64,
     #[serde(default = "default_postgres_lease_secs")]
     lease_secs: u64,
+    #[serde(default)]
+    dangerous_allow_plaintext: bool,
 }
 
 fn default_postgres_namespace() -> String {
@@ -858,6 +867,7 @@ impl RawStorage {
                 timeout: Duration::from_secs(postgres.timeout_secs),
                 stale_bound: Duration::from_millis(postgres.stale_bound_ms),
                 lease_term: Duration::from_secs(postgres.lease_secs),
+                dangerous_allow_plaintext: postgres.dangerous_allow_plaintext,
             }),
             None => Backend::Sled,
         }
@@ -945,6 +955,10 @@ fn default_request_timeout_ms() -> u64 {
 fn default_max_connections() -> usize {
     Limits::default().max_connections
 }
+fn default_idle_timeout_secs() -> u64 {
+    Limits::default().idle_timeout.as_secs()
+}
+
 fn default_handshake_timeout_ms() -> u64 {
     u64::try_from(Limits::default().handshake_timeout.as_millis()).unwrap_or(u64::MAX)
 }
@@ -1200,6 +1214,9 @@ impl RawServer {
         if self.request_timeout_ms == 0 {
             problems.push(ConfigProblem::Zero("server.request_timeout_ms"));
         }
+        if self.idle_timeout_secs == 0 {
+            problems.push(ConfigProblem::Zero("server.idle_timeout_secs"));
+        }
         if self.handshake_timeout_ms == 0 {
             problems.push(ConfigProblem::Zero("server.handshake_timeout_ms"));
         }
@@ -1231,6 +1248,7 @@ impl RawServer {
                 max_concurrent_password_hashes: self.max_concurrent_password_hashes,
                 max_connections: self.max_connections,
                 handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+                idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             },
         }
     }

@@ -48,6 +48,9 @@ pub struct PostgresOptions {
     pub stale_bound: Duration,
     /// The leader lease's term: a dead leader's singletons move to another node within it.
     pub lease_term: Duration,
+    /// Connect without TLS (no `ca_file`) to a server that is not on this host: refused
+    /// unless set, since records, MACs aside, and the login would cross the network in clear.
+    pub dangerous_allow_plaintext: bool,
 }
 
 impl PostgresOptions {
@@ -122,6 +125,26 @@ impl PostgresEngine {
             // With a CA, TLS is required: the connection string's default (`prefer`) would
             // fall back to plain text against a server that does not offer TLS.
             config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        } else {
+            let loopback = config.get_hosts().iter().all(|host| match host {
+                tokio_postgres::config::Host::Unix(_) => true,
+                tokio_postgres::config::Host::Tcp(name) => {
+                    name == "localhost"
+                        || name
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback())
+                }
+            });
+            if !loopback && !options.dangerous_allow_plaintext {
+                return Err(Error::Config(
+                    "storage.postgres: without ca_file the connection to a server on another host would be plain text; set ca_file (TLS 1.3), or dangerous_allow_plaintext = true",
+                ));
+            }
+            tracing::warn!(
+                server = %describe(&config),
+                "the connection to PostgreSQL is NOT encrypted (no storage.postgres.ca_file)"
+            );
+            crate::metrics::global().store_plaintext(true);
         }
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,

@@ -312,11 +312,21 @@ impl pb::access_service_server::AccessService for AccessService {
             .begin(&request, Rpc::ListGrants, &r.tenant, None)?;
         let r = request.into_inner();
         let tenant = call.authorized.tenant.clone();
+        // Support sees its own requests only: not other supporters' reasons, nor which
+        // tenants they reach (officers and auditors review them all; a tenant-admin its
+        // tenants').
+        let roles = &call.principal().roles;
+        let own_only = roles.contains(&Role::Support)
+            && !roles
+                .iter()
+                .any(|role| matches!(role, Role::Officer | Role::Auditor | Role::TenantAdmin));
+        let identity = call.identity().to_owned();
         let grants = call
             .run_global(move |kms| kms.grants())
             .await?
             .into_iter()
             .filter(|g| tenant.as_ref().is_none_or(|t| *t == g.tenant))
+            .filter(|g| !own_only || g.requested_by == identity)
             // Newest first, as a key the pager can compare.
             .map(|g| (format!("{:020}-{}", u64::MAX - g.requested_at, g.id), g))
             .collect::<Vec<_>>();

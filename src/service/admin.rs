@@ -854,6 +854,7 @@ impl pb::admin_service_server::AdminService for AdminService {
                 "CreateBackup copies every tenant: it needs an officer with tenants = [\"*\"]",
             ));
         }
+        let backups = self.shared.backups()?;
         let out = match r.out_dir.as_str() {
             "" => None,
             dir if dir.len() > 4096 => {
@@ -868,10 +869,27 @@ impl pb::admin_service_server::AdminService for AdminService {
                         "out_dir must be an absolute path of an existing directory on the server's host",
                     ));
                 }
-                Some(path)
+                // Within the backup directory only: an officer must not make the server write
+                // (and clean up `.partial` files) wherever it may. Symbolic links are followed
+                // before the check.
+                let inside = match (
+                    std::fs::canonicalize(&path),
+                    std::fs::canonicalize(backups.dir()),
+                ) {
+                    (Ok(path), Ok(root)) => path.starts_with(&root).then_some(path),
+                    _ => None,
+                };
+                match inside {
+                    Some(path) => Some(path),
+                    None => {
+                        return Err(Status::invalid_argument(format!(
+                            "out_dir must be the backup directory ({}) or a directory inside it",
+                            backups.dir().display()
+                        )));
+                    }
+                }
             }
         };
-        let backups = self.shared.backups()?;
         if let Some(done) = self
             .shared
             .replay(&call, Rpc::CreateBackup, &r.request_id)

@@ -35,6 +35,8 @@ pub struct PeerInfo {
     pub not_after: u64,
     /// The connection's audit line could not be written: every request on it is refused.
     pub unaudited: bool,
+    /// Requests in progress on the connection (an idle connection is closed only with none).
+    pub active: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Why a verified certificate yields no identity.
@@ -52,6 +54,10 @@ pub enum IdentityError {
     /// No URI SAN, and CN identities are not allowed.
     #[error("certificate has no URI SAN")]
     NoUriSan,
+    /// A CN that looks like a URI: with `allow_cn_identity` it would pass for a URI identity
+    /// of a certificate that has none.
+    #[error("certificate's CN looks like a URI identity, and only a URI SAN may give one")]
+    CnLooksLikeUri,
 }
 
 impl PeerInfo {
@@ -66,6 +72,7 @@ impl PeerInfo {
                 issuer: Vec::new(),
                 not_after: 0,
                 unaudited: false,
+                active: Arc::default(),
             };
         };
         let fingerprint = Some(hex::encode(Sha256::digest(der)));
@@ -78,6 +85,7 @@ impl PeerInfo {
                 issuer: Vec::new(),
                 not_after: 0,
                 unaudited: false,
+                active: Arc::default(),
             };
         };
         Self {
@@ -88,6 +96,7 @@ impl PeerInfo {
             issuer: cert.issuer().as_raw().to_vec(),
             not_after: u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
             unaudited: false,
+            active: Arc::default(),
         }
     }
 }
@@ -103,13 +112,19 @@ fn identity(cert: &X509Certificate<'_>, allow_cn: bool) -> Result<String, Identi
     }
     match uris.len() {
         1 => Ok(uris.remove(0)),
-        0 if allow_cn => cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_owned)
-            .ok_or(IdentityError::NoUriSan),
+        0 if allow_cn => {
+            let cn = cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .ok_or(IdentityError::NoUriSan)?;
+            // Plain names only: `spiffe://…` in a CN must not stand in for a URI SAN.
+            if cn.contains(':') {
+                return Err(IdentityError::CnLooksLikeUri);
+            }
+            Ok(cn.to_owned())
+        }
         0 => Err(IdentityError::NoUriSan),
         _ => Err(IdentityError::SeveralUriSans),
     }
@@ -565,6 +580,16 @@ impl Principals {
         if revoked {
             return Err(Status::unauthenticated("the client certificate is revoked"));
         }
+        // A connection outlives the check at its handshake: its certificate may have expired
+        // since. Judged by the system clock, as the handshake is.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if peer.not_after != 0 && now > peer.not_after {
+            return Err(Status::unauthenticated(
+                "the client certificate expired; connect again with a valid one",
+            ));
+        }
         let identity = peer
             .identity
             .as_ref()
@@ -652,4 +677,56 @@ pub fn parse_name(value: &str, field: &'static str) -> Result<Name, Status> {
             "{field}: names are 1 to 63 characters of a-z, 0-9 and '-', starting with a letter or digit"
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(cn: &str, not_after: (i32, u8, u8)) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = rcgen::KeyPair::generate().expect("key");
+        params.self_signed(&key).expect("sign").der().to_vec()
+    }
+
+    /// Issue 25, finding 8: with `allow_cn_identity`, a CN that looks like a URI identity
+    /// (`spiffe://…`) is not taken as one.
+    #[test]
+    fn a_cn_that_looks_like_a_uri_gives_no_identity() {
+        let remote = SocketAddr::from(([127, 0, 0, 1], 1));
+        let plain =
+            PeerInfo::from_certificate(remote, Some(&certificate("billing", (2100, 1, 1))), true);
+        assert_eq!(plain.identity, Ok("billing".to_owned()));
+        let uri = certificate("spiffe://keyfront.dev/officer", (2100, 1, 1));
+        let peer = PeerInfo::from_certificate(remote, Some(&uri), true);
+        assert_eq!(peer.identity, Err(IdentityError::CnLooksLikeUri));
+    }
+
+    /// Issue 25, finding 8: a connection's certificate that expired after its handshake is
+    /// refused on its next request.
+    #[test]
+    fn a_certificate_that_expired_since_the_handshake_is_refused() {
+        let remote = SocketAddr::from(([127, 0, 0, 1], 1));
+        let principals = Principals::new(
+            &[PrincipalConfig {
+                identity: "old".into(),
+                tenants: TenantScope::All,
+                roles: vec![Role::Officer],
+                keys: None,
+            }],
+            &Revocations::default(),
+        );
+        let expired =
+            PeerInfo::from_certificate(remote, Some(&certificate("old", (2001, 1, 1))), true);
+        let status = principals.principal(&expired).expect_err("expired");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(status.message().contains("expired"), "{status:?}");
+        let valid =
+            PeerInfo::from_certificate(remote, Some(&certificate("old", (2100, 1, 1))), true);
+        assert!(principals.principal(&valid).is_ok());
+    }
 }

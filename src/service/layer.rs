@@ -146,9 +146,12 @@ where
         let timeout = grpc_timeout(request.headers())
             .map_or(self.layer.timeout, |caller| caller.min(self.layer.timeout));
         let deadline = tokio::time::Instant::now() + timeout;
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let active = peer.as_ref().map(|peer| Active::start(&peer.active));
         let line = Line {
+            _active: active,
             audit: Arc::clone(&self.layer.audit),
-            peer: request.extensions().get::<PeerInfo>().cloned(),
+            peer,
             rpc,
             slot,
             request_id,
@@ -168,8 +171,27 @@ where
     }
 }
 
+/// One request in progress on its connection, until it is dropped.
+struct Active(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Active {
+    fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// What one request's audit line needs, however the request ends.
 struct Line {
+    // The request counts as in progress on its connection while its line is pending (held,
+    // never read).
+    _active: Option<Active>,
     audit: Arc<AuditLog>,
     peer: Option<PeerInfo>,
     rpc: String,

@@ -291,6 +291,11 @@ impl Shared {
         if request_id.is_empty() {
             return Ok(None);
         }
+        if request_id.len() > MAX_REQUEST_ID_LEN {
+            return Err(Status::invalid_argument(format!(
+                "request_id: at most {MAX_REQUEST_ID_LEN} bytes"
+            )));
+        }
         let (scope, identity, id) = (
             call.request_scope(),
             call.identity.clone(),
@@ -791,6 +796,9 @@ fn audit_role_combinations(audit: &AuditLog, principals: &[PrincipalConfig]) {
         });
     }
 }
+
+/// The longest request_id a mutation may carry (it is kept, hashed, for a day).
+pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// The health service name of the key store (NOT_SERVING while PostgreSQL is unreachable).
 pub const STORE_HEALTH: &str = "keyfront.store";

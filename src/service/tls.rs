@@ -238,6 +238,8 @@ pub fn incoming(
                         stream,
                         info,
                         _slot: slot,
+                        idle_timeout: limits.idle_timeout,
+                        idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
                     }))
                     .await;
             });
@@ -268,6 +270,9 @@ pub struct TlsConnection {
     info: PeerInfo,
     // Its place under `max_connections`, given back when the server drops the connection.
     _slot: OwnedSemaphorePermit,
+    // Nothing read for this long: the connection reads as closed, and the server drops it.
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Connected for TlsConnection {
@@ -284,7 +289,28 @@ impl AsyncRead for TlsConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    let next = tokio::time::Instant::now() + self.idle_timeout;
+                    self.idle.as_mut().reset(next);
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending if self.idle.as_mut().poll(cx).is_ready() => {
+                if self.info.active.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    // Idle too long: end of stream, which closes the connection.
+                    return Poll::Ready(Ok(()));
+                }
+                // A request is in progress (its caller waits without sending): not idle.
+                let next = tokio::time::Instant::now() + self.idle_timeout;
+                self.idle.as_mut().reset(next);
+                let _ = self.idle.as_mut().poll(cx);
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
