@@ -5412,6 +5412,10 @@ async fn support_lists_only_its_own_grants() {
         "another supporter sees nothing of it"
     );
     for reviewer in ["officer", "auditor", "acme-admin"] {
-        assert_eq!(listed(reviewer).await, std::slice::from_ref(&grant.id), "{reviewer}");
+        assert_eq!(
+            listed(reviewer).await,
+            std::slice::from_ref(&grant.id),
+            "{reviewer}"
+        );
     }
 }
