@@ -502,7 +502,7 @@ fn main() {
             &keyfront::config::Revocations::default(),
         )
         .expect("tls");
-        let incoming = keyfront::service::tls::incoming(
+        let (incoming, _accepting) = keyfront::service::tls::incoming(
             echo_listener,
             keyfront::service::tls::TlsConfigs::new(tls),
             audit,

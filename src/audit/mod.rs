@@ -430,7 +430,7 @@ impl AuditLog {
     /// # Errors
     /// I/O errors; the caller fails the request.
     pub fn request(&self, record: &RequestRecord) -> std::io::Result<()> {
-        self.write("request", record, false).map(drop)
+        self.write("request", record, None).map(drop)
     }
 
     /// Writes a mutation's intent line, before it acts.
@@ -438,7 +438,7 @@ impl AuditLog {
     /// # Errors
     /// I/O errors; the caller refuses the mutation.
     pub fn intent(&self, record: &IntentRecord) -> std::io::Result<()> {
-        self.write("intent", record, false).map(drop)
+        self.write("intent", record, None).map(drop)
     }
 
     /// Writes a connection line.
@@ -446,7 +446,7 @@ impl AuditLog {
     /// # Errors
     /// I/O errors.
     pub fn connection(&self, record: &ConnectionRecord) -> std::io::Result<()> {
-        self.write("connection", record, false).map(drop)
+        self.write("connection", record, None).map(drop)
     }
 
     /// Writes a line about an action of keyfront's own.
@@ -454,7 +454,7 @@ impl AuditLog {
     /// # Errors
     /// I/O errors; an intent that cannot be logged is not carried out.
     pub fn system(&self, record: &SystemRecord) -> std::io::Result<()> {
-        self.write("system", record, false).map(drop)
+        self.write("system", record, None).map(drop)
     }
 
     /// Signs the current chain head with the HSM and writes the checkpoint line, syncs the
@@ -482,7 +482,7 @@ impl AuditLog {
             key_id: chain::key_id(&anchor.audit_public_key()),
         };
         let written = self
-            .write("checkpoint", &record, true)
+            .write("checkpoint", &record, Some(head.seq))
             .map_err(|e| e.to_string())?;
         // On disk before the system database says the chain reached it: a power cut must not
         // leave the stored head ahead of the log. Synced outside the lock, on a second handle.
@@ -516,9 +516,9 @@ impl AuditLog {
         &self,
         kind: &'static str,
         record: &T,
-        checkpoint: bool,
+        signs: Option<u64>,
     ) -> std::io::Result<ChainHead> {
-        let result = self.append(kind, record, checkpoint);
+        let result = self.append(kind, record, signs);
         self.healthy.store(result.is_ok(), Ordering::Release);
         result
     }
@@ -527,7 +527,7 @@ impl AuditLog {
         &self,
         kind: &'static str,
         record: &T,
-        checkpoint: bool,
+        signs: Option<u64>,
     ) -> std::io::Result<ChainHead> {
         let now = self.clock.now();
         // Everything but the chain fields is serialized before the lock: writers queue only
@@ -560,8 +560,10 @@ impl AuditLog {
         }
         writer.len += bytes.len() as u64;
         writer.head = head;
-        if checkpoint {
-            writer.since_checkpoint = 0;
+        if let Some(signed) = signs {
+            // Lines written while the HSM signed are not covered by this checkpoint: they
+            // still count towards the next one (and a graceful stop's last one signs them).
+            writer.since_checkpoint = (seq - 1).saturating_sub(signed);
             writer.last_checkpoint = self.clock.monotonic();
         } else {
             writer.since_checkpoint += 1;

@@ -658,6 +658,71 @@ mod tests {
         }
     }
 
+    /// An anchor during whose signature another request writes its line, as happens when the
+    /// checkpoint thread signs while requests go on.
+    struct BusyAnchor {
+        hsm: crate::hsm::memory::MemoryHsm,
+        log: std::sync::Mutex<Option<Arc<AuditLog>>>,
+    }
+
+    impl Anchor for BusyAnchor {
+        fn sign_checkpoint(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+            if let Some(log) = self.log.lock().expect("lock").take() {
+                log.system(&SystemRecord::default()).expect("write");
+            }
+            self.hsm.sign(message).map_err(|e| e.to_string())
+        }
+        fn audit_public_key(&self) -> Vec<u8> {
+            self.hsm.audit_public_key()
+        }
+        fn stored_head(&self, _: &str) -> Result<Option<ChainHead>, String> {
+            Ok(None)
+        }
+        fn store_head(&self, _: &str, _: &ChainHead) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// A line written while a checkpoint was being signed is not covered by it: the last
+    /// checkpoint of a graceful stop still signs it (it used to count as covered, and a log
+    /// closed cleanly could end with an unsigned line).
+    #[test]
+    fn a_line_written_while_a_checkpoint_is_signed_is_signed_by_the_next() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("audit.log");
+        let log = Arc::new(
+            AuditLog::open(
+                &path,
+                "n1",
+                Arc::new(crate::clock::SystemClock::new()),
+                CheckpointPolicy::default(),
+            )
+            .expect("open"),
+        );
+        let hsm = crate::hsm::memory::MemoryHsm::new();
+        let key = hsm.audit_public_key();
+        let anchor = Arc::new(BusyAnchor {
+            hsm,
+            log: std::sync::Mutex::new(None),
+        });
+        let as_anchor: Arc<dyn Anchor> = anchor.clone();
+        log.attach(Arc::downgrade(&as_anchor));
+        log.system(&SystemRecord::default()).expect("write");
+        *anchor.log.lock().expect("lock") = Some(Arc::clone(&log));
+        log.checkpoint(anchor.as_ref()).expect("checkpoint");
+        log.close().expect("final checkpoint");
+        let report = verify(
+            std::slice::from_ref(&path),
+            &Options {
+                public_key: PublicKey::from_bytes(&key).ok(),
+                ..Options::default()
+            },
+        )
+        .expect("every line is signed");
+        assert_eq!(report.checkpoints_verified, 2);
+        assert_eq!(report.unsigned_tail, 0);
+    }
+
     /// An anchor that keeps the stored head, as the system database does.
     struct StoringAnchor {
         hsm: crate::hsm::memory::MemoryHsm,

@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
@@ -86,6 +87,7 @@ pub struct RequestLayer {
     audit: Arc<AuditLog>,
     permits: Arc<Semaphore>,
     timeout: Duration,
+    mutations: TaskTracker,
 }
 
 impl RequestLayer {
@@ -95,7 +97,14 @@ impl RequestLayer {
             audit,
             permits: Arc::new(Semaphore::new(max_concurrent)),
             timeout,
+            mutations: TaskTracker::new(),
         }
+    }
+
+    /// The tasks of mutations in progress, which outlive a caller that went away: a server
+    /// that stops waits for them before its last audit checkpoint.
+    pub fn mutations(&self) -> TaskTracker {
+        self.mutations.clone()
     }
 }
 
@@ -162,7 +171,10 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let permits = Arc::clone(&self.layer.permits);
         if mutation {
-            Box::pin(mutation_to_its_end(inner, request, permits, line, deadline))
+            let mutations = self.layer.mutations.clone();
+            Box::pin(mutation_to_its_end(
+                inner, request, permits, mutations, line, deadline,
+            ))
         } else {
             Box::pin(stopped_when_abandoned(
                 inner, request, permits, line, deadline,
@@ -326,6 +338,7 @@ async fn mutation_to_its_end<S, B>(
     mut inner: S,
     request: http::Request<B>,
     permits: Arc<Semaphore>,
+    mutations: TaskTracker,
     line: Line,
     deadline: tokio::time::Instant,
 ) -> Result<Response, S::Error>
@@ -340,7 +353,7 @@ where
         Err(response) => return Ok(line.write(*response, None)),
     };
     let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<Code>();
-    let mut task = tokio::spawn(async move {
+    let mut task = mutations.spawn(async move {
         let _permit = permit;
         let response = inner.call(request).await?;
         // How the caller left, if it did before the end.

@@ -682,7 +682,7 @@ impl Server {
             access::AccessService::new(Arc::clone(&shared)),
         )
         .max_decoding_message_size(limits.max_message_bytes);
-        let incoming = tls::incoming(
+        let (incoming, accepting) = tls::incoming(
             listener,
             tls,
             Arc::clone(&audit),
@@ -692,12 +692,14 @@ impl Server {
         // Not "serving" yet: the HSM and the store open in `connect_hsm`, which logs "serving"
         // once they did (and a fatal error there ends the server instead).
         tracing::info!(listen = %server.listen, "listening (TLS 1.3, client certificates required); health is NOT_SERVING until the HSM and the store are open");
+        let request_layer = layer::RequestLayer::new(
+            audit,
+            limits.max_concurrent_requests,
+            limits.request_timeout,
+        );
+        let mutations = request_layer.mutations();
         let serving = tonic::transport::Server::builder()
-            .layer(layer::RequestLayer::new(
-                audit,
-                limits.max_concurrent_requests,
-                limits.request_timeout,
-            ))
+            .layer(request_layer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
@@ -709,6 +711,21 @@ impl Server {
             result = serving => result.map_err(ServeError::from),
             Ok(error) = fatal_rx => Err(ServeError::Fatal(error)),
         };
+        // Lines still to come: handshakes in progress (refused now) and mutations whose
+        // callers went away, which run to their end. Then nothing writes but the checkpoint.
+        let draining = async {
+            let _ = accepting.await;
+            mutations.close();
+            mutations.wait().await;
+        };
+        if tokio::time::timeout(limits.request_timeout + limits.handshake_timeout, draining)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "handshakes or mutations still running at stop; their audit lines may follow the last checkpoint"
+            );
+        }
         hsm_task.abort();
         // A graceful stop signs the lines written since the last checkpoint, so that a log
         // closed cleanly verifies to its last line.

@@ -166,18 +166,31 @@ pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
 /// handshake: one more is closed at once and audited as rejected. A slot is held from the TCP
 /// accept until the connection is dropped, so idle or stalled sockets cannot pile up past the
 /// cap, and the handshake timeout bounds how long one that never finishes can hold its slot.
+///
+/// Once the stream is dropped (the server stops), no connection is accepted any more and the
+/// returned task ends when the handshakes in progress have ended (each audited as rejected):
+/// a server awaits it before its last audit checkpoint, so that no connection line follows it.
 pub fn incoming(
     listener: TcpListener,
     configs: TlsConfigs,
     audit: Arc<AuditLog>,
     allow_cn_identity: bool,
     limits: Limits,
-) -> ReceiverStream<io::Result<TlsConnection>> {
+) -> (
+    ReceiverStream<io::Result<TlsConnection>>,
+    tokio::task::JoinHandle<()>,
+) {
     let (sender, receiver) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    tokio::spawn(async move {
+    let accepting = tokio::spawn(async move {
+        let mut handshakes = tokio::task::JoinSet::new();
         loop {
-            let (tcp, remote) = match listener.accept().await {
+            let accepted = tokio::select! {
+                () = sender.closed() => break,
+                Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, remote) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // EMFILE and the like: back off instead of spinning on the error.
@@ -186,9 +199,6 @@ pub fn incoming(
                     continue;
                 }
             };
-            if sender.is_closed() {
-                break;
-            }
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                 drop(tcp);
                 reject(&audit, remote, "connection limit reached".into());
@@ -197,7 +207,7 @@ pub fn incoming(
             let acceptor = TlsAcceptor::from(configs.current());
             let sender = sender.clone();
             let audit = Arc::clone(&audit);
-            tokio::spawn(async move {
+            handshakes.spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 let handshake =
                     tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
@@ -212,6 +222,10 @@ pub fn incoming(
                         return;
                     }
                 };
+                if sender.is_closed() {
+                    reject(&audit, remote, "the server is stopping".into());
+                    return;
+                }
                 let leaf = stream
                     .get_ref()
                     .1
@@ -244,8 +258,10 @@ pub fn incoming(
                     .await;
             });
         }
+        drop(listener);
+        while handshakes.join_next().await.is_some() {}
     });
-    ReceiverStream::new(receiver)
+    (ReceiverStream::new(receiver), accepting)
 }
 
 fn reject(audit: &AuditLog, remote: std::net::SocketAddr, reason: String) {
