@@ -3613,7 +3613,7 @@ async fn access_review_lists_every_principal_with_its_last_use() {
             .find(|p| p.identity.ends_with(suffix))
             .unwrap_or_else(|| panic!("{suffix} is in the review"))
     };
-    assert_eq!(all.len(), 13, "every configured principal once: {all:?}");
+    assert_eq!(all.len(), 14, "every configured principal once: {all:?}");
     let now = i64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -3688,7 +3688,8 @@ async fn the_audit_log_verifies_and_names_the_first_tampered_line() {
     );
     let log_arg = log.to_str().expect("path");
     let (ok, out) = verify(&["--public-key", &public_key, log_arg]);
-    assert!(ok, "a clean log verifies: {out}");
+    let tail: Vec<&str> = text.lines().rev().take(3).collect();
+    assert!(ok, "a clean log verifies: {out}\nits last lines: {tail:#?}");
     let head = out
         .lines()
         .find_map(|l| l.strip_prefix("head: "))
@@ -5281,7 +5282,13 @@ async fn key_import_under_dual_control_shows_the_check_value_to_the_second_offic
 /// that answer instead of a second change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_goes_away_leaves_one_audit_line_and_no_half_done_mutation() {
-    let h = Harness::start(false).await;
+    // The server's own bound fires before any client timer: which of a caller's grpc-timeout
+    // and the client library's timer (the same deadline) ends a call first is a race that gRPC
+    // itself has, so deterministic labels come from the server's bound.
+    let h = Harness::start_with(false, |limits, _| {
+        limits.request_timeout = Duration::from_millis(200);
+    })
+    .await;
     // HashPassword runs on the blocking pool (its pepper HMAC in the HSM, then Argon2), so a
     // caller that leaves can be left while it runs.
     let mut secrets = h.keys("acme-secrets").await;
@@ -5292,14 +5299,21 @@ async fn a_caller_that_goes_away_leaves_one_audit_line_and_no_half_done_mutation
         password: b"hunter2".to_vec(),
         ..Default::default()
     };
+    // The blocking work of an abandoned hash holds its password slot until the HSM answers.
+    let slot_freed = || tokio::time::sleep(Duration::from_millis(600));
+    let status = secrets.hash_password(hash()).await.expect_err("too late");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    slot_freed().await;
+    // The caller's own grpc-timeout shortens the server's bound; the client library times the
+    // call out as well, so its line says either.
     let mut late = tonic::Request::new(hash());
     late.set_timeout(Duration::from_millis(60));
-    // The client library times the call out as well: whichever side answers first.
     let status = secrets.hash_password(late).await.expect_err("too late");
     assert!(
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
+    slot_freed().await;
     let mut cancelled = secrets.clone();
     let request = hash();
     let call = tokio::spawn(async move { cancelled.hash_password(request).await });
@@ -5308,17 +5322,13 @@ async fn a_caller_that_goes_away_leaves_one_audit_line_and_no_half_done_mutation
     let _ = call.await;
 
     let mut admin = h.admin().await;
-    let mut rotate = tonic::Request::new(pb::RotateKeyRequest {
+    let rotate = pb::RotateKeyRequest {
         tenant: "acme".into(),
         name: "default".into(),
         request_id: "gone-1".into(),
-    });
-    rotate.set_timeout(Duration::from_millis(60));
+    };
     let status = admin.rotate_key(rotate).await.expect_err("too late");
-    assert!(
-        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{status:?}"
-    );
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     h.hsm.set_delay(Duration::ZERO);
 
     // The mutation went on to its end, once.
@@ -5346,17 +5356,21 @@ async fn a_caller_that_goes_away_leaves_one_audit_line_and_no_half_done_mutation
             .collect()
     };
     let hashes = requests("keyfront.v1.KeyService/HashPassword");
+    let ended = |outcome: &str| {
+        hashes
+            .iter()
+            .filter(|h| *h == &(outcome.into(), None))
+            .count()
+    };
     assert!(
-        hashes.contains(&("DEADLINE_EXCEEDED".into(), None))
-            && hashes.contains(&("CANCELLED".into(), None)),
+        hashes.len() == 3 && ended("DEADLINE_EXCEEDED") >= 1 && ended("CANCELLED") >= 1,
         "one line each, with how it ended: {hashes:?}"
     );
-    // The client library may cut the call itself just before the server's deadline.
     let rotations = requests("keyfront.v1.AdminService/RotateKey");
-    assert!(
-        rotations == [("OK".to_owned(), Some("DEADLINE_EXCEEDED".to_owned()))]
-            || rotations == [("OK".to_owned(), Some("CANCELLED".to_owned()))],
-        "the rotation is audited once, as done, its caller gone: {rotations:?}"
+    assert_eq!(
+        rotations,
+        [("OK".to_owned(), Some("DEADLINE_EXCEEDED".to_owned()))],
+        "the rotation is audited once, as done, its caller gone"
     );
     let again = admin
         .rotate_key(pb::RotateKeyRequest {
