@@ -233,6 +233,8 @@ struct Sim {
     operations: u64,
     rotations_seen: u64,
     postgres: bool,
+    /// PostgreSQL's connection string and the deployment's namespace (cluster mode).
+    lease: Option<(String, String)>,
 }
 
 /// Edits a node config for the simulation: a fast scheduler, frequent checkpoints, and the
@@ -281,8 +283,10 @@ impl Sim {
             .env_remove("SOFTHSM2_CONF")
             .env_remove("KEYFRONT_DEV_DIR");
         let mut nodes = Vec::new();
+        let mut lease = None;
         if let Some(url) = &postgres {
             let namespace = common::postgres::namespace("sim");
+            lease = Some((url.clone(), namespace.clone()));
             let made = command
                 .args([
                     "--nodes",
@@ -362,6 +366,7 @@ impl Sim {
             operations: 0,
             rotations_seen: 0,
             postgres: postgres.is_some(),
+            lease,
         };
         for i in 0..sim.nodes.len() {
             sim.nodes[i].start(&sim.clock);
@@ -622,9 +627,13 @@ impl Sim {
                 ..Default::default()
             })
             .await;
+        let mut dead_lease = None;
         if kill {
             let victim = self.rng.random_range(0..self.nodes.len());
             tokio::time::sleep(Duration::from_millis(self.rng.random_range(0..60))).await;
+            let holder = self.lease_holder().await;
+            let port = format!(":{}/", self.nodes[victim].port);
+            dead_lease = holder.filter(|holder| holder.contains(&port));
             self.nodes[victim].kill9();
             self.kills += 1;
             // While it is down, time does not pass (a restart within the step).
@@ -637,6 +646,37 @@ impl Sim {
         }
         if kill {
             self.until_serving().await;
+        }
+        if let Some(dead) = dead_lease {
+            self.until_lease_passes_from(&dead).await;
+        }
+    }
+
+    /// The holder of the leader lease now, if it is held (cluster mode).
+    async fn lease_holder(&self) -> Option<String> {
+        let (url, namespace) = self.lease.clone()?;
+        tokio::task::spawn_blocking(move || {
+            common::postgres::Sql::connect(&url).lease_holder(&namespace)
+        })
+        .await
+        .expect("lease query")
+    }
+
+    /// A killed leader's lease lasts its term in real seconds, during which the simulated
+    /// clock would race through days without a leader (no scheduled rotation, no nightly
+    /// snapshot): in production the term is a few seconds of a day. Time waits until another
+    /// process holds the lease.
+    async fn until_lease_passes_from(&self, dead: &str) {
+        let started = std::time::Instant::now();
+        loop {
+            match self.lease_holder().await {
+                Some(holder) if holder != dead => return,
+                _ => {}
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                self.fail("no node took the leader lease in 30 s after its holder was killed");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
