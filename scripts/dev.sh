@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 ./softhsm/install.sh
 if [ ! -x target/release/keyfront ]; then
-  echo "scripts/dev.sh: building keyfront (release). The first build compiles every dependency: about 10 minutes on 2 cores; later runs take seconds." >&2
+  echo "scripts/dev.sh: building keyfront (release). The first build compiles every dependency: about 6 minutes on 2 cores once the crates are downloaded (measured), more on a slow network; later runs take seconds." >&2
 fi
 cargo build --release --locked
 exec ./target/release/keyfront dev --dir "${KEYFRONT_DEV_DIR:-.keyfront-dev}" "$@"
