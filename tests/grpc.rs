@@ -5142,20 +5142,55 @@ async fn key_import_story() {
     assert_eq!(rotated.primary_version, 3);
     assert_eq!(rotated.origin, pb::KeyOrigin::External as i32);
 
-    for algorithm in [
-        pb::WrappingAlgorithm::RsaesOaepSha256,
-        pb::WrappingAlgorithm::RsaAesKeyWrapSha256,
+    // RSA-OAEP with SHA-256: a token that does it (Kryoptic) imports with it; one that does
+    // not (SoftHSM 2.6) refuses the parameters before anything is made.
+    for (algorithm, wrapping, name) in [
+        (
+            pb::WrappingAlgorithm::RsaesOaepSha256,
+            keyfront::hsm::ImportWrapping::RsaesOaepSha256,
+            "byok-oaep-256",
+        ),
+        (
+            pb::WrappingAlgorithm::RsaAesKeyWrapSha256,
+            keyfront::hsm::ImportWrapping::RsaAesKeyWrapSha256,
+            "byok-kwp-256",
+        ),
     ] {
-        let refused = admin
+        let answer = admin
             .get_import_parameters(pb::GetImportParametersRequest {
                 tenant: "acme".into(),
-                name: "byok".into(),
+                name: name.into(),
                 wrapping_algorithm: algorithm as i32,
             })
+            .await;
+        let parameters = match answer {
+            Ok(parameters) => parameters.into_inner(),
+            Err(refused) => {
+                assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+                assert!(refused.message().contains("SHA-256"), "{refused:?}");
+                continue;
+            }
+        };
+        let material = keyfront::crypto::import::wrap_for_import(
+            &parameters.public_key_der,
+            wrapping,
+            &[0x6b; 32],
+        )
+        .expect("wrap");
+        let key = admin
+            .import_key_material(pb::ImportKeyMaterialRequest {
+                tenant: "acme".into(),
+                name: name.into(),
+                import_token: parameters.import_token,
+                encrypted_key_material: material,
+                purpose: pb::KeyPurpose::Data as i32,
+                valid_to: now + 3600,
+                ..Default::default()
+            })
             .await
-            .expect_err("SoftHSM 2.6 has no RSA-OAEP with SHA-256");
-        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-        assert!(refused.message().contains("SHA-256"), "{refused:?}");
+            .expect("the token does SHA-256: the import goes through")
+            .into_inner();
+        assert_eq!(key.origin, pb::KeyOrigin::External as i32);
     }
 
     let audit = std::fs::read_to_string(h.dir.path().join("audit/audit.log")).expect("audit");

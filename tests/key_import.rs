@@ -268,12 +268,13 @@ fn imported_keys_use_exactly_the_imported_material_and_expire() {
         matches!(refused, Err(Error::InvalidArgument(_))),
         "{refused:?}"
     );
-    // SoftHSM 2.6 cannot unwrap RSA-OAEP with SHA-256: refused before anything is made.
+    // SoftHSM 2.6 cannot unwrap RSA-OAEP with SHA-256: refused before anything is made. A
+    // token that can (Kryoptic) makes parameters.
     match kms.get_import_parameters(acme, &byok, ImportWrapping::RsaesOaepSha256) {
         Err(Error::Hsm(keyfront::hsm::Error::Unsupported(what))) => {
             assert!(what.contains("SHA-256"));
         }
-        Ok(_) => eprintln!("this SoftHSM unwraps RSA-OAEP with SHA-256"),
+        Ok(_) => eprintln!("this token unwraps RSA-OAEP with SHA-256"),
         other => panic!("{other:?}"),
     }
     let details = kms.key_details(acme, &byok).expect("details");

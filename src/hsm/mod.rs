@@ -575,6 +575,10 @@ pub enum Error {
     /// SoftHSM 2.6.
     #[error("the HSM does not support {0}")]
     Unsupported(&'static str),
+    /// The token cannot serve keyfront as it is: mechanisms keyfront needs are missing, or
+    /// its master key allows a wrap mechanism the token does not offer. Final, not retried.
+    #[error("the token cannot serve keyfront: {0}")]
+    Unsuitable(String),
     /// A blob names an MWK generation this token does not hold.
     #[error("no MWK of generation {0} on this token")]
     UnknownMwk(MwkGeneration),

@@ -1,9 +1,18 @@
-//! Shared helpers for the SoftHSM integration tests.
+//! Shared helpers for the integration tests on a PKCS#11 token.
 //!
-//! `scripts/test.sh` exports `SOFTHSM2_CONF` (a throwaway token directory made by
-//! `softhsm/create-token.sh`); each test makes its own token in that directory so tests never
-//! share keys. Token creation and opening are serialized: SoftHSM 2.6.1 has races between
-//! object creation and `find_objects` on its file backend (SoftHSMv2 #573).
+//! The module is `KEYFRONT_TEST_PKCS11_MODULE` (SoftHSM's by default). The tests take tokens
+//! in one of two modes (docs/TESTING.md, "Tokens"):
+//! - a module whose tokens the tests may initialise: each test initialises a free slot with a
+//!   token of its own (`C_InitToken`), so tests never share keys. SoftHSM always offers a free
+//!   slot (`SOFTHSM2_CONF`, made by `scripts/test.sh`); Kryoptic offers the slots its
+//!   `KRYOPTIC_CONF` lists (`scripts/kryoptic.sh` provisions them).
+//! - one pre-made token (`KEYFRONT_TEST_TOKEN_LABEL`, its user PIN in
+//!   `KEYFRONT_TEST_TOKEN_PIN`), as on a real HSM partition where an application may not
+//!   initialise tokens: each test that takes it waits for the one before to end and wipes
+//!   every object on it first. A test that needs two tokens is skipped.
+//!
+//! Token creation and opening are serialized: SoftHSM 2.6.1 has races between object creation
+//! and `find_objects` on its file backend (SoftHSMv2 #573).
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -38,7 +47,8 @@ pub fn module() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"))
 }
 
-/// Panics with instructions unless the SoftHSM environment is set up.
+/// Panics with instructions unless the SoftHSM environment is set up (for tests that run
+/// `softhsm2-util` or `keyfront dev`, which make SoftHSM tokens).
 pub fn require_softhsm() {
     assert!(
         std::env::var_os("SOFTHSM2_CONF").is_some() && module().exists(),
@@ -46,9 +56,86 @@ pub fn require_softhsm() {
     );
 }
 
-/// A fresh, empty SoftHSM token with a unique label.
+/// Panics with instructions unless a token environment is set up: SoftHSM's, Kryoptic's, or a
+/// pre-made token.
+pub fn require_token() {
+    let configured = [
+        "SOFTHSM2_CONF",
+        "KRYOPTIC_CONF",
+        "KEYFRONT_TEST_TOKEN_LABEL",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some());
+    assert!(
+        configured && module().exists(),
+        "token tests need a PKCS#11 module ({}) and SOFTHSM2_CONF, KRYOPTIC_CONF or \
+         KEYFRONT_TEST_TOKEN_LABEL: run scripts/test.sh",
+        module().display()
+    );
+}
+
+/// The pre-made token, when the tests run on one: its label and user PIN.
+fn premade() -> Option<(String, String)> {
+    let label = std::env::var("KEYFRONT_TEST_TOKEN_LABEL").ok()?;
+    let pin = std::env::var("KEYFRONT_TEST_TOKEN_PIN")
+        .expect("KEYFRONT_TEST_TOKEN_PIN: the user PIN of KEYFRONT_TEST_TOKEN_LABEL");
+    Some((label, pin))
+}
+
+/// Whether the tests run on one pre-made token (tests that need two skip).
+pub fn on_premade_token() -> bool {
+    std::env::var_os("KEYFRONT_TEST_TOKEN_LABEL").is_some()
+}
+
+/// Held by the test (thread) that uses the pre-made token, until that test ends.
+static PREMADE: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    static PREMADE_HELD: std::cell::RefCell<Option<MutexGuard<'static, ()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The pre-made token, emptied, for this test alone: waits until no other test holds it.
+fn take_premade(label: &str, pin: &str) -> Pkcs11Config {
+    PREMADE_HELD.with(|held| {
+        assert!(
+            held.borrow().is_none(),
+            "this test takes a second token, which a pre-made token cannot give"
+        );
+        let guard = PREMADE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *held.borrow_mut() = Some(guard);
+    });
+    let _guard = token_lock();
+    let ctx = pkcs11::context(&module()).expect("PKCS#11 module loads");
+    let slot = pkcs11::find_token(&ctx, label).expect("the pre-made token is there");
+    let session = ctx.open_rw_session(slot).expect("session");
+    let pin = AuthPin::from(pin.to_owned());
+    match session.login(UserType::User, Some(&pin)) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(error) => panic!("login to the pre-made token: {error}"),
+    }
+    for object in session.find_objects(&[]).expect("objects") {
+        session
+            .destroy_object(object)
+            .expect("wipe the pre-made token");
+    }
+    drop(session);
+    Pkcs11Config {
+        pin,
+        ..config(label)
+    }
+}
+
+/// A fresh, empty token with a unique label (on a pre-made token: that token, wiped).
 pub fn new_token(prefix: &str) -> Pkcs11Config {
-    require_softhsm();
+    require_token();
+    if let Some((label, pin)) = premade() {
+        return take_premade(&label, &pin);
+    }
     let _guard = token_lock();
     let ctx = pkcs11::context(&module()).expect("PKCS#11 module loads");
     let slot = ctx
@@ -60,7 +147,7 @@ pub fn new_token(prefix: &str) -> Pkcs11Config {
                 .map(|info| !info.token_initialized())
                 .unwrap_or(false)
         })
-        .expect("SoftHSM offers a free slot");
+        .expect("a free slot (SoftHSM always has one; Kryoptic has the ones KRYOPTIC_CONF lists)");
     let label = format!("{prefix}-{:08x}", rand::random::<u32>());
     let so_pin = AuthPin::from(SO_PIN.to_owned());
     ctx.init_token(slot, &so_pin, &label).expect("init token");
@@ -86,12 +173,30 @@ pub fn config(label: &str) -> Pkcs11Config {
     }
 }
 
+/// A second fresh token for a test that needs two; `None` on a pre-made token (the test says
+/// it skipped).
+pub fn second_token(prefix: &str) -> Option<Pkcs11Config> {
+    if on_premade_token() {
+        eprintln!("skipped: this test needs two tokens and runs on one pre-made token");
+        return None;
+    }
+    Some(new_token(prefix))
+}
+
 /// A fresh token that went through the `keyfront init` ceremony.
 pub fn initialized_token(prefix: &str) -> Pkcs11Config {
     let config = new_token(prefix);
     let _guard = token_lock();
     pkcs11::init_token(&config).expect("init ceremony");
     config
+}
+
+/// A second initialized token for a test that needs two (`None` on a pre-made token).
+pub fn second_initialized_token(prefix: &str) -> Option<Pkcs11Config> {
+    let config = second_token(prefix)?;
+    let _guard = token_lock();
+    pkcs11::init_token(&config).expect("init ceremony");
+    Some(config)
 }
 
 pub fn open_hsm(config: &Pkcs11Config) -> Pkcs11Hsm {

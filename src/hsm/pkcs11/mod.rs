@@ -31,6 +31,10 @@ use super::{
 };
 use crate::crypto::Plaintext;
 
+mod mechanisms;
+
+pub use mechanisms::{Capabilities, KwpCode};
+
 /// Label prefix of MWK token objects; the generation follows (`keyfront-mwk-1`).
 pub const MWK_LABEL_PREFIX: &str = "keyfront-mwk-";
 /// Label (and CKA_ID) of the storage MAC root key.
@@ -181,6 +185,10 @@ pub fn open_logged_in(ctx: &Pkcs11, config: &Pkcs11Config) -> Result<Session, Er
 /// [`Error::AlreadyInitialized`] on a second run; PKCS#11 errors otherwise.
 pub fn init_token(config: &Pkcs11Config) -> Result<InitReport, Error> {
     let ctx = context(&config.module)?;
+    let slot = find_token(&ctx, &config.token_label)?;
+    // Before anything is made: a token that `serve` could not use is refused here, naming
+    // what it lacks.
+    let capabilities = mechanisms::discover(&ctx, slot, &[])?;
     let session = open_logged_in(&ctx, config)?;
     let generation = MwkGeneration(1);
     let labels = [
@@ -200,7 +208,7 @@ pub fn init_token(config: &Pkcs11Config) -> Result<InitReport, Error> {
     }
 
     let mut created = Vec::new();
-    let result = create_ceremony_keys(&session, generation, &mut created);
+    let result = create_ceremony_keys(&session, generation, capabilities.kwp, &mut created);
     if result.is_err() {
         for handle in created {
             if let Err(error) = session.destroy_object(handle) {
@@ -219,10 +227,11 @@ pub fn init_token(config: &Pkcs11Config) -> Result<InitReport, Error> {
 fn create_ceremony_keys(
     session: &Session,
     generation: MwkGeneration,
+    kwp: KwpCode,
     created: &mut Vec<ObjectHandle>,
 ) -> Result<Vec<u8>, Error> {
     let mwk = session
-        .generate_key(&Mechanism::AesKeyGen, &mwk_template(generation))
+        .generate_key(&Mechanism::AesKeyGen, &mwk_template(generation, kwp))
         .map_err(to_error)?;
     created.push(mwk);
     for label in [STORAGE_ROOT_LABEL, PEPPER_LABEL, LOOKUP_LABEL] {
@@ -256,12 +265,19 @@ fn create_ceremony_keys(
         .map_err(to_error)?;
     created.push(public);
     created.push(private);
-    ec_point(session, public)
+    ec_point(session, public, P256_POINT_LEN)
 }
 
-/// The public key's point as SEC1 uncompressed bytes. PKCS#11 v2.40 stores CKA_EC_POINT as a
-/// DER OCTET STRING around them (SoftHSM does); a bare point is accepted too.
-fn ec_point(session: &Session, public: ObjectHandle) -> Result<Vec<u8>, Error> {
+/// Length of an uncompressed P-256 point (0x04, X, Y).
+const P256_POINT_LEN: usize = 65;
+/// Length of an uncompressed P-384 point.
+const P384_POINT_LEN: usize = 97;
+
+/// The public key's point as SEC1 uncompressed bytes (`len` of them for its curve). PKCS#11
+/// v2.40 stores CKA_EC_POINT as a DER OCTET STRING around them (SoftHSM does); some tokens
+/// store the bare point. Which it is follows from the length, not from the first bytes: a
+/// bare point whose X begins with the byte that equals its length would look like DER.
+fn ec_point(session: &Session, public: ObjectHandle, len: usize) -> Result<Vec<u8>, Error> {
     let point = session
         .get_attributes(public, &[AttributeType::EcPoint])
         .map_err(to_error)?
@@ -271,10 +287,24 @@ fn ec_point(session: &Session, public: ObjectHandle) -> Result<Vec<u8>, Error> {
             _ => None,
         })
         .unwrap_or_default();
-    Ok(match point.as_slice() {
-        [0x04, len, rest @ ..] if *len < 0x80 && rest.len() == usize::from(*len) => rest.to_vec(),
-        _ => point,
+    point_from_attribute(&point, len).ok_or(Error::Internal {
+        rv: None,
+        function: "C_GetAttributeValue",
     })
+}
+
+/// [`ec_point`]'s decision, on the attribute's bytes.
+fn point_from_attribute(attribute: &[u8], len: usize) -> Option<Vec<u8>> {
+    let bare = |point: &[u8]| (point.len() == len && point[0] == 0x04).then(|| point.to_vec());
+    match attribute {
+        // DER OCTET STRING, short length form (both curves' points are under 128 bytes).
+        [0x04, der_len, rest @ ..]
+            if attribute.len() == len + 2 && usize::from(*der_len) == len =>
+        {
+            bare(rest)
+        }
+        point => bare(point),
+    }
 }
 
 /// The public key of a key pair just generated, as SubjectPublicKeyInfo DER.
@@ -288,8 +318,13 @@ fn public_spki(
         function: "C_GetAttributeValue",
     };
     match algorithm {
-        SignAlgorithm::EcdsaP256Sha256 | SignAlgorithm::EcdsaP384Sha384 => {
-            signing::ec_spki(algorithm, &ec_point(session, public)?).ok_or(malformed)
+        SignAlgorithm::EcdsaP256Sha256 => {
+            signing::ec_spki(algorithm, &ec_point(session, public, P256_POINT_LEN)?)
+                .ok_or(malformed)
+        }
+        SignAlgorithm::EcdsaP384Sha384 => {
+            signing::ec_spki(algorithm, &ec_point(session, public, P384_POINT_LEN)?)
+                .ok_or(malformed)
         }
         SignAlgorithm::RsaPss3072Sha256 => rsa_public_spki(session, public).map_err(to_error)?,
     }
@@ -328,6 +363,7 @@ fn unwraps_oaep_sha256(
     session: &Session,
     private: ObjectHandle,
     spki: &[u8],
+    kwp: KwpCode,
 ) -> Result<bool, CkError> {
     use rsa::pkcs8::DecodePublicKey;
     let unexpected = || CkError::Pkcs11(RvError::FunctionFailed, Function::UnwrapKey);
@@ -345,7 +381,7 @@ fn unwraps_oaep_sha256(
         &Mechanism::RsaPkcsOaep(params),
         private,
         &block,
-        &ephemeral_key_template(),
+        &ephemeral_key_template(kwp),
     ) {
         Ok(key) => {
             session.destroy_object(key)?;
@@ -459,7 +495,7 @@ fn import_private_template(extractable: bool) -> Vec<Attribute> {
 }
 
 /// The ephemeral AES key of RSA-AES key wrap: a session object that can only unwrap with KWP.
-fn ephemeral_key_template() -> Vec<Attribute> {
+fn ephemeral_key_template(kwp: KwpCode) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
@@ -473,7 +509,7 @@ fn ephemeral_key_template() -> Vec<Attribute> {
         Attribute::Unwrap(true),
         Attribute::Sign(false),
         Attribute::Derive(false),
-        Attribute::AllowedMechanisms(vec![MechanismType::AES_KEY_WRAP_PAD]),
+        Attribute::AllowedMechanisms(vec![kwp.mechanism_type()]),
     ]
 }
 
@@ -512,10 +548,18 @@ fn oaep_refused(error: &CkError) -> bool {
 /// template; the key is then wrapped with AES-KW under a throwaway session key, destroyed at
 /// once (the key is never in clear outside the token). SoftHSM zero-pads AES-KW input to 8
 /// bytes, so the output of 8·⌈n/8⌉ + 8 bytes bounds n to 8 values. (It does not wrap with
-/// AES-CBC-PAD, which would pin n down, and has no CKM_CONCATENATE_* derivations.)
-fn secret_len(session: &Session, key: ObjectHandle) -> Result<Option<(usize, usize)>, CkError> {
+/// AES-CBC-PAD, which would pin n down, and has no CKM_CONCATENATE_* derivations.) A token
+/// that says no length and has no AES-KW (`can_measure` false) gives `None`.
+fn secret_len(
+    session: &Session,
+    key: ObjectHandle,
+    can_measure: bool,
+) -> Result<Option<(usize, usize)>, CkError> {
     if let len @ 1.. = value_len(session, key)? {
         return Ok(Some((len, len)));
+    }
+    if !can_measure {
+        return Ok(None);
     }
     let measure = session.generate_key(
         &Mechanism::AesKeyGen,
@@ -564,7 +608,7 @@ fn value_len(session: &Session, key: ObjectHandle) -> Result<usize, CkError> {
 
 /// The MWK: a token AES-256 key that can only wrap and unwrap with AES-KWP and never leaves
 /// the token (ARCHITECTURE.md, key hierarchy).
-fn mwk_template(generation: MwkGeneration) -> Vec<Attribute> {
+fn mwk_template(generation: MwkGeneration, kwp: KwpCode) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
@@ -582,7 +626,7 @@ fn mwk_template(generation: MwkGeneration) -> Vec<Attribute> {
         Attribute::Sign(false),
         Attribute::Verify(false),
         Attribute::Derive(false),
-        Attribute::AllowedMechanisms(vec![MechanismType::AES_KEY_WRAP_PAD]),
+        Attribute::AllowedMechanisms(vec![kwp.mechanism_type()]),
         Attribute::Label(mwk_label(generation).into_bytes()),
         Attribute::Id(generation.0.to_be_bytes().to_vec()),
     ]
@@ -720,6 +764,8 @@ pub fn mwk_label(generation: MwkGeneration) -> String {
 /// [`Hsm`] over a PKCS#11 token.
 pub struct Pkcs11Hsm {
     pool: Arc<SessionPool>,
+    // What the token offers (RFC 5649's code on it, above all), found when it opened.
+    capabilities: Capabilities,
     // Changed only by create_mwk and destroy_mwk (master key rotation).
     mwks: std::sync::RwLock<BTreeMap<MwkGeneration, ObjectHandle>>,
     current_mwk: std::sync::atomic::AtomicU32,
@@ -791,11 +837,37 @@ impl Pkcs11Hsm {
         let audit_private = find_one(&anchor, AUDIT_LABEL, ObjectClass::PRIVATE_KEY)?
             .ok_or(Error::NotInitialized("audit signing key"))?;
         let audit_public = match find_one(&anchor, AUDIT_LABEL, ObjectClass::PUBLIC_KEY)? {
-            Some(handle) => ec_point(&anchor, handle)?,
+            Some(handle) => ec_point(&anchor, handle, P256_POINT_LEN)?,
             None => return Err(Error::NotInitialized("audit public key")),
         };
 
         let slot = find_token(&ctx, &config.token_label)?;
+        // The wrap code must be one every master key on the token allows.
+        let mut allowed: Option<Vec<KwpCode>> = None;
+        for handle in mwks.values() {
+            let restricts = mechanisms::allowed_kwp(&anchor, *handle)?;
+            if !restricts.is_empty() {
+                allowed = Some(match allowed {
+                    None => restricts,
+                    Some(so_far) => so_far
+                        .into_iter()
+                        .filter(|c| restricts.contains(c))
+                        .collect(),
+                });
+            }
+        }
+        let capabilities = match allowed {
+            Some(allowed) if allowed.is_empty() => {
+                return Err(Error::Unsuitable(
+                    "its master wrapping keys allow different wrap mechanisms".into(),
+                ));
+            }
+            allowed => mechanisms::discover(&ctx, slot, allowed.as_deref().unwrap_or_default())?,
+        };
+        tracing::debug!(
+            kwp = capabilities.kwp.name(),
+            "RFC 5649 key wrap on this token"
+        );
         let mut sessions = Vec::with_capacity(config.sessions.get());
         for _ in 0..config.sessions.get() {
             let session = ctx.open_rw_session(slot).map_err(to_error)?;
@@ -803,9 +875,10 @@ impl Pkcs11Hsm {
             sessions.push(session);
         }
         let pool = Arc::new(SessionPool::new(sessions, anchor));
-        let canary = Canary::new(&pool, mwks[&current_mwk], current_mwk)?;
+        let canary = Canary::new(&pool, capabilities.kwp, mwks[&current_mwk], current_mwk)?;
         Ok(Self {
             pool,
+            capabilities,
             canary: std::sync::RwLock::new(Arc::new(canary)),
             mwks: std::sync::RwLock::new(mwks),
             current_mwk: std::sync::atomic::AtomicU32::new(current_mwk.0),
@@ -817,6 +890,16 @@ impl Pkcs11Hsm {
             kek_cache: quick_cache::sync::Cache::new(config.kek_cache_capacity.get()),
             oaep_sha256: AtomicU8::new(OAEP_UNKNOWN),
         })
+    }
+
+    /// What the token offers, as found when it opened.
+    pub fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+
+    /// RFC 5649 key wrap under this token's code.
+    fn kwp(&self) -> Mechanism<'static> {
+        self.capabilities.kwp.mechanism()
     }
 
     /// How many KEK handles are cached now (for tests and metrics).
@@ -840,7 +923,7 @@ impl Hsm for Pkcs11Hsm {
             .pool
             .with(|s| {
                 let kek = s.generate_key(&Mechanism::AesKeyGen, &kek_generate_template())?;
-                let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, kek);
+                let wrapped = s.wrap_key(&self.kwp(), mwk, kek);
                 // Destroy before looking at the wrap's result: the clear-capable object must
                 // not outlive this call either way.
                 let destroyed = s.destroy_object(kek);
@@ -868,10 +951,12 @@ impl Hsm for Pkcs11Hsm {
             }
             WrappedKind::ImportKey => return Err(IMPORT_KEY_ONLY),
         };
+        // A blob comes from the store, MAC'd, but a token may answer a blob that fails KWP's
+        // check as a device error: the canary decides.
         let handle = self
             .pool
-            .with(|s| s.unwrap_key(&Mechanism::AesKeyWrapPad, mwk, wrapped.wrapped(), &template))
-            .map_err(to_error)?;
+            .with(|s| s.unwrap_key(&self.kwp(), mwk, wrapped.wrapped(), &template))
+            .map_err(|error| self.caller_data_error(error))?;
         let object = Arc::new(KekObject {
             handle,
             pool: Arc::clone(&self.pool),
@@ -921,7 +1006,7 @@ impl Hsm for Pkcs11Hsm {
                 let params = GcmParams::new(&mut iv_param, aad, 128.into())?;
                 s.decrypt(&Mechanism::AesGcm(params), object.handle, sealed)
             })
-            .map_err(to_error)?;
+            .map_err(|error| self.caller_data_error(error))?;
         Ok(Plaintext::new(plaintext))
     }
 
@@ -937,7 +1022,7 @@ impl Hsm for Pkcs11Hsm {
                     &Mechanism::GenericSecretKeyGen,
                     &mac_key_generate_template(algorithm),
                 )?;
-                let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, key);
+                let wrapped = s.wrap_key(&self.kwp(), mwk, key);
                 let destroyed = s.destroy_object(key);
                 let wrapped = wrapped?;
                 destroyed?;
@@ -980,7 +1065,7 @@ impl Hsm for Pkcs11Hsm {
             .with(|s| {
                 let (public, private) =
                     s.generate_key_pair(&mechanism, &public_template, &private_template)?;
-                let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, private);
+                let wrapped = s.wrap_key(&self.kwp(), mwk, private);
                 let spki = public_spki(s, public, algorithm);
                 // Both destroyed before looking at the results: the wrappable private key must
                 // not outlive this call either way.
@@ -1054,12 +1139,14 @@ impl Hsm for Pkcs11Hsm {
                     &public_template,
                     &private_template,
                 )?;
-                let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, private);
+                let wrapped = s.wrap_key(&self.kwp(), mwk, private);
                 let spki = rsa_public_spki(s, public);
                 // The token is asked once whether it unwraps OAEP with SHA-256: a random key
                 // wrapped to this public key in software must come back through C_UnwrapKey.
                 let sha256 = match (&spki, ask_sha256) {
-                    (Ok(Ok(spki)), true) => Some(unwraps_oaep_sha256(s, private, spki)),
+                    (Ok(Ok(spki)), true) => {
+                        Some(unwraps_oaep_sha256(s, private, spki, self.capabilities.kwp))
+                    }
                     _ => None,
                 };
                 let destroyed = (s.destroy_object(private), s.destroy_object(public));
@@ -1099,7 +1186,7 @@ impl Hsm for Pkcs11Hsm {
         if wrapping.sha256() && self.oaep_sha256.load(Ordering::Relaxed) == OAEP_UNSUPPORTED {
             return Err(OAEP_SHA256_UNSUPPORTED);
         }
-        let (block, kwp) = if wrapping.aes_key_wrap() {
+        let (block, wrapped_material) = if wrapping.aes_key_wrap() {
             material
                 .split_at_checked(IMPORT_OAEP_LEN)
                 .filter(|(_, kwp)| !kwp.is_empty())
@@ -1128,7 +1215,7 @@ impl Hsm for Pkcs11Hsm {
         let params = oaep_params(wrapping);
         let result = self.pool.with(|s| {
             let private = s.unwrap_key(
-                &Mechanism::AesKeyWrapPad,
+                &self.kwp(),
                 import_mwk,
                 import_key.wrapped(),
                 &import_private_template(false),
@@ -1138,7 +1225,7 @@ impl Hsm for Pkcs11Hsm {
                     &Mechanism::RsaPkcsOaep(params),
                     private,
                     block,
-                    &ephemeral_key_template(),
+                    &ephemeral_key_template(self.capabilities.kwp),
                 )
                 .and_then(|ephemeral| {
                     let length = value_len(s, ephemeral);
@@ -1146,7 +1233,7 @@ impl Hsm for Pkcs11Hsm {
                     // extractable to be measured; KWP then runs with the key it has.
                     let key = match length {
                         Ok(32 | 0) => s
-                            .unwrap_key(&Mechanism::AesKeyWrapPad, ephemeral, kwp, &template)
+                            .unwrap_key(&self.kwp(), ephemeral, wrapped_material, &template)
                             .map(Some),
                         Ok(_) => Ok(None),
                         Err(error) => Err(error),
@@ -1167,11 +1254,11 @@ impl Hsm for Pkcs11Hsm {
             };
             // Where the token does not report the length (SoftHSM 2.6), it is known to within
             // 8 bytes (docs/DESIGN.md, key import).
-            let wrapped = match secret_len(s, key) {
+            let wrapped = match secret_len(s, key, self.capabilities.aes_key_wrap) {
                 Ok(Some((low, high))) if (low..=high).contains(&target.key_len()) => s
                     .sign(&Mechanism::Sha256Hmac, key, KCV_MESSAGE)
                     .and_then(|mac| {
-                        let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, mwk, key)?;
+                        let wrapped = s.wrap_key(&self.kwp(), mwk, key)?;
                         Ok(Ok((wrapped, KeyCheckValue::from_mac(&mac))))
                     }),
                 Ok(_) => Ok(Err(Error::InvalidInput("key material of the wrong length"))),
@@ -1191,7 +1278,7 @@ impl Hsm for Pkcs11Hsm {
                 self.oaep_sha256.store(OAEP_UNSUPPORTED, Ordering::Relaxed);
                 return Err(OAEP_SHA256_UNSUPPORTED);
             }
-            Err(error) => return Err(to_error(error)),
+            Err(error) => return Err(self.caller_data_error(error)),
         };
         Ok(Imported {
             key: WrappedKek::of_kind(target.kind(), current, wrapped),
@@ -1229,7 +1316,7 @@ impl Hsm for Pkcs11Hsm {
             .with(|s| {
                 // A fresh unwrap, not the handle cache: the point is to exercise the MWK.
                 let kek = s.unwrap_key(
-                    &Mechanism::AesKeyWrapPad,
+                    &self.kwp(),
                     mwk,
                     canary.kek.wrapped(),
                     &kek_unwrap_template(),
@@ -1282,11 +1369,16 @@ impl Hsm for Pkcs11Hsm {
         );
         let handle = self
             .pool
-            .with(|s| s.generate_key(&Mechanism::AesKeyGen, &mwk_template(next)))
+            .with(|s| {
+                s.generate_key(
+                    &Mechanism::AesKeyGen,
+                    &mwk_template(next, self.capabilities.kwp),
+                )
+            })
             .map_err(to_error)?;
         mwks.insert(next, handle);
         // The canary moves to the new generation, so the old one can be destroyed later.
-        let canary = Canary::new(&self.pool, handle, next)?;
+        let canary = Canary::new(&self.pool, self.capabilities.kwp, handle, next)?;
         *self.canary.write().expect("canary lock poisoned") = Arc::new(canary);
         self.current_mwk.store(next.0, Ordering::Release);
         Ok(next)
@@ -1314,9 +1406,8 @@ impl Hsm for Pkcs11Hsm {
             .with(|s| {
                 // Extractable only so that it can be wrapped again, under the new MWK; a
                 // session object destroyed before this returns.
-                let kek =
-                    s.unwrap_key(&Mechanism::AesKeyWrapPad, old, wrapped.wrapped(), &template)?;
-                let result = s.wrap_key(&Mechanism::AesKeyWrapPad, new, kek);
+                let kek = s.unwrap_key(&self.kwp(), old, wrapped.wrapped(), &template)?;
+                let result = s.wrap_key(&self.kwp(), new, kek);
                 let destroyed = s.destroy_object(kek);
                 let result = result?;
                 destroyed?;
@@ -1352,6 +1443,27 @@ impl Hsm for Pkcs11Hsm {
 }
 
 impl Pkcs11Hsm {
+    /// The error of a decrypt or unwrap of bytes a caller supplied. Some tokens answer input
+    /// that fails its check with `CKR_DEVICE_ERROR` or `CKR_FUNCTION_FAILED` (Kryoptic does, for
+    /// a failed KWP unwrap or OAEP decode) where PKCS#11 wants `*_INVALID`, which would tell a
+    /// client with tampered data that the HSM is down. The canary decides: when the HSM still
+    /// decrypts what it encrypted, the input was at fault.
+    fn caller_data_error(&self, error: CkError) -> Error {
+        let ambiguous = matches!(
+            error,
+            CkError::Pkcs11(
+                RvError::DeviceError | RvError::FunctionFailed,
+                Function::Decrypt | Function::UnwrapKey
+            )
+        );
+        let mapped = to_error(error);
+        if ambiguous && self.probe().is_ok() {
+            Error::Integrity
+        } else {
+            mapped
+        }
+    }
+
     /// The handle of an MWK generation. One newer than any known here is looked for on the
     /// token once: on a shared HSM, another node's master key rotation made it.
     fn mwk(&self, generation: MwkGeneration) -> Result<ObjectHandle, Error> {
@@ -1397,7 +1509,7 @@ impl Pkcs11Hsm {
             }
         }
         if let Some((generation, handle)) = newest {
-            let canary = Canary::new(&self.pool, handle, generation)?;
+            let canary = Canary::new(&self.pool, self.capabilities.kwp, handle, generation)?;
             *self.canary.write().expect("canary lock poisoned") = Arc::new(canary);
             self.current_mwk.store(generation.0, Ordering::Release);
             tracing::info!(
@@ -1423,6 +1535,7 @@ struct Canary {
 impl Canary {
     fn new(
         pool: &SessionPool,
+        kwp: KwpCode,
         mwk: ObjectHandle,
         generation: MwkGeneration,
     ) -> Result<Self, Error> {
@@ -1430,22 +1543,16 @@ impl Canary {
         pool.with(|s| {
             let kek = s.generate_key(&Mechanism::AesKeyGen, &kek_generate_template())?;
             let mut iv_param = iv;
-            let result = s
-                .wrap_key(&Mechanism::AesKeyWrapPad, mwk, kek)
-                .and_then(|wrapped| {
-                    // The generated object cannot encrypt (its template forbids it); unwrap the blob
-                    // as keyfront always does, then encrypt the canary under that.
-                    let usable = s.unwrap_key(
-                        &Mechanism::AesKeyWrapPad,
-                        mwk,
-                        &wrapped,
-                        &kek_unwrap_template(),
-                    )?;
-                    let params = GcmParams::new(&mut iv_param, CANARY_AAD, 128.into())?;
-                    let sealed = s.encrypt(&Mechanism::AesGcm(params), usable, CANARY_PLAINTEXT);
-                    s.destroy_object(usable)?;
-                    Ok((wrapped, sealed?))
-                });
+            let result = s.wrap_key(&kwp.mechanism(), mwk, kek).and_then(|wrapped| {
+                // The generated object cannot encrypt (its template forbids it); unwrap the blob
+                // as keyfront always does, then encrypt the canary under that.
+                let usable =
+                    s.unwrap_key(&kwp.mechanism(), mwk, &wrapped, &kek_unwrap_template())?;
+                let params = GcmParams::new(&mut iv_param, CANARY_AAD, 128.into())?;
+                let sealed = s.encrypt(&Mechanism::AesGcm(params), usable, CANARY_PLAINTEXT);
+                s.destroy_object(usable)?;
+                Ok((wrapped, sealed?))
+            });
             let destroyed = s.destroy_object(kek);
             let (wrapped, sealed) = result?;
             destroyed?;
@@ -1661,6 +1768,43 @@ pub fn to_error(error: CkError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bare P-256 point whose X begins with 0x3F once lost two bytes: `[0x04, 0x3F, …]`
+    /// read as a DER OCTET STRING of 63 bytes... of a 65-byte point (issue 26). The length
+    /// decides now.
+    #[test]
+    fn ec_points_are_told_apart_by_their_length() {
+        let mut point = vec![0x04; P256_POINT_LEN];
+        point[1] = 0x3F;
+        point[2..]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8);
+        assert_eq!(
+            point_from_attribute(&point, P256_POINT_LEN),
+            Some(point.clone())
+        );
+        let mut der = vec![0x04, 0x41];
+        der.extend_from_slice(&point);
+        assert_eq!(
+            point_from_attribute(&der, P256_POINT_LEN),
+            Some(point.clone())
+        );
+        // P-384: 97 bytes, 0x61 in DER.
+        let mut long = vec![0x04; P384_POINT_LEN];
+        long[1] = 0x5F;
+        let mut der = vec![0x04, 0x61];
+        der.extend_from_slice(&long);
+        assert_eq!(
+            point_from_attribute(&long, P384_POINT_LEN),
+            Some(long.clone())
+        );
+        assert_eq!(point_from_attribute(&der, P384_POINT_LEN), Some(long));
+        // Neither: a compressed point, a cut one, a P-384 point asked for as P-256.
+        assert_eq!(point_from_attribute(&point[..33], P256_POINT_LEN), None);
+        assert_eq!(point_from_attribute(&[], P256_POINT_LEN), None);
+        assert_eq!(point_from_attribute(&der[..60], P256_POINT_LEN), None);
+    }
 
     #[test]
     fn general_error_means_integrity_only_when_decrypting() {
