@@ -3,7 +3,9 @@
 # SoftHSM token directory and starts a private PostgreSQL server (non-root, 127.0.0.1, a free
 # port from 55432 up, data under target/; stopped at the end), then formatting and lint checks
 # and every test (unit, SoftHSM and PostgreSQL integration, a 3-node cluster under faults,
-# CLI). Exits non-zero on any failure. With CI=true a missing SoftHSM or PostgreSQL fails the run.
+# CLI), then the token suites again on Kryoptic (a second PKCS#11 token, scripts/kryoptic.sh) and
+# on one pre-made token. Exits non-zero on any failure. With CI=true a missing SoftHSM or
+# PostgreSQL fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,3 +60,26 @@ RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps --quiet
 cargo test --locked -p keyfront-client
 # test-hooks: the test clock (never in a release build).
 cargo test --locked --all-targets --features test-hooks
+
+# A second, independent token (issue 26): the HSM contract, the domain suite, key import and
+# the gRPC suite again on Kryoptic (PKCS#11 3.x, built from crates.io by scripts/kryoptic.sh),
+# each suite with slots of its own. docs/TESTING.md, "Tokens".
+KRYOPTIC_MODULE=$(./scripts/kryoptic.sh module)
+for suite in hsm_contract kms_pkcs11 key_import grpc; do
+  conf=$(./scripts/kryoptic.sh slots "target/kryoptic-test/$suite" 96)
+  echo "scripts/test.sh: $suite on Kryoptic"
+  env -u SOFTHSM2_CONF KRYOPTIC_CONF="$conf" KEYFRONT_TEST_PKCS11_MODULE="$KRYOPTIC_MODULE" \
+    cargo test --locked --features test-hooks --test "$suite"
+done
+
+# One pre-made token, as on a real HSM partition where tests may not initialise tokens: each
+# test wipes it and takes it alone; a test that needs two tokens is skipped.
+PREMADE="$PWD/target/softhsm-premade"
+rm -rf "$PREMADE"
+./softhsm/create-token.sh "$PREMADE" keyfront-premade >/dev/null
+for suite in hsm_contract kms_pkcs11 key_import; do
+  echo "scripts/test.sh: $suite on one pre-made token"
+  SOFTHSM2_CONF="$PREMADE/softhsm2.conf" KEYFRONT_TEST_TOKEN_LABEL=keyfront-premade \
+    KEYFRONT_TEST_TOKEN_PIN="$(cat "$PREMADE/pin")" \
+    cargo test --locked --features test-hooks --test "$suite"
+done

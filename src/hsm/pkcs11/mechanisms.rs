@@ -93,25 +93,34 @@ pub struct Capabilities {
 ///
 /// # Errors
 /// [`Error::Unsuitable`] naming the missing mechanisms, or the code the master keys allow
-/// that this token does not offer; PKCS#11 errors of `C_GetMechanismList`.
+/// that this token does not offer; PKCS#11 errors of `C_GetMechanismInfo`.
 pub(super) fn discover(
     ctx: &Pkcs11,
     slot: Slot,
     allowed: &[KwpCode],
 ) -> Result<Capabilities, Error> {
-    let offered = ctx.get_mechanism_list(slot).map_err(to_error)?;
-    let wraps = |code: KwpCode| {
-        offered.contains(&code.mechanism_type())
-            && ctx
-                .get_mechanism_info(slot, code.mechanism_type())
-                .is_ok_and(|info| info.wrap() && info.unwrap())
+    // Asked one by one rather than through C_GetMechanismList: cryptoki logs an ERROR for
+    // every vendor or newer code in the list that it has no name for (SoftHSM offers a
+    // dozen), which operators would read as a fault.
+    let info = |mechanism: MechanismType| match ctx.get_mechanism_info(slot, mechanism) {
+        Ok(info) => Ok(Some(info)),
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::MechanismInvalid, _)) => {
+            Ok(None)
+        }
+        Err(error) => Err(to_error(error)),
     };
-    let mut missing: Vec<String> = REQUIRED
-        .iter()
-        .filter(|(mechanism, _)| !offered.contains(mechanism))
-        .map(|(_, name)| (*name).to_owned())
-        .collect();
-    let usable: Vec<KwpCode> = KwpCode::ALL.into_iter().filter(|c| wraps(*c)).collect();
+    let mut missing = Vec::new();
+    for (mechanism, name) in REQUIRED {
+        if info(mechanism)?.is_none() {
+            missing.push(name.to_owned());
+        }
+    }
+    let mut usable = Vec::new();
+    for code in KwpCode::ALL {
+        if info(code.mechanism_type())?.is_some_and(|info| info.wrap() && info.unwrap()) {
+            usable.push(code);
+        }
+    }
     let kwp = match (usable.as_slice(), allowed) {
         ([], _) => {
             missing.push("CKM_AES_KEY_WRAP_KWP (or CKM_AES_KEY_WRAP_PAD) for wrapping".into());
@@ -135,7 +144,7 @@ pub(super) fn discover(
     match kwp {
         Some(kwp) if missing.is_empty() => Ok(Capabilities {
             kwp,
-            aes_key_wrap: offered.contains(&MechanismType::AES_KEY_WRAP),
+            aes_key_wrap: info(MechanismType::AES_KEY_WRAP)?.is_some(),
         }),
         _ => Err(Error::Unsuitable(format!(
             "it lacks mechanisms keyfront needs: {}",
