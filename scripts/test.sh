@@ -45,6 +45,10 @@ fi
 
 KEYFRONT_TEST_PYTHON=$(./tests/python/setup.sh)
 export KEYFRONT_TEST_PYTHON
+# The second token (issue 26): Kryoptic's module, built once and cached under target/kryoptic.
+# tests/kryoptic.rs uses it directly; the token suites run on it at the end.
+KEYFRONT_TEST_KRYOPTIC_MODULE=$(./scripts/kryoptic.sh module)
+export KEYFRONT_TEST_KRYOPTIC_MODULE
 
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check
@@ -64,11 +68,10 @@ cargo test --locked --all-targets --features test-hooks
 # A second, independent token (issue 26): the HSM contract, the domain suite, key import and
 # the gRPC suite again on Kryoptic (PKCS#11 3.x, built from crates.io by scripts/kryoptic.sh),
 # each suite with slots of its own. docs/TESTING.md, "Tokens".
-KRYOPTIC_MODULE=$(./scripts/kryoptic.sh module)
 for suite in hsm_contract kms_pkcs11 key_import grpc; do
   conf=$(./scripts/kryoptic.sh slots "target/kryoptic-test/$suite" 96)
   echo "scripts/test.sh: $suite on Kryoptic"
-  env -u SOFTHSM2_CONF KRYOPTIC_CONF="$conf" KEYFRONT_TEST_PKCS11_MODULE="$KRYOPTIC_MODULE" \
+  env -u SOFTHSM2_CONF KRYOPTIC_CONF="$conf" KEYFRONT_TEST_PKCS11_MODULE="$KEYFRONT_TEST_KRYOPTIC_MODULE" \
     cargo test --locked --features test-hooks --test "$suite"
 done
 

@@ -1,4 +1,4 @@
-//! The domain API against real SoftHSM: every operation, rotation, tenant isolation, tampering,
+//! The domain API against a real token (SoftHSM and Kryoptic in the test command): every operation, rotation, tenant isolation, tampering,
 //! type confusion, purposes, re-created tenants, and a reopened store.
 
 mod common;
@@ -63,7 +63,7 @@ fn blobs(
 
 #[test]
 fn every_operation_round_trips() {
-    let (kms, _dir, _) = common::softhsm_kms("roundtrip");
+    let (kms, _dir, _) = common::token_kms("roundtrip");
     let acme = tenant(&kms, "acme");
     let ctx = context(&[("table", "invoices"), ("row", "42")]);
     for size in [0usize, 1, 1024, 64 * 1024] {
@@ -111,7 +111,7 @@ fn every_operation_round_trips() {
 
 #[test]
 fn rotation_keeps_every_older_version_decryptable() {
-    let (kms, _dir, _) = common::softhsm_kms("rotation");
+    let (kms, _dir, _) = common::token_kms("rotation");
     let acme = tenant(&kms, "acme");
     let ctx = context(&[("app", "billing")]);
     let mut ciphertexts = Vec::new();
@@ -170,7 +170,7 @@ fn rotation_keeps_every_older_version_decryptable() {
 
 #[test]
 fn another_tenants_blobs_fail_with_one_opaque_error() {
-    let (kms, _dir, _) = common::softhsm_kms("isolation");
+    let (kms, _dir, _) = common::token_kms("isolation");
     let acme = tenant(&kms, "acme");
     let globex = tenant(&kms, "globex");
     let ctx = context(&[("k", "v")]);
@@ -198,7 +198,7 @@ fn another_tenants_blobs_fail_with_one_opaque_error() {
 
 #[test]
 fn a_wrong_context_fails() {
-    let (kms, _dir, _) = common::softhsm_kms("context");
+    let (kms, _dir, _) = common::token_kms("context");
     let acme = tenant(&kms, "acme");
     let ctx = context(&[("order", "1001"), ("user", "7")]);
     let Blobs {
@@ -232,7 +232,7 @@ fn a_wrong_context_fails() {
 
 #[test]
 fn flipping_any_bit_fails_cleanly() {
-    let (kms, _dir, _) = common::softhsm_kms("bitflip");
+    let (kms, _dir, _) = common::token_kms("bitflip");
     let acme = tenant(&kms, "acme");
     let ctx = context(&[("k", "v")]);
     let Blobs {
@@ -337,7 +337,7 @@ fn blobs_of_another_type_are_refused_before_any_hsm_call() {
 
 #[test]
 fn purposes_are_enforced() {
-    let (kms, _dir, _) = common::softhsm_kms("purpose");
+    let (kms, _dir, _) = common::token_kms("purpose");
     let acme = tenant(&kms, "acme");
     let ctx = EncryptionContext::new();
     let plaintext = Plaintext::copy_from(b"p");
@@ -367,7 +367,7 @@ fn purposes_are_enforced() {
 
 #[test]
 fn a_recreated_tenant_cannot_decrypt_the_old_tenants_data() {
-    let (kms, _dir, _) = common::softhsm_kms("recreate");
+    let (kms, _dir, _) = common::token_kms("recreate");
     let ctx = context(&[("k", "v")]);
     let old = tenant(&kms, "acme");
     let Blobs {
@@ -505,7 +505,7 @@ fn cached_bulk_keys_keep_encrypt_working_while_the_hsm_is_down() {
 
 #[test]
 fn concurrent_operations_and_rotation_agree() {
-    let (kms, _dir, _) = common::softhsm_kms("concurrent");
+    let (kms, _dir, _) = common::token_kms("concurrent");
     let acme = tenant(&kms, "acme");
     let kms = Arc::new(kms);
     let workers: Vec<_> = (0..4)
@@ -550,7 +550,7 @@ fn concurrent_operations_and_rotation_agree() {
 
 #[test]
 fn unknown_tenants_and_names_are_reported() {
-    let (kms, _dir, _) = common::softhsm_kms("unknown");
+    let (kms, _dir, _) = common::token_kms("unknown");
     assert!(matches!(
         kms.tenant(&name("nobody")),
         Err(Error::TenantNotFound(_))
@@ -610,7 +610,7 @@ fn expired_bulk_keys_leave_memory_and_come_back_through_the_hsm() {
 
 #[test]
 fn the_in_memory_path_follows_rotation_and_destruction() {
-    let (kms, _dir, _) = common::softhsm_kms("hotpath");
+    let (kms, _dir, _) = common::token_kms("hotpath");
     let acme = tenant(&kms, "acme");
     let (tenant_name, key) = (name("acme"), name("default"));
     let ctx = context(&[("k", "v")]);
@@ -767,7 +767,7 @@ fn a_slow_hsm_pauses_inline_calls_and_they_can_be_switched_off() {
 /// that entry and destroy nothing.
 #[test]
 fn a_stray_destruction_entry_destroys_nothing() {
-    let (kms, _dir, _token) = common::softhsm_kms("stray");
+    let (kms, _dir, _token) = common::token_kms("stray");
     let acme = tenant(&kms, "acme");
     let key = kms.key(acme, &name("default")).expect("key");
     kms.rotate_key(acme, &name("default")).expect("rotate");
@@ -804,7 +804,7 @@ fn a_stray_destruction_entry_destroys_nothing() {
 /// real date when a scheduled version is scheduled again.
 #[test]
 fn destruction_waits_for_its_window() {
-    let (kms, _dir, _token) = common::softhsm_kms("window");
+    let (kms, _dir, _token) = common::token_kms("window");
     let acme = tenant(&kms, "acme");
     kms.rotate_key(acme, &name("default")).expect("rotate");
     let first = kms
@@ -842,7 +842,7 @@ fn destruction_waits_for_its_window() {
 /// the key a fresh version; counts survive a reopen (reserved uses count as used).
 #[test]
 fn usage_limits_refuse_then_rotation_renews() {
-    let (kms, dir, token) = common::softhsm_kms("usage");
+    let (kms, dir, token) = common::token_kms("usage");
     let acme = tenant(&kms, "acme");
     let update = keyfront::kms::PolicyUpdate {
         max_bulk_uses: Some(20),
@@ -1028,7 +1028,7 @@ fn passwords_verify_only_where_they_were_made() {
     );
 }
 
-/// MAC keys on SoftHSM: both algorithms, MACs of older versions verify after a rotation and
+/// MAC keys on the token: both algorithms, MACs of older versions verify after a rotation and
 /// a master key rotation, disabled and below-minimum versions refuse, a wrong MAC is simply
 /// invalid, and purposes hold in both directions.
 #[test]
@@ -1036,7 +1036,7 @@ fn mac_keys_generate_verify_rotate_and_refuse() {
     use keyfront::hsm::MacAlgorithm;
     use keyfront::kms::PolicyUpdate;
 
-    let (kms, _dir, _) = common::softhsm_kms("mackeys");
+    let (kms, _dir, _) = common::token_kms("mackeys");
     let acme = tenant(&kms, "acme");
     for (key, algorithm) in [
         ("mac256", MacAlgorithm::HmacSha256),
@@ -1193,7 +1193,7 @@ fn mac_keys_generate_verify_rotate_and_refuse() {
 fn mac_keys_survive_backup_and_restore() {
     use keyfront::hsm::MacAlgorithm;
 
-    let (kms, dir, config) = common::softhsm_kms("macrestore");
+    let (kms, dir, config) = common::token_kms("macrestore");
     let acme = tenant(&kms, "acme");
     let key = name("mac");
     kms.create_key(acme, &key, Purpose::Mac(MacAlgorithm::HmacSha512))
@@ -1240,7 +1240,7 @@ fn mac_keys_survive_backup_and_restore() {
     );
 }
 
-/// Signing keys on SoftHSM: every algorithm signs messages and digests; signatures verify in
+/// Signing keys on the token: every algorithm signs messages and digests; signatures verify in
 /// software and with openssl-free RustCrypto verifiers under the public key GetPublicKey gives;
 /// older versions' signatures verify after a rotation and a master key rotation; disabled and
 /// below-minimum versions refuse; a wrong signature is simply invalid; purposes hold both ways.
@@ -1250,7 +1250,7 @@ fn signing_keys_sign_verify_rotate_and_refuse() {
     use keyfront::kms::{PolicyUpdate, Signable};
     use p256::pkcs8::DecodePublicKey;
 
-    let (kms, _dir, _) = common::softhsm_kms("signkeys");
+    let (kms, _dir, _) = common::token_kms("signkeys");
     let acme = tenant(&kms, "acme");
     for (key, algorithm) in [
         ("p256", SignAlgorithm::EcdsaP256Sha256),
@@ -1512,7 +1512,7 @@ fn signing_keys_survive_backup_and_restore() {
     use keyfront::hsm::SignAlgorithm;
     use keyfront::kms::Signable;
 
-    let (kms, dir, config) = common::softhsm_kms("signrestore");
+    let (kms, dir, config) = common::token_kms("signrestore");
     let acme = tenant(&kms, "acme");
     let key = name("signer");
     kms.create_key(acme, &key, Purpose::Sign(SignAlgorithm::EcdsaP384Sha384))
@@ -1580,6 +1580,6 @@ fn a_store_of_key_layout_1_is_migrated_at_open() {
 /// after a revocation that answered REVOKED.
 #[test]
 fn grant_decisions_racing_revocations_are_guarded() {
-    let (kms, _dir, _) = common::softhsm_kms("grant-races");
+    let (kms, _dir, _) = common::token_kms("grant-races");
     common::check_grant_races(&kms, &kms, 200);
 }

@@ -1,7 +1,8 @@
 //! `keyfront dev`: a complete local keyfront in one directory, made on first run and reused
-//! after: a SoftHSM token (its own SOFTHSM2_CONF), the key ceremony, a dev CA with server and
-//! client certificates, a config, tenants `acme` and `globex` with keys `default` (DATA) and
-//! `secrets` (SECRETS); then it serves.
+//! after: a token (SoftHSM with its own SOFTHSM2_CONF, or with `--hsm kryoptic` Kryoptic with
+//! its own KRYOPTIC_CONF), the key ceremony, a dev CA with server and client certificates, a
+//! config, tenants `acme` and `globex` with keys `default` (DATA) and `secrets` (SECRETS);
+//! then it serves.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -57,6 +58,99 @@ pub const PRINCIPALS: &[(&str, &str, &[&str], &[&str])] = &[
     ("auditor", "auditor", &["*"], &["auditor"]),
 ];
 
+/// SoftHSM's module on Debian.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// The kind of token `keyfront dev` makes and serves from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DevHsm {
+    /// SoftHSM 2 (Debian package softhsm2), with its own SOFTHSM2_CONF in DIR/hsm.
+    Softhsm,
+    /// Kryoptic, a PKCS#11 3.x token (scripts/kryoptic.sh builds its module), with its own
+    /// KRYOPTIC_CONF in DIR/hsm.
+    Kryoptic,
+}
+
+impl DevHsm {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Softhsm => "SoftHSM",
+            Self::Kryoptic => "Kryoptic",
+        }
+    }
+
+    /// The token's configuration file in the dev directory, and the variable that names it.
+    fn conf(self, dir: &Path) -> (PathBuf, &'static str) {
+        match self {
+            Self::Softhsm => (dir.join("hsm/softhsm2.conf"), "SOFTHSM2_CONF"),
+            Self::Kryoptic => (dir.join("hsm/kryoptic.conf"), "KRYOPTIC_CONF"),
+        }
+    }
+
+    /// The kind of token a dev directory was made with, if any.
+    pub fn made_in(dir: &Path) -> Option<Self> {
+        [Self::Softhsm, Self::Kryoptic]
+            .into_iter()
+            .find(|hsm| hsm.conf(dir).0.exists())
+    }
+}
+
+/// The token of a dev directory: its kind and its PKCS#11 module.
+#[derive(Clone, Debug)]
+pub struct DevToken {
+    /// The kind.
+    pub hsm: DevHsm,
+    /// The module (a shared library).
+    pub module: PathBuf,
+}
+
+impl DevToken {
+    /// The token for `dir`: the kind asked for, or else the one the directory was made with
+    /// (SoftHSM for a new one); the module given, or else the config's, or SoftHSM's.
+    ///
+    /// # Errors
+    /// [`DevError::Hsm`] when the directory was made with another kind, or Kryoptic is asked
+    /// for without a module.
+    pub fn resolve(
+        dir: &Path,
+        asked: Option<DevHsm>,
+        module: Option<PathBuf>,
+    ) -> Result<Self, DevError> {
+        let made = DevHsm::made_in(dir);
+        let hsm = match (asked, made) {
+            (Some(asked), Some(made)) if asked != made => {
+                return Err(DevError::Hsm(format!(
+                    "{} holds a {} dev token; run without --hsm (or with --hsm {}), or use another --dir for {}",
+                    dir.display(),
+                    made.name(),
+                    made.name().to_lowercase(),
+                    asked.name()
+                )));
+            }
+            (Some(hsm), _) | (None, Some(hsm)) => hsm,
+            (None, None) => DevHsm::Softhsm,
+        };
+        let configured = configured_module(&dir.join("keyfront.toml"));
+        let module = match (hsm, module.or(configured)) {
+            (_, Some(module)) => module,
+            (DevHsm::Softhsm, None) => PathBuf::from(SOFTHSM_MODULE),
+            (DevHsm::Kryoptic, None) => {
+                return Err(DevError::Hsm(
+                    "--hsm kryoptic needs --hsm-module PATH, Kryoptic's PKCS#11 module: scripts/kryoptic.sh module builds it and prints its path (scripts/dev.sh --hsm kryoptic does both)".into(),
+                ));
+            }
+        };
+        Ok(Self { hsm, module })
+    }
+}
+
+/// The `module` of an existing dev config's `[hsm]` section.
+fn configured_module(config: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(config).ok()?;
+    let value: toml::Value = text.parse().ok()?;
+    value.get("hsm")?.get("module")?.as_str().map(PathBuf::from)
+}
+
 /// Why `keyfront dev` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
@@ -66,6 +160,9 @@ pub enum DevError {
     /// softhsm2-util failed.
     #[error("softhsm2-util failed: {0} (is SoftHSM installed? run softhsm/install.sh)")]
     SoftHsm(String),
+    /// The token cannot be made or does not match the directory.
+    #[error("{0}")]
+    Hsm(String),
     /// The data directory holds keys of a token that is gone.
     #[error(
         "{data} holds keys wrapped under the dev token, but the token is gone from {tokens}: a new token would hold other keys, and nothing in {data} could ever be decrypted again. Restore {tokens} from a copy, or start afresh with another --dir (or remove the directory)"
@@ -92,27 +189,106 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
     move |e| DevError::Io(what, e)
 }
 
-/// Makes sure this process runs with the dev token's SOFTHSM2_CONF: SoftHSM reads it once, at
-/// C_Initialize, and keyfront never mutates its own environment, so it re-executes itself with
-/// the variable set. Creates the token first if needed. Returns only when already set.
+/// Makes sure this process runs with the dev token's configuration variable (SOFTHSM2_CONF or
+/// KRYOPTIC_CONF): both tokens read it once, at C_Initialize, and keyfront never mutates its
+/// own environment, so it re-executes itself with the variable set. Creates a SoftHSM token
+/// first if needed (a Kryoptic token is made in-process by [`ensure_kryoptic_token`], once the
+/// variable is set). Returns only when already set.
 ///
 /// # Errors
 /// [`DevError`] when the token cannot be created or the re-exec fails.
-pub fn ensure_token_environment(dir: &Path) -> Result<(), DevError> {
-    let conf = dir.join("hsm/softhsm2.conf");
-    if std::env::var_os("SOFTHSM2_CONF").is_some_and(|v| Path::new(&v) == conf) {
+pub fn ensure_token_environment(dir: &Path, token: &DevToken) -> Result<(), DevError> {
+    let (conf, variable) = token.hsm.conf(dir);
+    if std::env::var_os(variable).is_some_and(|v| Path::new(&v) == conf) {
         return Ok(());
     }
-    create_token(&dir.join("hsm"), &dir.join("data"))?;
+    match token.hsm {
+        DevHsm::Softhsm => create_token(&dir.join("hsm"), &dir.join("data"))?,
+        DevHsm::Kryoptic => write_kryoptic_conf(&dir.join("hsm"))?,
+    }
     let exe = std::env::current_exe().map_err(io("current executable"))?;
     let error = Command::new(exe)
         .args(std::env::args_os().skip(1))
-        .env("SOFTHSM2_CONF", &conf)
+        .env(variable, &conf)
         .exec();
-    Err(DevError::Io(
-        "re-executing with SOFTHSM2_CONF".into(),
-        error,
-    ))
+    Err(DevError::Io(format!("re-executing with {variable}"), error))
+}
+
+/// Kryoptic's configuration of the dev token: one slot, its store one sqlite file in
+/// `hsm_dir`; and the PIN files, which the config names. Existing files stay.
+fn write_kryoptic_conf(hsm_dir: &Path) -> Result<(), DevError> {
+    std::fs::create_dir_all(hsm_dir).map_err(io(hsm_dir.display().to_string()))?;
+    secret_file(&hsm_dir.join("pin"))?;
+    secret_file(&hsm_dir.join("so-pin"))?;
+    let conf = hsm_dir.join("kryoptic.conf");
+    if conf.exists() {
+        return Ok(());
+    }
+    write(
+        &conf,
+        &format!(
+            "# Kryoptic configuration for keyfront dev: one slot, its token in one sqlite file\n\n[[slots]]\nslot = 1\ndbtype = \"sqlite\"\ndbargs = \"{}\"\n",
+            hsm_dir.join("token.sql").display()
+        ),
+    )
+}
+
+/// Initialises the dev token on Kryoptic's slot if it is not there yet: label, SO PIN and user
+/// PIN from DIR/hsm, through PKCS#11 itself (`C_InitToken`, `C_InitPIN`), as a token vendor's
+/// tool would. Refuses while `data_dir` holds a store wrapped under a token that is gone.
+///
+/// # Errors
+/// [`DevError`] for PKCS#11 failures or a lost token.
+pub fn ensure_kryoptic_token(config: &Config, hsm_dir: &Path) -> Result<(), DevError> {
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    let ctx = pkcs11::context(&config.hsm.module).map_err(crate::Error::from)?;
+    match pkcs11::find_token(&ctx, TOKEN_LABEL) {
+        Ok(_) => return Ok(()),
+        Err(crate::hsm::Error::TokenNotFound(_)) => {}
+        Err(error) => return Err(crate::Error::from(error).into()),
+    }
+    if config.data_dir.join("system").exists() {
+        return Err(DevError::TokenLost {
+            data: config.data_dir.display().to_string(),
+            tokens: hsm_dir.display().to_string(),
+        });
+    }
+    let failed = |what: &str, error: cryptoki::error::Error| {
+        DevError::Hsm(format!("making the Kryoptic dev token: {what}: {error}"))
+    };
+    let slot = ctx
+        .get_slots_with_token()
+        .map_err(|e| failed("C_GetSlotList", e))?
+        .into_iter()
+        .find(|slot| {
+            ctx.get_token_info(*slot)
+                .is_ok_and(|info| !info.token_initialized())
+        })
+        .ok_or_else(|| {
+            DevError::Hsm(format!(
+                "{} lists no free slot for the dev token",
+                hsm_dir.join("kryoptic.conf").display()
+            ))
+        })?;
+    let so_pin = AuthPin::from(secret_file(&hsm_dir.join("so-pin"))?);
+    ctx.init_token(slot, &so_pin, TOKEN_LABEL)
+        .map_err(|e| failed("C_InitToken", e))?;
+    let session = ctx
+        .open_rw_session(slot)
+        .map_err(|e| failed("C_OpenSession", e))?;
+    session
+        .login(UserType::So, Some(&so_pin))
+        .map_err(|e| failed("C_Login as SO", e))?;
+    session
+        .init_pin(&config.hsm.pin)
+        .map_err(|e| failed("C_InitPIN", e))?;
+    session.logout().map_err(|e| failed("C_Logout", e))?;
+    println!(
+        "created Kryoptic token {TOKEN_LABEL:?} in {}",
+        hsm_dir.display()
+    );
+    Ok(())
 }
 
 /// The same steps as `softhsm/create-token.sh`, so the binary needs no checkout. Refuses to
@@ -322,14 +498,16 @@ fn write_private(path: &Path, text: &str) -> Result<(), DevError> {
 ///
 /// # Errors
 /// [`DevError::Io`].
-pub fn ensure_config(dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevError> {
+pub fn ensure_config(dir: &Path, listen: SocketAddr, module: &Path) -> Result<PathBuf, DevError> {
     let path = dir.join("keyfront.toml");
     if path.exists() {
         return Ok(path);
     }
+    // A TOML string, quoted and escaped.
+    let module = toml::Value::String(module.display().to_string());
     let mut text = format!(
         "# keyfront dev configuration (made by `keyfront dev`); config.example.toml documents every key.\n\n\
-         [hsm]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"{TOKEN_LABEL}\"\npin_file = \"hsm/pin\"\n\n\
+         [hsm]\nmodule = {module}\ntoken_label = \"{TOKEN_LABEL}\"\npin_file = \"hsm/pin\"\n\n\
          [storage]\ndata_dir = \"data\"\n\n\
          [server]\nlisten = \"{listen}\"\ncert = \"certs/server.crt\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.crt\"\nnode_id = \"dev\"\naudit_path = \"audit/audit.log\"\n"
     );

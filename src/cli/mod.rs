@@ -67,8 +67,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Make (once) and serve a complete local keyfront in DIR: SoftHSM token, dev CA and
-    /// certificates, config, tenants acme and globex.
+    /// Make (once) and serve a complete local keyfront in DIR: a token (SoftHSM, or Kryoptic
+    /// with --hsm kryoptic), dev CA and certificates, config, tenants acme and globex.
     Dev {
         /// Instead of serving: change the dev directory.
         #[command(subcommand)]
@@ -93,6 +93,14 @@ enum Command {
         /// With --nodes: make everything, print how to run each node, and exit.
         #[arg(long)]
         prepare_only: bool,
+        /// The token to make: softhsm, or kryoptic (a PKCS#11 3.x token; needs --hsm-module).
+        /// Default: what DIR was made with, SoftHSM for a new DIR.
+        #[arg(long, value_enum)]
+        hsm: Option<dev::DevHsm>,
+        /// The token's PKCS#11 module (default: SoftHSM's; for Kryoptic the path that
+        /// scripts/kryoptic.sh module prints). Kept in DIR/keyfront.toml once written.
+        #[arg(long)]
+        hsm_module: Option<PathBuf>,
     },
     /// Encrypt stdin; prints the ciphertext in base64.
     Encrypt {
@@ -239,8 +247,10 @@ pub fn main() -> ExitCode {
             dir,
             listen,
             nodes: 1,
+            hsm,
+            hsm_module,
             ..
-        } => return run_dev(&dir, listen),
+        } => return run_dev(&dir, listen, hsm, hsm_module),
         Command::Dev {
             dir,
             listen,
@@ -249,7 +259,15 @@ pub fn main() -> ExitCode {
             postgres_namespace,
             prepare_only,
             action: None,
+            hsm,
+            ..
         } => {
+            if hsm.is_some_and(|hsm| hsm != dev::DevHsm::Softhsm) {
+                eprintln!(
+                    "keyfront dev --nodes: the dev cluster runs on SoftHSM copies of one token; --hsm kryoptic runs one node"
+                );
+                return ExitCode::FAILURE;
+            }
             let cluster = dev::Cluster {
                 nodes: usize::from(nodes),
                 url_env: postgres_url_env,
@@ -450,16 +468,25 @@ fn default_listen() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], 7443))
 }
 
-fn run_dev(dir: &Path, listen: std::net::SocketAddr) -> ExitCode {
+fn run_dev(
+    dir: &Path,
+    listen: std::net::SocketAddr,
+    hsm: Option<dev::DevHsm>,
+    hsm_module: Option<PathBuf>,
+) -> ExitCode {
     let prepared = (|| -> Result<(Config, PathBuf), dev::DevError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| dev::DevError::Io(dir.display().to_string(), e))?;
         let dir = std::fs::canonicalize(dir)
             .map_err(|e| dev::DevError::Io(dir.display().to_string(), e))?;
-        dev::ensure_token_environment(&dir)?;
+        let token = dev::DevToken::resolve(&dir, hsm, hsm_module)?;
+        dev::ensure_token_environment(&dir, &token)?;
         dev::ensure_certificates(&dir.join("certs"))?;
-        let path = dev::ensure_config(&dir, listen)?;
+        let path = dev::ensure_config(&dir, listen, &token.module)?;
         let config = dev::load(&path)?;
+        if token.hsm == dev::DevHsm::Kryoptic {
+            dev::ensure_kryoptic_token(&config, &dir.join("hsm"))?;
+        }
         dev::ensure_tenants(&config)?;
         println!();
         println!(
@@ -534,7 +561,8 @@ fn run_dev_cluster(
             .map_err(|e| dev::DevError::Io(dir.display().to_string(), e))?;
         let dir = std::fs::canonicalize(dir)
             .map_err(|e| dev::DevError::Io(dir.display().to_string(), e))?;
-        dev::ensure_token_environment(&dir)?;
+        let token = dev::DevToken::resolve(&dir, Some(dev::DevHsm::Softhsm), None)?;
+        dev::ensure_token_environment(&dir, &token)?;
         dev::ensure_certificates(&dir.join("certs"))?;
         let nodes = dev::ensure_cluster_configs(&dir, listen, cluster)?;
         dev::ensure_tenants(&dev::load(&nodes[0].config)?)?;

@@ -87,11 +87,27 @@ impl DevServer {
 
     /// [`DevServer::start_in_with_env`] on a given port (a restart where clients expect it).
     pub fn start_in_on(dir: tempfile::TempDir, port: u16, env: &[(&str, &str)]) -> Self {
+        Self::start_with(dir, port, &[], env)
+    }
+
+    /// [`DevServer::start_in`] with extra arguments for `keyfront dev` (e.g. `--hsm`).
+    pub fn start_in_with_args(dir: tempfile::TempDir, args: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        Self::start_with(dir, port, args, &[])
+    }
+
+    fn start_with(dir: tempfile::TempDir, port: u16, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
             .args(["dev", "--dir"])
             .arg(dir.path())
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
             .env_remove("SOFTHSM2_CONF")
+            .env_remove("KRYOPTIC_CONF")
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())

@@ -204,8 +204,8 @@ pub fn open_hsm(config: &Pkcs11Config) -> Pkcs11Hsm {
     Pkcs11Hsm::open(config).expect("open HSM")
 }
 
-/// A domain over a fresh initialized SoftHSM token and a fresh data directory.
-pub fn softhsm_kms(prefix: &str) -> (Kms, tempfile::TempDir, Pkcs11Config) {
+/// A domain over a fresh initialized token and a fresh data directory.
+pub fn token_kms(prefix: &str) -> (Kms, tempfile::TempDir, Pkcs11Config) {
     let config = initialized_token(prefix);
     let dir = tempfile::tempdir().expect("tempdir");
     let hsm: Arc<dyn Hsm> = Arc::new(open_hsm(&config));

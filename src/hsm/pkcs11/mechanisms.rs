@@ -121,26 +121,10 @@ pub(super) fn discover(
             usable.push(code);
         }
     }
-    let kwp = match (usable.as_slice(), allowed) {
-        ([], _) => {
-            missing.push("CKM_AES_KEY_WRAP_KWP (or CKM_AES_KEY_WRAP_PAD) for wrapping".into());
-            None
-        }
-        (usable, []) => Some(usable[0]),
-        (usable, allowed) => match usable.iter().find(|code| allowed.contains(code)) {
-            Some(code) => Some(*code),
-            None => {
-                let allowed: Vec<&str> = allowed.iter().map(|c| c.name()).collect();
-                return Err(Error::Unsuitable(format!(
-                    "its master wrapping key allows only {}, which this token does not offer \
-                     for wrapping (it offers {}); the key was made on another token or by \
-                     another implementation: see docs/OPERATIONS.md, \"Moving to another HSM\"",
-                    allowed.join(", "),
-                    usable[0].name()
-                )));
-            }
-        },
-    };
+    let kwp = choose_kwp(&usable, allowed)?;
+    if kwp.is_none() {
+        missing.push("CKM_AES_KEY_WRAP_KWP (or CKM_AES_KEY_WRAP_PAD) for wrapping".into());
+    }
     match kwp {
         Some(kwp) if missing.is_empty() => Ok(Capabilities {
             kwp,
@@ -150,6 +134,35 @@ pub(super) fn discover(
             "it lacks mechanisms keyfront needs: {}",
             missing.join(", ")
         ))),
+    }
+}
+
+/// The RFC 5649 code to wrap with, from the codes the token offers for wrap and unwrap
+/// (`usable`, in order of preference) and those its master keys allow (`allowed`; empty: no
+/// restriction). `None` when the token offers neither.
+///
+/// # Errors
+/// [`Error::Unsuitable`] when the master keys allow only codes the token does not offer: keys
+/// made on another token or by another implementation.
+fn choose_kwp(usable: &[KwpCode], allowed: &[KwpCode]) -> Result<Option<KwpCode>, Error> {
+    let Some(first) = usable.first() else {
+        return Ok(None);
+    };
+    if allowed.is_empty() {
+        return Ok(Some(*first));
+    }
+    match usable.iter().find(|code| allowed.contains(code)) {
+        Some(code) => Ok(Some(*code)),
+        None => {
+            let allowed: Vec<&str> = allowed.iter().map(|c| c.name()).collect();
+            Err(Error::Unsuitable(format!(
+                "its master wrapping key allows only {}, which this token does not offer for \
+                 wrapping (it offers {}); the key was made on another token or by another \
+                 implementation: see docs/OPERATIONS.md, \"Moving to another HSM\"",
+                allowed.join(", "),
+                first.name()
+            )))
+        }
     }
 }
 
@@ -177,4 +190,52 @@ pub(super) fn allowed_kwp(session: &Session, key: ObjectHandle) -> Result<Vec<Kw
         .into_iter()
         .filter_map(|m| KwpCode::ALL.into_iter().find(|c| c.mechanism_type() == m))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_token_takes_the_standard_code_where_it_is_offered() {
+        assert_eq!(
+            choose_kwp(&KwpCode::ALL, &[]).ok(),
+            Some(Some(KwpCode::Kwp))
+        );
+        assert_eq!(
+            choose_kwp(&[KwpCode::Pad], &[]).ok(),
+            Some(Some(KwpCode::Pad))
+        );
+        assert_eq!(choose_kwp(&[], &[]).ok(), Some(None));
+    }
+
+    /// A token initialised by keyfront before issue 26 allows only SoftHSM's code: it keeps
+    /// that code even where the token offers both.
+    #[test]
+    fn master_keys_keep_the_code_they_allow() {
+        assert_eq!(
+            choose_kwp(&KwpCode::ALL, &[KwpCode::Pad]).ok(),
+            Some(Some(KwpCode::Pad))
+        );
+        assert_eq!(
+            choose_kwp(&KwpCode::ALL, &[KwpCode::Kwp, KwpCode::Pad]).ok(),
+            Some(Some(KwpCode::Kwp))
+        );
+    }
+
+    /// A master key made where only SoftHSM's code existed, on a token that offers only the
+    /// standard one: one line that says so and where to read on.
+    #[test]
+    fn a_code_the_token_does_not_offer_is_refused_with_a_clear_message() {
+        let Err(Error::Unsuitable(message)) = choose_kwp(&[KwpCode::Kwp], &[KwpCode::Pad]) else {
+            panic!("refused");
+        };
+        assert!(
+            message.contains("allows only CKM_AES_KEY_WRAP_PAD")
+                && message.contains("it offers CKM_AES_KEY_WRAP_KWP")
+                && message.contains("Moving to another HSM"),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "one line: {message}");
+    }
 }
