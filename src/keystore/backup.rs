@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::anchors::{Anchors, TenantHead};
 use super::engine::Batch;
 pub use super::engine::RawRecords;
 use super::journal::JournalEntry;
@@ -20,7 +21,7 @@ use super::layout::{
 };
 use super::record::RecordMac;
 use super::system::{KeyStore, PendingDestruction, StoreOptions, Tombstone};
-use super::tenant::{TenantDb, TenantHead};
+use super::tenant::TenantDb;
 use super::{
     ApprovalState, Error, GrantState, KeyRecord, TenantRecord, VersionRecord, VersionState, decode,
     encode, now_secs, prefixed,
@@ -323,7 +324,7 @@ impl KeyStore {
             self.engine.as_ref(),
             record.id,
             Arc::clone(&self.mac),
-            Arc::clone(&self.system),
+            Arc::clone(&self.system) as Arc<dyn Anchors>,
             None,
             self.shared,
         )?;

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 
+mod anchors;
 pub mod backup;
 pub mod changes;
 mod engine;
@@ -27,11 +28,12 @@ mod record;
 mod system;
 mod tenant;
 
+pub use anchors::TenantHead;
 pub use journal::{Journal, JournalEntry};
 pub use postgres::PostgresOptions;
 pub use record::{MAC_LEN, RecordMac, SCHEMA_VERSION};
 pub use system::{KeyStore, PendingDestruction, StoreOptions};
-pub use tenant::{TenantDb, TenantHead};
+pub use tenant::TenantDb;
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
 
+use super::anchors::{Anchors, TenantHead};
 use super::engine::{Batch, Database, Engine};
 use super::journal::{Journal, JournalEntry};
 use super::layout::{
@@ -16,7 +17,7 @@ use super::layout::{
     SYSTEM_LAYOUT, TENANT_DESTRUCTION_PREFIX, TENANT_PREFIX, TOMBSTONE_PREFIX,
 };
 use super::record::RecordMac;
-use super::tenant::{TenantDb, TenantHead};
+use super::tenant::TenantDb;
 use super::{Error, TenantRecord, decode, encode, now_secs, prefixed};
 use crate::ids::{ID_LEN, KeyId, KeyVersion, Name, TenantId};
 
@@ -294,24 +295,26 @@ impl SystemDb {
         Ok(Some(record.payload.to_vec()))
     }
 
-    pub(crate) fn tenant_head(&self, id: TenantId) -> Result<Option<TenantHead>, Error> {
-        self.read(&prefixed(HEAD_PREFIX, id.as_bytes()))?
-            .map(|payload| decode(&payload))
-            .transpose()
-    }
-
     pub(crate) fn set_tenant_head(&self, id: TenantId, head: &TenantHead) -> Result<(), Error> {
         self.commit(
             vec![(prefixed(HEAD_PREFIX, id.as_bytes()), encode(head)?)],
             vec![],
         )
     }
+}
+
+impl Anchors for SystemDb {
+    fn tenant_head(&self, id: TenantId) -> Result<Option<TenantHead>, Error> {
+        self.read(&prefixed(HEAD_PREFIX, id.as_bytes()))?
+            .map(|payload| decode(&payload))
+            .transpose()
+    }
 
     /// Moves the system's copy of a tenant's head forward to `head`, never back: nodes
     /// anchor concurrently, and a late anchor of an older commit must not overwrite a newer
     /// one (the tenant would then look rolled back). A tenant without an anchored head (it
     /// was destroyed meanwhile) stays without one.
-    pub(crate) fn advance_tenant_head(&self, id: TenantId, head: &TenantHead) -> Result<(), Error> {
+    fn advance_tenant_head(&self, id: TenantId, head: &TenantHead) -> Result<(), Error> {
         let key = prefixed(HEAD_PREFIX, id.as_bytes());
         loop {
             let Some(raw) = self.db.get(&key)? else {
@@ -332,44 +335,6 @@ impl SystemDb {
             if self.commit_guarded(vec![(key.clone(), encode(head)?)], guard)? {
                 return Ok(());
             }
-        }
-    }
-
-    /// Checks a tenant database's head against the system's copy, rolling forward the one case
-    /// a crash can produce: the tenant committed, the system copy was not yet updated.
-    pub(crate) fn anchor_tenant(&self, id: TenantId, head: &TenantHead) -> Result<(), Error> {
-        self.check_tenant_head(id, self.tenant_head(id)?, head, false)
-    }
-
-    /// [`Self::anchor_tenant`] against an anchor read before the tenant's head was. On a
-    /// shared store (`shared`) a head more than one commit ahead of that anchor is other
-    /// nodes' commits since, and moves the anchor forward too; a head behind it is a rollback
-    /// either way.
-    pub(crate) fn check_tenant_head(
-        &self,
-        id: TenantId,
-        anchored: Option<TenantHead>,
-        head: &TenantHead,
-        shared: bool,
-    ) -> Result<(), Error> {
-        match anchored {
-            Some(anchored) if anchored == *head => Ok(()),
-            Some(anchored)
-                if head.seq == anchored.seq + 1 || (shared && head.seq > anchored.seq) =>
-            {
-                if shared {
-                    // Usually another node's commit whose anchor is on its way: routine.
-                    tracing::debug!(tenant = %id, seq = head.seq, "tenant head ahead of its anchor");
-                } else {
-                    tracing::info!(tenant = %id, seq = head.seq, "rolling tenant head forward");
-                }
-                self.advance_tenant_head(id, head)
-            }
-            Some(_) => Err(Error::Rollback(id)),
-            None => Err(Error::Integrity {
-                database: "system".into(),
-                reason: "tenant has no anchored head",
-            }),
         }
     }
 }
@@ -456,7 +421,7 @@ impl KeyStore {
             self.engine.as_ref(),
             id,
             Arc::clone(&self.mac),
-            Arc::clone(&self.system),
+            Arc::clone(&self.system) as Arc<dyn Anchors>,
             self.journal.clone(),
             self.shared,
         )?;
@@ -577,7 +542,7 @@ impl KeyStore {
                     self.engine.as_ref(),
                     id,
                     Arc::clone(&self.mac),
-                    Arc::clone(&self.system),
+                    Arc::clone(&self.system) as Arc<dyn Anchors>,
                     self.journal.clone(),
                     self.shared,
                 )?)

@@ -14,12 +14,10 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::{Deserialize, Serialize};
-
+use super::anchors::{Anchors, TenantHead};
 use super::engine::{Batch, Database, Engine, Guard, RawRecords};
 use super::journal::{Journal, JournalEntry};
 use super::record::{MAC_LEN, RecordMac};
-use super::system::SystemDb;
 use super::{
     Error, ImportParametersRecord, ImportRecord, KeyRecord, TenantWrite, VersionRecord, decode,
     encode, prefixed,
@@ -31,21 +29,12 @@ use super::layout::{
     VERSION_PREFIX,
 };
 
-/// The anchor of a tenant database: last commit's sequence and the digest of all records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TenantHead {
-    /// Sequence of the last commit (starts at 1).
-    pub seq: u64,
-    /// HMAC over (record key, record MAC) of every record but the head, in key order.
-    pub digest: [u8; 32],
-}
-
 /// An open tenant database. Shared behind an `Arc`; closed when the last user drops it.
 pub struct TenantDb {
     id: TenantId,
     db: Arc<dyn Database>,
     mac: Arc<RecordMac>,
-    system: Arc<SystemDb>,
+    system: Arc<dyn Anchors>,
     journal: Option<Arc<Journal>>,
     // Whether other nodes commit to the same database (PostgreSQL): a record newer than this
     // node's head then means this view is stale, not that the database was tampered with.
@@ -68,7 +57,7 @@ impl TenantDb {
         engine: &dyn Engine,
         id: TenantId,
         mac: Arc<RecordMac>,
-        system: Arc<SystemDb>,
+        system: Arc<dyn Anchors>,
         journal: Option<Arc<Journal>>,
         shared: bool,
     ) -> Result<Self, Error> {
@@ -97,7 +86,7 @@ impl TenantDb {
         engine: &dyn Engine,
         id: TenantId,
         mac: Arc<RecordMac>,
-        system: Arc<SystemDb>,
+        system: Arc<dyn Anchors>,
         journal: Option<Arc<Journal>>,
         shared: bool,
     ) -> Result<Self, Error> {
@@ -152,7 +141,7 @@ impl TenantDb {
         id: TenantId,
         db: Arc<dyn Database>,
         mac: Arc<RecordMac>,
-        system: Arc<SystemDb>,
+        system: Arc<dyn Anchors>,
         journal: Option<Arc<Journal>>,
         shared: bool,
         head: TenantHead,
