@@ -9,7 +9,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
-pub mod error;
+
 pub mod failpoint;
 pub mod hsm;
 pub mod ids;
@@ -17,6 +17,6 @@ pub mod keystore;
 pub mod kms;
 pub mod metrics;
 
-pub use error::Error;
+pub use kms::Error;
 pub mod audit;
 pub mod service;

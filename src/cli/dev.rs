@@ -182,6 +182,9 @@ pub enum DevError {
     /// The domain failed.
     #[error(transparent)]
     Keyfront(#[from] crate::Error),
+    /// The dev config is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
@@ -592,9 +595,9 @@ pub fn ensure_tenants(config: &Config) -> Result<(), DevError> {
 /// Loads the dev config.
 ///
 /// # Errors
-/// [`crate::Error::Config`].
-pub fn load(path: &Path) -> Result<Config, crate::Error> {
-    Ok(Config::load(path, &ProcessEnv)?)
+/// [`crate::config::ConfigError`].
+pub fn load(path: &Path) -> Result<Config, crate::config::ConfigError> {
+    Config::load(path, &ProcessEnv)
 }
 
 /// The file in the dev directory holding the pid of the `keyfront dev` that serves it.

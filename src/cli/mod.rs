@@ -23,6 +23,24 @@ pub mod client;
 pub mod dev;
 pub mod selfcheck;
 
+/// What an offline command (`init`, `selfcheck --config`) fails with: its config, or the
+/// domain below it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The HSM, the store or an operation failed.
+    #[error(transparent)]
+    Kms(#[from] crate::kms::Error),
+}
+
+impl From<crate::hsm::Error> for Error {
+    fn from(error: crate::hsm::Error) -> Self {
+        Self::Kms(error.into())
+    }
+}
+
 /// Exit status when the server cannot start for a reason retrying cannot fix (e.g. the PIN).
 pub const EXIT_FATAL: u8 = 2;
 
@@ -321,7 +339,7 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(crate::Error::Hsm(crate::hsm::Error::AlreadyInitialized)) => {
+        Err(Error::Kms(crate::Error::Hsm(crate::hsm::Error::AlreadyInitialized))) => {
             eprintln!("keyfront: the token already holds keyfront keys; init runs once per token");
             ExitCode::from(EXIT_ALREADY_INITIALIZED)
         }
@@ -669,7 +687,7 @@ fn stop_children(children: &mut [std::process::Child]) {
     }
 }
 
-fn init(config: &Path) -> Result<(), crate::Error> {
+fn init(config: &Path) -> Result<(), Error> {
     let config = Config::load_offline(config, &ProcessEnv)?;
     let report = pkcs11::init_token(&config.hsm)?;
     println!(

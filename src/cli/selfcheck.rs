@@ -70,7 +70,7 @@ pub fn run(args: SelfcheckArgs) -> std::process::ExitCode {
 ///
 /// # Errors
 /// The first failure: the HSM, the store's integrity, or a round trip.
-pub fn offline(config: &Path) -> Result<(), crate::Error> {
+pub fn offline(config: &Path) -> Result<(), super::Error> {
     let config = Config::load_offline(config, &ProcessEnv)?;
     let hsm: Arc<dyn Hsm> = Arc::new(Pkcs11Hsm::open(&config.hsm)?);
     println!(
@@ -80,7 +80,8 @@ pub fn offline(config: &Path) -> Result<(), crate::Error> {
         hsm.mwk_generation()
     );
     verify_store(&hsm, &config)?;
-    let scratch = tempfile::tempdir().map_err(crate::keystore::Error::Io)?;
+    let scratch =
+        tempfile::tempdir().map_err(|e| crate::Error::Store(crate::keystore::Error::Io(e)))?;
     let mut options = config.kms;
     options.store = crate::keystore::StoreOptions::default();
     let kms = Kms::open(Arc::clone(&hsm), scratch.path(), options)?;

@@ -5,7 +5,46 @@
 use rsa::pkcs8::DecodePublicKey;
 use zeroize::Zeroizing;
 
-use crate::hsm::{IMPORT_KEY_BITS, ImportWrapping};
+/// The modulus of an import key, in bits.
+pub const IMPORT_KEY_BITS: usize = 3072;
+
+/// How a caller wraps key material for import, as AWS KMS names them: RSA-OAEP of the
+/// material itself (it must fit: at most 318 bytes with SHA-1, 318 - 2·(32 - 20) with SHA-256),
+/// or RSA-AES key wrap (RSA-OAEP of an ephemeral AES-256 key, then AES-KWP (RFC 5649) of the
+/// material under it). MGF1 uses the OAEP hash; the OAEP label is empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ImportWrapping {
+    /// RSAES-OAEP with SHA-1.
+    RsaesOaepSha1,
+    /// RSAES-OAEP with SHA-256.
+    RsaesOaepSha256,
+    /// RSA-AES key wrap, its OAEP with SHA-1.
+    RsaAesKeyWrapSha1,
+    /// RSA-AES key wrap, its OAEP with SHA-256.
+    RsaAesKeyWrapSha256,
+}
+
+impl ImportWrapping {
+    /// Whether its OAEP hash is SHA-256 (else SHA-1).
+    pub fn sha256(self) -> bool {
+        matches!(self, Self::RsaesOaepSha256 | Self::RsaAesKeyWrapSha256)
+    }
+
+    /// Whether the material is AES-KWP-wrapped under an RSA-OAEP-wrapped ephemeral key.
+    pub fn aes_key_wrap(self) -> bool {
+        matches!(self, Self::RsaAesKeyWrapSha1 | Self::RsaAesKeyWrapSha256)
+    }
+
+    /// The name the API uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RsaesOaepSha1 => "RSAES_OAEP_SHA_1",
+            Self::RsaesOaepSha256 => "RSAES_OAEP_SHA_256",
+            Self::RsaAesKeyWrapSha1 => "RSA_AES_KEY_WRAP_SHA_1",
+            Self::RsaAesKeyWrapSha256 => "RSA_AES_KEY_WRAP_SHA_256",
+        }
+    }
+}
 
 /// Why material could not be wrapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::Error;
 use super::Kms;
-use crate::error::Error;
 use crate::ids::Name;
 use crate::keystore::{GrantRecord, GrantState, LastUse};
 

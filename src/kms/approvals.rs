@@ -6,9 +6,9 @@
 //! result when repeated (a scheduled destruction keeps its date, a policy is set to the same
 //! values), so a crash between carrying it out and marking it executed is harmless.
 
+use super::Error;
 use super::lifecycle::{min_refusal, primary_refusal};
 use super::{Kms, PolicyUpdate};
-use crate::error::Error;
 use crate::ids::KeyVersion;
 use crate::keystore::{ApprovalRecord, ApprovalState, PendingOperation};
 

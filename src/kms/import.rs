@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
+use super::Error;
 use super::Kms;
-use crate::error::Error;
 use crate::hsm::{self, ImportTarget, ImportWrapping, Imported, KeyCheckValue, WrappedKek};
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 use crate::keystore::{

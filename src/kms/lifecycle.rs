@@ -6,8 +6,8 @@
 //! under the cache epoch lock (`Kms::invalidate_key`), so the next request reads the new state.
 //! A request that took its snapshot before the commit may still finish under the old state.
 
+use super::Error;
 use super::{KeySnapshot, Kms};
-use crate::error::Error;
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 use crate::keystore::{
     KeyPolicy, KeyRecord, PendingDestruction, TenantWrite, VersionRecord, VersionState,

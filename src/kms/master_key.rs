@@ -19,8 +19,8 @@
 
 use std::time::Duration;
 
+use super::Error;
 use super::Kms;
-use crate::error::Error;
 use crate::hsm::{MwkGeneration, WrappedKek};
 use crate::ids::{KeyVersion, TenantId};
 use crate::keystore::{self, MwkRotation, TenantWrite};

@@ -16,7 +16,6 @@ use crate::clock::{Clock, SystemClock};
 use crate::crypto::{
     self, BlobType, EncryptionContext, HEADER_LEN, Header, NONCE_LEN, Plaintext, SecretKey, TAG_LEN,
 };
-use crate::error::Error;
 use crate::hsm::{HmacKey, Hsm, Kek, WrappedKek};
 use crate::ids::{KeyId, KeyVersion, Name, TenantId};
 use crate::keystore::{
@@ -26,6 +25,7 @@ use crate::keystore::{
 
 mod access;
 mod approvals;
+mod error;
 mod import;
 mod lifecycle;
 mod macs;
@@ -37,6 +37,7 @@ mod usage;
 
 pub use access::{GrantRequest, grant_state};
 pub use approvals::{ACCESS_HISTORY, MAX_REQUEST_IDS_PER_TENANT, REQUEST_ID_TTL};
+pub use error::Error;
 use import::material_expiry;
 pub use import::{IMPORT_PARAMETERS_TTL, Import};
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};

@@ -13,9 +13,9 @@ use base64::engine::general_purpose::STANDARD_NO_PAD;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use super::Error;
 use super::Kms;
 use crate::crypto::Plaintext;
-use crate::error::Error;
 use crate::hsm::HmacKey;
 use crate::ids::{Name, TenantId};
 use crate::keystore::{KeyRecord, Purpose};

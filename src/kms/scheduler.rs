@@ -88,7 +88,7 @@ pub async fn run(kms: Weak<Kms>, interval: Duration) {
 async fn job<T: Send + 'static>(
     kms: &Arc<Kms>,
     what: &'static str,
-    f: impl FnOnce(&Kms) -> Result<T, crate::error::Error> + Send + 'static,
+    f: impl FnOnce(&Kms) -> Result<T, super::Error> + Send + 'static,
 ) -> Option<T> {
     let kms = Arc::clone(kms);
     match tokio::task::spawn_blocking(move || f(&kms)).await {

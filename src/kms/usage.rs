@@ -13,8 +13,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::Error;
 use super::Kms;
-use crate::error::Error;
 use crate::ids::{KeyId, KeyVersion, TenantId};
 use crate::keystore::{KeyPolicy, KeyRecord, TenantWrite, VersionRecord};
 

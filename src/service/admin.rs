@@ -568,7 +568,7 @@ impl pb::admin_service_server::AdminService for AdminService {
                 kms.keys(tenant)?
                     .into_iter()
                     .map(|k| Ok((kms.key_import(tenant, k.id)?, k)))
-                    .collect::<Result<Vec<_>, crate::error::Error>>()
+                    .collect::<Result<Vec<_>, crate::kms::Error>>()
             })
             .await?;
         keys.sort_by(|a, b| a.1.name.cmp(&b.1.name));
@@ -898,8 +898,9 @@ impl pb::admin_service_server::AdminService for AdminService {
             return Ok(Response::new(done));
         }
         let created = call
-            .run_global(move |kms| Ok(backups.take(kms, out.as_deref())?))
-            .await?;
+            .run_global(move |kms| Ok(backups.take(kms, out.as_deref())))
+            .await?
+            .map_err(Status::from)?;
         let message = pb::BackupArchive {
             path: created.path.display().to_string(),
             create_time: i64::try_from(created.manifest.created_at).unwrap_or(i64::MAX),
@@ -922,7 +923,10 @@ impl pb::admin_service_server::AdminService for AdminService {
             .begin(&request, Rpc::GetBackupStatus, "", None)?;
         let backups = self.shared.backups()?;
         let nightly = self.shared.nightly_backups;
-        let status = call.run_global(move |kms| Ok(backups.status(kms)?)).await?;
+        let status = call
+            .run_global(move |kms| Ok(backups.status(kms)))
+            .await?
+            .map_err(Status::from)?;
         let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX);
         Ok(Response::new(pb::BackupStatus {
             dir: status.dir.display().to_string(),

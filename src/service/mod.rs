@@ -4,7 +4,7 @@
 //! Shape of a request: TLS connection (identity parsed once, `tls.rs`) → pipeline (concurrency
 //! limit, deadline, audit line, `layer.rs`) → handler (authorize before any lookup, `auth.rs`;
 //! convert, `convert.rs`; call the domain on the blocking pool) → one error mapping
-//! (`crate::error`).
+//! (`status.rs`).
 //!
 //! The HSM may be unreachable when the server starts: it serves health NOT_SERVING and
 //! UNAVAILABLE, retries, and starts serving when the HSM answers. A refused PIN stops the
@@ -22,12 +22,12 @@ use tonic_health::ServingStatus;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, Limits, PrincipalConfig, ServerConfig};
-use crate::error::Error;
 use crate::hsm::Hsm;
 use crate::hsm::metered::MeteredHsm;
 use crate::hsm::pkcs11::Pkcs11Hsm;
 use crate::hsm::reconnect::ReconnectingHsm;
 use crate::ids::{Name, TenantId};
+use crate::kms::Error;
 use crate::kms::{Decrypted, Kms};
 
 pub mod access;
@@ -37,6 +37,7 @@ pub mod convert;
 pub mod keys;
 pub mod layer;
 pub mod pb;
+pub mod status;
 pub mod tls;
 
 use auth::{Authorized, PeerInfo, Principals, Rpc};
@@ -124,7 +125,7 @@ impl Shared {
     /// The backups, or FAILED_PRECONDITION when none are configured.
     fn backups(&self) -> Result<Arc<crate::backup::nightly::Backups>, Status> {
         self.backups.clone().ok_or_else(|| {
-            crate::error::failed_precondition(
+            status::failed_precondition(
                 "no backup directory is configured ([backup] dir)",
                 "BACKUPS_NOT_CONFIGURED",
             )
@@ -307,7 +308,7 @@ impl Shared {
         .await?;
         match done {
             None => Ok(None),
-            Some(done) if done.rpc != rpc.to_string() => Err(crate::error::failed_precondition(
+            Some(done) if done.rpc != rpc.to_string() => Err(status::failed_precondition(
                 "request_id was already used for another call",
                 "REQUEST_ID_REUSED",
             )),
