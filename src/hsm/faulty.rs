@@ -8,11 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use cryptoki::error::RvError;
 
-use super::{
-    Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Imported, Kek,
-    MacAlgorithm, MwkGeneration, SignAlgorithm, WrappedKek,
-};
-use crate::crypto::Plaintext;
+use super::decorate::{Call, Decorator};
+use super::{Error, Hsm};
 
 /// The operations of the [`Hsm`] trait that cost an HSM call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,126 +122,43 @@ impl<H: Hsm> FaultyHsm<H> {
     }
 }
 
-impl<H: Hsm> Hsm for FaultyHsm<H> {
-    fn mwk_generation(&self) -> MwkGeneration {
-        self.inner.mwk_generation()
+impl<H: Hsm> Decorator for FaultyHsm<H> {
+    fn forward<R>(&self, run: impl FnOnce(&dyn Hsm) -> R) -> R {
+        run(&self.inner)
     }
 
-    fn generate_kek(&self) -> Result<WrappedKek, Error> {
-        self.enter(Op::GenerateKek)?;
-        self.inner.generate_kek()
-    }
-
-    fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
-        self.enter(Op::UnwrapKek)?;
-        self.inner.unwrap_kek(wrapped)
-    }
-
-    fn encrypt(&self, kek: &Kek, aad: &[u8], plaintext: &[u8]) -> Result<GcmSealed, Error> {
-        self.enter(Op::Encrypt)?;
-        self.inner.encrypt(kek, aad, plaintext)
-    }
-
-    fn decrypt(
+    fn around<T>(
         &self,
-        kek: &Kek,
-        iv: &[u8; IV_LEN],
-        aad: &[u8],
-        sealed: &[u8],
-    ) -> Result<Plaintext, Error> {
-        self.enter(Op::Decrypt)?;
-        self.inner.decrypt(kek, iv, aad, sealed)
+        call: Call,
+        run: impl FnOnce(&dyn Hsm) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        if let Some(op) = counted_as(call) {
+            self.enter(op)?;
+        }
+        run(&self.inner)
     }
+}
 
-    fn generate_mac_key(&self, algorithm: MacAlgorithm) -> Result<WrappedKek, Error> {
-        self.enter(Op::GenerateMacKey)?;
-        self.inner.generate_mac_key(algorithm)
-    }
-
-    fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error> {
-        self.enter(Op::Mac)?;
-        self.inner.mac(key, algorithm, data)
-    }
-
-    fn generate_signing_key(
-        &self,
-        algorithm: SignAlgorithm,
-    ) -> Result<(WrappedKek, Vec<u8>), Error> {
-        self.enter(Op::GenerateSigningKey)?;
-        self.inner.generate_signing_key(algorithm)
-    }
-
-    fn sign_digest(
-        &self,
-        key: &Kek,
-        algorithm: SignAlgorithm,
-        digest: &[u8],
-    ) -> Result<Vec<u8>, Error> {
-        self.enter(Op::SignDigest)?;
-        self.inner.sign_digest(key, algorithm, digest)
-    }
-
-    fn generate_import_key(
-        &self,
-        wrapping: ImportWrapping,
-    ) -> Result<(WrappedKek, Vec<u8>), Error> {
-        self.enter(Op::GenerateImportKey)?;
-        self.inner.generate_import_key(wrapping)
-    }
-
-    fn import_key(
-        &self,
-        import_key: &WrappedKek,
-        wrapping: ImportWrapping,
-        material: &[u8],
-        target: ImportTarget,
-    ) -> Result<Imported, Error> {
-        self.enter(Op::ImportKey)?;
-        self.inner
-            .import_key(import_key, wrapping, material, target)
-    }
-
-    fn random(&self, out: &mut [u8]) -> Result<(), Error> {
-        self.enter(Op::Random)?;
-        self.inner.random(out)
-    }
-
-    fn hmac(&self, key: HmacKey, data: &[u8]) -> Result<[u8; 32], Error> {
-        self.enter(Op::Hmac)?;
-        self.inner.hmac(key, data)
-    }
-
-    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error> {
-        self.enter(Op::Sign)?;
-        self.inner.sign(data)
-    }
-
-    fn audit_public_key(&self) -> Vec<u8> {
-        self.inner.audit_public_key()
-    }
-
-    fn probe(&self) -> Result<(), Error> {
-        self.enter(Op::Probe)?;
-        self.inner.probe()
-    }
-
-    fn create_mwk(&self) -> Result<MwkGeneration, Error> {
-        self.enter(Op::GenerateKek)?;
-        self.inner.create_mwk()
-    }
-
-    fn rewrap_kek(&self, wrapped: &WrappedKek) -> Result<WrappedKek, Error> {
-        self.enter(Op::UnwrapKek)?;
-        self.inner.rewrap_kek(wrapped)
-    }
-
-    fn destroy_mwk(&self, generation: MwkGeneration) -> Result<(), Error> {
-        self.inner.destroy_mwk(generation)
-    }
-
-    fn mwk_generations(&self) -> Vec<MwkGeneration> {
-        self.inner.mwk_generations()
-    }
+/// The counter a call is counted under: a new MWK costs what a new KEK does, a re-wrap what
+/// an unwrap does; destroying an MWK is neither counted nor failed.
+fn counted_as(call: Call) -> Option<Op> {
+    Some(match call {
+        Call::GenerateKek | Call::CreateMwk => Op::GenerateKek,
+        Call::UnwrapKek | Call::RewrapKek => Op::UnwrapKek,
+        Call::Encrypt => Op::Encrypt,
+        Call::Decrypt => Op::Decrypt,
+        Call::GenerateMacKey => Op::GenerateMacKey,
+        Call::Mac => Op::Mac,
+        Call::GenerateSigningKey => Op::GenerateSigningKey,
+        Call::SignDigest => Op::SignDigest,
+        Call::GenerateImportKey => Op::GenerateImportKey,
+        Call::ImportKey => Op::ImportKey,
+        Call::Random => Op::Random,
+        Call::Hmac => Op::Hmac,
+        Call::Sign => Op::Sign,
+        Call::Probe => Op::Probe,
+        Call::DestroyMwk => return None,
+    })
 }
 
 #[cfg(test)]

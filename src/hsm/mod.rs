@@ -19,6 +19,7 @@ use cryptoki::error::RvError;
 use crate::crypto::Plaintext;
 pub use crate::crypto::import::{IMPORT_KEY_BITS, ImportWrapping};
 
+pub mod decorate;
 pub mod faulty;
 pub mod memory;
 pub mod metered;

@@ -7,11 +7,13 @@
 
 use std::sync::{Arc, RwLock};
 
+use crate::crypto::Plaintext;
+
+use super::decorate::Decorator;
 use super::{
     Error, GcmSealed, HmacKey, Hsm, IV_LEN, ImportTarget, ImportWrapping, Imported, Kek,
     MacAlgorithm, MwkGeneration, SignAlgorithm, WrappedKek,
 };
-use crate::crypto::Plaintext;
 
 /// Opens a fresh HSM instance.
 pub type Connect = Arc<dyn Fn() -> Result<Arc<dyn Hsm>, Error> + Send + Sync>;
@@ -80,109 +82,9 @@ impl ReconnectingHsm {
     }
 }
 
-impl Hsm for ReconnectingHsm {
-    fn mwk_generation(&self) -> MwkGeneration {
-        self.current().mwk_generation()
-    }
-
-    fn generate_kek(&self) -> Result<WrappedKek, Error> {
-        self.current().generate_kek()
-    }
-
-    fn unwrap_kek(&self, wrapped: &WrappedKek) -> Result<Kek, Error> {
-        self.current().unwrap_kek(wrapped)
-    }
-
-    fn encrypt(&self, kek: &Kek, aad: &[u8], plaintext: &[u8]) -> Result<GcmSealed, Error> {
-        self.current().encrypt(kek, aad, plaintext)
-    }
-
-    fn decrypt(
-        &self,
-        kek: &Kek,
-        iv: &[u8; IV_LEN],
-        aad: &[u8],
-        sealed: &[u8],
-    ) -> Result<Plaintext, Error> {
-        self.current().decrypt(kek, iv, aad, sealed)
-    }
-
-    fn generate_mac_key(&self, algorithm: MacAlgorithm) -> Result<WrappedKek, Error> {
-        self.current().generate_mac_key(algorithm)
-    }
-
-    fn mac(&self, key: &Kek, algorithm: MacAlgorithm, data: &[u8]) -> Result<Vec<u8>, Error> {
-        self.current().mac(key, algorithm, data)
-    }
-
-    fn generate_signing_key(
-        &self,
-        algorithm: SignAlgorithm,
-    ) -> Result<(WrappedKek, Vec<u8>), Error> {
-        self.current().generate_signing_key(algorithm)
-    }
-
-    fn sign_digest(
-        &self,
-        key: &Kek,
-        algorithm: SignAlgorithm,
-        digest: &[u8],
-    ) -> Result<Vec<u8>, Error> {
-        self.current().sign_digest(key, algorithm, digest)
-    }
-
-    fn generate_import_key(
-        &self,
-        wrapping: ImportWrapping,
-    ) -> Result<(WrappedKek, Vec<u8>), Error> {
-        self.current().generate_import_key(wrapping)
-    }
-
-    fn import_key(
-        &self,
-        import_key: &WrappedKek,
-        wrapping: ImportWrapping,
-        material: &[u8],
-        target: ImportTarget,
-    ) -> Result<Imported, Error> {
-        self.current()
-            .import_key(import_key, wrapping, material, target)
-    }
-
-    fn random(&self, out: &mut [u8]) -> Result<(), Error> {
-        self.current().random(out)
-    }
-
-    fn hmac(&self, key: HmacKey, data: &[u8]) -> Result<[u8; 32], Error> {
-        self.current().hmac(key, data)
-    }
-
-    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, Error> {
-        self.current().sign(data)
-    }
-
-    fn audit_public_key(&self) -> Vec<u8> {
-        self.current().audit_public_key()
-    }
-
-    fn probe(&self) -> Result<(), Error> {
-        self.current().probe()
-    }
-
-    fn create_mwk(&self) -> Result<MwkGeneration, Error> {
-        self.current().create_mwk()
-    }
-
-    fn rewrap_kek(&self, wrapped: &WrappedKek) -> Result<WrappedKek, Error> {
-        self.current().rewrap_kek(wrapped)
-    }
-
-    fn destroy_mwk(&self, generation: MwkGeneration) -> Result<(), Error> {
-        self.current().destroy_mwk(generation)
-    }
-
-    fn mwk_generations(&self) -> Vec<MwkGeneration> {
-        self.current().mwk_generations()
+impl Decorator for ReconnectingHsm {
+    fn forward<R>(&self, run: impl FnOnce(&dyn Hsm) -> R) -> R {
+        run(self.current().as_ref())
     }
 }
 
