@@ -298,3 +298,58 @@ impl Kms {
         })
     }
 }
+
+/// What a caller opens: the three kinds of blob that Decrypt, DecryptDataKey and UnsealSecret
+/// take, which differ only in their blob type (and a ciphertext's optional expected key).
+#[derive(Clone, Debug)]
+pub enum Opening {
+    /// A ciphertext (Encrypt's), and the key the caller expects it under, if any.
+    Ciphertext(Option<Name>),
+    /// A wrapped data key (GenerateDataKey's).
+    DataKey,
+    /// A sealed secret (SealSecret's).
+    Secret,
+}
+
+impl Kms {
+    /// Opens `blob` from memory alone, as [`Kms::decrypt_cached`],
+    /// [`Kms::decrypt_data_key_cached`] or [`Kms::unseal_secret_cached`] by its kind.
+    pub fn open_blob_cached(
+        &self,
+        tenant: &Name,
+        blob: &[u8],
+        what: &Opening,
+        context: &EncryptionContext,
+        allowed: Option<&[Name]>,
+    ) -> Option<Result<Decrypted, Error>> {
+        match what {
+            Opening::Ciphertext(key) => {
+                self.decrypt_cached(tenant, blob, context, key.as_ref(), allowed)
+            }
+            Opening::DataKey => self.decrypt_data_key_cached(tenant, blob, context, allowed),
+            Opening::Secret => self.unseal_secret_cached(tenant, blob, context, allowed),
+        }
+    }
+
+    /// Opens `blob`, as [`Kms::decrypt_scoped`], [`Kms::decrypt_data_key_scoped`] or
+    /// [`Kms::unseal_secret_scoped`] by its kind.
+    ///
+    /// # Errors
+    /// As those.
+    pub fn open_blob(
+        &self,
+        tenant: TenantId,
+        blob: &[u8],
+        what: &Opening,
+        context: &EncryptionContext,
+        allowed: Option<&[Name]>,
+    ) -> Result<Decrypted, Error> {
+        match what {
+            Opening::Ciphertext(key) => {
+                self.decrypt_scoped(tenant, blob, context, key.as_ref(), allowed)
+            }
+            Opening::DataKey => self.decrypt_data_key_scoped(tenant, blob, context, allowed),
+            Opening::Secret => self.unseal_secret_scoped(tenant, blob, context, allowed),
+        }
+    }
+}

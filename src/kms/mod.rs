@@ -41,6 +41,7 @@ mod usage;
 
 pub use access::{GrantRequest, grant_state};
 pub use approvals::{ACCESS_HISTORY, MAX_REQUEST_IDS_PER_TENANT, REQUEST_ID_TTL};
+pub use data_path::Opening;
 pub use error::Error;
 pub use import::{IMPORT_PARAMETERS_TTL, Import};
 pub use lifecycle::{KeyDetails, PolicyUpdate, state_name};

@@ -9,7 +9,7 @@ use super::convert::{self, crc, is_digest, sign_algorithm, verify_crc};
 use super::{Shared, pb};
 use crate::crypto::Plaintext;
 use crate::ids::Name;
-use crate::kms::Signable;
+use crate::kms::{Decrypted, Opening, Signable};
 
 use std::sync::Arc;
 
@@ -21,6 +21,35 @@ pub struct KeyService {
 impl KeyService {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+}
+
+impl KeyService {
+    /// The one "open a blob" handler body: Decrypt, DecryptDataKey and UnsealSecret differ only
+    /// in the blob's kind and their messages. Opens `blob` for the call's tenant (inline when
+    /// its key is in memory, else on the blocking pool), within the keys the caller may use,
+    /// and audits the key and version that opened it.
+    async fn open(
+        &self,
+        call: &super::Call,
+        blob: Vec<u8>,
+        what: Opening,
+        context: crate::crypto::EncryptionContext,
+    ) -> Result<Decrypted, Status> {
+        let allowed = call.allowed_keys();
+        let out = call
+            .run_cached(
+                (blob, what, context, allowed),
+                |kms, tenant, (blob, what, context, allowed)| {
+                    kms.open_blob_cached(tenant, blob, what, context, allowed.as_deref())
+                },
+                |kms, tenant, (blob, what, context, allowed)| {
+                    kms.open_blob(tenant, &blob, &what, &context, allowed.as_deref())
+                },
+            )
+            .await?;
+        call.decrypted(&out);
+        Ok(out)
     }
 }
 
@@ -282,31 +311,9 @@ impl pb::key_service_server::KeyService for KeyService {
         let key = optional_key(&r.key)?;
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.ciphertext, r.ciphertext_crc32c, "ciphertext_crc32c")?;
-        let allowed = call.allowed_keys();
-        let out = call
-            .run_cached(
-                (r.ciphertext, context, key, allowed),
-                |kms, tenant, (ciphertext, context, key, allowed)| {
-                    kms.decrypt_cached(
-                        tenant,
-                        ciphertext,
-                        context,
-                        key.as_ref(),
-                        allowed.as_deref(),
-                    )
-                },
-                |kms, tenant, (ciphertext, context, key, allowed)| {
-                    kms.decrypt_scoped(
-                        tenant,
-                        &ciphertext,
-                        &context,
-                        key.as_ref(),
-                        allowed.as_deref(),
-                    )
-                },
-            )
+        let out = self
+            .open(&call, r.ciphertext, Opening::Ciphertext(key), context)
             .await?;
-        call.decrypted(&out);
         let plaintext = out.plaintext.expose_secret().to_vec();
         Ok(Response::new(pb::DecryptResponse {
             plaintext_crc32c: crc(&plaintext),
@@ -476,19 +483,9 @@ impl pb::key_service_server::KeyService for KeyService {
         let r = request.into_inner();
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.wrapped_key, r.wrapped_key_crc32c, "wrapped_key_crc32c")?;
-        let allowed = call.allowed_keys();
-        let out = call
-            .run_cached(
-                (r.wrapped_key, context, allowed),
-                |kms, tenant, (wrapped, context, allowed)| {
-                    kms.decrypt_data_key_cached(tenant, wrapped, context, allowed.as_deref())
-                },
-                |kms, tenant, (wrapped, context, allowed)| {
-                    kms.decrypt_data_key_scoped(tenant, &wrapped, &context, allowed.as_deref())
-                },
-            )
+        let out = self
+            .open(&call, r.wrapped_key, Opening::DataKey, context)
             .await?;
-        call.decrypted(&out);
         let plaintext_key = out.plaintext.expose_secret().to_vec();
         Ok(Response::new(pb::DecryptDataKeyResponse {
             plaintext_key_crc32c: crc(&plaintext_key),
@@ -574,19 +571,7 @@ impl pb::key_service_server::KeyService for KeyService {
         let r = request.into_inner();
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.sealed, r.sealed_crc32c, "sealed_crc32c")?;
-        let allowed = call.allowed_keys();
-        let out = call
-            .run_cached(
-                (r.sealed, context, allowed),
-                |kms, tenant, (sealed, context, allowed)| {
-                    kms.unseal_secret_cached(tenant, sealed, context, allowed.as_deref())
-                },
-                |kms, tenant, (sealed, context, allowed)| {
-                    kms.unseal_secret_scoped(tenant, &sealed, &context, allowed.as_deref())
-                },
-            )
-            .await?;
-        call.decrypted(&out);
+        let out = self.open(&call, r.sealed, Opening::Secret, context).await?;
         let secret = out.plaintext.expose_secret().to_vec();
         Ok(Response::new(pb::UnsealSecretResponse {
             secret_crc32c: crc(&secret),
