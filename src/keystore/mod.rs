@@ -26,6 +26,7 @@ pub mod lease;
 mod postgres;
 mod record;
 mod system;
+mod system_records;
 mod tenant;
 
 pub use anchors::TenantHead;
