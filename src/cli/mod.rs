@@ -22,6 +22,7 @@ pub mod backup;
 pub mod client;
 pub mod dev;
 pub mod selfcheck;
+mod tables;
 
 /// What an offline command (`init`, `selfcheck --config`) fails with: its config, or the
 /// domain below it.
