@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::admin::page;
+use super::admin_messages::page;
 use super::auth::{Rpc, parse_name};
 use super::{Shared, blocking, pb};
 use crate::config::{Role, TenantScope};

@@ -24,6 +24,7 @@ use crate::kms::{Decrypted, Kms};
 
 pub mod access;
 pub mod admin;
+mod admin_messages;
 pub mod auth;
 pub mod convert;
 pub mod keys;
