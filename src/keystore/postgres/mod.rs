@@ -20,7 +20,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
+mod connect;
+mod listener;
+
+use connect::{describe, pg_error, pool_error, tls_connector};
+use listener::{Listener, channel};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::error::SqlState;
 
@@ -645,134 +651,6 @@ impl Database for PostgresDatabase {
     }
 }
 
-/// The notification channel of a namespace.
-fn channel(namespace: &str) -> String {
-    format!("{namespace}_changes")
-}
-
-/// This node's change listener: one connection of its own that `LISTEN`s on the namespace's
-/// channel and sends a heartbeat every quarter of the bound, recording announced tenants in
-/// [`Changes`] and confirming after each answered heartbeat. A lost connection is opened again
-/// (with a short backoff); once it listens again, everything counts as changed, since
-/// announcements in between were missed.
-struct Listener {
-    config: tokio_postgres::Config,
-    channel: String,
-    node: String,
-    changes: Arc<Changes>,
-    bound: Duration,
-}
-
-impl Listener {
-    async fn run<T>(self, tls: T)
-    where
-        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + 'static,
-        T::Stream: Send + 'static,
-        T::TlsConnect: Send,
-        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
-    {
-        const FIRST_RETRY: Duration = Duration::from_millis(50);
-        let mut backoff = FIRST_RETRY;
-        loop {
-            let started = tokio::time::Instant::now();
-            let error = self.listen(tls.clone()).await;
-            if !self.changes.unreachable() {
-                tracing::warn!(%error, "PostgreSQL change listener lost; reconnecting");
-            }
-            self.changes.lost();
-            if started.elapsed() > self.bound {
-                backoff = FIRST_RETRY;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.bound / 2);
-        }
-    }
-
-    /// One connection's life: returns why it ended.
-    async fn listen<T>(&self, tls: T) -> Error
-    where
-        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Send + 'static,
-        T::Stream: Send + 'static,
-        T::TlsConnect: Send,
-        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
-    {
-        let (client, mut connection) =
-            match tokio::time::timeout(self.bound, self.config.connect(tls)).await {
-                Ok(Ok(connected)) => connected,
-                Ok(Err(error)) => return pg_error(error),
-                Err(_) => return Error::Unavailable("connecting timed out".into()),
-            };
-        // The connection delivers notifications in the order the server sent them, before
-        // the answer of any later query; they are queued here in that order.
-        let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
-        let driver = tokio::spawn(async move {
-            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                match message {
-                    Ok(tokio_postgres::AsyncMessage::Notification(notification)) => {
-                        if sender.send(notification.payload().to_owned()).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-        });
-        let result: Result<std::convert::Infallible, Error> = async {
-            let heartbeat = |sql: String| {
-                let client = &client;
-                async move {
-                    tokio::time::timeout(self.bound, client.batch_execute(&sql))
-                        .await
-                        .map_err(|_| Error::Unavailable("heartbeat timed out".into()))?
-                        .map_err(pg_error)
-                }
-            };
-            heartbeat(format!("LISTEN {}", self.channel)).await?;
-            self.changes.everything_changed();
-            loop {
-                let sent = self.changes.now_ms();
-                heartbeat("SELECT 1".into()).await?;
-                while let Ok(payload) = received.try_recv() {
-                    self.record(&payload);
-                }
-                self.changes.confirm(sent);
-                // Announcements are recorded as they arrive, not at the next heartbeat: the
-                // usual stale window is the notification's latency, not the heartbeat period.
-                let next = tokio::time::sleep(self.bound / 4);
-                tokio::pin!(next);
-                loop {
-                    tokio::select! {
-                        () = &mut next => break,
-                        payload = received.recv() => match payload {
-                            Some(payload) => self.record(&payload),
-                            None => return Err(Error::Unavailable("listener connection closed".into())),
-                        },
-                    }
-                }
-            }
-        }
-        .await;
-        driver.abort();
-        match result {
-            Err(error) => error,
-        }
-    }
-
-    /// Records one announcement (`<node> <tenant-id>`) unless this node made it.
-    fn record(&self, payload: &str) {
-        match payload.split_once(' ') {
-            Some((node, _)) if node == self.node => {}
-            Some((_, tenant)) => match tenant.parse::<TenantId>() {
-                Ok(tenant) => self.changes.tenant_changed(tenant),
-                Err(_) => self.changes.everything_changed(),
-            },
-            // Not ours to parse: safest to drop every cache.
-            None => self.changes.everything_changed(),
-        }
-    }
-}
-
 /// The smallest key above every key that starts with `prefix` (`None`: no bound).
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
@@ -783,108 +661,6 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
         }
     }
     None
-}
-
-/// Host, port and database of a connection string, without user or password.
-fn describe(config: &tokio_postgres::Config) -> String {
-    let host = config
-        .get_hosts()
-        .first()
-        .map_or_else(String::new, |host| match host {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-        });
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let dbname = config.get_dbname().unwrap_or("(default)");
-    format!("postgresql://{host}:{port}/{dbname}")
-}
-
-fn tls_connector(
-    ca_file: &std::path::Path,
-) -> Result<tokio_postgres_rustls::MakeRustlsConnect, Error> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let certificates = CertificateDer::pem_file_iter(ca_file)
-        .map_err(|_| Error::Config("storage.postgres.ca_file cannot be read as PEM"))?;
-    for certificate in certificates {
-        let certificate = certificate
-            .map_err(|_| Error::Config("storage.postgres.ca_file cannot be read as PEM"))?;
-        roots
-            .add(certificate)
-            .map_err(|_| Error::Config("storage.postgres.ca_file holds an invalid certificate"))?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(|_| Error::Config("TLS 1.3 is not available"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
-}
-
-/// The one mapping of PostgreSQL errors.
-///
-/// Policy: whatever keeps this node from using the store now, and may pass without a change to
-/// the request, is `Unavailable` (the caller retries; cached keys go on serving): a server
-/// that cannot be reached, is shutting down or ran out of connections (classes 08, 53, 57), a
-/// conflict that a retry resolves (serialization failure, deadlock, a session ended idle in a
-/// transaction), and the server refusing this node's login or a privilege (class 28, 42501):
-/// for the caller that is an outage of the store, and an operator fixes it on the server, as
-/// after a password rotation. Anything else is a store error (a bug, or a schema that is not
-/// keyfront's), INTERNAL for the caller.
-///
-/// The text keeps what tokio-postgres's `Display` drops for server errors ("db error"): the
-/// SQLSTATE and the server's message. Neither holds a connection string or a record value.
-fn pg_error(error: tokio_postgres::Error) -> Error {
-    let unavailable = match error.code() {
-        None => true,
-        Some(code) => {
-            let class = code.code().get(..2).unwrap_or("");
-            class == "08"
-                || class == "28"
-                || class == "53"
-                || class == "57"
-                || *code == SqlState::INSUFFICIENT_PRIVILEGE
-                || *code == SqlState::T_R_SERIALIZATION_FAILURE
-                || *code == SqlState::T_R_DEADLOCK_DETECTED
-                || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
-        }
-    };
-    let text = error_text(&error);
-    if unavailable {
-        Error::Unavailable(text)
-    } else {
-        Error::Postgres(text)
-    }
-}
-
-/// A PostgreSQL error for the log: the server's SQLSTATE and message when the server answered,
-/// else tokio-postgres's description (which names the cause: refused, timed out, closed).
-fn error_text(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!(
-            "PostgreSQL refused: SQLSTATE {} ({}): {}",
-            db.code().code(),
-            db.severity(),
-            db.message()
-        ),
-        None => {
-            use std::error::Error as _;
-            match error.source() {
-                Some(source) => format!("{error}: {source}"),
-                None => error.to_string(),
-            }
-        }
-    }
-}
-
-fn pool_error(error: PoolError) -> Error {
-    match error {
-        PoolError::Backend(error) => pg_error(error),
-        other => Error::Unavailable(other.to_string()),
-    }
 }
 
 #[cfg(test)]
