@@ -33,7 +33,7 @@ export KEYFRONT_TEST_POSTGRES_DIR="$TEST_PG" KEYFRONT_TEST_POSTGRES_PORT="$port"
 trap './scripts/postgres.sh stop "$TEST_PG"' EXIT
 
 # The partition test (tests/cluster.rs) puts a node in a network namespace: it needs root and
-# `ip` (iproute2); without root it is skipped with a message. The signing tests (tests/grpc.rs)
+# `ip` (iproute2); without root it is skipped with a message. The signing tests (tests/grpc/purposes.rs)
 # check signatures with the openssl command, which knows nothing of keyfront.
 missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)

@@ -1,6 +1,6 @@
 //! HSM outage with a real SoftHSM made unreachable (its token directory moved away) under a
 //! real `keyfront` process: loss while serving, recovery without restart, and a start while the
-//! HSM is down. The fault-injecting variants are in tests/grpc.rs.
+//! HSM is down. The fault-injecting variants are in tests/grpc/outage.rs.
 
 mod common;
 
