@@ -78,6 +78,34 @@ fn item_status(result: &Result<(), Status>) -> (Option<tonic_types::pb::Status>,
     (Some(status), code)
 }
 
+/// The one batch handler body: runs `each` over the items on the blocking pool, each item
+/// failing alone with its own status (`set_status`), and audits every item's code.
+async fn batch<I: Send + 'static, R: Default + Send + 'static>(
+    call: &super::Call,
+    items: Vec<I>,
+    each: impl Fn(&crate::kms::Kms, crate::ids::TenantId, I, &mut R) -> Result<(), Status>
+    + Send
+    + 'static,
+    set_status: fn(&mut R, Option<tonic_types::pb::Status>),
+) -> Result<Vec<R>, Status> {
+    let results = call
+        .run(move |kms, tenant| {
+            Ok(items
+                .into_iter()
+                .map(|item| {
+                    let mut result = R::default();
+                    let outcome = each(kms, tenant, item, &mut result);
+                    let (status, code) = item_status(&outcome);
+                    set_status(&mut result, status);
+                    (result, code)
+                })
+                .collect::<Vec<_>>())
+        })
+        .await?;
+    call.items(results.iter().map(|(_, code)| *code).collect());
+    Ok(results.into_iter().map(|(result, _)| result).collect())
+}
+
 #[tonic::async_trait]
 impl pb::key_service_server::KeyService for KeyService {
     async fn generate_mac(
@@ -340,38 +368,25 @@ impl pb::key_service_server::KeyService for KeyService {
         let key = parse_name(&r.key, "key")?;
         self.shared.check_batch(r.items.len())?;
         let limits = self.shared.limits;
-        let results = call
-            .run(move |kms, tenant| {
-                Ok(r.items
-                    .into_iter()
-                    .map(|item| {
-                        let mut result = pb::BatchEncryptResult::default();
-                        let outcome = (|| {
-                            let context = convert::context(item.context, &limits)?;
-                            result.verified_plaintext_crc32c = verify_crc(
-                                &item.plaintext,
-                                item.plaintext_crc32c,
-                                "plaintext_crc32c",
-                            )?;
-                            let plaintext = Plaintext::new(item.plaintext);
-                            let out = kms.encrypt(tenant, &key, &plaintext, &context)?;
-                            result.ciphertext_crc32c = crc(&out.ciphertext);
-                            result.ciphertext = out.ciphertext;
-                            result.key_id = out.key_id.to_string();
-                            result.key_version = out.version.0;
-                            Ok(())
-                        })();
-                        let (status, code) = item_status(&outcome);
-                        result.status = status;
-                        (result, code)
-                    })
-                    .collect::<Vec<_>>())
-            })
-            .await?;
-        call.items(results.iter().map(|(_, code)| *code).collect());
-        Ok(Response::new(pb::BatchEncryptResponse {
-            results: results.into_iter().map(|(result, _)| result).collect(),
-        }))
+        let results = batch(
+            &call,
+            r.items,
+            move |kms, tenant, item: pb::BatchEncryptItem, result: &mut pb::BatchEncryptResult| {
+                let context = convert::context(item.context, &limits)?;
+                result.verified_plaintext_crc32c =
+                    verify_crc(&item.plaintext, item.plaintext_crc32c, "plaintext_crc32c")?;
+                let plaintext = Plaintext::new(item.plaintext);
+                let out = kms.encrypt(tenant, &key, &plaintext, &context)?;
+                result.ciphertext_crc32c = crc(&out.ciphertext);
+                result.ciphertext = out.ciphertext;
+                result.key_id = out.key_id.to_string();
+                result.key_version = out.version.0;
+                Ok(())
+            },
+            |result, status| result.status = status,
+        )
+        .await?;
+        Ok(Response::new(pb::BatchEncryptResponse { results }))
     }
 
     async fn batch_decrypt(
@@ -391,43 +406,33 @@ impl pb::key_service_server::KeyService for KeyService {
         self.shared.check_batch(r.items.len())?;
         let limits = self.shared.limits;
         let allowed = call.allowed_keys();
-        let results = call
-            .run(move |kms, tenant| {
-                Ok(r.items
-                    .into_iter()
-                    .map(|item| {
-                        let mut result = pb::BatchDecryptResult::default();
-                        let outcome = (|| {
-                            let context = convert::context(item.context, &limits)?;
-                            result.verified_ciphertext_crc32c = verify_crc(
-                                &item.ciphertext,
-                                item.ciphertext_crc32c,
-                                "ciphertext_crc32c",
-                            )?;
-                            let out = kms.decrypt_scoped(
-                                tenant,
-                                &item.ciphertext,
-                                &context,
-                                key.as_ref(),
-                                allowed.as_deref(),
-                            )?;
-                            result.plaintext = out.plaintext.expose_secret().to_vec();
-                            result.plaintext_crc32c = crc(&result.plaintext);
-                            result.key_id = out.key_id.to_string();
-                            result.key_version = out.version.0;
-                            Ok(())
-                        })();
-                        let (status, code) = item_status(&outcome);
-                        result.status = status;
-                        (result, code)
-                    })
-                    .collect::<Vec<_>>())
-            })
-            .await?;
-        call.items(results.iter().map(|(_, code)| *code).collect());
-        Ok(Response::new(pb::BatchDecryptResponse {
-            results: results.into_iter().map(|(result, _)| result).collect(),
-        }))
+        let results = batch(
+            &call,
+            r.items,
+            move |kms, tenant, item: pb::BatchDecryptItem, result: &mut pb::BatchDecryptResult| {
+                let context = convert::context(item.context, &limits)?;
+                result.verified_ciphertext_crc32c = verify_crc(
+                    &item.ciphertext,
+                    item.ciphertext_crc32c,
+                    "ciphertext_crc32c",
+                )?;
+                let out = kms.decrypt_scoped(
+                    tenant,
+                    &item.ciphertext,
+                    &context,
+                    key.as_ref(),
+                    allowed.as_deref(),
+                )?;
+                result.plaintext = out.plaintext.expose_secret().to_vec();
+                result.plaintext_crc32c = crc(&result.plaintext);
+                result.key_id = out.key_id.to_string();
+                result.key_version = out.version.0;
+                Ok(())
+            },
+            |result, status| result.status = status,
+        )
+        .await?;
+        Ok(Response::new(pb::BatchDecryptResponse { results }))
     }
 
     async fn generate_data_key(
