@@ -24,7 +24,63 @@ impl KeyService {
     }
 }
 
+/// What a KeyService request names for authorization and its audit line: its tenant, the
+/// grant it acts under, and the key it names (none where the key comes from the blob).
+trait Scoped {
+    fn scope(&self) -> (&str, &str, Option<&str>);
+}
+
+macro_rules! scoped {
+    (names a key: $($request:ident),* $(,)?) => {
+        $(impl Scoped for pb::$request {
+            fn scope(&self) -> (&str, &str, Option<&str>) {
+                (&self.tenant, &self.grant_id, Some(&self.key))
+            }
+        })*
+    };
+    (key from the blob: $($request:ident),* $(,)?) => {
+        $(impl Scoped for pb::$request {
+            fn scope(&self) -> (&str, &str, Option<&str>) {
+                (&self.tenant, &self.grant_id, None)
+            }
+        })*
+    };
+}
+
+scoped!(names a key:
+    GenerateMacRequest,
+    VerifyMacRequest,
+    SignRequest,
+    VerifyRequest,
+    GetPublicKeyRequest,
+    EncryptRequest,
+    DecryptRequest,
+    BatchEncryptRequest,
+    BatchDecryptRequest,
+    GenerateDataKeyRequest,
+    SealSecretRequest,
+    ReEncryptRequest,
+    HashPasswordRequest,
+    VerifyPasswordRequest,
+);
+scoped!(key from the blob:
+    DecryptDataKeyRequest,
+    LookupDigestRequest,
+    UnsealSecretRequest,
+    ReEncryptDataKeyRequest,
+);
+
 impl KeyService {
+    /// Authorizes a request and opens its audit line (`Shared::begin_under`), then hands out
+    /// its message.
+    fn begin<T: Scoped>(&self, request: Request<T>, rpc: Rpc) -> Result<(super::Call, T), Status> {
+        let (tenant, grant_id, key) = request.get_ref().scope();
+        let call = self
+            .shared
+            .begin_under(&request, grant_id, rpc, tenant, key)?;
+        Ok((call, request.into_inner()))
+    }
+
     /// The one "open a blob" handler body: Decrypt, DecryptDataKey and UnsealSecret differ only
     /// in the blob's kind and their messages. Opens `blob` for the call's tenant (inline when
     /// its key is in memory, else on the blocking pool), within the keys the caller may use,
@@ -112,15 +168,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::GenerateMacRequest>,
     ) -> Result<Response<pb::GenerateMacResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::GenerateMac,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::GenerateMac)?;
         let key = parse_name(&r.key, "key")?;
         let verified = verify_crc(&r.data, r.data_crc32c, "data_crc32c")?;
         // The data may be as sensitive as a plaintext (a token, an account number).
@@ -147,15 +195,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::VerifyMacRequest>,
     ) -> Result<Response<pb::VerifyMacResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::VerifyMac,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::VerifyMac)?;
         let key = parse_name(&r.key, "key")?;
         let verified = verify_crc(&r.data, r.data_crc32c, "data_crc32c")?;
         let data = Plaintext::new(r.data);
@@ -185,11 +225,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
-        let r = request.get_ref();
-        let call =
-            self.shared
-                .begin_under(&request, &r.grant_id, Rpc::Sign, &r.tenant, Some(&r.key))?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::Sign)?;
         let key = parse_name(&r.key, "key")?;
         let digest = is_digest(r.message_type)?;
         let verified = verify_crc(&r.message, r.message_crc32c, "message_crc32c")?;
@@ -220,11 +256,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
-        let r = request.get_ref();
-        let call =
-            self.shared
-                .begin_under(&request, &r.grant_id, Rpc::Verify, &r.tenant, Some(&r.key))?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::Verify)?;
         let key = parse_name(&r.key, "key")?;
         let digest = is_digest(r.message_type)?;
         let verified = verify_crc(&r.message, r.message_crc32c, "message_crc32c")?;
@@ -257,15 +289,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::GetPublicKeyRequest>,
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::GetPublicKey,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::GetPublicKey)?;
         let key = parse_name(&r.key, "key")?;
         let version = (r.key_version != 0).then_some(crate::ids::KeyVersion(r.key_version));
         let out = call
@@ -289,15 +313,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::Encrypt,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::Encrypt)?;
         let key = parse_name(&r.key, "key")?;
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.plaintext, r.plaintext_crc32c, "plaintext_crc32c")?;
@@ -327,15 +343,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::Decrypt,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::Decrypt)?;
         let key = optional_key(&r.key)?;
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.ciphertext, r.ciphertext_crc32c, "ciphertext_crc32c")?;
@@ -356,15 +364,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::BatchEncryptRequest>,
     ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::BatchEncrypt,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::BatchEncrypt)?;
         let key = parse_name(&r.key, "key")?;
         self.shared.check_batch(r.items.len())?;
         let limits = self.shared.limits;
@@ -393,15 +393,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::BatchDecryptRequest>,
     ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::BatchDecrypt,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::BatchDecrypt)?;
         let key = optional_key(&r.key)?;
         self.shared.check_batch(r.items.len())?;
         let limits = self.shared.limits;
@@ -439,15 +431,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::GenerateDataKey,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::GenerateDataKey)?;
         let key = parse_name(&r.key, "key")?;
         let context = call.context(r.context, &self.shared.limits)?;
         let out = call
@@ -481,11 +465,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::DecryptDataKeyRequest>,
     ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
-        let r = request.get_ref();
-        let call =
-            self.shared
-                .begin_under(&request, &r.grant_id, Rpc::DecryptDataKey, &r.tenant, None)?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::DecryptDataKey)?;
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.wrapped_key, r.wrapped_key_crc32c, "wrapped_key_crc32c")?;
         let out = self
@@ -505,15 +485,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::SealSecretRequest>,
     ) -> Result<Response<pb::SealSecretResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::SealSecret,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::SealSecret)?;
         let key = parse_name(&r.key, "key")?;
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.secret, r.secret_crc32c, "secret_crc32c")?;
@@ -552,11 +524,8 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::LookupDigestRequest>,
     ) -> Result<Response<pb::LookupDigestResponse>, Status> {
-        let r = request.get_ref();
-        let call =
-            self.shared
-                .begin_under(&request, &r.grant_id, Rpc::LookupDigest, &r.tenant, None)?;
-        let secret = Plaintext::new(request.into_inner().secret);
+        let (call, r) = self.begin(request, Rpc::LookupDigest)?;
+        let secret = Plaintext::new(r.secret);
         let digest = call
             .run(move |kms, tenant| kms.lookup_digest(tenant, &secret))
             .await?;
@@ -569,11 +538,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::UnsealSecretRequest>,
     ) -> Result<Response<pb::UnsealSecretResponse>, Status> {
-        let r = request.get_ref();
-        let call =
-            self.shared
-                .begin_under(&request, &r.grant_id, Rpc::UnsealSecret, &r.tenant, None)?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::UnsealSecret)?;
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.sealed, r.sealed_crc32c, "sealed_crc32c")?;
         let out = self.open(&call, r.sealed, Opening::Secret, context).await?;
@@ -591,15 +556,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::ReEncryptRequest>,
     ) -> Result<Response<pb::ReEncryptResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::ReEncrypt,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::ReEncrypt)?;
         let key = optional_key(&r.key)?;
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.ciphertext, r.ciphertext_crc32c, "ciphertext_crc32c")?;
@@ -631,15 +588,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::ReEncryptDataKeyRequest>,
     ) -> Result<Response<pb::ReEncryptDataKeyResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::ReEncryptDataKey,
-            &r.tenant,
-            None,
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::ReEncryptDataKey)?;
         let context = call.context(r.context, &self.shared.limits)?;
         let verified = verify_crc(&r.wrapped_key, r.wrapped_key_crc32c, "wrapped_key_crc32c")?;
         let allowed = call.allowed_keys();
@@ -665,15 +614,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::HashPasswordRequest>,
     ) -> Result<Response<pb::HashPasswordResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::HashPassword,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::HashPassword)?;
         let key = parse_name(&r.key, "key")?;
         let slot = self.shared.password_slot()?;
         let password = Plaintext::new(r.password);
@@ -690,15 +631,7 @@ impl pb::key_service_server::KeyService for KeyService {
         &self,
         request: Request<pb::VerifyPasswordRequest>,
     ) -> Result<Response<pb::VerifyPasswordResponse>, Status> {
-        let r = request.get_ref();
-        let call = self.shared.begin_under(
-            &request,
-            &r.grant_id,
-            Rpc::VerifyPassword,
-            &r.tenant,
-            Some(&r.key),
-        )?;
-        let r = request.into_inner();
+        let (call, r) = self.begin(request, Rpc::VerifyPassword)?;
         let key = parse_name(&r.key, "key")?;
         let slot = self.shared.password_slot()?;
         let password = Plaintext::new(r.password);
