@@ -264,3 +264,40 @@ fn dev_serves_from_a_kryoptic_token() {
         text(&serve.stderr)
     );
 }
+
+/// `--hsm kryoptic` without a module, or with a cluster, is refused before anything is made,
+/// saying what to pass instead (no Kryoptic needed).
+#[test]
+fn dev_on_kryoptic_says_what_it_needs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let no_module = Command::new(BIN)
+        .args(["dev", "--hsm", "kryoptic", "--dir"])
+        .arg(dir.path())
+        .env_remove("KRYOPTIC_CONF")
+        .output()
+        .expect("keyfront runs");
+    assert!(!no_module.status.success());
+    let stderr = text(&no_module.stderr);
+    assert!(
+        stderr.contains("--hsm kryoptic needs --hsm-module PATH")
+            && stderr.contains("scripts/kryoptic.sh module"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("hsm").exists() && !dir.path().join("keyfront.toml").exists(),
+        "nothing made"
+    );
+
+    let cluster = Command::new(BIN)
+        .args(["dev", "--nodes", "2", "--hsm", "kryoptic", "--dir"])
+        .arg(dir.path())
+        .env("KEYFRONT_DEV_POSTGRES_URL", "host=127.0.0.1 port=1")
+        .output()
+        .expect("keyfront runs");
+    assert!(!cluster.status.success());
+    assert!(
+        text(&cluster.stderr).contains("--hsm kryoptic runs one node"),
+        "{}",
+        text(&cluster.stderr)
+    );
+}
